@@ -1,0 +1,51 @@
+# Every target sets itself up: a virtual environment in .venv, the package installed in
+# editable mode, and the gRPC stubs generated from protos/.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: venv proto serve test test-gpu lint format bench bench-gpu clean
+
+venv: $(STAMP)
+
+# torch==2.13.0 first: a CPU build that pip finds on this kind of machine's disk; a bare
+# "torch" could pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m lightllm_grpc.protogen
+	touch $(STAMP)
+
+proto: $(STAMP)
+	$(PY) -m lightllm_grpc.protogen
+
+serve: $(STAMP)
+	$(VENV)/bin/lightllm-grpc serve $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu" $(ARGS)
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)
+	$(VENV)/bin/lightllm-grpc bench load $(ARGS)
+
+# On a GPU machine whose image already has torch/triton/transformers/grpcio (no install).
+bench-gpu:
+	PYTHONPATH=.:kernels $(PYTHON) -m lightllm_grpc.bench.gpu $(ARGS)
+
+clean:
+	rm -rf $(VENV) lightllm_grpc/_proto build *.egg-info

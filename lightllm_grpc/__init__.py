@@ -1,0 +1,3 @@
+"""lightllm-grpc: a gRPC-native LLM inference server."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,124 @@
+"""The ``lightllm-grpc`` command: ``serve``, ``generate`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from lightllm_grpc.config import DEVICES, DTYPES, LOAD_FORMATS, SchedulerConfig, ServerConfig, ShardConfig
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over gRPC")
+    p.add_argument("--model", type=Path, default=None,
+                   help="Hugging Face model folder (config.json, *.safetensors, tokenizer); "
+                        "default: the embedded tiny random-weight Llama")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
+                   help="dummy: random weights from config.json alone (benchmarks)")
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel shards (one per device)")
+    p.add_argument("--max-total-tokens", type=int, default=None,
+                   help="KV pool size in tokens (default: sized from free memory)")
+    p.add_argument("--max-running-requests", type=int, default=256)
+    p.add_argument("--max-waiting-requests", type=int, default=4096)
+    p.add_argument("--max-prefill-tokens", type=int, default=8192,
+                   help="prompt tokens prefilled per step; longer prompts are chunked")
+    p.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
+    p.add_argument("--default-max-new-tokens", type=int, default=256)
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
+    p.add_argument("--served-model-name", default=None)
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="stream a completion from a running server")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="prompt text")
+    g.add_argument("--chat", help="a user message, rendered with the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--timeout", type=float, default=600.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightllm-grpc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _generate_parser(sub)
+    from lightllm_grpc.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    model = args.model
+    if model is None:
+        from lightllm_grpc.models.default_model import ensure_default_model
+
+        model = ensure_default_model()
+        logging.getLogger("lightllm_grpc").info(
+            "no --model given: serving the embedded default, a 4-layer Llama with RANDOM weights "
+            "and a locally trained 2048-token BPE tokenizer (its output is gibberish) from %s", model)
+    shard = ShardConfig(
+        model=model,
+        device=args.device,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        tp_size=args.tp_size,
+        max_total_tokens=args.max_total_tokens,
+        max_rows=args.max_running_requests,
+        max_context=args.max_model_len,
+        gpu_memory_fraction=args.gpu_memory_fraction,
+        cuda_graphs=not args.no_cuda_graphs,
+    )
+    sched = SchedulerConfig(
+        max_running_requests=args.max_running_requests,
+        max_waiting_requests=args.max_waiting_requests,
+        max_prefill_tokens=args.max_prefill_tokens,
+        default_max_new_tokens=args.default_max_new_tokens,
+    )
+    return ServerConfig(shard=shard, scheduler=sched, host=args.host, port=args.port,
+                        served_model_name=args.served_model_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("LIGHTLLM_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    args = build_parser().parse_args(argv)
+    from lightllm_grpc.aio import run
+
+    if args.command == "serve":
+        from lightllm_grpc.server.app import serve
+
+        try:
+            cfg = server_config(args)
+        except ValueError as exc:
+            print(f"lightllm-grpc serve: {exc}", file=sys.stderr)
+            return 2
+        run(serve(cfg))
+        return 0
+    if args.command == "generate":
+        from lightllm_grpc.client.generate import generate_cli
+
+        return run(generate_cli(args))
+    from lightllm_grpc.bench.cli import bench_main
+
+    return bench_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

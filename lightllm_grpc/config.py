@@ -1,0 +1,74 @@
+"""Server configuration: one frozen dataclass, validated once, from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """What the scheduler needs: capacities and per-step budgets."""
+
+    max_running_requests: int = 256
+    max_waiting_requests: int = 4096
+    # Most prompt tokens prefilled in one step; longer prompts are split into chunks.
+    max_prefill_tokens: int = 8192
+    default_max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_running_requests", "max_waiting_requests", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.default_max_new_tokens < 1:
+            raise ValueError("default_max_new_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """What every shard process is started with."""
+
+    model: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    load_format: str = "auto"
+    tp_size: int = 1
+    max_total_tokens: int | None = None  # KV pool size in tokens; None = sized from memory
+    max_rows: int = 256
+    max_context: int | None = None  # None = the model's context length
+    gpu_memory_fraction: float = 0.9
+    cuda_graphs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.tp_size < 1:
+            raise ValueError("tp_size must be >= 1")
+        if self.max_total_tokens is not None and self.max_total_tokens < 16:
+            raise ValueError("max_total_tokens must be >= 16")
+        if not 0.05 <= self.gpu_memory_fraction <= 0.99:
+            raise ValueError("gpu_memory_fraction must be in [0.05, 0.99]")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    shard: ShardConfig
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_message_bytes: int = 16 * 1024 * 1024
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.scheduler.max_running_requests > self.shard.max_rows:
+            raise ValueError("max_running_requests cannot exceed the shard's req_to_token rows")

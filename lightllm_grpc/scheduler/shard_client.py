@@ -1,0 +1,130 @@
+"""The coordinator's handle on its shards: start them, connect, and run steps on all at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import grpc
+
+from lightllm_grpc.config import ShardConfig
+from lightllm_grpc.proto import shard_pb2, shard_pb2_grpc
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class ShardError(RuntimeError):
+    """A shard failed a step (``fatal`` False) or went away (``fatal`` True)."""
+
+    def __init__(self, message: str, fatal: bool = True) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ShardProcesses:
+    """Shard processes on this host, one per rank, each listening on a unix socket."""
+
+    def __init__(self, cfg: ShardConfig) -> None:
+        self.cfg = cfg
+        self._dir = tempfile.mkdtemp(prefix="lightllm-grpc-")
+        self.addresses = [f"unix://{self._dir}/shard-{r}.sock" for r in range(cfg.tp_size)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        raw = asdict(self.cfg)
+        raw["model"] = str(self.cfg.model)
+        dist_init = f"tcp://127.0.0.1:{_free_port()}" if self.cfg.tp_size > 1 else None
+        for rank, address in enumerate(self.addresses):
+            cmd = [sys.executable, "-m", "lightllm_grpc.shard", "--address", address,
+                   "--config", json.dumps(raw), "--rank", str(rank), "--world-size", str(self.cfg.tp_size)]
+            if dist_init:
+                cmd += ["--dist-init", dist_init]
+            self.procs.append(subprocess.Popen(cmd, env=os.environ.copy()))
+
+    def check_alive(self) -> None:
+        for rank, proc in enumerate(self.procs):
+            if proc.poll() is not None:
+                raise ShardError(f"shard {rank} exited with code {proc.returncode} (see its log above)")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+class ShardClient:
+    """Sends every step to all shards at once and returns rank 0's result."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.channels = [grpc.aio.insecure_channel(a, options=_OPTIONS) for a in addresses]
+        self.stubs = [shard_pb2_grpc.ShardStub(c) for c in self.channels]
+        self._streams: list[grpc.aio.StreamStreamCall] = []
+
+    async def wait_ready(self, procs: ShardProcesses | None, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for rank, stub in enumerate(self.stubs):
+            while True:
+                if procs is not None:
+                    procs.check_alive()
+                try:
+                    await stub.Health(shard_pb2.HealthRequest(), timeout=2.0, wait_for_ready=True)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if time.monotonic() > deadline:
+                        raise ShardError(f"shard {rank} not ready after {timeout:.0f}s: {exc.details()}") from exc
+                    await asyncio.sleep(0.2)
+
+    async def info(self) -> list[shard_pb2.InfoResponse]:
+        return list(await asyncio.gather(*(s.Info(shard_pb2.InfoRequest()) for s in self.stubs)))
+
+    async def warmup(self, max_prefill_tokens: int, max_batch_size: int) -> float:
+        req = shard_pb2.WarmupRequest(max_prefill_tokens=max_prefill_tokens, max_batch_size=max_batch_size)
+        results = await asyncio.gather(*(s.Warmup(req) for s in self.stubs))
+        return max(r.seconds for r in results)
+
+    async def step(self, msg: shard_pb2.StepRequest) -> shard_pb2.StepResult:
+        if not self._streams:
+            self._streams = [stub.Steps() for stub in self.stubs]
+        try:
+            await asyncio.gather(*(s.write(msg) for s in self._streams))
+            results = await asyncio.gather(*(s.read() for s in self._streams))
+        except grpc.aio.AioRpcError as exc:
+            raise ShardError(f"shard stream failed: {exc.code().name}: {exc.details()}") from exc
+        for rank, result in enumerate(results):
+            if result is grpc.aio.EOF:
+                raise ShardError(f"shard {rank} closed its step stream")
+            if result.error:
+                raise ShardError(f"shard {rank} failed step {msg.step_id}: {result.error}", fatal=False)
+        return results[0]
+
+    async def close(self) -> None:
+        for s in self._streams:
+            s.cancel()
+        for c in self.channels:
+            await c.close()

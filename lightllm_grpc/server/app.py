@@ -1,0 +1,118 @@
+"""Assembles the coordinator: shards, tokenizer, scheduler, engine and the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+
+from lightllm_grpc.config import ServerConfig
+from lightllm_grpc.proto import generation_pb2 as pb
+from lightllm_grpc.proto import generation_pb2_grpc, shard_pb2
+from lightllm_grpc.scheduler.engine import Engine
+from lightllm_grpc.scheduler.scheduler import Scheduler
+from lightllm_grpc.scheduler.shard_client import ShardClient, ShardProcesses
+from lightllm_grpc.server.detokenizer import Detokenizer
+from lightllm_grpc.server.output_processor import OutputProcessor
+from lightllm_grpc.server.request_builder import Limits, RequestBuilder
+from lightllm_grpc.server.servicer import GenerationService, StaticInfo
+from lightllm_grpc.server.tokenizer import PromptTokenizer
+
+log = logging.getLogger(__name__)
+SHARD_START_TIMEOUT_S = 1800.0
+
+
+@dataclass
+class Coordinator:
+    server: grpc.aio.Server
+    engine: Engine
+    shards: ShardClient
+    procs: ShardProcesses
+    port: int
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.server.stop(grace)
+        await self.engine.stop()
+        await self.shards.close()
+        self.procs.stop()
+
+
+def _model_info(cfg: ServerConfig, info: shard_pb2.InfoResponse, tok: PromptTokenizer) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=cfg.served_model_name or info.model_name,
+        architecture=info.architecture,
+        context_length=info.max_context,
+        vocab_size=info.vocab_size,
+        eos_token_ids=list(info.eos_token_ids),
+        dtype=info.dtype,
+        tp_size=info.world_size,
+        has_chat_template=tok.has_chat_template,
+    )
+
+
+async def _start_shards(cfg: ServerConfig) -> tuple[ShardProcesses, ShardClient, list[shard_pb2.InfoResponse]]:
+    procs = ShardProcesses(cfg.shard)
+    procs.start()
+    client = ShardClient(procs.addresses)
+    try:
+        await client.wait_ready(procs, SHARD_START_TIMEOUT_S)
+        infos = await client.info()
+        sched = cfg.scheduler
+        seconds = await client.warmup(sched.max_prefill_tokens, sched.max_running_requests)
+        log.info("shards warmed up in %.1fs", seconds)
+    except BaseException:
+        await client.close()
+        procs.stop()
+        raise
+    return procs, client, infos
+
+
+def _engine(cfg: ServerConfig, infos: list[shard_pb2.InfoResponse], tok: PromptTokenizer, client: ShardClient):
+    info = infos[0]
+    capacity = min(i.kv_capacity for i in infos)
+    eos = tuple(info.eos_token_ids)
+    scheduler = Scheduler(cfg.scheduler, capacity, info.max_rows, eos)
+    outputs = OutputProcessor(Detokenizer(tok.backend), eos, info.max_context, scheduler.finish)
+    limits = Limits(info.vocab_size, info.max_context, capacity, cfg.scheduler.default_max_new_tokens)
+    return Engine(scheduler, outputs, client), RequestBuilder(tok, limits)
+
+
+async def start_coordinator(cfg: ServerConfig) -> Coordinator:
+    tokenizer = PromptTokenizer(cfg.shard.model)
+    procs, client, infos = await _start_shards(cfg)
+    engine, builder = _engine(cfg, infos, tokenizer, client)
+    static = StaticInfo(
+        model=_model_info(cfg, infos[0], tokenizer),
+        max_waiting_requests=cfg.scheduler.max_waiting_requests,
+        max_running_requests=engine.scheduler.rows.capacity,
+        device=infos[0].device,
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ]
+    )
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(engine, builder, static), server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    engine.start()
+    await server.start()
+    log.info(
+        "serving %s on %s:%d (KV pool %d tokens, %d shard(s) on %s)",
+        static.model.name, cfg.host, port, engine.scheduler.kv_capacity, len(infos), static.device,
+    )
+    return Coordinator(server, engine, client, procs, port)
+
+
+async def serve(cfg: ServerConfig) -> None:
+    coord = await start_coordinator(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await coord.stop()

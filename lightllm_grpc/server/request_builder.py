@@ -1,0 +1,178 @@
+"""Validates a GenerateRequest field by field and turns it into a scheduler Request."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from lightllm_grpc.proto import generation_pb2 as pb
+from lightllm_grpc.scheduler.request import OutputOptions, Request, SamplingOptions, StopOptions
+from lightllm_grpc.server.errors import RequestError, invalid
+from lightllm_grpc.server.stop import StopStringMatcher
+from lightllm_grpc.server.tokenizer import PromptTokenizer
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_BYTES = 256
+MAX_TOP_LOGPROBS = 20
+MAX_REQUEST_ID_CHARS = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    max_context: int
+    kv_capacity: int
+    default_max_new_tokens: int
+
+
+class RequestBuilder:
+    def __init__(self, tokenizer: PromptTokenizer, limits: Limits) -> None:
+        self.tokenizer = tokenizer
+        self.limits = limits
+
+    def build(self, msg: pb.GenerateRequest) -> Request:
+        request_id = _request_id(msg.request_id)
+        prompt_ids = self.prompt_ids(msg)
+        stopping = self._stopping(msg.stopping, len(prompt_ids))
+        req = Request(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            sampling=_sampling(msg.sampling),
+            stopping=stopping,
+            output=_output(msg.response),
+        )
+        if req.kv_reservation > self.limits.kv_capacity:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the prompt ({len(prompt_ids)} tokens) plus stopping.max_new_tokens "
+                f"({stopping.max_new_tokens}) needs {req.kv_reservation} KV tokens but the server's "
+                f"KV pool holds {self.limits.kv_capacity}; shorten the prompt or lower max_new_tokens",
+            )
+        if stopping.stop:
+            req.stop_matcher = StopStringMatcher(list(stopping.stop), stopping.include_stop_str_in_output)
+        return req
+
+    def prompt_ids(self, msg: pb.GenerateRequest) -> list[int]:
+        kind = msg.WhichOneof("prompt")
+        if kind == "text":
+            ids = self.tokenizer.encode(msg.text)
+        elif kind == "token_ids":
+            ids = list(msg.token_ids.ids)
+            self._check_ids(ids, "prompt.token_ids")
+        elif kind == "chat":
+            ids = self.tokenizer.encode_chat(*chat_messages(msg.chat))
+        else:
+            raise invalid("prompt: set one of text, token_ids or chat")
+        if not ids:
+            raise invalid("prompt is empty (it tokenized to zero tokens)")
+        if len(ids) >= self.limits.max_context:
+            raise invalid(
+                f"prompt is {len(ids)} tokens; the model's context is {self.limits.max_context} tokens "
+                "and at least one must be left for output"
+            )
+        return ids
+
+    def _check_ids(self, ids: list[int], field: str) -> None:
+        bad = [i for i in ids if i >= self.limits.vocab_size]
+        if bad:
+            raise invalid(f"{field}: id {bad[0]} is outside the vocabulary (size {self.limits.vocab_size})")
+
+    def _stopping(self, s: pb.StoppingCriteria, prompt_len: int) -> StopOptions:
+        room = self.limits.max_context - prompt_len
+        if s.HasField("max_new_tokens"):
+            max_new = s.max_new_tokens
+            if max_new < 1:
+                raise invalid("stopping.max_new_tokens must be >= 1")
+            if max_new > room:
+                raise invalid(
+                    f"stopping.max_new_tokens is {max_new} but the prompt ({prompt_len} tokens) leaves "
+                    f"room for {room} in the model's context of {self.limits.max_context}"
+                )
+        else:
+            max_new = min(self.limits.default_max_new_tokens, room)
+        if s.min_new_tokens > max_new:
+            raise invalid(f"stopping.min_new_tokens ({s.min_new_tokens}) exceeds max_new_tokens ({max_new})")
+        _check_stop_strings(list(s.stop))
+        self._check_ids(list(s.stop_token_ids), "stopping.stop_token_ids")
+        return StopOptions(
+            max_new_tokens=max_new,
+            min_new_tokens=s.min_new_tokens,
+            stop=tuple(s.stop),
+            stop_token_ids=tuple(s.stop_token_ids),
+            ignore_eos=s.ignore_eos,
+            include_stop_str_in_output=s.include_stop_str_in_output,
+        )
+
+
+def chat_messages(chat: pb.Chat) -> tuple[list[dict[str, str]], bool]:
+    if not chat.messages:
+        raise invalid("chat.messages is empty")
+    for i, m in enumerate(chat.messages):
+        if not m.role:
+            raise invalid(f"chat.messages[{i}].role is empty")
+    messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+    add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    return messages, add_prompt
+
+
+def _request_id(given: str) -> str:
+    if len(given) > MAX_REQUEST_ID_CHARS:
+        raise invalid(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
+    return given or uuid.uuid4().hex
+
+
+def _float(value: float, field: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise invalid(f"{field} must be in {interval}, got {value}")
+    return value
+
+
+def _sampling(s: pb.SamplingParams) -> SamplingOptions:
+    temperature = s.temperature if s.HasField("temperature") else 1.0
+    if not math.isfinite(temperature) or temperature < 0:
+        raise invalid(f"sampling.temperature must be >= 0 (0 = greedy), got {temperature}")
+    top_k = s.top_k if s.HasField("top_k") else -1
+    if top_k == 0 or top_k < -1:
+        raise invalid(f"sampling.top_k must be -1 (off) or >= 1, got {top_k}")
+    return SamplingOptions(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=_float(s.top_p, "sampling.top_p", 0.0, 1.0, lo_open=True) if s.HasField("top_p") else 1.0,
+        min_p=_float(s.min_p, "sampling.min_p", 0.0, 1.0) if s.HasField("min_p") else 0.0,
+        repetition_penalty=(
+            _float(s.repetition_penalty, "sampling.repetition_penalty", 0.0, 2.0, lo_open=True)
+            if s.HasField("repetition_penalty")
+            else 1.0
+        ),
+        presence_penalty=_float(s.presence_penalty, "sampling.presence_penalty", -2.0, 2.0),
+        frequency_penalty=_float(s.frequency_penalty, "sampling.frequency_penalty", -2.0, 2.0),
+        # An unseeded request gets a random seed, so every request's stream is reproducible
+        # and independent of what else is in its batch.
+        seed=s.seed if s.HasField("seed") else secrets.randbits(63),
+    )
+
+
+def _check_stop_strings(stops: list[str]) -> None:
+    if len(stops) > MAX_STOP_STRINGS:
+        raise invalid(f"stopping.stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed")
+    for i, stop in enumerate(stops):
+        if not stop:
+            raise invalid(f"stopping.stop[{i}] is empty")
+        if len(stop.encode()) > MAX_STOP_BYTES:
+            raise invalid(f"stopping.stop[{i}] is longer than {MAX_STOP_BYTES} bytes")
+
+
+def _output(r: pb.ResponseOptions) -> OutputOptions:
+    if r.top_logprobs > MAX_TOP_LOGPROBS:
+        raise invalid(f"response.top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {r.top_logprobs}")
+    return OutputOptions(
+        return_token_ids=r.return_token_ids if r.HasField("return_token_ids") else True,
+        logprobs=r.logprobs or r.top_logprobs > 0,
+        top_logprobs=r.top_logprobs,
+    )

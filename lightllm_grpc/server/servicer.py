@@ -1,0 +1,132 @@
+"""The client-facing ``lightllm.v1.Generation`` service. Handlers stay short: validation,
+tokenization and error mapping live in helpers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from lightllm_grpc import __version__
+from lightllm_grpc.proto import generation_pb2 as pb
+from lightllm_grpc.proto import generation_pb2_grpc
+from lightllm_grpc.scheduler.engine import Engine
+from lightllm_grpc.scheduler.request import FinishReason, Request, RequestOutput
+from lightllm_grpc.server.errors import RequestError, invalid, stream_errors, unary_errors
+from lightllm_grpc.server.request_builder import RequestBuilder, chat_messages
+
+
+@dataclass(frozen=True)
+class StaticInfo:
+    model: pb.ModelInfo
+    max_waiting_requests: int
+    max_running_requests: int
+    device: str
+
+
+class GenerationService(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, engine: Engine, builder: RequestBuilder, info: StaticInfo) -> None:
+        self.engine = engine
+        self.builder = builder
+        self.info = info
+
+    @stream_errors
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        req = self._submit(request)
+        async for out in self._outputs(req):
+            yield pb.GenerateStreamResponse(**_fields(req, out))
+
+    @unary_errors
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        req = self._submit(request)
+        total = RequestOutput()
+        async for out in self._outputs(req):
+            total.merge(out)
+        return pb.GenerateResponse(**_fields(req, total))
+
+    @unary_errors
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        tok = self.builder.tokenizer
+        kind = request.WhichOneof("input")
+        if kind == "text":
+            add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            ids = tok.encode(request.text, add_special_tokens=add)
+        elif kind == "chat":
+            ids = tok.encode_chat(*chat_messages(request.chat))
+        else:
+            raise invalid("input: set text or chat")
+        return pb.TokenizeResponse(ids=ids, tokens=tok.tokens(ids))
+
+    @unary_errors
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return self.info.model
+
+    @unary_errors
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+        stats = self.engine.scheduler.stats()
+        return pb.ServerInfo(
+            version=__version__,
+            kv_total_tokens=stats.total,
+            kv_free_tokens=stats.total - stats.used,
+            kv_cached_tokens=0,  # no prefix cache holds slots beyond live requests yet
+            kv_used_tokens=stats.used,
+            running_requests=stats.running,
+            waiting_requests=stats.waiting,
+            max_running_requests=self.info.max_running_requests,
+            device=self.info.device,
+        )
+
+    @unary_errors
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        return pb.AbortResponse(aborted=self.engine.abort(request.request_id))
+
+    def _submit(self, request: pb.GenerateRequest) -> Request:
+        if self.engine.dead:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the model shards are gone: {self.engine.dead}")
+        if len(self.engine.scheduler.waiting) >= self.info.max_waiting_requests:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the queue is full ({self.info.max_waiting_requests} waiting requests); retry later",
+            )
+        req = self.builder.build(request)
+        if req.request_id in self.engine.scheduler.by_id:
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {req.request_id!r} is already running")
+        self.engine.submit(req)
+        return req
+
+    async def _outputs(self, req: Request) -> AsyncIterator[RequestOutput]:
+        """Yield the request's deltas; abort it if the caller goes away (cancel, deadline)."""
+        try:
+            while True:
+                out = await req.next_output()
+                if out.error:
+                    raise RequestError(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
+                yield out
+                if out.finish_reason is not FinishReason.NONE:
+                    return
+        finally:
+            if not req.finished:
+                self.engine.abort(req.request_id)
+
+
+def _fields(req: Request, out: RequestOutput) -> dict:
+    fields: dict = {"request_id": req.request_id, "text": out.text, "token_ids": out.token_ids}
+    if out.logprobs:
+        fields["logprobs"] = [
+            pb.TokenLogprob(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+            )
+            for lp in out.logprobs
+        ]
+    if out.finish_reason is not FinishReason.NONE:
+        fields["finish_reason"] = int(out.finish_reason)
+        fields["stop_reason"] = out.stop_reason
+        fields["usage"] = pb.Usage(
+            prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids), cached_tokens=req.cached_tokens
+        )
+    return fields

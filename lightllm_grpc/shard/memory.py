@@ -1,0 +1,78 @@
+"""Sizing the KV pool from the memory left after the weights (and, on GPU, activations)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# On CPU the pool takes at most this share of the memory that is free at start-up, and
+# no more than CPU_MAX_BYTES: a CPU serves few tokens per second, so a huge pool only
+# costs start-up time and memory.
+CPU_MEMORY_FRACTION = 0.1
+CPU_MAX_BYTES = 1 << 30
+
+
+def available_host_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_capacity(
+    device: torch.device,
+    bytes_per_token: int,
+    requested: int | None,
+    upper_bound: int,
+    gpu_memory_fraction: float,
+    profile: Callable[[], None] | None = None,
+) -> int:
+    """Tokens the pool should hold: ``requested`` if given, else what memory allows.
+
+    ``upper_bound`` (rows x context) caps the automatic size: more slots than every row
+    could ever address would be dead weight. ``profile`` runs a largest-size forward
+    pass on GPU so the peak activation memory is known before the pool is sized.
+    """
+    if requested is not None:
+        return requested
+    if device.type == "cuda":
+        budget = _cuda_budget(device, gpu_memory_fraction, profile)
+    else:
+        budget = min(int(available_host_bytes() * CPU_MEMORY_FRACTION), CPU_MAX_BYTES)
+    tokens = min(upper_bound, budget // bytes_per_token)
+    if tokens < 16:
+        raise MemoryError(
+            f"only {budget / 2**20:.0f} MiB left for the KV cache ({tokens} tokens); "
+            "lower --max-running-requests, raise --gpu-memory-fraction or use a smaller model"
+        )
+    return tokens
+
+
+def _cuda_budget(device: torch.device, fraction: float, profile: Callable[[], None] | None) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    if profile is not None:
+        profile()
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    # Activations at the profiled peak must fit beside the pool, plus some slack for
+    # CUDA graphs and the allocator's fragmentation.
+    peak_extra = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    used_by_others = total - free
+    budget = int(total * fraction) - used_by_others - peak_extra - (512 << 20)
+    log.info(
+        "GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> KV budget %.1f GiB",
+        total / 2**30, used_by_others / 2**30, peak_extra / 2**30, budget / 2**30,
+    )
+    return max(budget, 0)

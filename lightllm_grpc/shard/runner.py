@@ -1,0 +1,182 @@
+"""Runs the coordinator's steps: builds input tensors, runs the model, samples.
+
+The runner owns the req_to_token table and each row's length and last sampled token,
+so a decode entry needs only (row, slot) from the coordinator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from lightllm_grpc.layers.attention.base import KVCache
+from lightllm_grpc.models.forward_batch import ForwardBatch, ForwardMode
+from lightllm_grpc.proto import shard_pb2
+from lightllm_grpc.shard.sampler import SampleOutput, Sampler
+
+# (input_ids, batch) -> float32 logits [B, V]
+ForwardFn = Callable[[torch.Tensor, ForwardBatch], torch.Tensor]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        forward: ForwardFn,
+        kv: KVCache,
+        vocab_size: int,
+        max_rows: int,
+        max_context: int,
+        device: torch.device,
+    ) -> None:
+        self.forward = forward
+        self.kv = kv
+        self.device = device
+        self.max_rows = max_rows
+        self.max_context = max_context
+        self.req_to_token = torch.zeros((max_rows, max_context), dtype=torch.int32, device=device)
+        self.row_len = np.zeros(max_rows, dtype=np.int64)
+        self.last_token = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.sampler = Sampler(max_rows, vocab_size, device)
+        # Decode may be replaced by a CUDA-graph runner with the same signature.
+        self.decode_forward: ForwardFn = forward
+
+    def reset(self) -> None:
+        self.row_len[:] = 0
+        for row in range(self.max_rows):
+            self.sampler.release(row)
+
+    @torch.inference_mode()
+    def step(self, msg: shard_pb2.StepRequest) -> shard_pb2.StepResult:
+        start = time.perf_counter()
+        for row in msg.release_rows:
+            self.row_len[row] = 0
+            self.sampler.release(row)
+        for s in msg.admit:
+            self.sampler.admit(s)
+        outs: list[tuple[np.ndarray, SampleOutput]] = []
+        if msg.prefill.rows:
+            outs.append(self._prefill(msg.prefill))
+        if msg.decode.rows:
+            outs.append(self._decode(msg.decode))
+        result = _result(msg.step_id, [o for o in outs if o[0].size])
+        result.forward_seconds = time.perf_counter() - start
+        return result
+
+    def _prefill(self, p: shard_pb2.PrefillBatch) -> tuple[np.ndarray, SampleOutput]:
+        rows = np.asarray(p.rows, dtype=np.int64)
+        starts = np.asarray(p.starts, dtype=np.int64)
+        lens = np.asarray(p.lens, dtype=np.int64)
+        offsets = np.cumsum(lens) - lens
+        positions = np.repeat(starts - offsets, lens) + np.arange(int(lens.sum()))
+        self._write_prefix(rows, p)
+        seq_lens = starts + lens
+        if int(seq_lens.max()) > self.max_context:
+            raise ValueError(f"sequence longer than the shard's max context {self.max_context}")
+        host = np.concatenate(
+            [p.token_ids, positions, p.slots, np.repeat(rows, lens), rows, seq_lens, offsets, lens, offsets + lens - 1]
+        ).astype(np.int64)
+        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+        t, b = positions.size, rows.size
+        ids, pos, slots, tok_rows = dev[: 4 * t].view(4, t)
+        self.req_to_token[tok_rows, pos] = slots.to(torch.int32)
+        b_rows, b_seq, b_off, b_len, b_last = dev[4 * t :].view(5, b)
+        batch = ForwardBatch(
+            mode=ForwardMode.PREFILL,
+            positions=pos,
+            out_slots=slots,
+            req_rows=b_rows.to(torch.int32),
+            seq_lens=b_seq.to(torch.int32),
+            q_starts=b_off.to(torch.int32),
+            q_lens=b_len.to(torch.int32),
+            req_to_token=self.req_to_token,
+            logits_indices=b_last,
+            max_q_len=int(lens.max()),
+            max_seq_len=int(seq_lens.max()),
+        )
+        logits = self.forward(ids, batch)
+        self.row_len[rows] = seq_lens
+        sample = np.asarray(p.sample, dtype=bool)
+        if not sample.any():
+            return rows[:0], SampleOutput(torch.empty(0, dtype=torch.int64), None, None, None)
+        if sample.all():
+            return self._sample(logits, rows, b_rows)
+        keep = torch.from_numpy(np.flatnonzero(sample)).to(self.device)
+        return self._sample(logits.index_select(0, keep), rows[sample], b_rows.index_select(0, keep))
+
+    def _write_prefix(self, rows: np.ndarray, p: shard_pb2.PrefillBatch) -> None:
+        prefix_lens = np.asarray(p.prefix_lens, dtype=np.int64)
+        if not prefix_lens.any():
+            return
+        cols = np.concatenate([np.arange(n) for n in prefix_lens])
+        slots = torch.tensor(list(p.prefix_slots), dtype=torch.int32, device=self.device)
+        self.req_to_token[np.repeat(rows, prefix_lens), cols] = slots
+
+    def _decode(self, d: shard_pb2.DecodeBatch) -> tuple[np.ndarray, SampleOutput]:
+        rows = np.asarray(d.rows, dtype=np.int64)
+        positions = self.row_len[rows]
+        if int(positions.max()) >= self.max_context:
+            raise ValueError(f"sequence longer than the shard's max context {self.max_context}")
+        b = rows.size
+        host = np.concatenate([rows, positions, d.slots, positions + 1]).astype(np.int64)
+        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+        d_rows, d_pos, d_slots, d_seq = dev.view(4, b)
+        self.req_to_token[d_rows, d_pos] = d_slots.to(torch.int32)
+        arange = torch.arange(b, device=self.device)
+        batch = ForwardBatch(
+            mode=ForwardMode.DECODE,
+            positions=d_pos,
+            out_slots=d_slots,
+            req_rows=d_rows.to(torch.int32),
+            seq_lens=d_seq.to(torch.int32),
+            q_starts=arange.to(torch.int32),
+            q_lens=torch.ones(b, dtype=torch.int32, device=self.device),
+            req_to_token=self.req_to_token,
+            logits_indices=arange,
+            max_q_len=1,
+            max_seq_len=int(positions.max()) + 1,
+        )
+        logits = self.decode_forward(self.last_token[d_rows], batch)
+        self.row_len[rows] += 1
+        return self._sample(logits, rows, d_rows)
+
+    def _sample(
+        self, logits: torch.Tensor, rows: np.ndarray, dev_rows: torch.Tensor
+    ) -> tuple[np.ndarray, SampleOutput]:
+        out = self.sampler.sample(logits, rows)
+        self.last_token[dev_rows] = out.tokens
+        return rows, out
+
+
+def _result(step_id: int, outs: list[tuple[np.ndarray, SampleOutput]]) -> shard_pb2.StepResult:
+    """Pack all sampled tokens into one message after a single device-to-host copy."""
+    result = shard_pb2.StepResult(step_id=step_id)
+    if not outs:
+        return result
+    rows = np.concatenate([r for r, _ in outs])
+    samples = [s for _, s in outs]
+    result.rows.extend(rows.tolist())
+    result.token_ids.extend(torch.cat([s.tokens for s in samples]).cpu().tolist())
+    if any(s.logprobs is not None for s in samples):
+        lps = [s.logprobs if s.logprobs is not None else torch.zeros_like(s.tokens, dtype=torch.float32)
+               for s in samples]
+        result.logprobs.extend(torch.cat(lps).cpu().tolist())
+    k = max((s.top_ids.shape[1] for s in samples if s.top_ids is not None), default=0)
+    if k:
+        ids, lps = zip(*(_pad_top(s, k) for s in samples))
+        result.top_k = k
+        result.top_ids.extend(torch.cat(ids).flatten().cpu().tolist())
+        result.top_logprobs.extend(torch.cat(lps).flatten().cpu().tolist())
+    return result
+
+
+def _pad_top(s: SampleOutput, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = s.tokens.shape[0]
+    ids = torch.full((n, k), -1, dtype=torch.int64, device=s.tokens.device)
+    lps = torch.full((n, k), float("-inf"), dtype=torch.float32, device=s.tokens.device)
+    if s.top_ids is not None:
+        ids[:, : s.top_ids.shape[1]] = s.top_ids
+        lps[:, : s.top_logprobs.shape[1]] = s.top_logprobs
+    return ids, lps
