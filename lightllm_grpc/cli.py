@@ -13,22 +13,38 @@ from lightllm_grpc.config import DEVICES, DTYPES, LOAD_FORMATS, SchedulerConfig,
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over gRPC")
-    p.add_argument("--model", type=Path, default=None,
-                   help="Hugging Face model folder (config.json, *.safetensors, tokenizer); "
-                        "default: the embedded tiny random-weight Llama")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="Hugging Face model folder (config.json, *.safetensors, tokenizer); "
+        "default: the embedded tiny random-weight Llama",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
-    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
-                   help="dummy: random weights from config.json alone (benchmarks)")
+    p.add_argument(
+        "--load-format",
+        choices=LOAD_FORMATS,
+        default="auto",
+        help="dummy: random weights from config.json alone (benchmarks)",
+    )
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel shards (one per device)")
-    p.add_argument("--max-total-tokens", type=int, default=None,
-                   help="KV pool size in tokens (default: sized from free memory)")
+    p.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=None,
+        help="KV pool size in tokens (default: sized from free memory)",
+    )
     p.add_argument("--max-running-requests", type=int, default=256)
     p.add_argument("--max-waiting-requests", type=int, default=4096)
-    p.add_argument("--max-prefill-tokens", type=int, default=8192,
-                   help="prompt tokens prefilled per step; longer prompts are chunked")
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=8192,
+        help="prompt tokens prefilled per step; longer prompts are chunked",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     p.add_argument("--default-max-new-tokens", type=int, default=256)
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
@@ -70,7 +86,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         model = ensure_default_model()
         logging.getLogger("lightllm_grpc").info(
             "no --model given: serving the embedded default, a 4-layer Llama with RANDOM weights "
-            "and a locally trained 2048-token BPE tokenizer (its output is gibberish) from %s", model)
+            "and a locally trained 2048-token BPE tokenizer (its output is gibberish) from %s",
+            model,
+        )
     shard = ShardConfig(
         model=model,
         device=args.device,
@@ -89,8 +107,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_prefill_tokens=args.max_prefill_tokens,
         default_max_new_tokens=args.default_max_new_tokens,
     )
-    return ServerConfig(shard=shard, scheduler=sched, host=args.host, port=args.port,
-                        served_model_name=args.served_model_name)
+    return ServerConfig(
+        shard=shard, scheduler=sched, host=args.host, port=args.port, served_model_name=args.served_model_name
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from lightllm_grpc.models.tiny_tokenizer import build_tokenizer
-from lightllm_grpc.server.detokenizer import DetokState, Detokenizer
+from lightllm_grpc.server.detokenizer import Detokenizer, DetokState
 from lightllm_grpc.server.stop import StopStringMatcher
 
 

@@ -45,7 +45,9 @@ def test_sampling_follows_the_distribution() -> None:
     logits = torch.log(probs.clamp_min(1e-30))[None]
     s = Sampler(1, V, torch.device("cpu"))
     _admit(s, 0)
-    counts = np.bincount([s.sample(logits.clone(), np.array([0])).tokens.item() for _ in range(2000)], minlength=V)
+    counts = np.bincount(
+        [s.sample(logits.clone(), np.array([0])).tokens.item() for _ in range(2000)], minlength=V
+    )
     assert abs(counts[0] / 2000 - 0.7) < 0.05 and abs(counts[2] / 2000 - 0.1) < 0.03
     assert counts[3:].sum() == 0
 

@@ -35,13 +35,16 @@ async def _vocab(address: str) -> int:
 
 def bench_main(args: argparse.Namespace) -> int:
     vocab = args.vocab_size or run(_vocab(args.address))
-    w = Workload(args.num_requests, args.input_len, args.output_len, args.concurrency or args.num_requests, vocab)
+    w = Workload(
+        args.num_requests, args.input_len, args.output_len, args.concurrency or args.num_requests, vocab
+    )
     result = run(run_load(args.address, w))
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
         print(
-            f"{w.num_requests} requests (in {w.input_len} / out {w.output_len}, concurrency {w.concurrency}): "
+            f"{w.num_requests} requests (in {w.input_len} / out {w.output_len}, "
+            f"concurrency {w.concurrency}): "
             f"{result.output_tokens_per_s:.1f} output tok/s, TTFT p50 {result.ttft_p50_ms:.1f} ms, "
             f"TPOT p50 {result.tpot_p50_ms:.2f} ms over {result.seconds:.2f} s"
         )

@@ -41,6 +41,8 @@ async def generate_cli(args: argparse.Namespace) -> int:
     if last is not None:
         reason = pb.FinishReason.Name(last.finish_reason)
         u = last.usage
-        print(f"\n[{reason}; prompt {u.prompt_tokens} tokens, completion {u.completion_tokens} tokens]",
-              file=sys.stderr)
+        print(
+            f"\n[{reason}; prompt {u.prompt_tokens} tokens, completion {u.completion_tokens} tokens]",
+            file=sys.stderr,
+        )
     return 0

@@ -12,7 +12,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import grpc
 
@@ -55,8 +54,19 @@ class ShardProcesses:
         raw["model"] = str(self.cfg.model)
         dist_init = f"tcp://127.0.0.1:{_free_port()}" if self.cfg.tp_size > 1 else None
         for rank, address in enumerate(self.addresses):
-            cmd = [sys.executable, "-m", "lightllm_grpc.shard", "--address", address,
-                   "--config", json.dumps(raw), "--rank", str(rank), "--world-size", str(self.cfg.tp_size)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "lightllm_grpc.shard",
+                "--address",
+                address,
+                "--config",
+                json.dumps(raw),
+                "--rank",
+                str(rank),
+                "--world-size",
+                str(self.cfg.tp_size),
+            ]
             if dist_init:
                 cmd += ["--dist-init", dist_init]
             self.procs.append(subprocess.Popen(cmd, env=os.environ.copy()))
@@ -97,7 +107,9 @@ class ShardClient:
                     break
                 except grpc.aio.AioRpcError as exc:
                     if time.monotonic() > deadline:
-                        raise ShardError(f"shard {rank} not ready after {timeout:.0f}s: {exc.details()}") from exc
+                        raise ShardError(
+                            f"shard {rank} not ready after {timeout:.0f}s: {exc.details()}"
+                        ) from exc
                     await asyncio.sleep(0.2)
 
     async def info(self) -> list[shard_pb2.InfoResponse]:

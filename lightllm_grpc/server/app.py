@@ -53,7 +53,9 @@ def _model_info(cfg: ServerConfig, info: shard_pb2.InfoResponse, tok: PromptToke
     )
 
 
-async def _start_shards(cfg: ServerConfig) -> tuple[ShardProcesses, ShardClient, list[shard_pb2.InfoResponse]]:
+async def _start_shards(
+    cfg: ServerConfig,
+) -> tuple[ShardProcesses, ShardClient, list[shard_pb2.InfoResponse]]:
     procs = ShardProcesses(cfg.shard)
     procs.start()
     client = ShardClient(procs.addresses)
@@ -70,7 +72,9 @@ async def _start_shards(cfg: ServerConfig) -> tuple[ShardProcesses, ShardClient,
     return procs, client, infos
 
 
-def _engine(cfg: ServerConfig, infos: list[shard_pb2.InfoResponse], tok: PromptTokenizer, client: ShardClient):
+def _engine(
+    cfg: ServerConfig, infos: list[shard_pb2.InfoResponse], tok: PromptTokenizer, client: ShardClient
+):
     info = infos[0]
     capacity = min(i.kv_capacity for i in infos)
     eos = tuple(info.eos_token_ids)
@@ -102,7 +106,12 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
     await server.start()
     log.info(
         "serving %s on %s:%d (KV pool %d tokens, %d shard(s) on %s)",
-        static.model.name, cfg.host, port, engine.scheduler.kv_capacity, len(infos), static.device,
+        static.model.name,
+        cfg.host,
+        port,
+        engine.scheduler.kv_capacity,
+        len(infos),
+        static.device,
     )
     return Coordinator(server, engine, client, procs, port)
 

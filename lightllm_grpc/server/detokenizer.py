@@ -38,7 +38,9 @@ class Detokenizer:
         old = self._tok.decode_batch(
             [s.ids[s.prefix_offset : s.read_offset] for s in states], skip_special_tokens=self._skip
         )
-        new = self._tok.decode_batch([s.ids[s.prefix_offset :] for s in states], skip_special_tokens=self._skip)
+        new = self._tok.decode_batch(
+            [s.ids[s.prefix_offset :] for s in states], skip_special_tokens=self._skip
+        )
         return [self._advance(s, o, n) for s, o, n in zip(states, old, new)]
 
     @staticmethod

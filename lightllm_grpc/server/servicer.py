@@ -40,7 +40,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             yield pb.GenerateStreamResponse(**_fields(req, out))
 
     @unary_errors
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
         req = self._submit(request)
         total = RequestOutput()
         async for out in self._outputs(req):
@@ -48,7 +50,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return pb.GenerateResponse(**_fields(req, total))
 
     @unary_errors
-    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
         tok = self.builder.tokenizer
         kind = request.WhichOneof("input")
         if kind == "text":
@@ -61,11 +65,15 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return pb.TokenizeResponse(ids=ids, tokens=tok.tokens(ids))
 
     @unary_errors
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
         return self.info.model
 
     @unary_errors
-    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerInfo:
         stats = self.engine.scheduler.stats()
         return pb.ServerInfo(
             version=__version__,
@@ -93,7 +101,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             )
         req = self.builder.build(request)
         if req.request_id in self.engine.scheduler.by_id:
-            raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {req.request_id!r} is already running")
+            raise RequestError(
+                grpc.StatusCode.ALREADY_EXISTS, f"request_id {req.request_id!r} is already running"
+            )
         self.engine.submit(req)
         return req
 
@@ -127,6 +137,8 @@ def _fields(req: Request, out: RequestOutput) -> dict:
         fields["finish_reason"] = int(out.finish_reason)
         fields["stop_reason"] = out.stop_reason
         fields["usage"] = pb.Usage(
-            prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids), cached_tokens=req.cached_tokens
+            prompt_tokens=req.prompt_len,
+            completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens,
         )
     return fields

@@ -21,7 +21,9 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="lightllm-grpc shard process (one per device)")
-    p.add_argument("--address", required=True, help="where to listen, e.g. unix:///tmp/x.sock or 127.0.0.1:6000")
+    p.add_argument(
+        "--address", required=True, help="where to listen, e.g. unix:///tmp/x.sock or 127.0.0.1:6000"
+    )
     p.add_argument("--config", required=True, help="ShardConfig as JSON")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world-size", type=int, default=1)
@@ -46,7 +48,9 @@ async def serve(args: argparse.Namespace) -> None:
     shard_pb2_grpc.add_ShardServicer_to_server(ShardService(shard), server)
     server.add_insecure_port(args.address)
     await server.start()
-    logging.getLogger(__name__).info("shard %d listening on %s (pid %d)", args.rank, args.address, os.getpid())
+    logging.getLogger(__name__).info(
+        "shard %d listening on %s (pid %d)", args.rank, args.address, os.getpid()
+    )
     await server.wait_for_termination()
 
 

@@ -73,6 +73,9 @@ def _cuda_budget(device: torch.device, fraction: float, profile: Callable[[], No
     budget = int(total * fraction) - used_by_others - peak_extra - (512 << 20)
     log.info(
         "GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> KV budget %.1f GiB",
-        total / 2**30, used_by_others / 2**30, peak_extra / 2**30, budget / 2**30,
+        total / 2**30,
+        used_by_others / 2**30,
+        peak_extra / 2**30,
+        budget / 2**30,
     )
     return max(budget, 0)

@@ -76,7 +76,17 @@ class ModelRunner:
         if int(seq_lens.max()) > self.max_context:
             raise ValueError(f"sequence longer than the shard's max context {self.max_context}")
         host = np.concatenate(
-            [p.token_ids, positions, p.slots, np.repeat(rows, lens), rows, seq_lens, offsets, lens, offsets + lens - 1]
+            [
+                p.token_ids,
+                positions,
+                p.slots,
+                np.repeat(rows, lens),
+                rows,
+                seq_lens,
+                offsets,
+                lens,
+                offsets + lens - 1,
+            ]
         ).astype(np.int64)
         dev = torch.from_numpy(host).to(self.device, non_blocking=True)
         t, b = positions.size, rows.size
@@ -160,8 +170,10 @@ def _result(step_id: int, outs: list[tuple[np.ndarray, SampleOutput]]) -> shard_
     result.rows.extend(rows.tolist())
     result.token_ids.extend(torch.cat([s.tokens for s in samples]).cpu().tolist())
     if any(s.logprobs is not None for s in samples):
-        lps = [s.logprobs if s.logprobs is not None else torch.zeros_like(s.tokens, dtype=torch.float32)
-               for s in samples]
+        lps = [
+            s.logprobs if s.logprobs is not None else torch.zeros_like(s.tokens, dtype=torch.float32)
+            for s in samples
+        ]
         result.logprobs.extend(torch.cat(lps).cpu().tolist())
     k = max((s.top_ids.shape[1] for s in samples if s.top_ids is not None), default=0)
     if k:

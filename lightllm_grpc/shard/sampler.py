@@ -129,7 +129,9 @@ def _apply_penalty(logits: torch.Tensor, pen: _Penalty) -> torch.Tensor:
     return logits
 
 
-def _filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def _filter(
+    probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
     sorted_p, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[1], device=probs.device)[None, :]
     drop = rank >= top_k[:, None]

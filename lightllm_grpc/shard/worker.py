@@ -50,8 +50,9 @@ def init_distributed(rank: int, world_size: int, init_method: str | None, device
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
 
 
-def attention_backend(device: torch.device, cfg: ShardConfig, num_heads: int, head_dim: int,
-                      dtype: torch.dtype) -> AttentionBackend:
+def attention_backend(
+    device: torch.device, cfg: ShardConfig, num_heads: int, head_dim: int, dtype: torch.dtype
+) -> AttentionBackend:
     if device.type == "cuda":
         from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
 
@@ -69,7 +70,9 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     dtype = resolve_dtype(model_cfg, cfg.dtype, device)
     heads = model_cfg.num_heads // world_size
     backend = attention_backend(device, cfg, heads, model_cfg.head_dim, dtype)
-    model = load_model(cfg.model, device=device, dtype=dtype, attn_backend=backend, load_format=cfg.load_format)
+    model = load_model(
+        cfg.model, device=device, dtype=dtype, attn_backend=backend, load_format=cfg.load_format
+    )
     max_context = min(cfg.max_context or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
     spec = model.kv_cache_spec
     bpt = spec.bytes_per_token(dtype)
@@ -84,7 +87,13 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     runner = ModelRunner(forward, kv, model_cfg.vocab_size, cfg.max_rows, max_context, device)
     log.info(
         "shard %d/%d ready in %.1fs: %s on %s (%s), KV pool %d tokens (%.1f MiB)",
-        rank, world_size, time.perf_counter() - started, model_cfg.name, device, dtype,
-        capacity, capacity * bpt / 2**20,
+        rank,
+        world_size,
+        time.perf_counter() - started,
+        model_cfg.name,
+        device,
+        dtype,
+        capacity,
+        capacity * bpt / 2**20,
     )
     return Shard(rank, world_size, device, dtype, model_cfg, runner, bpt)
