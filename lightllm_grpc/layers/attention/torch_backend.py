@@ -1,0 +1,85 @@
+"""Reference attention backend in plain torch: runs on CPU, and on GPU as a correctness baseline."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lightllm_grpc.layers.attention.base import AttentionBackend, KVCache
+from lightllm_grpc.models.forward_batch import ForwardBatch, ForwardMode
+
+
+def store_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Write new K/V ``[T, Hkv, D]`` at pool rows ``slots``; a GPU path may rebind this to a kernel."""
+    k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Grouped-query attention in fp32.
+
+    ``q [B, n, H, D]``, ``k``/``v [B, L, Hkv, D]``, boolean ``mask`` broadcastable to
+    ``[B, H, n, L]`` (True = may attend). Returns ``[B, n, H, D]`` in ``q``'s dtype. Query head
+    ``h`` reads kv head ``h // (H / Hkv)``, the same grouping as transformers' ``repeat_kv``.
+    """
+    group = q.shape[2] // k.shape[2]
+    qf = q.transpose(1, 2).float()
+    kf = k.transpose(1, 2).float().repeat_interleave(group, dim=1)
+    vf = v.transpose(1, 2).float().repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Prefill loops over sequences on the host; decode is one batched, padded, sync-free call."""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: int,
+        batch: ForwardBatch,
+        kv: KVCache,
+        scale: float,
+    ) -> torch.Tensor:
+        store_kv(kv.k[layer], kv.v[layer], k, v, batch.out_slots)
+        if batch.mode is ForwardMode.DECODE:
+            return self._decode(q, kv.k[layer], kv.v[layer], batch, scale)
+        return self._prefill(q, kv.k[layer], kv.v[layer], batch, scale)
+
+    @staticmethod
+    def _prefill(
+        q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        per_seq = zip(
+            batch.q_starts.tolist(),
+            batch.q_lens.tolist(),
+            batch.seq_lens.tolist(),
+            batch.req_rows.tolist(),
+            strict=True,
+        )
+        for start, q_len, seq_len, row in per_seq:
+            slots = batch.req_to_token[row, :seq_len].long()
+            # Query i sits at position (seq_len - q_len + i) and sees keys 0..that position.
+            query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
+            seq_q, seq_k, seq_v = q[start : start + q_len][None], k_cache[slots][None], v_cache[slots][None]
+            out[start : start + q_len] = attend(seq_q, seq_k, seq_v, mask, scale)[0]
+        return out
+
+    @staticmethod
+    def _decode(
+        q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float
+    ) -> torch.Tensor:
+        width = min(batch.max_seq_len, batch.req_to_token.shape[1])
+        # Entries past a sequence's length may be stale or unset: clamp to a valid slot, then mask out.
+        slots = batch.req_to_token[batch.req_rows.long(), :width].long().clamp(0, k_cache.shape[0] - 1)
+        mask = torch.arange(width, device=q.device)[None, :] < batch.seq_lens[:, None]
+        out = attend(q.unsqueeze(1), k_cache[slots], v_cache[slots], mask[:, None, None, :], scale)
+        return out.squeeze(1)

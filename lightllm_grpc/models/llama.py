@@ -1,0 +1,163 @@
+"""One decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3).
+
+The members differ only in flags carried by ``ModelConfig``: q/k/v (and o) bias, per-head
+q/k RMSNorm, RoPE scaling and tied embeddings. Module names mirror transformers' so checkpoint
+names map one to one, except for the fused projections listed in ``packed_modules_mapping``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lightllm_grpc.layers.activation import SiluAndMul
+from lightllm_grpc.layers.attention.base import AttentionBackend, KVCache
+from lightllm_grpc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from lightllm_grpc.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from lightllm_grpc.layers.norm import RMSNorm
+from lightllm_grpc.layers.rotary import RotaryEmbedding
+from lightllm_grpc.models.config import ModelConfig
+from lightllm_grpc.models.forward_batch import ForwardBatch
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What one rank's KV pool holds per token: sizes the pool and builds the ``KVCache``."""
+
+    num_layers: int
+    num_kv_heads: int  # on this rank (kv heads are split, or replicated when fewer than ranks)
+    head_dim: int
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return KVCache.bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, dtype)
+
+    def make_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
+        return KVCache(self.num_layers, num_slots, self.num_kv_heads, self.head_dim, dtype, device)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer_id: int, rotary_emb: RotaryEmbedding, backend: AttentionBackend
+    ) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, config.attention_bias
+        )
+        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, config.o_proj_bias)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.rotary_emb = rotary_emb  # one module shared by all layers
+        self.backend = backend
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch, kv: KVCache
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(num_tokens, -1, self.head_dim)
+        k = k.view(num_tokens, -1, self.head_dim)
+        v = v.view(num_tokens, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.backend.forward(q, k, v, self.layer_id, batch, kv, self.scale)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], config.mlp_bias)
+        self.act_fn = SiluAndMul()
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer_id: int, rotary_emb: RotaryEmbedding, backend: AttentionBackend
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_id, rotary_emb, backend)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+        kv: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(mlp output, residual stream)``; the next layer's norm adds them (fused)."""
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, batch, kv)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, rotary_emb, backend) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """Final-norm hidden states ``[B, hidden]`` of the rows at ``batch.logits_indices`` only."""
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(batch.positions, hidden, residual, batch, kv)
+        rows = batch.logits_indices
+        assert residual is not None  # config validation guarantees at least one layer
+        return self.norm(hidden[rows], residual[rows])[0]
+
+
+class LlamaForCausalLM(nn.Module):
+    """``forward(input_ids [T], batch, kv)`` -> fp32 logits ``[B, vocab]`` of each sequence's last token."""
+
+    # checkpoint module name -> (our fused module, shard id for its weight_loader)
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    # checkpoint tensors that are derived buffers, not weights
+    ignored_weight_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, attn_backend)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        attn = self.model.layers[0].self_attn
+        return KVCacheSpec(self.config.num_layers, attn.qkv_proj.num_kv_heads, attn.head_dim)
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        hidden = self.model(input_ids, batch, kv)
+        return self.lm_head(hidden).float()

@@ -1,0 +1,186 @@
+"""Build the model empty on its target device, then stream weights in from safetensors.
+
+Checkpoint names map to our parameters through the model's declarative
+``packed_modules_mapping`` (``q_proj -> (qkv_proj, "q")``); each parameter's
+``weight_loader`` cuts this rank's slice. Missing and unexpected tensors are collected and
+reported together, by checkpoint name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lightllm_grpc.layers.attention.base import AttentionBackend
+from lightllm_grpc.layers.linear import ShardId, copy_checked
+from lightllm_grpc.layers.norm import RMSNorm
+from lightllm_grpc.models.config import ModelConfig
+from lightllm_grpc.models.llama import LlamaForCausalLM
+from lightllm_grpc.models.registry import ModelSpec, get_model_spec
+
+LoadFormat = Literal["auto", "safetensors", "dummy"]
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def resolve_dtype(
+    config: ModelConfig, requested: str | torch.dtype, device: torch.device | str
+) -> torch.dtype:
+    """``"auto"`` is the checkpoint's dtype on CUDA and float32 elsewhere (CPU half precision is slow)."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested == "auto":
+        return config.dtype if torch.device(device).type == "cuda" else torch.float32
+    if requested not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be 'auto' or one of {', '.join(_DTYPE_NAMES)}, got {requested!r}")
+    return _DTYPE_NAMES[requested]
+
+
+def load_model(
+    model_dir: str | Path,
+    *,
+    device: torch.device | str,
+    dtype: str | torch.dtype,
+    attn_backend: AttentionBackend,
+    load_format: LoadFormat = "auto",
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """Build the model for ``model_dir``'s config.json on ``device`` and fill its weights.
+
+    ``load_format="dummy"`` needs only config.json and fills random weights (seeded by ``seed``),
+    for benchmarking a shape without a checkpoint.
+    """
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
+    folder = Path(model_dir)
+    config = ModelConfig.from_pretrained(folder)
+    files = [] if load_format == "dummy" else checkpoint_files(folder)  # fail before allocating
+    torch_dtype = resolve_dtype(config, dtype, device)
+    model = build_model(config, device=device, dtype=torch_dtype, attn_backend=attn_backend)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed=seed)
+    else:
+        load_safetensors_weights(model, files, get_model_spec(config.architecture))
+    return model
+
+
+def build_model(
+    config: ModelConfig, *, device: torch.device | str, dtype: torch.dtype, attn_backend: AttentionBackend
+) -> LlamaForCausalLM:
+    """Allocate every parameter uninitialised (``torch.empty``) directly on ``device`` in ``dtype``."""
+    spec = get_model_spec(config.architecture)
+    with _default_dtype(dtype), torch.device(device):
+        model = spec.model_class(config, attn_backend)
+    return model.eval()
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """A checkpoint's safetensors files: those the index names if sharded, else every ``*.safetensors``."""
+    index = model_dir / _INDEX_FILE
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / name for name in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors files in {model_dir}; only safetensors checkpoints are supported "
+            "(load_format='dummy' needs just config.json)"
+        )
+    return files
+
+
+def load_safetensors_weights(model: nn.Module, files: list[Path], spec: ModelSpec) -> None:
+    """Stream every tensor of ``files`` into ``model``; ``ValueError`` listing missing/unexpected names."""
+    params = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    expected = _expected_checkpoint_names(params, spec)
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    with torch.no_grad():
+        for name, tensor in _iter_tensors(files):
+            if name.endswith(spec.ignored_weight_suffixes) or (tied and name == "lm_head.weight"):
+                continue  # derived buffers; a tied head reuses the embedding, as transformers does
+            param_name, shard_id = _map_name(name, spec)
+            if param_name not in params:
+                unexpected.append(name)
+                continue
+            param = params[param_name]
+            loader = getattr(param, "weight_loader", _default_weight_loader)
+            loader(param, tensor, shard_id)
+            seen.add(name)
+    _raise_on_mismatch(sorted(expected - seen), unexpected)
+
+
+def init_dummy_weights(model: nn.Module, *, seed: int = 0, std: float = 0.02) -> None:
+    """Random normal weights, zero biases and unit norms, generated on the parameters' device."""
+    generators: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.zero_()
+                continue
+            if param.device not in generators:
+                generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+            param.normal_(0.0, std, generator=generators[param.device])
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                yield name, handle.get_tensor(name)
+
+
+def _map_name(name: str, spec: ModelSpec) -> tuple[str, ShardId]:
+    for source, (target, shard_id) in spec.packed_modules_mapping.items():
+        if f".{source}." in name:
+            return name.replace(f".{source}.", f".{target}."), shard_id
+    return name, None
+
+
+def _expected_checkpoint_names(params: dict[str, nn.Parameter], spec: ModelSpec) -> set[str]:
+    """Every checkpoint name the model needs, unpacking fused parameters into their sources."""
+    expected: set[str] = set()
+    for name in params:
+        sources = [
+            name.replace(f".{target}.", f".{source}.")
+            for source, (target, _) in spec.packed_modules_mapping.items()
+            if f".{target}." in name
+        ]
+        expected.update(sources or [name])
+    return expected
+
+
+def _default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+    copy_checked(param.data, loaded)
+
+
+def _raise_on_mismatch(missing: list[str], unexpected: list[str]) -> None:
+    if not missing and not unexpected:
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        parts.append(f"unexpected tensors: {', '.join(unexpected)}")
+    raise ValueError("checkpoint does not match the model; " + "; ".join(parts))

@@ -1,0 +1,67 @@
+"""`make serve`'s path: the embedded default model, and `lightllm-grpc generate` streaming from it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from lightllm_grpc.models.default_model import NAME, ensure_default_model
+from tests.server_harness import ServerProcess
+
+
+def test_default_model_is_built_deterministically(tmp_path) -> None:
+    a = ensure_default_model(tmp_path / "a")
+    b = ensure_default_model(tmp_path / "b")
+    assert a.name == b.name == NAME
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert ensure_default_model(tmp_path / "a") == a  # reused, not rebuilt
+
+
+def test_serve_default_model_and_generate_cli(tmp_path) -> None:
+    env = {"LIGHTLLM_GRPC_CACHE": str(tmp_path / "cache")}
+    server = ServerProcess(None, tmp_path / "server.log", env=env)
+    try:
+        assert "embedded default" in server.log()
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lightllm_grpc.cli",
+                "generate",
+                "--address",
+                server.address,
+                "--prompt",
+                "Hello",
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert len(out.stdout.strip()) > 0
+        assert "FINISH_REASON_LENGTH" in out.stderr and "completion 12 tokens" in out.stderr
+        bad = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lightllm_grpc.cli",
+                "generate",
+                "--address",
+                server.address,
+                "--prompt",
+                "Hello",
+                "--temperature",
+                "-1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "temperature" in bad.stderr
+    finally:
+        server.stop()
