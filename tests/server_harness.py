@@ -1,28 +1,14 @@
-"""Start a real server (coordinator + shard processes) on a free port for end-to-end tests."""
+"""Helpers for end-to-end tests: a served tiny model, a CPU server, request builders."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import grpc
-
+from lightllm_grpc.bench.server import LocalServer
 from lightllm_grpc.models.tiny_tokenizer import save_tokenizer
 from lightllm_grpc.proto import generation_pb2 as pb
-from lightllm_grpc.proto import generation_pb2_grpc
 from tests.model_factory import make_tiny_model
-
-START_TIMEOUT_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_served_model(arch: str, out_dir: Path, vocab_size: int = 512, **kw) -> Path:
@@ -32,49 +18,13 @@ def make_served_model(arch: str, out_dir: Path, vocab_size: int = 512, **kw) -> 
     return out_dir
 
 
-class ServerProcess:
+class ServerProcess(LocalServer):
+    """A server on the CPU, logging at INFO so tests can read what it said."""
+
     def __init__(self, model_dir: Path | None, log_path: Path, *extra: str, env: dict | None = None) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "lightllm_grpc.cli",
-            "serve",
-            "--port",
-            str(self.port),
-            "--device",
-            "cpu",
-        ]
-        if model_dir is not None:
-            cmd += ["--model", str(model_dir)]
-        cmd += list(extra)
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        full_env = {**os.environ, "LIGHTLLM_LOG_LEVEL": "INFO", **(env or {})}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = generation_pb2_grpc.GenerationStub(self.channel)
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=1.0)
-                return
-            except grpc.RpcError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not ready after {START_TIMEOUT_S}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-    def info(self) -> pb.ServerInfo:
-        return self.stub.GetServerInfo(pb.GetServerInfoRequest())
+        super().__init__(
+            model_dir, log_path, "--device", "cpu", *extra, env={"LIGHTLLM_LOG_LEVEL": "INFO", **(env or {})}
+        )
 
     def wait_idle(self, timeout: float = 10.0) -> pb.ServerInfo:
         """Wait until no request runs or waits; return the server info then."""
@@ -85,16 +35,6 @@ class ServerProcess:
             if idle or time.monotonic() > deadline:
                 return info
             time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._log.close()
 
 
 def greedy_request(ids: list[int], max_new: int, **stopping) -> pb.GenerateRequest:
