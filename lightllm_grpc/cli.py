@@ -100,6 +100,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_context=args.max_model_len,
         gpu_memory_fraction=args.gpu_memory_fraction,
         cuda_graphs=not args.no_cuda_graphs,
+        max_prefill_tokens=args.max_prefill_tokens,
     )
     sched = SchedulerConfig(
         max_running_requests=args.max_running_requests,

@@ -42,6 +42,8 @@ class ShardConfig:
     max_context: int | None = None  # None = the model's context length
     gpu_memory_fraction: float = 0.9
     cuda_graphs: bool = True
+    # Largest prefill the coordinator sends; sizes the activation peak when profiling memory.
+    max_prefill_tokens: int = 8192
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -101,10 +101,14 @@ def compute_inv_freq(
 
 
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``q [T, H, D]`` and ``k [T, Hkv, D]`` by ``cos``/``sin [T, D/2]``; swappable for a kernel."""
-    cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
+    """Rotate ``q [T, H, D]`` and ``k [T, Hkv, D]`` at ``positions`` using ``[max_pos, D/2]`` caches.
+
+    Swappable for a kernel (which may rotate in place and return its inputs).
+    """
+    cos = cos_cache[positions].unsqueeze(1).to(q.dtype)
+    sin = sin_cache[positions].unsqueeze(1).to(q.dtype)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
@@ -132,4 +136,4 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rotary(q, k, self.cos_cache[positions], self.sin_cache[positions])
+        return apply_rotary(positions, q, k, self.cos_cache, self.sin_cache)

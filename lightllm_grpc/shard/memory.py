@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 # costs start-up time and memory.
 CPU_MEMORY_FRACTION = 0.1
 CPU_MAX_BYTES = 1 << 30
+# Left free on GPU for CUDA graphs' memory pool, kernel workspaces and fragmentation.
+GPU_SLACK_BYTES = 1 << 30
 
 
 def available_host_bytes() -> int:
@@ -63,14 +65,13 @@ def _cuda_budget(device: torch.device, fraction: float, profile: Callable[[], No
     if profile is not None:
         profile()
     torch.cuda.synchronize(device)
-    free, total = torch.cuda.mem_get_info(device)
     # Activations at the profiled peak must fit beside the pool, plus some slack for
     # CUDA graphs and the allocator's fragmentation.
     peak_extra = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = total - free
-    budget = int(total * fraction) - used_by_others - peak_extra - (512 << 20)
+    budget = int(total * fraction) - used_by_others - peak_extra - GPU_SLACK_BYTES
     log.info(
         "GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> KV budget %.1f GiB",
         total / 2**30,

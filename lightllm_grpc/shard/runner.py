@@ -22,6 +22,9 @@ ForwardFn = Callable[[torch.Tensor, ForwardBatch], torch.Tensor]
 
 
 class ModelRunner:
+    """Contract: rows are ``[0, max_rows)`` and slots ``[0, kv_capacity)``; one more row and
+    one more slot exist past those, never handed out, for padding CUDA-graph batches."""
+
     def __init__(
         self,
         forward: ForwardFn,
@@ -36,10 +39,12 @@ class ModelRunner:
         self.device = device
         self.max_rows = max_rows
         self.max_context = max_context
-        self.req_to_token = torch.zeros((max_rows, max_context), dtype=torch.int32, device=device)
-        self.row_len = np.zeros(max_rows, dtype=np.int64)
-        self.last_token = torch.zeros(max_rows, dtype=torch.int64, device=device)
-        self.sampler = Sampler(max_rows, vocab_size, device)
+        self.kv_capacity = kv.num_slots - 1
+        self.pad_row, self.pad_slot = max_rows, kv.num_slots - 1
+        self.req_to_token = torch.zeros((max_rows + 1, max_context), dtype=torch.int32, device=device)
+        self.row_len = np.zeros(max_rows + 1, dtype=np.int64)
+        self.last_token = torch.zeros(max_rows + 1, dtype=torch.int64, device=device)
+        self.sampler = Sampler(max_rows + 1, vocab_size, device)
         # Decode may be replaced by a CUDA-graph runner with the same signature.
         self.decode_forward: ForwardFn = forward
 

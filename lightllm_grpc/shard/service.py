@@ -26,7 +26,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             world_size=s.world_size,
             device=str(s.device),
             dtype=str(s.dtype).removeprefix("torch."),
-            kv_capacity=s.runner.kv.num_slots,
+            kv_capacity=s.runner.kv_capacity,
             max_rows=s.runner.max_rows,
             max_context=s.runner.max_context,
             model_name=m.name,

@@ -1,30 +1,21 @@
 """Start-up forward passes at the largest shapes the coordinator will send.
 
-They compile kernels, fill the allocator's pools and (on GPU, later) capture CUDA graphs,
-so the first real request does not pay for any of that.
+They compile kernels and fill the allocator's pools, then (on GPU) capture the decode
+CUDA graphs, so the first real request pays for none of that.
 """
 
 from __future__ import annotations
 
 from lightllm_grpc.proto import shard_pb2
-from lightllm_grpc.shard.worker import Shard
+from lightllm_grpc.shard.cuda_graph import CudaGraphDecoder
+from lightllm_grpc.shard.worker import Shard, prefill_step
 
 
 def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
     runner = shard.runner
-    capacity = runner.kv.num_slots
+    capacity = runner.kv_capacity
     n = max(1, min(max_prefill_tokens, runner.max_context - 1, capacity))
-    prefill = shard_pb2.StepRequest(step_id=0)
-    prefill.admit.append(shard_pb2.RowSampling(row=0, top_k=-1, top_p=1.0, repetition_penalty=1.0))
-    p = prefill.prefill
-    p.rows.append(0)
-    p.starts.append(0)
-    p.lens.append(n)
-    p.token_ids.extend([0] * n)
-    p.slots.extend(i % capacity for i in range(n))
-    p.prefix_lens.append(0)
-    p.sample.append(True)
-    runner.step(prefill)
+    runner.step(prefill_step(0, n, capacity))
     runner.reset()
     batch = max(1, min(max_batch_size, runner.max_rows))
     decode = shard_pb2.StepRequest(step_id=0)
@@ -34,3 +25,10 @@ def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
     decode.decode.slots.extend(i % capacity for i in range(batch))
     runner.step(decode)
     runner.reset()
+    if shard.cuda_graphs and not shard.graph_batch_sizes:
+        graphs = CudaGraphDecoder(
+            runner.forward, runner.req_to_token, runner.pad_row, runner.pad_slot, batch, runner.device
+        )
+        graphs.capture()
+        runner.decode_forward = graphs
+        shard.graph_batch_sizes = tuple(graphs.sizes)

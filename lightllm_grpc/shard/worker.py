@@ -13,8 +13,10 @@ from lightllm_grpc.config import ShardConfig
 from lightllm_grpc.layers.attention.base import AttentionBackend
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.forward_batch import ForwardBatch
+from lightllm_grpc.models.llama import KVCacheSpec
 from lightllm_grpc.models.loader import load_model, resolve_dtype
 from lightllm_grpc.parallel import ParallelState, set_parallel_state
+from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard import memory
 from lightllm_grpc.shard.runner import ModelRunner
 
@@ -30,6 +32,7 @@ class Shard:
     model_config: ModelConfig
     runner: ModelRunner
     kv_bytes_per_token: int
+    cuda_graphs: bool = False
     graph_batch_sizes: tuple[int, ...] = ()
 
 
@@ -55,11 +58,40 @@ def attention_backend(
 ) -> AttentionBackend:
     if device.type == "cuda":
         from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
+        from lightllm_grpc.layers.triton_ops import install_triton_ops
 
-        return TritonAttentionBackend(cfg.max_rows, num_heads, head_dim, device, dtype)
+        install_triton_ops()
+        return TritonAttentionBackend(cfg.max_rows + 1, num_heads, head_dim, device, dtype)
     from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend()
+
+
+def prefill_step(row: int, num_tokens: int, capacity: int) -> shard_pb2.StepRequest:
+    """A one-row prefill of ``num_tokens`` dummy tokens (warm-up and memory profiling)."""
+    step = shard_pb2.StepRequest(step_id=0)
+    step.admit.append(shard_pb2.RowSampling(row=row, top_k=-1, top_p=1.0, repetition_penalty=1.0))
+    p = step.prefill
+    p.rows.append(row)
+    p.starts.append(0)
+    p.lens.append(num_tokens)
+    p.token_ids.extend([0] * num_tokens)
+    p.slots.extend(i % capacity for i in range(num_tokens))
+    p.prefix_lens.append(0)
+    p.sample.append(True)
+    return step
+
+
+def _profile_prefill(model, spec: KVCacheSpec, cfg: ShardConfig, max_context: int, dtype, device):
+    """Run the largest prefill on a scratch pool so its activation peak is measured."""
+
+    def run() -> None:
+        n = max(1, min(cfg.max_prefill_tokens, max_context - 1))
+        kv = spec.make_cache(n + 1, dtype, device)
+        runner = ModelRunner(lambda ids, b: model(ids, b, kv), kv, model.config.vocab_size, 1, n + 1, device)
+        runner.step(prefill_step(0, n, n))  # the scratch pool is freed when this returns
+
+    return run
 
 
 def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str | None) -> Shard:
@@ -68,32 +100,29 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     init_distributed(rank, world_size, init_method, device)
     model_cfg = ModelConfig.from_pretrained(cfg.model)
     dtype = resolve_dtype(model_cfg, cfg.dtype, device)
-    heads = model_cfg.num_heads // world_size
-    backend = attention_backend(device, cfg, heads, model_cfg.head_dim, dtype)
+    backend = attention_backend(device, cfg, model_cfg.num_heads // world_size, model_cfg.head_dim, dtype)
     model = load_model(
         cfg.model, device=device, dtype=dtype, attn_backend=backend, load_format=cfg.load_format
     )
     max_context = min(cfg.max_context or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
     spec = model.kv_cache_spec
     bpt = spec.bytes_per_token(dtype)
-    capacity = memory.kv_capacity(
-        device, bpt, cfg.max_total_tokens, cfg.max_rows * max_context, cfg.gpu_memory_fraction
+    profile = (
+        _profile_prefill(model, spec, cfg, max_context, dtype, device) if device.type == "cuda" else None
     )
-    kv = spec.make_cache(capacity, dtype, device)
+    capacity = memory.kv_capacity(
+        device, bpt, cfg.max_total_tokens, cfg.max_rows * max_context, cfg.gpu_memory_fraction, profile
+    )
+    kv = spec.make_cache(capacity + 1, dtype, device)  # + the padding slot
 
     def forward(ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return model(ids, batch, kv)
 
     runner = ModelRunner(forward, kv, model_cfg.vocab_size, cfg.max_rows, max_context, device)
     log.info(
-        "shard %d/%d ready in %.1fs: %s on %s (%s), KV pool %d tokens (%.1f MiB)",
-        rank,
-        world_size,
-        time.perf_counter() - started,
-        model_cfg.name,
-        device,
-        dtype,
-        capacity,
-        capacity * bpt / 2**20,
-    )
-    return Shard(rank, world_size, device, dtype, model_cfg, runner, bpt)
+        "shard %d/%d ready in %.1fs: %s on %s (%s), KV pool %d tokens (%.1f GiB)",
+        rank, world_size, time.perf_counter() - started, model_cfg.name, device, dtype,
+        capacity, capacity * bpt / 2**30,
+    )  # fmt: skip
+    use_graphs = cfg.cuda_graphs and device.type == "cuda"
+    return Shard(rank, world_size, device, dtype, model_cfg, runner, bpt, cuda_graphs=use_graphs)
