@@ -54,11 +54,19 @@ def _near_tie(scores: torch.Tensor, pos: int) -> float:
     return float(top2[0] - top2[1])
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3"])
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_parity_with_transformers(arch: str, tmp_path) -> None:
+    check_parity(arch, tmp_path, SERVER_ARGS.get(arch, []))
+
+
+def check_parity(arch: str, tmp_path, server_args: list[str]) -> None:
+    """Serve a tiny ``arch`` model with ``server_args``; its greedy tokens must equal transformers'."""
     model_dir = make_served_model(arch, tmp_path / arch)
     prompts = _prompts(512)
-    server = ServerProcess(model_dir, tmp_path / "server.log", *SERVER_ARGS.get(arch, []))
+    server = ServerProcess(model_dir, tmp_path / "server.log", *server_args)
     try:
         with ThreadPoolExecutor(len(prompts)) as pool:
             responses = list(pool.map(lambda p: server.stub.Generate(greedy_request(p, NEW_TOKENS)), prompts))

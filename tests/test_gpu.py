@@ -1,0 +1,67 @@
+"""The GPU path: Triton kernels and CUDA graphs inside the real model and server (marked gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightllm_grpc.layers import activation, norm, rotary
+from lightllm_grpc.models.config import ModelConfig
+from lightllm_grpc.models.forward_batch import ForwardMode
+from lightllm_grpc.models.loader import load_model
+from tests.model_factory import build_batch, make_tiny_model
+from tests.test_parity import ARCHS, check_parity
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+
+@pytest.fixture
+def triton_ops():
+    from lightllm_grpc.layers.triton_ops import install_triton_ops
+
+    saved = (norm.rms_norm, norm.add_rms_norm, activation.silu_and_mul, rotary.apply_rotary)
+    install_triton_ops()
+    yield
+    norm.rms_norm, norm.add_rms_norm, activation.silu_and_mul, rotary.apply_rotary = saved
+
+
+def _prefill_logits(model_dir, device: str, dtype: str, backend, prompts: list[list[int]]) -> torch.Tensor:
+    model = load_model(model_dir, device=device, dtype=dtype, attn_backend=backend)
+    total = sum(map(len, prompts))
+    kv = model.kv_cache_spec.make_cache(total + 1, model.lm_head.weight.dtype, device)
+    width = max(map(len, prompts))
+    table = torch.zeros(len(prompts), width, dtype=torch.int32)
+    start = 0
+    for i, p in enumerate(prompts):  # scattered, non-contiguous slots
+        table[i, : len(p)] = torch.arange(start, start + len(p), dtype=torch.int32).flip(0)
+        start += len(p)
+    ids, batch = build_batch(
+        ForwardMode.PREFILL, prompts, [0] * len(prompts), list(range(len(prompts))), table
+    )
+    fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
+    batch = type(batch)(**fields)
+    with torch.no_grad():
+        return model(ids.to(device), batch, kv).float().cpu()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_first_step_logits_close_to_fp32(arch: str, tmp_path, triton_ops) -> None:
+    from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
+    from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
+
+    model_dir = make_tiny_model(arch, tmp_path / arch)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 512, (n,), generator=gen).tolist() for n in (1, 17, 64, 200)]
+    ref = _prefill_logits(model_dir, "cpu", "float32", TorchAttentionBackend(), prompts)
+    cfg = ModelConfig.from_pretrained(model_dir)
+    backend = TritonAttentionBackend(8, cfg.num_heads, cfg.head_dim, torch.device("cuda"), torch.bfloat16)
+    ours = _prefill_logits(model_dir, "cuda", "bfloat16", backend, prompts)
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, f"{arch}: bf16 logits relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp32_greedy_parity_on_gpu_with_cuda_graphs(arch: str, tmp_path) -> None:
+    check_parity(arch, tmp_path, ["--device", "cuda", "--dtype", "float32"])
