@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from lightllm_grpc import protogen
 from lightllm_grpc.proto import generation_pb2, generation_pb2_grpc, shard_pb2, shard_pb2_grpc
@@ -14,7 +15,7 @@ def _version(text: str) -> tuple[int, ...]:
 
 def test_stubs_accept_grpcio_1_84() -> None:
     for mod in (generation_pb2_grpc, shard_pb2_grpc):
-        source = open(mod.__file__).read()
+        source = Path(mod.__file__).read_text()
         generated = re.search(r"GRPC_GENERATED_VERSION = '([0-9.]+)'", source)
         assert generated is not None
         assert _version(generated.group(1)) <= (1, 84, 0), "regenerate with grpcio-tools<=1.84.0"

@@ -1,0 +1,20 @@
+"""Triton kernels of the GPU path, each beside a thin launcher and a torch reference (``*_ref``)."""
+
+from lightllm_grpc_kernels.activation import silu_and_mul
+from lightllm_grpc_kernels.decode_attention import decode_attention, decode_num_splits, decode_workspace_rows
+from lightllm_grpc_kernels.prefill_attention import prefill_attention
+from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
+from lightllm_grpc_kernels.rotary import apply_rotary
+from lightllm_grpc_kernels.store_kv import store_kv
+
+__all__ = [
+    "apply_rotary",
+    "decode_attention",
+    "decode_num_splits",
+    "decode_workspace_rows",
+    "fused_add_rmsnorm",
+    "prefill_attention",
+    "rmsnorm",
+    "silu_and_mul",
+    "store_kv",
+]

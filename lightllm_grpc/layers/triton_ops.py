@@ -43,8 +43,7 @@ def _apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from lightllm_grpc_kernels.rotary import apply_rotary
 
-    apply_rotary(q, k, positions, cos_cache, sin_cache)
-    return q, k
+    return apply_rotary(positions, q, k, cos_cache, sin_cache)  # in place
 
 
 def install_triton_ops() -> None:

@@ -1,0 +1,309 @@
+"""Flash-decoding: one query token per sequence, K/V split along the sequence, then reduced.
+
+Stage 1 runs one program per (sequence, kv head, split). Each reads its chunk of the
+sequence's K/V once through req_to_token and attends all query heads of the kv head's group
+at once, writing a normalised partial output and its log-sum-exp. Stage 2 merges the splits.
+With a single split (large batches) stage 1 writes the output itself and stage 2 is skipped.
+Every program derives its chunk from the seq_len it loads, so the grid depends only on the
+batch size, the head counts and the split count: no host sync, safe to capture in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lightllm_grpc_kernels._launch import block, check_index, check_rows, dot_precision, on_gpu
+
+_LOG2E = 1.4426950408889634
+MAX_SPLITS = 32  # upper bound of decode_num_splits; workspaces sized for it fit every batch size
+# Sequences x splits to aim for. Measured on an H200 at H=32, Hkv=8, D=128 (CUDA graphs):
+# batch 1 wants 32 splits (9 us vs 86 us unsplit at seq 4096), batch 32 wants 2, batch 128 one.
+_TARGET_ROW_SPLITS = 64
+
+
+def decode_num_splits(batch_size: int) -> int:
+    """Splits per sequence for a batch: many when the batch alone cannot fill the GPU, one otherwise.
+
+    A pure function of the batch size, so a captured graph and its workspace agree with it.
+    """
+    wanted = triton.next_power_of_2(triton.cdiv(_TARGET_ROW_SPLITS, max(batch_size, 1)))
+    return min(MAX_SPLITS, wanted)
+
+
+def decode_workspace_rows(max_batch_size: int) -> int:
+    """(sequence, split) rows a workspace needs to serve every batch size up to max_batch_size."""
+    return max(b * decode_num_splits(b) for b in range(1, max_batch_size + 1))
+
+
+@triton.jit
+def _split_bounds(seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Chunks are whole BLOCK_N tiles so short sequences use few splits instead of ragged ones.
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    return start, tl.minimum(start + chunk, seq_len)
+
+
+@triton.jit
+def _decode_stage1_kernel(
+    q_ptr,
+    k_buf_ptr,
+    v_buf_ptr,
+    req_to_token_ptr,
+    req_rows_ptr,
+    seq_lens_ptr,
+    mid_o_ptr,
+    mid_lse_ptr,
+    out_ptr,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_bs,
+    stride_bh,
+    stride_rt,
+    num_heads,
+    head_dim,
+    GROUP: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start, end = _split_bounds(seq_len, split, NUM_SPLITS, BLOCK_N)
+    # The GROUP query heads that share this kv head, padded to BLOCK_G rows (tl.dot needs 16).
+    offs_g = tl.arange(0, BLOCK_G)
+    heads = kv_head * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    gd_mask = g_mask[:, None] & d_mask[None, :]
+    # Workspace rows are (b, head, split): contiguous [B, H, NUM_SPLITS(, D)].
+    mid_rows = (b * num_heads + heads) * NUM_SPLITS + split
+    out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    if start >= end:
+        if NUM_SPLITS == 1:
+            # A padded batch entry (seq_len 0): zeros, not NaN.
+            tl.store(out_ptrs, tl.zeros([BLOCK_G, BLOCK_D], out_ptr.dtype.element_ty), mask=gd_mask)
+        else:
+            # No keys here: a log-sum-exp of -inf gives this split zero weight in stage 2.
+            tl.store(mid_lse_ptr + mid_rows, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=g_mask)
+        return
+    slot_row = req_to_token_ptr + tl.load(req_rows_ptr + b).to(tl.int64) * stride_rt
+
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=gd_mask,
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for n_start in range(start, end, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        slots = tl.load(slot_row + offs_n, mask=n_mask, other=0).to(tl.int64)
+        kv_offs = slots[:, None] * stride_bs + kv_head * stride_bh + offs_d[None, :]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        # Scores in log2 units for exp2; every tile holds at least one key, so m_new is finite.
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        # The split is the whole sequence: this is the output, and stage 2 is skipped.
+        tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
+    else:
+        tl.store(mid_o_ptr + mid_rows[:, None] * head_dim + offs_d[None, :], acc / l_i[:, None], mask=gd_mask)
+        tl.store(mid_lse_ptr + mid_rows, m_i + tl.log2(l_i), mask=g_mask)
+
+
+@triton.jit
+def _decode_stage2_kernel(
+    mid_o_ptr,
+    mid_lse_ptr,
+    out_ptr,
+    stride_ob,
+    stride_oh,
+    num_heads,
+    head_dim,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Program (b, h): merge the splits, weighting each by its share of the softmax. The partial
+    # outputs of empty splits are never written, so their (garbage) values are selected away,
+    # not multiplied by a zero weight. Both loads are independent: one memory round trip.
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    d_mask = offs_d < head_dim
+    rows = (b * num_heads + h) * NUM_SPLITS + offs_s
+    lse = tl.load(mid_lse_ptr + rows, mask=s_mask, other=float("-inf"))
+    parts = tl.load(
+        mid_o_ptr + rows[:, None] * head_dim + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :]
+    )
+    has_keys = lse > float("-inf")
+    lse_max = tl.max(lse, axis=0)
+    # A padded batch entry with seq_len 0 has no split with keys: it gets zeros, not NaN.
+    weights = tl.where(has_keys, tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max)), 0.0)
+    total = tl.sum(weights, axis=0)
+    merged = tl.sum(tl.where(has_keys[:, None], parts * weights[:, None], 0.0), axis=0)
+    out = merged / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> None:
+    check_rows(q, "q", 3)
+    batch, num_heads, head_dim = q.shape
+    for name, buf in (("k_buf", k_buf), ("v_buf", v_buf)):
+        check_rows(buf, name, 3, q.dtype)
+        assert buf.is_contiguous(), f"{name} must be contiguous"
+        assert buf.shape[2] == head_dim, f"{name} head_dim {buf.shape[2]} != {head_dim}"
+    assert k_buf.shape == v_buf.shape, f"k_buf {tuple(k_buf.shape)} != v_buf {tuple(v_buf.shape)}"
+    assert num_heads % k_buf.shape[1] == 0, f"{num_heads} heads not a multiple of {k_buf.shape[1]} kv heads"
+    check_rows(req_to_token, "req_to_token", 2, torch.int32)
+    check_index(req_rows, "req_rows", batch, torch.int32)
+    check_index(seq_lens, "seq_lens", batch, torch.int32)
+
+
+def _workspace(
+    q: torch.Tensor, num_splits: int, mid_o: torch.Tensor | None, mid_lse: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caller's fp32 workspace, checked, or a fresh one sized from shapes alone."""
+    batch, num_heads, head_dim = q.shape
+    if mid_o is None:
+        mid_o = q.new_empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32)
+    if mid_lse is None:
+        mid_lse = q.new_empty((batch, num_heads, num_splits), dtype=torch.float32)
+    assert mid_o.shape == (batch, num_heads, num_splits, head_dim), f"mid_o shape {tuple(mid_o.shape)}"
+    assert mid_lse.shape == (batch, num_heads, num_splits), f"mid_lse shape {tuple(mid_lse.shape)}"
+    for name, t in (("mid_o", mid_o), ("mid_lse", mid_lse)):
+        assert t.dtype == torch.float32 and t.is_contiguous(), f"{name} must be contiguous fp32"
+    return mid_o, mid_lse
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    mid_o: torch.Tensor | None = None,
+    mid_lse: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per sequence, q [B, H, D], over all of its sequence's K/V.
+
+    Sequence b's keys/values are k_buf/v_buf [S, Hkv, D] at req_to_token[req_rows[b], :seq_lens[b]]
+    (the new token's already stored). num_splits defaults to decode_num_splits(B). mid_o
+    [B, H, num_splits, D] and mid_lse [B, H, num_splits] (contiguous fp32) are the workspace;
+    pass preallocated ones under CUDA-graph capture (with one split they go unused).
+    Returns out [B, H, D].
+    """
+    _check_inputs(q, k_buf, v_buf, req_to_token, req_rows, seq_lens)
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_buf.shape[1]
+    num_splits = decode_num_splits(batch) if num_splits is None else num_splits
+    mid_o, mid_lse = _workspace(q, num_splits, mid_o, mid_lse)
+    out = torch.empty_like(q) if out is None else out
+    check_rows(out, "out", 3, q.dtype)
+    assert out.shape == q.shape, f"out {tuple(out.shape)} != q {tuple(q.shape)}"
+    if batch == 0:
+        return out
+    gpu = on_gpu(q)
+    block_n = 64 if gpu else 16
+    group = num_heads // num_kv_heads
+    _decode_stage1_kernel[(batch, num_kv_heads, num_splits)](
+        q,
+        k_buf,
+        v_buf,
+        req_to_token,
+        req_rows,
+        seq_lens,
+        mid_o,
+        mid_lse,
+        out,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_buf.stride(0),
+        k_buf.stride(1),
+        req_to_token.stride(0),
+        num_heads,
+        head_dim,
+        GROUP=group,
+        NUM_SPLITS=num_splits,
+        BLOCK_G=max(16, block(group)),
+        BLOCK_N=block_n,
+        BLOCK_D=block(head_dim),
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=4 if gpu else 1,
+        num_stages=2 if gpu else 1,
+    )
+    if num_splits == 1:
+        return out
+    _decode_stage2_kernel[(batch, num_heads)](
+        mid_o,
+        mid_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        num_heads,
+        head_dim,
+        NUM_SPLITS=num_splits,
+        BLOCK_S=block(num_splits),
+        BLOCK_D=block(head_dim),
+        num_warps=4 if gpu else 1,
+    )
+    return out
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Torch reference of :func:`decode_attention`: the last position attends to all keys, in fp32."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k_buf.shape[1]
+    for b, (row, seq_len) in enumerate(zip(req_rows.tolist(), seq_lens.tolist(), strict=True)):
+        slots = req_to_token[row, :seq_len].long()
+        k = k_buf[slots].float().repeat_interleave(group, dim=1)
+        v = v_buf[slots].float().repeat_interleave(group, dim=1)
+        probs = (torch.einsum("hd,khd->hk", q[b].float(), k) * scale).softmax(dim=-1)
+        out[b] = torch.einsum("hk,khd->hd", probs, v).to(q.dtype)
+    return out

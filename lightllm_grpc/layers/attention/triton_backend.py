@@ -1,0 +1,95 @@
+"""Attention on the GPU through the Triton kernels of ``lightllm_grpc_kernels``."""
+
+from __future__ import annotations
+
+import torch
+from lightllm_grpc_kernels.decode_attention import decode_attention, decode_num_splits, decode_workspace_rows
+from lightllm_grpc_kernels.prefill_attention import prefill_attention
+from lightllm_grpc_kernels.store_kv import store_kv
+
+from lightllm_grpc.layers.attention.base import AttentionBackend, KVCache
+from lightllm_grpc.models.forward_batch import ForwardBatch, ForwardMode
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Stores K/V with one scatter kernel, then runs prefill or flash-decoding attention.
+
+    The decode workspace (partial outputs and log-sum-exps of every split) is allocated once
+    here for ``max_batch_size`` and shared by all layers, which run one after another; decode
+    therefore allocates nothing but its output and never syncs with the host, so it can be
+    captured in a CUDA graph. ``num_splits`` fixes the split count; by default it follows
+    the batch size (``decode_num_splits``).
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        num_heads: int,
+        head_dim: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        num_splits: int | None = None,
+    ) -> None:
+        assert max_batch_size > 0 and num_heads > 0 and head_dim > 0, "sizes must be positive"
+        assert num_splits is None or num_splits > 0, f"num_splits must be positive, got {num_splits}"
+        self.max_batch_size = max_batch_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.num_splits = num_splits
+        rows = decode_workspace_rows(max_batch_size) if num_splits is None else max_batch_size * num_splits
+        self._mid_o = torch.empty(rows * num_heads * head_dim, dtype=torch.float32, device=device)
+        self._mid_lse = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: int,
+        batch: ForwardBatch,
+        kv: KVCache,
+        scale: float,
+    ) -> torch.Tensor:
+        assert q.dtype == self.dtype, f"q is {q.dtype}, backend built for {self.dtype}"
+        assert q.shape[1:] == (self.num_heads, self.head_dim), f"q {tuple(q.shape)} vs backend heads"
+        k_buf, v_buf = kv.k[layer], kv.v[layer]
+        store_kv(k_buf, v_buf, k, v, batch.out_slots)
+        if batch.mode is ForwardMode.DECODE:
+            return self._decode(q, k_buf, v_buf, batch, scale)
+        return prefill_attention(
+            q,
+            k_buf,
+            v_buf,
+            batch.req_to_token,
+            batch.req_rows,
+            batch.seq_lens,
+            batch.q_starts,
+            batch.q_lens,
+            batch.max_q_len,
+            scale,
+        )
+
+    def _decode(
+        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, batch: ForwardBatch, scale: float
+    ) -> torch.Tensor:
+        size = batch.batch_size
+        assert size <= self.max_batch_size, f"decode batch {size} > max_batch_size {self.max_batch_size}"
+        assert q.shape[0] == size, f"decode needs one query per sequence: {q.shape[0]} vs {size}"
+        splits = decode_num_splits(size) if self.num_splits is None else self.num_splits
+        rows = size * self.num_heads * splits
+        # Views of the preallocated buffers: same addresses on every call of a given size.
+        mid_o = self._mid_o[: rows * self.head_dim].view(size, self.num_heads, splits, self.head_dim)
+        mid_lse = self._mid_lse[:rows].view(size, self.num_heads, splits)
+        return decode_attention(
+            q,
+            k_buf,
+            v_buf,
+            batch.req_to_token,
+            batch.req_rows,
+            batch.seq_lens,
+            scale,
+            num_splits=splits,
+            mid_o=mid_o,
+            mid_lse=mid_lse,
+        )

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+from lightllm_grpc_kernels.prefill_attention import prefill_attention, prefill_attention_ref
+
+if TYPE_CHECKING:
+    from conftest import PagedKV
+
+GPU = pytest.mark.gpu
+
+# (prefix_lens, q_lens, num_heads, num_kv_heads, head_dim)
+CASES = [
+    ([0], [1], 4, 4, 64),
+    ([0, 0], [7, 33], 8, 2, 128),
+    ([12, 40, 3], [5, 1, 17], 8, 1, 64),
+    ([0, 9, 33, 1, 20], [1, 7, 3, 16, 2], 4, 1, 128),
+    ([5, 0, 70, 2], [33, 20, 1, 3], 8, 2, 64),
+]
+GPU_CASES = [
+    ([0, 1000, 7, 300], [1, 100, 513, 37], 32, 8, 128),
+    ([0], [2048], 32, 8, 128),
+    ([4000, 0, 17], [1, 1, 300], 16, 16, 64),
+    ([55, 0], [70, 129], 28, 4, 128),
+]
+
+
+def _run(case: tuple, dtype: torch.dtype, device: torch.device, paged_kv: Callable[..., PagedKV]) -> None:
+    prefix_lens, q_lens, num_heads, num_kv_heads, head_dim = case
+    kv = paged_kv(prefix_lens, q_lens, num_kv_heads, head_dim, dtype, device)
+    # q as a view of a fused qkv output (token stride wider than H * D).
+    qkv = torch.randn(sum(q_lens), num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, device=device)
+    q = qkv[:, :num_heads]
+    scale = head_dim**-0.5
+    args = (q, kv.k_buf, kv.v_buf, kv.req_to_token, kv.req_rows, kv.seq_lens, kv.q_starts, kv.q_lens)
+    out = torch.full_like(q, float("nan"))
+
+    prefill_attention(*args, kv.max_q_len, scale, out=out)
+
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out, prefill_attention_ref(*args, scale), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_prefill_attention_matches_reference(
+    case: tuple, dtype: torch.dtype, device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    _run(case, dtype, device, paged_kv)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES + GPU_CASES)
+def test_prefill_attention_matches_reference_gpu(
+    case: tuple, dtype: torch.dtype, device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    _run(case, dtype, device, paged_kv)
+
+
+def test_prefill_attention_host_bound_may_exceed_q_lens(
+    device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    """max_q_len is an upper bound: extra query blocks must write nothing."""
+    kv = paged_kv([3, 0], [2, 5], 2, 64, torch.float32, device)
+    q = torch.randn(7, 2, 64, device=device)
+    args = (q, kv.k_buf, kv.v_buf, kv.req_to_token, kv.req_rows, kv.seq_lens, kv.q_starts, kv.q_lens)
+    out = prefill_attention(*args, 40, 0.125)
+    torch.testing.assert_close(out, prefill_attention_ref(*args, 0.125), atol=1e-4, rtol=1e-4)

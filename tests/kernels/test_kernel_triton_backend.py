@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+from lightllm_grpc.layers.attention.base import KVCache
+from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
+from lightllm_grpc.models.forward_batch import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from conftest import PagedKV
+
+LAYER = 1
+
+
+def _setup(
+    prefix_lens: list[int],
+    q_lens: list[int],
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    paged_kv: Callable[..., PagedKV],
+) -> tuple[KVCache, ForwardBatch]:
+    """A two-layer pool whose layer LAYER holds the prefixes; the new tokens' slots hold NaN."""
+    paged = paged_kv(prefix_lens, q_lens, num_kv_heads, head_dim, dtype, device)
+    cache = KVCache(2, paged.k_buf.shape[0], num_kv_heads, head_dim, dtype, device)
+    cache.k[LAYER].copy_(paged.k_buf)
+    cache.v[LAYER].copy_(paged.v_buf)
+    cache.k[LAYER][paged.out_slots] = float("nan")
+    cache.v[LAYER][paged.out_slots] = float("nan")
+    decode = all(q == 1 for q in q_lens)
+    batch = ForwardBatch(
+        mode=ForwardMode.DECODE if decode else ForwardMode.PREFILL,
+        positions=paged.positions,
+        out_slots=paged.out_slots,
+        req_rows=paged.req_rows,
+        seq_lens=paged.seq_lens,
+        q_starts=paged.q_starts,
+        q_lens=paged.q_lens,
+        req_to_token=paged.req_to_token,
+        logits_indices=(paged.q_starts + paged.q_lens - 1).to(torch.int64),
+        max_q_len=paged.max_q_len,
+        max_seq_len=paged.max_seq_len,
+    )
+    return cache, batch
+
+
+def _reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, cache: KVCache, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contract spelled out in torch: store, then causal GQA attention per sequence in fp32."""
+    k_pool, v_pool = cache.k[LAYER].clone(), cache.v[LAYER].clone()
+    k_pool[batch.out_slots] = k
+    v_pool[batch.out_slots] = v
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for b in range(batch.batch_size):
+        row, seq_len = int(batch.req_rows[b]), int(batch.seq_lens[b])
+        start, q_len = int(batch.q_starts[b]), int(batch.q_lens[b])
+        slots = batch.req_to_token[row, :seq_len].long()
+        keys = k_pool[slots].float().repeat_interleave(group, dim=1)
+        values = v_pool[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start : start + q_len].float(), keys) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        hidden = torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None]
+        probs = scores.masked_fill(hidden, float("-inf")).softmax(-1)
+        out[start : start + q_len] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
+    return out, k_pool, v_pool
+
+
+def _check(
+    backend: TritonAttentionBackend,
+    prefix_lens: list[int],
+    q_lens: list[int],
+    num_kv_heads: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    paged_kv: Callable[..., PagedKV],
+) -> None:
+    head_dim, num_heads = backend.head_dim, backend.num_heads
+    cache, batch = _setup(prefix_lens, q_lens, num_kv_heads, head_dim, dtype, device, paged_kv)
+    num_tokens, scale = sum(q_lens), head_dim**-0.5
+    q = torch.randn(num_tokens, num_heads, head_dim, dtype=dtype, device=device)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    expected, k_pool, v_pool = _reference(q, k, v, batch, cache, scale)
+
+    out = backend.forward(q, k, v, LAYER, batch, cache, scale)
+
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(cache.k[LAYER], k_pool, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(cache.v[LAYER], v_pool, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(cache.k[0]).sum() == 0 and cache.k[0].abs().sum() == 0, "other layers untouched"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backend_prefill_with_and_without_prefix(
+    dtype: torch.dtype, device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    backend = TritonAttentionBackend(4, 8, 64, device, dtype)
+    _check(backend, [0, 13, 0], [9, 4, 1], 2, dtype, device, paged_kv)
+
+
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_backend_decode_batches_share_workspace(
+    num_splits: int | None, device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    backend = TritonAttentionBackend(5, 4, 128, device, torch.float16, num_splits=num_splits)
+    _check(backend, [20, 0, 47, 6, 1], [1] * 5, 1, torch.float16, device, paged_kv)
+    _check(backend, [70], [1], 4, torch.float16, device, paged_kv)
+
+
+def test_backend_rejects_batch_above_max(device: torch.device, paged_kv: Callable[..., PagedKV]) -> None:
+    backend = TritonAttentionBackend(1, 2, 64, device, torch.float32)
+    with pytest.raises(AssertionError, match="max_batch_size"):
+        _check(backend, [3, 4], [1, 1], 1, torch.float32, device, paged_kv)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_backend_gpu_shapes(
+    dtype: torch.dtype, device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    backend = TritonAttentionBackend(64, 32, 128, device, dtype)
+    _check(backend, [0, 500, 3000], [700, 33, 1], 8, dtype, device, paged_kv)
+    _check(backend, [int(x) for x in torch.randint(0, 4000, (64,))], [1] * 64, 8, dtype, device, paged_kv)
+
+
+@pytest.mark.gpu
+def test_backend_decode_replays_in_cuda_graph(device: torch.device, paged_kv: Callable[..., PagedKV]) -> None:
+    """Decode captured once replays correctly after the sequences grow in place."""
+    dtype, num_heads, num_kv_heads, head_dim = torch.bfloat16, 32, 8, 128
+    backend = TritonAttentionBackend(8, num_heads, head_dim, device, dtype)
+    cache, batch = _setup([100, 2000, 5, 900], [1] * 4, num_kv_heads, head_dim, dtype, device, paged_kv)
+    q = torch.randn(4, num_heads, head_dim, dtype=dtype, device=device)
+    k = torch.randn(4, num_kv_heads, head_dim, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    backend.forward(q, k, v, LAYER, batch, cache, 0.1)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.forward(q, k, v, LAYER, batch, cache, 0.1)
+    # Shorten every sequence by re-pointing it at fewer keys; the graph reads seq_lens on device.
+    batch.seq_lens -= torch.tensor([50, 1000, 0, 1], dtype=torch.int32, device=device)
+    new_last = batch.req_to_token[batch.req_rows.long(), batch.seq_lens.long() - 1].long()
+    batch.out_slots.copy_(new_last)
+    q.normal_()
+    k.normal_()
+    v.normal_()
+    expected, _, _ = _reference(q, k, v, batch, cache, 0.1)
+    graph.replay()
+    torch.testing.assert_close(out, expected, atol=1.6e-2, rtol=1.6e-2)
