@@ -19,11 +19,11 @@ if not torch.cuda.is_available():
 
 @pytest.fixture
 def triton_ops():
+    """Yields the installer; the torch ops come back after the test (CPU references need them)."""
     from lightllm_grpc.layers.triton_ops import install_triton_ops
 
     saved = (norm.rms_norm, norm.add_rms_norm, activation.silu_and_mul, rotary.apply_rotary)
-    install_triton_ops()
-    yield
+    yield install_triton_ops
     norm.rms_norm, norm.add_rms_norm, activation.silu_and_mul, rotary.apply_rotary = saved
 
 
@@ -55,6 +55,7 @@ def test_bf16_first_step_logits_close_to_fp32(arch: str, tmp_path, triton_ops) -
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(10, 512, (n,), generator=gen).tolist() for n in (1, 17, 64, 200)]
     ref = _prefill_logits(model_dir, "cpu", "float32", TorchAttentionBackend(), prompts)
+    triton_ops()
     cfg = ModelConfig.from_pretrained(model_dir)
     backend = TritonAttentionBackend(8, cfg.num_heads, cfg.head_dim, torch.device("cuda"), torch.bfloat16)
     ours = _prefill_logits(model_dir, "cuda", "bfloat16", backend, prompts)
