@@ -31,6 +31,8 @@ class FakeShard:
         self.pending: dict[int, int] = {}  # row -> last sampled token, not yet stored
         self.capacity = capacity
         self.max_batch = 0
+        self.results: list[shard_pb2.StepResult] = []
+        self.max_inflight = 0
 
     def _store(self, row: int, tokens: list[int], slots: list[int]) -> None:
         live = {s for r, ss in self.slots.items() if r != row for s in ss}
@@ -39,8 +41,17 @@ class FakeShard:
         self.rows.setdefault(row, []).extend(tokens)
         self.slots.setdefault(row, []).extend(slots)
 
-    async def step(self, msg: shard_pb2.StepRequest) -> shard_pb2.StepResult:
+    async def send(self, msg: shard_pb2.StepRequest) -> None:
+        self.results.append(self._run(msg))
+        self.max_inflight = max(self.max_inflight, len(self.results))
+
+    async def receive(self, step_id: int) -> shard_pb2.StepResult:
         await asyncio.sleep(0)
+        result = self.results.pop(0)
+        assert result.step_id == step_id
+        return result
+
+    def _run(self, msg: shard_pb2.StepRequest) -> shard_pb2.StepResult:
         for row in msg.release_rows:
             self.rows.pop(row, None)
             self.slots.pop(row, None)
@@ -55,6 +66,7 @@ class FakeShard:
             if p.sample[i]:
                 self._sample(out, row)
         for row, slot in zip(msg.decode.rows, msg.decode.slots):
+            assert row in self.pending, "decode of a row whose prompt was never sampled"
             self._store(row, [self.pending.pop(row)], [slot])
             self._sample(out, row)
         self.max_batch = max(self.max_batch, len(msg.decode.rows))
@@ -125,6 +137,7 @@ def test_continuous_batching_is_exact_and_leak_free(capacity: int, max_running: 
         assert s.slots.num_used == 0 and s.reserved == 0 and s.rows.num_free == s.rows.capacity
         assert not s.by_id
         assert shard.max_batch > 1
+        assert shard.max_inflight == 2  # steps are pipelined
         await engine.stop()
 
     asyncio.run(main())
@@ -161,6 +174,41 @@ def test_admission_waits_for_kv_room() -> None:
         assert all(len(ids) == 20 for ids in results)
         assert shard.max_batch == 1  # two reservations never fit at once
         assert engine.scheduler.slots.num_used == 0
+        await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_requests_stopping_on_eos_leave_nothing_behind() -> None:
+    """Pipelined steps keep decoding a request whose EOS is still on its way; those extra
+    tokens must be dropped and their slots returned."""
+
+    async def main() -> None:
+        engine, _ = make_engine(4096, 8, 4096)
+        reqs = [make_request(i, 3 + i, 40) for i in range(8)]
+        eos = expected(reqs[0].prompt_ids, 40)[5]
+        engine.outputs._eos = frozenset({eos})
+        reqs = [
+            Request(r.request_id, r.prompt_ids, r.sampling, StopOptions(max_new_tokens=40), r.output)
+            for r in reqs
+        ]
+        engine.start()
+        for r in reqs:
+            engine.submit(r)
+        for r in reqs:
+            ids: list[int] = []
+            while True:
+                out = await r.next_output()
+                ids += out.token_ids
+                if out.finish_reason is not FinishReason.NONE:
+                    break
+            full = expected(r.prompt_ids, 40)
+            stop = full.index(eos) + 1 if eos in full else 40
+            assert ids == full[:stop]
+            assert out.finish_reason is (FinishReason.STOP if eos in full else FinishReason.LENGTH)
+        await asyncio.sleep(0.01)
+        s = engine.scheduler
+        assert s.slots.num_used == 0 and s.reserved == 0 and not s.by_id
         await engine.stop()
 
     asyncio.run(main())

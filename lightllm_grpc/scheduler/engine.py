@@ -1,9 +1,15 @@
-"""The coordinator's step loop: schedule, run on the shards, hand tokens to the output processor."""
+"""The coordinator's step loop: schedule, run on the shards, hand tokens to the output processor.
+
+Up to ``PIPELINE_DEPTH`` steps are in flight. The next step is sent before the previous
+one's tokens are processed, so the GPU runs step N+1 while this process detokenizes and
+streams step N; the shard keeps each row's last token, so nothing waits for the round trip.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.request import Request, TokenLogprob
@@ -12,16 +18,21 @@ from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError
 from lightllm_grpc.server.output_processor import OutputProcessor
 
 log = logging.getLogger(__name__)
+PIPELINE_DEPTH = 2
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, outputs: OutputProcessor, shards: ShardClient) -> None:
+    def __init__(
+        self, scheduler: Scheduler, outputs: OutputProcessor, shards: ShardClient, depth: int = PIPELINE_DEPTH
+    ) -> None:
         self.scheduler = scheduler
         self.outputs = outputs
         self.shards = shards
+        self.depth = depth
         self.dead: str | None = None  # why the engine can no longer serve, once it cannot
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._inflight: deque[StepPlan] = deque()
         self.steps = 0
 
     def start(self) -> None:
@@ -47,41 +58,60 @@ class Engine:
 
     async def _loop(self) -> None:
         while True:
-            plan = self.scheduler.schedule()
-            if plan is None:
+            try:
+                await self._fill()
+            except ShardError as exc:
+                self._fail(None, exc)
+                continue
+            if not self._inflight:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            plan = self._inflight[0]
             try:
-                result = await self.shards.step(plan.message)
+                result = await self.shards.receive(plan.message.step_id)
             except ShardError as exc:
-                self._fail(plan, str(exc), exc.fatal)
+                self._inflight.popleft()
+                self._fail(plan, exc)
                 continue
+            self._inflight.popleft()
+            try:
+                await self._fill()  # keep the GPU busy while this step's tokens are processed
+            except ShardError as exc:
+                self._fail(None, exc)
             self._deliver(plan, result)
             self.steps += 1
-            # Let handlers run (new submissions, stream writes) between steps.
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # let handlers stream what was just delivered
+
+    async def _fill(self) -> None:
+        while len(self._inflight) < self.depth:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                return
+            self._inflight.append(plan)
+            await self.shards.send(plan.message)
 
     def _deliver(self, plan: StepPlan, result: shard_pb2.StepResult) -> None:
-        rows = list(result.rows)
-        owners = self.scheduler.owners(rows)
         k = result.top_k
         items: list[tuple[Request, int, TokenLogprob | None]] = []
-        for i, (req, token) in enumerate(zip(owners, result.token_ids)):
-            if req is None or req.finished:
-                continue  # aborted while the step ran; its slots are already back
+        for i, (req, token) in enumerate(zip(plan.sampled, result.token_ids)):
+            if req.finished:
+                continue  # ended (stop, abort) after this step was sent; its slots are back
             lp = _logprob(result, i, k, req.output.top_logprobs) if req.output.logprobs else None
             items.append((req, token, lp))
         self.outputs.process(items)
 
-    def _fail(self, plan: StepPlan, error: str, fatal: bool) -> None:
-        log.error("step failed: %s", error)
-        for req in plan.requests:
-            self.outputs.abort(req, error)
-        if fatal:
-            self.dead = error
+    def _fail(self, plan: StepPlan | None, exc: ShardError) -> None:
+        """Fail the requests of a step that failed; if the shards are gone, fail everything."""
+        log.error("step failed: %s", exc)
+        if plan is not None:
+            for req in plan.requests:
+                self.outputs.abort(req, str(exc))
+        if exc.fatal:
+            self.dead = str(exc)
+            self._inflight.clear()
             for req in list(self.scheduler.by_id.values()):
-                self.outputs.abort(req, error)
+                self.outputs.abort(req, str(exc))
 
 
 def _logprob(result: shard_pb2.StepResult, i: int, k: int, want: int) -> TokenLogprob:

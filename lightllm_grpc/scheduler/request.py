@@ -22,8 +22,8 @@ class FinishReason(enum.IntEnum):
 
 class State(enum.Enum):
     WAITING = "waiting"
-    PREFILLING = "prefilling"  # holds a row; some prompt chunks done
-    DECODING = "decoding"
+    PREFILLING = "prefilling"  # holds a row; some prompt chunks sent
+    DECODING = "decoding"  # whole prompt sent; one token per step from here
     FINISHED = "finished"
 
 
@@ -95,7 +95,8 @@ class Request:
     # KV slots in position order: prompt tokens first, then generated ones.
     slots: list[np.ndarray] = field(default_factory=list)
     num_slots: int = 0
-    prefilled: int = 0  # prompt tokens whose K/V are in the pool
+    prefilled: int = 0  # prompt tokens sent to the shards for prefill
+    scheduled_tokens: int = 0  # output tokens the sent steps will produce
     output_ids: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     finish_reason: FinishReason = FinishReason.NONE

@@ -8,6 +8,12 @@ Admission reserves each request's peak KV footprint (prompt + max_new_tokens - 1
 running request can always get the slot for its next token and nothing is ever
 preempted. Slots themselves are allocated token by token as the request grows, and
 all of them go back to the pool the moment the request finishes or is aborted.
+
+Steps are pipelined: the next step is built before the previous one's tokens are back
+(the shard keeps each row's last token), so a request decodes from the step after its
+last prompt chunk was *sent*. A request that stops on EOS or a stop string may thus get
+a decode entry or two whose tokens are dropped; ``scheduled_tokens`` keeps a request from
+ever being scheduled past max_new_tokens.
 """
 
 from __future__ import annotations
@@ -25,10 +31,16 @@ from lightllm_grpc.scheduler.request import FinishReason, Request, State
 
 @dataclass
 class StepPlan:
-    """A step on its way to the shards, and the requests it covers."""
+    """A step on its way to the shards, and the requests it covers.
+
+    ``sampled`` lists, in the order of the shard's result rows, the request each sampled
+    token belongs to: results are matched by position, never through the live row table,
+    because a row freed while the step ran may already belong to a new request.
+    """
 
     message: shard_pb2.StepRequest
     requests: list[Request] = field(default_factory=list)
+    sampled: list[Request] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -125,11 +137,10 @@ class Scheduler:
         return plan
 
     def _continue_prefills(self, plan: StepPlan, budget: int) -> int:
-        for req in self.prefilling:
+        for req in list(self.prefilling):
             if budget <= 0:
                 break
-            if req.prefilled < req.prompt_len:  # else its first token is still on its way
-                budget -= self._add_chunk(plan, req, budget)
+            budget -= self._add_chunk(plan, req, budget)
         return budget
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
@@ -157,36 +168,36 @@ class Scheduler:
         pre.slots.extend(slots.tolist())
         pre.prefix_lens.append(0)
         req.prefilled += n
-        pre.sample.append(req.prefilled == req.prompt_len)
+        done = req.prefilled == req.prompt_len
+        pre.sample.append(done)
         plan.requests.append(req)
+        if done:  # decodes from the next step on: the shard will hold its first token
+            plan.sampled.append(req)
+            req.scheduled_tokens = 1
+            req.state = State.DECODING
+            self.prefilling.remove(req)
+            self.decoding.append(req)
         return n
 
     def _decode(self, plan: StepPlan) -> None:
-        if not self.decoding:
+        fresh = set(map(id, plan.sampled))  # their first token comes from this very step
+        reqs = [
+            r for r in self.decoding if r.scheduled_tokens < r.stopping.max_new_tokens and id(r) not in fresh
+        ]
+        if not reqs:
             return
-        slots = self.slots.alloc(len(self.decoding))
+        slots = self.slots.alloc(len(reqs))
         if slots is None:
             raise RuntimeError("KV reservation violated; this is a scheduler bug")
         dec = plan.message.decode
-        for req, slot in zip(self.decoding, slots.tolist()):
-            req.slots.append(np.array([slot], dtype=np.int32))
+        for req, slot in zip(reqs, slots):
+            req.slots.append(slot.reshape(1))
             req.num_slots += 1
+            req.scheduled_tokens += 1
             dec.rows.append(req.row)
         dec.slots.extend(slots.tolist())
-        plan.requests.extend(self.decoding)
-
-    # ---- results ----------------------------------------------------------------------
-    def owners(self, rows: list[int]) -> list[Request | None]:
-        """The live request of each result row (None for rows finished while the step ran)."""
-        owners: list[Request | None] = []
-        for row in rows:
-            req = self.row_owner.get(row)
-            if req is not None and req.state is State.PREFILLING:
-                self.prefilling.remove(req)
-                self.decoding.append(req)
-                req.state = State.DECODING
-            owners.append(req)
-        return owners
+        plan.requests.extend(reqs)
+        plan.sampled.extend(reqs)
 
 
 def _row_sampling(req: Request, eos_ids: tuple[int, ...]) -> shard_pb2.RowSampling:

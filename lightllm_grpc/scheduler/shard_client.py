@@ -120,19 +120,28 @@ class ShardClient:
         results = await asyncio.gather(*(s.Warmup(req) for s in self.stubs))
         return max(r.seconds for r in results)
 
-    async def step(self, msg: shard_pb2.StepRequest) -> shard_pb2.StepResult:
+    async def send(self, msg: shard_pb2.StepRequest) -> None:
+        """Send a step to every shard; its result comes from ``receive``, in order."""
         if not self._streams:
             self._streams = [stub.Steps() for stub in self.stubs]
         try:
             await asyncio.gather(*(s.write(msg) for s in self._streams))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            raise ShardError(f"shard stream failed: {exc}") from exc
+
+    async def receive(self, step_id: int) -> shard_pb2.StepResult:
+        """The result of the oldest step sent and not yet received (rank 0's)."""
+        try:
             results = await asyncio.gather(*(s.read() for s in self._streams))
         except grpc.aio.AioRpcError as exc:
             raise ShardError(f"shard stream failed: {exc.code().name}: {exc.details()}") from exc
         for rank, result in enumerate(results):
             if result is grpc.aio.EOF:
                 raise ShardError(f"shard {rank} closed its step stream")
+            if result.step_id != step_id:
+                raise ShardError(f"shard {rank} answered step {result.step_id}, expected {step_id}")
             if result.error:
-                raise ShardError(f"shard {rank} failed step {msg.step_id}: {result.error}", fatal=False)
+                raise ShardError(f"shard {rank} failed step {step_id}: {result.error}", fatal=False)
         return results[0]
 
     async def close(self) -> None:

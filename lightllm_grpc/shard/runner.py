@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,8 +54,17 @@ class ModelRunner:
         for row in range(self.max_rows):
             self.sampler.release(row)
 
-    @torch.inference_mode()
     def step(self, msg: shard_pb2.StepRequest) -> shard_pb2.StepResult:
+        """Run a step to completion (warm-up, tests); serving uses ``launch`` and ``finish``."""
+        return self.launch(msg).finish()
+
+    @torch.inference_mode()
+    def launch(self, msg: shard_pb2.StepRequest) -> PendingStep:
+        """Queue the step's device work and the copy of its tokens; return without waiting.
+
+        Host-side state (row lengths, sampler counters) is updated here, in launch order,
+        so the next step can be launched before this one's tokens reach the host.
+        """
         start = time.perf_counter()
         for row in msg.release_rows:
             self.row_len[row] = 0
@@ -66,9 +76,7 @@ class ModelRunner:
             outs.append(self._prefill(msg.prefill))
         if msg.decode.rows:
             outs.append(self._decode(msg.decode))
-        result = _result(msg.step_id, [o for o in outs if o[0].size])
-        result.forward_seconds = time.perf_counter() - start
-        return result
+        return PendingStep.start(msg.step_id, [o for o in outs if o[0].size], start)
 
     def _prefill(self, p: shard_pb2.PrefillBatch) -> tuple[np.ndarray, SampleOutput]:
         rows = np.asarray(p.rows, dtype=np.int64)
@@ -165,28 +173,76 @@ class ModelRunner:
         return rows, out
 
 
-def _result(step_id: int, outs: list[tuple[np.ndarray, SampleOutput]]) -> shard_pb2.StepResult:
-    """Pack all sampled tokens into one message after a single device-to-host copy."""
-    result = shard_pb2.StepResult(step_id=step_id)
-    if not outs:
+@dataclass
+class PendingStep:
+    """A launched step whose sampled tokens are on their way to host memory."""
+
+    step_id: int
+    rows: np.ndarray
+    host: dict[str, torch.Tensor]
+    top_k: int
+    event: torch.cuda.Event | None
+    started: float
+
+    @classmethod
+    def start(cls, step_id: int, outs: list[tuple[np.ndarray, SampleOutput]], started: float) -> PendingStep:
+        if not outs:
+            return cls(step_id, np.empty(0, dtype=np.int64), {}, 0, None, started)
+        rows = np.concatenate([r for r, _ in outs])
+        device = _gather(outs)
+        top_k = int(device["top_ids"].shape[1]) if "top_ids" in device else 0
+        on_gpu = device["tokens"].is_cuda
+        host = {name: _to_host(t, on_gpu) for name, t in device.items()}
+        event = None
+        if on_gpu:
+            event = torch.cuda.Event()
+            event.record()
+        return cls(step_id, rows, host, top_k, event, started)
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def finish(self) -> shard_pb2.StepResult:
+        """Wait for this step's tokens (not for steps launched after it) and pack them."""
+        if self.event is not None:
+            self.event.synchronize()
+        result = shard_pb2.StepResult(step_id=self.step_id, rows=self.rows.tolist())
+        if self.host:
+            result.token_ids.extend(self.host["tokens"].tolist())
+        if "logprobs" in self.host:
+            result.logprobs.extend(self.host["logprobs"].tolist())
+        if self.top_k:
+            result.top_k = self.top_k
+            result.top_ids.extend(self.host["top_ids"].flatten().tolist())
+            result.top_logprobs.extend(self.host["top_logprobs"].flatten().tolist())
+        result.forward_seconds = time.perf_counter() - self.started
         return result
-    rows = np.concatenate([r for r, _ in outs])
+
+
+def _to_host(t: torch.Tensor, on_gpu: bool) -> torch.Tensor:
+    if not on_gpu:
+        return t
+    # Pinned memory and a non-blocking copy: queued behind this step's kernels only, so
+    # waiting for it does not wait for a step launched afterwards.
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+def _gather(outs: list[tuple[np.ndarray, SampleOutput]]) -> dict[str, torch.Tensor]:
     samples = [s for _, s in outs]
-    result.rows.extend(rows.tolist())
-    result.token_ids.extend(torch.cat([s.tokens for s in samples]).cpu().tolist())
+    device = {"tokens": torch.cat([s.tokens for s in samples])}
     if any(s.logprobs is not None for s in samples):
-        lps = [
-            s.logprobs if s.logprobs is not None else torch.zeros_like(s.tokens, dtype=torch.float32)
-            for s in samples
-        ]
-        result.logprobs.extend(torch.cat(lps).cpu().tolist())
+        device["logprobs"] = torch.cat(
+            [
+                s.logprobs if s.logprobs is not None else torch.zeros_like(s.tokens, dtype=torch.float32)
+                for s in samples
+            ]
+        )
     k = max((s.top_ids.shape[1] for s in samples if s.top_ids is not None), default=0)
     if k:
         ids, lps = zip(*(_pad_top(s, k) for s in samples))
-        result.top_k = k
-        result.top_ids.extend(torch.cat(ids).flatten().cpu().tolist())
-        result.top_logprobs.extend(torch.cat(lps).flatten().cpu().tolist())
-    return result
+        device["top_ids"], device["top_logprobs"] = torch.cat(ids), torch.cat(lps)
+    return device
 
 
 def _pad_top(s: SampleOutput, k: int) -> tuple[torch.Tensor, torch.Tensor]:

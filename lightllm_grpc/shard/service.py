@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -9,10 +10,13 @@ from collections.abc import AsyncIterator
 import grpc
 
 from lightllm_grpc.proto import shard_pb2, shard_pb2_grpc
+from lightllm_grpc.shard.runner import PendingStep
 from lightllm_grpc.shard.warmup import warmup
 from lightllm_grpc.shard.worker import Shard
 
 log = logging.getLogger(__name__)
+# How often to look for the next step while the device runs the current one.
+POLL_S = 0.0001
 
 
 class ShardService(shard_pb2_grpc.ShardServicer):
@@ -52,11 +56,64 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     async def Steps(
         self, requests: AsyncIterator[shard_pb2.StepRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.StepResult]:
-        # The forward pass runs inline: this process exists to run it, and a thread hop
-        # per step would only add latency.
-        async for step in requests:
-            try:
-                yield self.shard.runner.step(step)
-            except Exception as exc:
-                log.exception("step %d failed", step.step_id)
-                yield shard_pb2.StepResult(step_id=step.step_id, error=f"{type(exc).__name__}: {exc}")
+        """Answer each step in order, launching the next one before waiting for this one's tokens.
+
+        The forward pass is launched inline (this process exists to run it). While step N
+        runs on the device, step N+1 is taken from the stream as soon as it arrives and
+        launched behind it, so the device does not idle while N's result goes out.
+        """
+        queue: asyncio.Queue[shard_pb2.StepRequest | None] = asyncio.Queue()
+        reader = asyncio.create_task(_pump(requests, queue))
+        try:
+            pending = None
+            while True:
+                if pending is None:
+                    msg = await queue.get()
+                    if msg is None:
+                        return
+                    pending = self._launch(msg)
+                following = await _next_before_done(queue, pending)
+                after = self._launch(following) if following is not None else None
+                yield self._finish(pending)
+                if following is None and reader.done() and queue.empty():
+                    return  # the coordinator closed the stream
+                pending = after
+        finally:
+            reader.cancel()
+
+    def _launch(self, msg: shard_pb2.StepRequest) -> PendingStep | shard_pb2.StepResult:
+        try:
+            return self.shard.runner.launch(msg)
+        except Exception as exc:
+            log.exception("step %d failed", msg.step_id)
+            return shard_pb2.StepResult(step_id=msg.step_id, error=f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _finish(pending: PendingStep | shard_pb2.StepResult) -> shard_pb2.StepResult:
+        if isinstance(pending, shard_pb2.StepResult):
+            return pending  # it failed at launch
+        try:
+            return pending.finish()
+        except Exception as exc:
+            log.exception("step %d failed", pending.step_id)
+            return shard_pb2.StepResult(step_id=pending.step_id, error=f"{type(exc).__name__}: {exc}")
+
+
+async def _pump(requests: AsyncIterator[shard_pb2.StepRequest], queue: asyncio.Queue) -> None:
+    try:
+        async for msg in requests:
+            queue.put_nowait(msg)
+    finally:
+        queue.put_nowait(None)
+
+
+async def _next_before_done(
+    queue: asyncio.Queue, pending: PendingStep | shard_pb2.StepResult
+) -> shard_pb2.StepRequest | None:
+    """The next step if it arrives before ``pending`` finishes on the device, else None."""
+    while True:
+        if not queue.empty():
+            return queue.get_nowait()  # None when the stream ended
+        if isinstance(pending, shard_pb2.StepResult) or pending.done():
+            return None
+        await asyncio.sleep(POLL_S)
