@@ -47,6 +47,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     p.add_argument("--default-max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--max-stream-messages-per-step",
+        type=int,
+        default=128,
+        help="past this many running streams, tokens are coalesced into fewer messages",
+    )
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
     p.add_argument("--served-model-name", default=None)
@@ -107,6 +113,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_waiting_requests=args.max_waiting_requests,
         max_prefill_tokens=args.max_prefill_tokens,
         default_max_new_tokens=args.default_max_new_tokens,
+        max_messages_per_step=args.max_stream_messages_per_step,
     )
     return ServerConfig(
         shard=shard, scheduler=sched, host=args.host, port=args.port, served_model_name=args.served_model_name

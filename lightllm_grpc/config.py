@@ -19,6 +19,9 @@ class SchedulerConfig:
     # Most prompt tokens prefilled in one step; longer prompts are split into chunks.
     max_prefill_tokens: int = 8192
     default_max_new_tokens: int = 256
+    # Stream messages sent per step, at most about: past it, each stream's tokens are
+    # coalesced into fewer, larger messages (gRPC's per-message cost bounds throughput).
+    max_messages_per_step: int = 128
 
     def __post_init__(self) -> None:
         for name in ("max_running_requests", "max_waiting_requests", "max_prefill_tokens"):
@@ -26,6 +29,8 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.default_max_new_tokens < 1:
             raise ValueError("default_max_new_tokens must be >= 1")
+        if self.max_messages_per_step < 1:
+            raise ValueError("max_messages_per_step must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -88,11 +88,16 @@ def expected(prompt: list[int], n: int) -> list[int]:
     return out[:n]
 
 
-def make_engine(capacity: int, max_running: int, prefill_budget: int) -> tuple[Engine, FakeShard]:
+TOKENIZER = build_tokenizer(VOCAB)
+
+
+def make_engine(
+    capacity: int, max_running: int, prefill_budget: int, max_messages: int = 128
+) -> tuple[Engine, FakeShard]:
     cfg = SchedulerConfig(max_running_requests=max_running, max_prefill_tokens=prefill_budget)
     sched = Scheduler(cfg, capacity, max_running, eos_ids=(1,))
-    detok = Detokenizer(build_tokenizer(VOCAB).backend_tokenizer)
-    outputs = OutputProcessor(detok, (1,), 10_000, sched.finish)
+    detok = Detokenizer(TOKENIZER.backend_tokenizer)
+    outputs = OutputProcessor(detok, (1,), 10_000, sched.finish, max_messages)
     shard = FakeShard(capacity)
     return Engine(sched, outputs, shard), shard  # type: ignore[arg-type]
 
@@ -209,6 +214,27 @@ def test_requests_stopping_on_eos_leave_nothing_behind() -> None:
         await asyncio.sleep(0.01)
         s = engine.scheduler
         assert s.slots.num_used == 0 and s.reserved == 0 and not s.by_id
+        await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_busy_streams_are_coalesced_without_losing_anything() -> None:
+    async def main() -> None:
+        engine, _ = make_engine(4096, 8, 4096, max_messages=2)  # 8 streams: a message every 4 tokens
+        engine.start()
+        reqs = [make_request(i, 5, 17) for i in range(8)]
+        for r in reqs:
+            engine.submit(r)
+        for r in reqs:
+            msgs = []
+            while not msgs or msgs[-1].finish_reason is FinishReason.NONE:
+                msgs.append(await r.queue.get())
+            ids = [t for m in msgs for t in m.token_ids]
+            assert ids == expected(r.prompt_ids, 17)
+            assert "".join(m.text for m in msgs) == TOKENIZER.decode(ids, skip_special_tokens=True)
+            assert len(msgs[0].token_ids) == 1  # the first token is never held back
+            assert len(msgs) <= 1 + 17 // 4 + 1
         await engine.stop()
 
     asyncio.run(main())

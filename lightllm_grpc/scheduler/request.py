@@ -104,6 +104,7 @@ class Request:
     text: str = ""  # decoded output so far (before stop-string trimming)
     sent_chars: int = 0
     stop_matcher: StopStringMatcher | None = None
+    pending: RequestOutput = field(default_factory=RequestOutput)  # tokens not yet emitted
     queue: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
 
     @property

@@ -79,7 +79,9 @@ def _engine(
     capacity = min(i.kv_capacity for i in infos)
     eos = tuple(info.eos_token_ids)
     scheduler = Scheduler(cfg.scheduler, capacity, info.max_rows, eos)
-    outputs = OutputProcessor(Detokenizer(tok.backend), eos, info.max_context, scheduler.finish)
+    outputs = OutputProcessor(
+        Detokenizer(tok.backend), eos, info.max_context, scheduler.finish, cfg.scheduler.max_messages_per_step
+    )
     limits = Limits(info.vocab_size, info.max_context, capacity, cfg.scheduler.default_max_new_tokens)
     return Engine(scheduler, outputs, client), RequestBuilder(tok, limits)
 

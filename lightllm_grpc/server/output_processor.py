@@ -1,4 +1,11 @@
-"""Turns sampled tokens into client deltas: stop checks, detokenization, emission."""
+"""Turns sampled tokens into client deltas: stop checks, detokenization, emission.
+
+Under load the per-message cost of gRPC, not the GPU, bounds throughput, so tokens of a
+stream are coalesced: each step emits at most about ``max_messages_per_step`` messages,
+every stream getting a message every ``interval`` tokens (1 at light load). Tokens are
+detokenized only when they are emitted, except for streams with stop strings, which are
+checked on every token.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ from collections.abc import Callable
 
 from lightllm_grpc.scheduler.request import FinishReason, Request, RequestOutput, TokenLogprob
 from lightllm_grpc.server.detokenizer import Detokenizer
+from lightllm_grpc.server.stop import StopMatch
 
 
 class OutputProcessor:
@@ -20,26 +28,34 @@ class OutputProcessor:
         eos_ids: tuple[int, ...],
         max_context: int,
         finish: Callable[[Request, FinishReason], None],
+        max_messages_per_step: int = 128,
     ) -> None:
         self._detok = detokenizer
         self._eos = frozenset(eos_ids)
         self._max_context = max_context
         self._finish = finish
+        self._max_messages = max_messages_per_step
 
     def process(self, items: list[tuple[Request, int, TokenLogprob | None]]) -> None:
-        texted: list[Request] = []
-        pending: dict[int, tuple[Request, int, TokenLogprob | None, str]] = {}
+        interval = max(1, -(-len(items) // self._max_messages))
+        due: list[tuple[Request, FinishReason, str]] = []
         for req, token, logprob in items:
-            stop = self._token_stop(req, token)
+            stop_token = self._token_stop(req, token)
             req.output_ids.append(token)
-            if not stop:
+            if req.output.return_token_ids:
+                req.pending.token_ids.append(token)
+            if logprob is not None:
+                req.pending.logprobs.append(logprob)
+            if not stop_token:
                 req.detok.ids.append(token)
-                texted.append(req)
-            pending[id(req)] = (req, token, logprob, stop)
-        for req, delta in zip(texted, self._detok.step([r.detok for r in texted])):
+            reason = FinishReason.STOP if stop_token else self._length(req)
+            n = len(req.output_ids)
+            if reason is not FinishReason.NONE or req.stop_matcher or n == 1 or n % interval == 0:
+                due.append((req, reason, stop_token))
+        deltas = self._detok.step([req.detok for req, _, _ in due])
+        for (req, reason, stop_token), delta in zip(due, deltas):
             req.text += delta
-        for req, token, logprob, stop in pending.values():
-            self._after_token(req, token, logprob, stop)
+            self._emit(req, reason, stop_token)
 
     def abort(self, req: Request, error: str = "") -> None:
         """Finish a request from outside the step loop (client cancel, Abort, failure)."""
@@ -56,18 +72,17 @@ class OutputProcessor:
             return str(token)
         return ""
 
-    def _after_token(self, req: Request, token: int, logprob: TokenLogprob | None, stop_token: str) -> None:
-        reason, stop_reason, text_end = FinishReason.NONE, stop_token, -1
-        if stop_token:
-            reason = FinishReason.STOP
-        elif (match := self._stop_string(req)) is not None:
+    def _length(self, req: Request) -> FinishReason:
+        n = len(req.output_ids)
+        if n >= req.stopping.max_new_tokens or req.prompt_len + n >= self._max_context:
+            return FinishReason.LENGTH
+        return FinishReason.NONE
+
+    def _emit(self, req: Request, reason: FinishReason, stop_reason: str) -> None:
+        out, req.pending = req.pending, RequestOutput()
+        text_end = -1
+        if reason is FinishReason.NONE and (match := self._stop_string(req)) is not None:
             reason, stop_reason, text_end = FinishReason.STOP, match.stop, match.text_end
-        elif self._at_length(req):
-            reason = FinishReason.LENGTH
-        out = RequestOutput(
-            token_ids=[token] if req.output.return_token_ids else [],
-            logprobs=[logprob] if logprob is not None else [],
-        )
         if reason is FinishReason.NONE:
             end = req.stop_matcher.safe_end(req.text) if req.stop_matcher else len(req.text)
         else:
@@ -79,16 +94,10 @@ class OutputProcessor:
             req.sent_chars = end
         req.emit(out)
 
-    def _stop_string(self, req: Request):
+    def _stop_string(self, req: Request) -> StopMatch | None:
         if req.stop_matcher is None or len(req.output_ids) < req.stopping.min_new_tokens:
             return None
         return req.stop_matcher.find(req.text, req.sent_chars)
-
-    def _at_length(self, req: Request) -> bool:
-        return (
-            len(req.output_ids) >= req.stopping.max_new_tokens
-            or req.prompt_len + len(req.output_ids) >= self._max_context
-        )
 
     def _final_text_end(self, req: Request) -> int:
         # The windowed decode holds back ids that end mid-character; the final text is the
