@@ -28,6 +28,7 @@ class FakeShard:
     def __init__(self, capacity: int) -> None:
         self.rows: dict[int, list[int]] = {}  # row -> token ids whose K/V are stored
         self.slots: dict[int, list[int]] = {}
+        self.slot_owner: dict[int, int] = {}
         self.pending: dict[int, int] = {}  # row -> last sampled token, not yet stored
         self.capacity = capacity
         self.max_batch = 0
@@ -35,9 +36,10 @@ class FakeShard:
         self.max_inflight = 0
 
     def _store(self, row: int, tokens: list[int], slots: list[int]) -> None:
-        live = {s for r, ss in self.slots.items() if r != row for s in ss}
-        assert not live & set(slots), "a slot was handed out twice"
-        assert all(0 <= s < self.capacity for s in slots)
+        for s in slots:
+            assert 0 <= s < self.capacity
+            assert self.slot_owner.get(s, row) == row, "a slot was handed out twice"
+            self.slot_owner[s] = row
         self.rows.setdefault(row, []).extend(tokens)
         self.slots.setdefault(row, []).extend(slots)
 
@@ -54,7 +56,8 @@ class FakeShard:
     def _run(self, msg: shard_pb2.StepRequest) -> shard_pb2.StepResult:
         for row in msg.release_rows:
             self.rows.pop(row, None)
-            self.slots.pop(row, None)
+            for slot in self.slots.pop(row, []):
+                del self.slot_owner[slot]
             self.pending.pop(row, None)
         out = shard_pb2.StepResult(step_id=msg.step_id)
         p, off = msg.prefill, 0
