@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
+from dataclasses import dataclass
 
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.request import Request, TokenLogprob
@@ -19,6 +21,31 @@ from lightllm_grpc.server.output_processor import OutputProcessor
 
 log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2
+STATS_INTERVAL_S = 10.0
+
+
+@dataclass
+class LoopStats:
+    """Where the step loop's time goes, logged every STATS_INTERVAL_S while busy."""
+
+    steps: int = 0
+    tokens: int = 0
+    wait_s: float = 0.0  # blocked on the shards' results
+    deliver_s: float = 0.0  # stop checks, detokenization, emission
+    shard_s: float = 0.0  # the shards' own launch-to-result time, summed
+    since: float = 0.0
+
+    def due(self, now: float) -> bool:
+        return self.steps > 0 and now - self.since >= STATS_INTERVAL_S
+
+    def log(self, now: float) -> None:
+        span, per_step = now - self.since, 1e3 / self.steps
+        log.info(
+            "%.1f steps/s, %.0f tokens/s, %.1f tokens/step; per step: waiting on shards %.2f ms, "
+            "delivering %.2f ms, shard launch-to-result %.2f ms",
+            self.steps / span, self.tokens / span, self.tokens / self.steps,
+            self.wait_s * per_step, self.deliver_s * per_step, self.shard_s * per_step,
+        )  # fmt: skip
 
 
 class Engine:
@@ -34,6 +61,7 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._inflight: deque[StepPlan] = deque()
         self.steps = 0
+        self.stats = LoopStats(since=time.perf_counter())
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
@@ -68,6 +96,7 @@ class Engine:
                 await self._wake.wait()
                 continue
             plan = self._inflight[0]
+            waited = time.perf_counter()
             try:
                 result = await self.shards.receive(plan.message.step_id)
             except ShardError as exc:
@@ -79,8 +108,9 @@ class Engine:
                 await self._fill()  # keep the GPU busy while this step's tokens are processed
             except ShardError as exc:
                 self._fail(None, exc)
+            delivered = time.perf_counter()
             self._deliver(plan, result)
-            self.steps += 1
+            self._account(result, waited, delivered)
             await asyncio.sleep(0)  # let handlers stream what was just delivered
 
     async def _fill(self) -> None:
@@ -90,6 +120,19 @@ class Engine:
                 return
             self._inflight.append(plan)
             await self.shards.send(plan.message)
+
+    def _account(self, result: shard_pb2.StepResult, waited: float, delivered: float) -> None:
+        now = time.perf_counter()
+        st = self.stats
+        st.steps += 1
+        st.tokens += len(result.token_ids)
+        st.wait_s += delivered - waited
+        st.deliver_s += now - delivered
+        st.shard_s += result.forward_seconds
+        self.steps += 1
+        if st.due(now):
+            st.log(now)
+            self.stats = LoopStats(since=now)
 
     def _deliver(self, plan: StepPlan, result: shard_pb2.StepResult) -> None:
         k = result.top_k
