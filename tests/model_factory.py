@@ -70,13 +70,16 @@ def make_tiny_model(
     legacy_config_spelling: bool = False,
     sharded: bool = False,
     rope_scaling: dict[str, Any] | None = None,
+    standard_init: bool = False,
     **config_overrides: Any,
 ) -> Path:
     """Save a tiny fp32 ``arch`` model (one of ``TINY_ARCHS``) to ``out_dir`` and return it.
 
     ``rope_scaling`` replaces the arch's RoPE scaling (e.g. ``{"rope_type": "yarn", "factor": 4.0}``);
     ``config_overrides`` go to the HF config as is (e.g. ``attention_bias=True``).
-    ``legacy_config_spelling`` rewrites config.json the pre-transformers-5 way
+    ``standard_init`` keeps transformers' small-weight init (for numerics checks, where
+    the enlarged weights would blow bf16 rounding up). ``legacy_config_spelling`` rewrites
+    config.json the pre-transformers-5 way
     (``rope_theta``/``rope_scaling`` with ``type``/``torch_dtype``); ``sharded`` splits the
     weights over several files with a ``model.safetensors.index.json``.
     """
@@ -87,7 +90,8 @@ def make_tiny_model(
     config = _hf_config(arch, vocab_size, rope_scaling, config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _scale_up_weights(model, seed)
+    if not standard_init:  # transformers' own init (std 0.02) gives near-uniform, degenerate output
+        _scale_up_weights(model, seed)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, max_shard_size="100KB" if sharded else "10GB")
     if legacy_config_spelling:
