@@ -292,6 +292,8 @@ def test_config_fields(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     assert (llama3.num_kv_heads, llama3.head_dim, llama3.max_position_embeddings) == (2, 16, 512)
     assert resolve_dtype(llama3, "auto", "cpu") == torch.float32
     assert resolve_dtype(dataclasses.replace(llama3, dtype=torch.bfloat16), "auto", "cuda") == torch.bfloat16
+    assert resolve_dtype(dataclasses.replace(llama3, dtype=torch.float16), "auto", "cuda") == torch.float16
+    assert resolve_dtype(dataclasses.replace(llama3, dtype=torch.float32), "auto", "cuda") == torch.bfloat16
     assert resolve_dtype(llama3, "float16", "cpu") == torch.float16
 
 

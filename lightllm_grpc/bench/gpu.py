@@ -97,6 +97,39 @@ def ours(model_dir: Path, out: Path, args: argparse.Namespace) -> dict:
     return results
 
 
+def decode_breakdown(model_dir: Path, context: int = 128, iters: int = 200) -> dict:
+    """Batch-1 decode without the server: the CUDA graph alone, and the shard runner's whole step."""
+    from lightllm_grpc.config import ShardConfig
+    from lightllm_grpc.proto import shard_pb2
+    from lightllm_grpc.shard.warmup import warmup
+    from lightllm_grpc.shard.worker import build_shard, prefill_step
+
+    cfg = ShardConfig(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy",
+                      max_total_tokens=8192, max_rows=4)  # fmt: skip
+    shard = build_shard(cfg, 0, 1, None)
+    warmup(shard, 256, 4)
+    runner = shard.runner
+    runner.step(prefill_step(0, context, runner.kv_capacity))
+    graph = runner.decode_forward.graphs[1]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    replay_ms = start.elapsed_time(end) / iters
+    step = shard_pb2.StepRequest(step_id=1)
+    step.decode.rows.append(0)
+    step.decode.slots.append(context + 1)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        runner.step(step)  # same slot each time: the timing is what matters here
+    step_ms = (time.perf_counter() - t0) * 1e3 / iters
+    del shard, runner, graph
+    torch.cuda.empty_cache()
+    return {"graph_replay_ms": replay_ms, "runner_step_ms": step_ms}
+
+
 def hf_generate_tps(model, batch: int, input_len: int, output_len: int) -> float:
     ids = torch.randint(1000, 128000, (batch, input_len), device="cuda")
     kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
@@ -181,6 +214,13 @@ def render(r: dict) -> str:
     )
     table = "| workload | lightllm-grpc | transformers (same run) | ratio |\n| --- | --- | --- | --- |\n"
     table += "".join(f"| {a} | {b} | {c} | {d} |\n" for a, b, c, d in rows)
+    d = r.get("decode_breakdown")
+    if d:
+        table += (
+            f"\nBatch-1 decode without the server (context 128): "
+            f"CUDA graph replay {d['graph_replay_ms']:.2f} ms, "
+            f"shard runner step (inputs, graph, sampling, copy back) {d['runner_step_ms']:.2f} ms.\n"
+        )
     return head + table
 
 
@@ -202,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         "weight_gb": weight_bytes / 1e9,
         "roofline_tokens_per_s": bw / weight_bytes,
         "ours": ours(model_dir, args.out, args),
+        "decode_breakdown": decode_breakdown(model_dir),
     }
     if not args.skip_transformers:
         result["transformers"] = transformers_baseline(model_dir)
