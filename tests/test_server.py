@@ -25,7 +25,11 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "server.log"
-    srv = ServerProcess(model_dir, log, "--max-total-tokens", str(KV_TOKENS), "--max-prefill-tokens", "64")
+    srv = ServerProcess(
+        model_dir,
+        log,
+        *("--max-total-tokens", str(KV_TOKENS), "--max-prefill-tokens", "64", "--max-waiting-requests", "8"),
+    )
     yield srv
     srv.stop()
 
@@ -260,3 +264,24 @@ def test_chat_tokenize_and_info(server, tokenizer) -> None:
     assert info.tp_size == 1 and info.dtype == "float32" and info.has_chat_template
     sinfo = server.info()
     assert sinfo.kv_total_tokens == KV_TOKENS and sinfo.max_running_requests == 256
+
+
+def test_full_queue_is_resource_exhausted_and_leaves_nothing_behind(server) -> None:
+    # Each request reserves most of the KV pool, so one runs and the rest queue (limit 8).
+    calls = [server.stub.GenerateStream(greedy_request([9, 8, 7], 300)) for _ in range(14)]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and sum(c.done() for c in calls) < 5:
+        time.sleep(0.02)
+    rejected = [c for c in calls if c.done() and c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    for call in calls:
+        call.cancel()
+    assert len(rejected) >= 5
+    assert "queue is full" in rejected[0].details()
+    info = server.wait_idle()
+    assert (info.kv_used_tokens, info.running_requests, info.waiting_requests) == (0, 0, 0)
+
+
+def test_oversized_message_is_resource_exhausted(server) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Generate(pb.GenerateRequest(text="x" * (17 * 1024 * 1024)))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
