@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"lightllm-grpc serve: {exc}", file=sys.stderr)
             return 2
-        run(serve(cfg))
-        return 0
+        return run(serve(cfg))
     if args.command == "generate":
         from lightllm_grpc.client.generate import generate_cli
 

@@ -151,10 +151,15 @@ class Engine:
             for req in plan.requests:
                 self.outputs.abort(req, str(exc))
         if exc.fatal:
-            self.dead = str(exc)
-            self._inflight.clear()
-            for req in list(self.scheduler.by_id.values()):
-                self.outputs.abort(req, str(exc))
+            self.lose_shards(str(exc))
+
+    def lose_shards(self, reason: str) -> None:
+        """The shards are gone: fail every live request; new ones are refused from now on."""
+        if self.dead is None:
+            self.dead = reason
+        self._inflight.clear()
+        for req in list(self.scheduler.by_id.values()):
+            self.outputs.abort(req, reason)
 
 
 def _logprob(result: shard_pb2.StepResult, i: int, k: int, want: int) -> TokenLogprob:

@@ -14,7 +14,7 @@ from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.proto import generation_pb2_grpc, shard_pb2
 from lightllm_grpc.scheduler.engine import Engine
 from lightllm_grpc.scheduler.scheduler import Scheduler
-from lightllm_grpc.scheduler.shard_client import ShardClient, ShardProcesses
+from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError, ShardProcesses
 from lightllm_grpc.server.detokenizer import Detokenizer
 from lightllm_grpc.server.output_processor import OutputProcessor
 from lightllm_grpc.server.request_builder import Limits, RequestBuilder
@@ -23,6 +23,7 @@ from lightllm_grpc.server.tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 SHARD_START_TIMEOUT_S = 1800.0
+SHARD_WATCH_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -118,12 +119,33 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
     return Coordinator(server, engine, client, procs, port)
 
 
-async def serve(cfg: ServerConfig) -> None:
+async def serve(cfg: ServerConfig) -> int:
+    """Serve until SIGINT/SIGTERM (exit code 0) or until the shards are lost (exit code 1).
+
+    A coordinator without its shards cannot serve anything; exiting lets the supervisor
+    (systemd, Kubernetes) restart the whole server instead of leaving it up and useless.
+    """
     coord = await start_coordinator(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watchdog = asyncio.create_task(_watch_shards(coord, stop))
     await stop.wait()
+    watchdog.cancel()
     log.info("shutting down")
     await coord.stop()
+    return 1 if coord.engine.dead else 0
+
+
+async def _watch_shards(coord: Coordinator, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            coord.procs.check_alive()
+        except ShardError as exc:
+            coord.engine.lose_shards(str(exc))
+        if coord.engine.dead:
+            log.error("stopping: the shards are gone (%s)", coord.engine.dead)
+            stop.set()
+            return
+        await asyncio.sleep(SHARD_WATCH_INTERVAL_S)

@@ -113,7 +113,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             while True:
                 out = await req.next_output()
                 if out.error:
-                    raise RequestError(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
+                    code = grpc.StatusCode.UNAVAILABLE if self.engine.dead else grpc.StatusCode.INTERNAL
+                    raise RequestError(code, f"generation failed: {out.error}")
                 yield out
                 if out.finish_reason is not FinishReason.NONE:
                     return

@@ -1,0 +1,64 @@
+"""Faults: a shard process that dies takes the server down cleanly, with clear statuses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+
+from tests.server_harness import ServerProcess, greedy_request, make_served_model
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_shard_death_fails_requests_unavailable_and_exits(tmp_path) -> None:
+    model_dir = make_served_model("llama", tmp_path / "llama")
+    server = ServerProcess(model_dir, tmp_path / "server.log")
+    try:
+        call = server.stub.GenerateStream(greedy_request([1, 2, 3], 400))
+        next(iter(call))
+        (shard,) = _children(server.proc.pid)
+        os.kill(shard, signal.SIGKILL)
+        try:
+            for _ in call:
+                pass
+            raise AssertionError("the stream ended normally after its shard died")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+        assert server.proc.wait(30) == 1
+        assert "the shards are gone" in server.log()
+    finally:
+        server.stop()
+
+
+def test_sigterm_stops_the_server_cleanly(tmp_path) -> None:
+    model_dir = make_served_model("qwen2", tmp_path / "qwen2")
+    server = ServerProcess(model_dir, tmp_path / "server.log")
+    try:
+        shards = _children(server.proc.pid)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        time.sleep(0.5)
+        assert all(not Path(f"/proc/{pid}").exists() or "Z" in _state(pid) for pid in shards)
+    finally:
+        server.stop()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
