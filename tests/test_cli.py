@@ -18,50 +18,21 @@ def test_default_model_is_built_deterministically(tmp_path) -> None:
     assert ensure_default_model(tmp_path / "a") == a  # reused, not rebuilt
 
 
+def _generate(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "lightllm_grpc.cli", "generate", "--address", address, "--prompt", "Hello"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+
+
 def test_serve_default_model_and_generate_cli(tmp_path) -> None:
     env = {"LIGHTLLM_GRPC_CACHE": str(tmp_path / "cache")}
     server = ServerProcess(None, tmp_path / "server.log", env=env)
     try:
         assert "embedded default" in server.log()
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "lightllm_grpc.cli",
-                "generate",
-                "--address",
-                server.address,
-                "--prompt",
-                "Hello",
-                "--max-new-tokens",
-                "12",
-                "--temperature",
-                "0",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        out = _generate(server.address, "--max-new-tokens", "12", "--temperature", "0")
         assert out.returncode == 0, out.stderr
         assert len(out.stdout.strip()) > 0
         assert "FINISH_REASON_LENGTH" in out.stderr and "completion 12 tokens" in out.stderr
-        bad = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "lightllm_grpc.cli",
-                "generate",
-                "--address",
-                server.address,
-                "--prompt",
-                "Hello",
-                "--temperature",
-                "-1",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        bad = _generate(server.address, "--temperature", "-1")
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "temperature" in bad.stderr
     finally:
         server.stop()
