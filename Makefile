@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto')
+STUBS := lightllm_grpc/_proto/.generated
 ARGS ?=
 
 .PHONY: venv proto serve test test-gpu lint format bench bench-gpu clean
@@ -17,22 +19,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m lightllm_grpc.protogen
 	touch $(STAMP)
 
-proto: $(STAMP)
+# Stubs are regenerated whenever a .proto changes.
+$(STUBS): $(STAMP) $(PROTOS)
 	$(PY) -m lightllm_grpc.protogen
+	touch $(STUBS)
 
-serve: $(STAMP)
+proto: $(STUBS)
+
+serve: $(STUBS)
 	$(VENV)/bin/lightllm-grpc serve $(ARGS)
 
-test: $(STAMP)
+test: $(STUBS)
 	$(PY) -m pytest -q -m "not gpu" $(ARGS)
 
-test-gpu: $(STAMP)
+test-gpu: $(STUBS)
 	$(PY) -m pytest -q -m gpu $(ARGS)
 
-lint: $(STAMP)
+lint: $(STUBS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
@@ -40,7 +45,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP)
+bench: $(STUBS)
 	$(VENV)/bin/lightllm-grpc bench load $(ARGS)
 
 # On a GPU machine whose image already has torch/triton/transformers/grpcio (no install).
