@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightllm_grpc.layers import activation, norm, rotary
+from lightllm_grpc.layers import activation, linear, norm, rotary
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.forward_batch import ForwardMode
 from lightllm_grpc.models.loader import load_model
@@ -22,9 +22,9 @@ def triton_ops():
     """Yields the installer; the torch ops come back after the test (CPU references need them)."""
     from lightllm_grpc.layers.triton_ops import install_triton_ops
 
-    saved = (norm.rms_norm, norm.add_rms_norm, activation.silu_and_mul, rotary.apply_rotary)
+    saved = (norm.rms_norm, norm.add_rms_norm, activation.silu_and_mul, rotary.apply_rotary, linear.linear)
     yield install_triton_ops
-    norm.rms_norm, norm.add_rms_norm, activation.silu_and_mul, rotary.apply_rotary = saved
+    norm.rms_norm, norm.add_rms_norm, activation.silu_and_mul, rotary.apply_rotary, linear.linear = saved
 
 
 def _prefill_logits(model_dir, device: str, dtype: str, backend, prompts: list[list[int]]) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightllm_grpc.layers.linear import ShardId, copy_checked, linear
+from lightllm_grpc.layers import linear as linear_ops
+from lightllm_grpc.layers.linear import ShardId, copy_checked
 from lightllm_grpc.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_size
 
 
@@ -48,5 +49,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     """``logits = hidden @ W^T`` over the full vocabulary; may share its weight with the embedding."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(linear(hidden, self.weight, None))
+        logits = all_gather_last_dim(linear_ops.linear(hidden, self.weight, None))  # swappable op
         return logits[..., : self.num_embeddings]

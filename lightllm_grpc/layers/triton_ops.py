@@ -7,9 +7,17 @@ references the kernels are tested against.
 
 from __future__ import annotations
 
-import torch
+import logging
 
-from lightllm_grpc.layers import activation, norm, rotary
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightllm_grpc.layers import activation, linear, norm, rotary
+
+log = logging.getLogger(__name__)
+# Weight shape -> the GEMV config that beat cuBLAS for one-token inputs (see tune_gemv).
+_GEMV: dict[tuple[int, int], object] = {}
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -46,9 +54,49 @@ def _apply_rotary(
     return apply_rotary(positions, q, k, cos_cache, sin_cache)  # in place
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    config = _GEMV.get(tuple(weight.shape)) if x.shape[0] == 1 else None
+    if config is None:
+        return F.linear(x, weight, bias)
+    from lightllm_grpc_kernels.gemv import gemv
+
+    y = gemv(x, weight, config)
+    return y if bias is None else y + bias
+
+
+def tune_gemv(model: nn.Module, min_gain: float = 0.03) -> dict[tuple[int, int], object]:
+    """For each weight shape of ``model``, time cuBLAS and the GEMV kernel at one token
+    (inside CUDA graphs, as decode runs) and keep the kernel where it is faster by ``min_gain``."""
+    import triton.testing
+    from lightllm_grpc_kernels.gemv import GEMV_CONFIGS, gemv
+
+    weights = {
+        tuple(p.shape): p for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name
+    }
+    for shape, w in sorted(weights.items()):
+        x = torch.randn(1, shape[1], device=w.device, dtype=w.dtype)
+        cublas = triton.testing.do_bench_cudagraph(lambda w=w, x=x: F.linear(x, w))
+        timed = [
+            (triton.testing.do_bench_cudagraph(lambda w=w, x=x, c=c: gemv(x, w, c)), c) for c in GEMV_CONFIGS
+        ]
+        best_ms, best = min(timed, key=lambda t: t[0])
+        nbytes = w.numel() * w.element_size()
+        chosen = best_ms < cublas * (1 - min_gain)
+        if chosen:
+            _GEMV[shape] = best
+        log.info(
+            "weight %s at one token: cuBLAS %.1f us (%.2f TB/s), GEMV kernel %.1f us (%.2f TB/s) -> %s",
+            shape, cublas * 1e3, nbytes / cublas / 1e9, best_ms * 1e3, nbytes / best_ms / 1e9,
+            f"kernel {best}" if chosen else "cuBLAS",
+        )  # fmt: skip
+    return dict(_GEMV)
+
+
 def install_triton_ops() -> None:
-    """Route RMSNorm, residual-add + RMSNorm, SiLU-and-mul and rotary through Triton kernels."""
+    """Route RMSNorm, residual-add + RMSNorm, SiLU-and-mul, rotary and (where tuned) one-token
+    matmuls through Triton kernels."""
     norm.rms_norm = _rms_norm
     norm.add_rms_norm = _add_rms_norm
     activation.silu_and_mul = _silu_and_mul
     rotary.apply_rotary = _apply_rotary
+    linear.linear = _linear

@@ -32,6 +32,7 @@ class Shard:
     model_config: ModelConfig
     runner: ModelRunner
     kv_bytes_per_token: int
+    model: torch.nn.Module | None = None
     cuda_graphs: bool = False
     graph_batch_sizes: tuple[int, ...] = ()
 
@@ -125,4 +126,4 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
         capacity, capacity * bpt / 2**30,
     )  # fmt: skip
     use_graphs = cfg.cuda_graphs and device.type == "cuda"
-    return Shard(rank, world_size, device, dtype, model_cfg, runner, bpt, cuda_graphs=use_graphs)
+    return Shard(rank, world_size, device, dtype, model_cfg, runner, bpt, model=model, cuda_graphs=use_graphs)
