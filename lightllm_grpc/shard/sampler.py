@@ -88,6 +88,8 @@ class Sampler:
         return _with_logprobs(tokens, logprobs_raw, k)
 
     def _process(self, logits: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        if not (self.penalties or self.suppress):  # the common case: no per-row Python at all
+            return logits
         for i, row in enumerate(rows.tolist()):
             pen = self.penalties.get(row)
             if pen is not None:
@@ -112,6 +114,8 @@ class Sampler:
 
     def _record(self, rows: np.ndarray, tokens: torch.Tensor) -> None:
         self.generated[rows] += 1
+        if not self.penalties:
+            return
         for i, row in enumerate(rows.tolist()):
             pen = self.penalties.get(row)
             if pen is not None:
