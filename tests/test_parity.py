@@ -62,6 +62,12 @@ def test_greedy_parity_with_transformers(arch: str, tmp_path) -> None:
     check_parity(arch, tmp_path, SERVER_ARGS.get(arch, []))
 
 
+@pytest.mark.parametrize("arch", ["llama3", "qwen2"])
+def test_tensor_parallel_greedy_parity(arch: str, tmp_path) -> None:
+    """Two shard processes (gloo on CPU) split heads and vocabulary; tokens stay exact."""
+    check_parity(arch, tmp_path, ["--tp-size", "2"])
+
+
 def check_parity(arch: str, tmp_path, server_args: list[str]) -> None:
     """Serve a tiny ``arch`` model with ``server_args``; its greedy tokens must equal transformers'."""
     model_dir = make_served_model(arch, tmp_path / arch)
