@@ -60,7 +60,6 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._inflight: deque[StepPlan] = deque()
-        self.steps = 0
         self.stats = LoopStats(since=time.perf_counter())
 
     def start(self) -> None:
@@ -129,7 +128,6 @@ class Engine:
         st.wait_s += delivered - waited
         st.deliver_s += now - delivered
         st.shard_s += result.forward_seconds
-        self.steps += 1
         if st.due(now):
             st.log(now)
             self.stats = LoopStats(since=now)

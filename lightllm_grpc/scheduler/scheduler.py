@@ -64,7 +64,6 @@ class Scheduler:
         self.prefilling: list[Request] = []
         self.decoding: list[Request] = []
         self.by_id: dict[str, Request] = {}
-        self.row_owner: dict[int, Request] = {}
         self.reserved = 0
         self._release: list[int] = []
         self._step_id = 0
@@ -106,7 +105,6 @@ class Scheduler:
             self.slots.free(np.concatenate(req.slots))
         req.slots, req.num_slots = [], 0
         self.reserved -= req.kv_reservation
-        self.row_owner.pop(req.row, None)
         self.rows.free([req.row])
         self._release.append(req.row)
         req.row = -1
@@ -125,9 +123,12 @@ class Scheduler:
             return None
         msg = shard_pb2.StepRequest()
         plan = StepPlan(msg)
+        # Decode entries first, so a request whose prompt ends in this step gets none yet.
+        decodes = self._decode(msg.decode)
         budget = self._continue_prefills(plan, self.config.max_prefill_tokens)
         self._admit(plan, budget)
-        self._decode(plan)
+        plan.requests.extend(decodes)
+        plan.sampled.extend(decodes)  # the shard answers prefill rows first, then decode rows
         if not plan.requests:
             return None
         self._step_id += 1
@@ -152,7 +153,6 @@ class Scheduler:
             req.row = self.rows.alloc_one()
             req.state = State.PREFILLING
             self.reserved += req.kv_reservation
-            self.row_owner[req.row] = req
             self.prefilling.append(req)
             plan.message.admit.append(_row_sampling(req, self.eos_ids))
             budget -= self._add_chunk(plan, req, budget)
@@ -179,25 +179,20 @@ class Scheduler:
             self.decoding.append(req)
         return n
 
-    def _decode(self, plan: StepPlan) -> None:
-        fresh = set(map(id, plan.sampled))  # their first token comes from this very step
-        reqs = [
-            r for r in self.decoding if r.scheduled_tokens < r.stopping.max_new_tokens and id(r) not in fresh
-        ]
+    def _decode(self, dec: shard_pb2.DecodeBatch) -> list[Request]:
+        reqs = [r for r in self.decoding if r.scheduled_tokens < r.stopping.max_new_tokens]
         if not reqs:
-            return
+            return reqs
         slots = self.slots.alloc(len(reqs))
         if slots is None:
             raise RuntimeError("KV reservation violated; this is a scheduler bug")
-        dec = plan.message.decode
         for req, slot in zip(reqs, slots):
             req.slots.append(slot.reshape(1))
             req.num_slots += 1
             req.scheduled_tokens += 1
-            dec.rows.append(req.row)
+        dec.rows.extend([r.row for r in reqs])
         dec.slots.extend(slots.tolist())
-        plan.requests.extend(reqs)
-        plan.sampled.extend(reqs)
+        return reqs
 
 
 def _row_sampling(req: Request, eos_ids: tuple[int, ...]) -> shard_pb2.RowSampling:

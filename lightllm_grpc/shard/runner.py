@@ -230,6 +230,8 @@ def _to_host(t: torch.Tensor, on_gpu: bool) -> torch.Tensor:
 
 def _gather(outs: list[tuple[np.ndarray, SampleOutput]]) -> dict[str, torch.Tensor]:
     samples = [s for _, s in outs]
+    if len(samples) == 1 and samples[0].logprobs is None:  # the common step: nothing to concatenate
+        return {"tokens": samples[0].tokens}
     device = {"tokens": torch.cat([s.tokens for s in samples])}
     if any(s.logprobs is not None for s in samples):
         device["logprobs"] = torch.cat(
