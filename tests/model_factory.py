@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
-from lightllm_grpc.models.forward_batch import ForwardBatch, ForwardMode
+from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 from lightllm_grpc.models.loader import load_model
 from lightllm_grpc.parallel import ParallelState, set_parallel_state
 

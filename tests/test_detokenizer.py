@@ -5,8 +5,8 @@ import random
 import pytest
 
 from lightllm_grpc.models.tiny_tokenizer import build_tokenizer
-from lightllm_grpc.server.detokenizer import Detokenizer, DetokState
-from lightllm_grpc.server.stop import StopStringMatcher
+from lightllm_grpc.text.detokenizer import Detokenizer, DetokState
+from lightllm_grpc.text.stop import StopStringMatcher
 
 
 @pytest.fixture(scope="module")

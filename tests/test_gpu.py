@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lightllm_grpc.layers import activation, linear, norm, rotary
+from lightllm_grpc.layers.forward_batch import ForwardMode
 from lightllm_grpc.models.config import ModelConfig
-from lightllm_grpc.models.forward_batch import ForwardMode
 from lightllm_grpc.models.loader import load_model
 from tests.model_factory import build_batch, make_tiny_model
 from tests.test_parity import ARCHS, check_parity

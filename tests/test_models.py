@@ -19,10 +19,10 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, eager
 from lightllm_grpc.layers.attention.base import KVCache
 from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
 from lightllm_grpc.layers.embedding import VocabParallelEmbedding
+from lightllm_grpc.layers.forward_batch import ForwardMode
 from lightllm_grpc.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from lightllm_grpc.layers.rotary import compute_inv_freq
 from lightllm_grpc.models.config import ModelConfig
-from lightllm_grpc.models.forward_batch import ForwardMode
 from lightllm_grpc.models.llama import LlamaForCausalLM
 from lightllm_grpc.models.loader import load_model, resolve_dtype
 from lightllm_grpc.models.registry import get_model_spec

@@ -10,10 +10,10 @@ from lightllm_grpc.config import SchedulerConfig
 from lightllm_grpc.models.tiny_tokenizer import build_tokenizer
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.engine import Engine
+from lightllm_grpc.scheduler.output_processor import OutputProcessor
 from lightllm_grpc.scheduler.request import FinishReason, OutputOptions, Request, SamplingOptions, StopOptions
 from lightllm_grpc.scheduler.scheduler import Scheduler
-from lightllm_grpc.server.detokenizer import Detokenizer
-from lightllm_grpc.server.output_processor import OutputProcessor
+from lightllm_grpc.text.detokenizer import Detokenizer
 
 VOCAB = 300
 

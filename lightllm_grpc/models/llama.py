@@ -16,11 +16,11 @@ from torch import nn
 from lightllm_grpc.layers.activation import SiluAndMul
 from lightllm_grpc.layers.attention.base import AttentionBackend, KVCache
 from lightllm_grpc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from lightllm_grpc.layers.forward_batch import ForwardBatch
 from lightllm_grpc.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from lightllm_grpc.layers.norm import RMSNorm
 from lightllm_grpc.layers.rotary import RotaryEmbedding
 from lightllm_grpc.models.config import ModelConfig
-from lightllm_grpc.models.forward_batch import ForwardBatch
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from lightllm_grpc.proto import shard_pb2
+from lightllm_grpc.scheduler.output_processor import OutputProcessor
 from lightllm_grpc.scheduler.request import Request, TokenLogprob
 from lightllm_grpc.scheduler.scheduler import Scheduler, StepPlan
 from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError
-from lightllm_grpc.server.output_processor import OutputProcessor
 
 log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lightllm_grpc.server.detokenizer import DetokState
-from lightllm_grpc.server.stop import StopStringMatcher
+from lightllm_grpc.text.detokenizer import DetokState
+from lightllm_grpc.text.stop import StopStringMatcher
 
 
 class FinishReason(enum.IntEnum):

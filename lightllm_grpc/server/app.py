@@ -13,13 +13,13 @@ from lightllm_grpc.config import ServerConfig
 from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.proto import generation_pb2_grpc, shard_pb2
 from lightllm_grpc.scheduler.engine import Engine
+from lightllm_grpc.scheduler.output_processor import OutputProcessor
 from lightllm_grpc.scheduler.scheduler import Scheduler
 from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError, ShardProcesses
-from lightllm_grpc.server.detokenizer import Detokenizer
-from lightllm_grpc.server.output_processor import OutputProcessor
 from lightllm_grpc.server.request_builder import Limits, RequestBuilder
 from lightllm_grpc.server.servicer import GenerationService, StaticInfo
 from lightllm_grpc.server.tokenizer import PromptTokenizer
+from lightllm_grpc.text.detokenizer import Detokenizer
 
 log = logging.getLogger(__name__)
 SHARD_START_TIMEOUT_S = 1800.0

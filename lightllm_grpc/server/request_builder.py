@@ -12,8 +12,8 @@ import grpc
 from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.scheduler.request import OutputOptions, Request, SamplingOptions, StopOptions
 from lightllm_grpc.server.errors import RequestError, invalid
-from lightllm_grpc.server.stop import StopStringMatcher
 from lightllm_grpc.server.tokenizer import PromptTokenizer
+from lightllm_grpc.text.stop import StopStringMatcher
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256

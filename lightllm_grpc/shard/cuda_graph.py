@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from lightllm_grpc.models.forward_batch import ForwardBatch, ForwardMode
+from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lightllm_grpc.layers.attention.base import KVCache
-from lightllm_grpc.models.forward_batch import ForwardBatch, ForwardMode
+from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard.sampler import SampleOutput, Sampler
 

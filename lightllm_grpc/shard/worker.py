@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 from lightllm_grpc.config import ShardConfig
 from lightllm_grpc.layers.attention.base import AttentionBackend
+from lightllm_grpc.layers.forward_batch import ForwardBatch
 from lightllm_grpc.models.config import ModelConfig
-from lightllm_grpc.models.forward_batch import ForwardBatch
 from lightllm_grpc.models.llama import KVCacheSpec
 from lightllm_grpc.models.loader import load_model, resolve_dtype
 from lightllm_grpc.parallel import ParallelState, set_parallel_state

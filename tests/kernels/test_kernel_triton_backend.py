@@ -8,7 +8,7 @@ import torch
 
 from lightllm_grpc.layers.attention.base import KVCache
 from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
-from lightllm_grpc.models.forward_batch import ForwardBatch, ForwardMode
+from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
     from conftest import PagedKV

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from lightllm_grpc.models.forward_batch import ForwardBatch
+from lightllm_grpc.layers.forward_batch import ForwardBatch
 
 
 class KVCache:

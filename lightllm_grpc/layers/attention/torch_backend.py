@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lightllm_grpc.layers.attention.base import AttentionBackend, KVCache
-from lightllm_grpc.models.forward_batch import ForwardBatch, ForwardMode
+from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 
 
 def store_kv(

@@ -8,7 +8,7 @@ from lightllm_grpc_kernels.prefill_attention import prefill_attention
 from lightllm_grpc_kernels.store_kv import store_kv
 
 from lightllm_grpc.layers.attention.base import AttentionBackend, KVCache
-from lightllm_grpc.models.forward_batch import ForwardBatch, ForwardMode
+from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 
 
 class TritonAttentionBackend(AttentionBackend):

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lightllm_grpc.scheduler.request import FinishReason, Request, RequestOutput, TokenLogprob
-from lightllm_grpc.server.detokenizer import Detokenizer
-from lightllm_grpc.server.stop import StopMatch
+from lightllm_grpc.text.detokenizer import Detokenizer
+from lightllm_grpc.text.stop import StopMatch
 
 
 class OutputProcessor:

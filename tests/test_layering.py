@@ -1,0 +1,45 @@
+"""Imports point one way: the coordinator core never imports the gRPC frontend, layers never
+import models, and the text helpers import nothing else from the project."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "lightllm_grpc"
+
+# package -> packages it must never import
+FORBIDDEN = {
+    "scheduler": ("lightllm_grpc.server", "lightllm_grpc.cli", "lightllm_grpc.shard", "lightllm_grpc.models"),
+    "text": ("lightllm_grpc.",),
+    "layers": (
+        "lightllm_grpc.models",
+        "lightllm_grpc.shard",
+        "lightllm_grpc.server",
+        "lightllm_grpc.scheduler",
+    ),
+    "models": ("lightllm_grpc.shard", "lightllm_grpc.server", "lightllm_grpc.scheduler"),
+    "shard": ("lightllm_grpc.server", "lightllm_grpc.scheduler"),
+}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_imports_point_one_way(package: str) -> None:
+    bad = []
+    for path in sorted((PKG / package).rglob("*.py")):
+        for name in _imports(path):
+            if any(name.startswith(f) for f in FORBIDDEN[package]):
+                bad.append(f"{path.relative_to(PKG)} imports {name}")
+    assert not bad, "\n".join(bad)
