@@ -8,7 +8,16 @@ import os
 import sys
 from pathlib import Path
 
-from lightllm_grpc.config import DEVICES, DTYPES, LOAD_FORMATS, SchedulerConfig, ServerConfig, ShardConfig
+from lightllm_grpc.config import (
+    ADMISSION_RULES,
+    DEVICES,
+    DTYPES,
+    LOAD_FORMATS,
+    SCHEDULING_POLICIES,
+    SchedulerConfig,
+    ServerConfig,
+    ShardConfig,
+)
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +61,34 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=128,
         help="past this many running streams, tokens are coalesced into fewer messages",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="do not reuse cached prefixes (every prompt is prefilled in full)",
+    )
+    p.add_argument(
+        "--admission",
+        choices=ADMISSION_RULES,
+        default="past-future",
+        help="past-future: admit while the batch's predicted KV peak fits (preempting on a miss); "
+        "conservative: reserve every request's max_new_tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--admission-quantile",
+        type=float,
+        default=0.6,
+        help="past-future: quantile of past output lengths taken as a request's length "
+        "(higher = fewer preemptions, smaller batches; default: %(default)s)",
+    )
+    p.add_argument(
+        "--scheduling-policy",
+        choices=SCHEDULING_POLICIES,
+        default="fcfs",
+        help="fcfs, or priority (GenerateRequest.priority, lower first; default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-n", type=int, default=16, help="most completions per request (default: %(default)s)"
     )
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
@@ -114,6 +151,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_prefill_tokens=args.max_prefill_tokens,
         default_max_new_tokens=args.default_max_new_tokens,
         max_messages_per_step=args.max_stream_messages_per_step,
+        prefix_cache=not args.no_prefix_cache,
+        admission=args.admission,
+        admission_quantile=args.admission_quantile,
+        scheduling_policy=args.scheduling_policy,
+        max_n=args.max_n,
     )
     return ServerConfig(
         shard=shard, scheduler=sched, host=args.host, port=args.port, served_model_name=args.served_model_name

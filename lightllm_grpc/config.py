@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ADMISSION_RULES = ("past-future", "conservative")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -22,8 +24,27 @@ class SchedulerConfig:
     # Stream messages sent per step, at most about: past it, each stream's tokens are
     # coalesced into fewer, larger messages (gRPC's per-message cost bounds throughput).
     max_messages_per_step: int = 128
+    # Reuse cached prefixes (radix cache over KV slots); off = every prompt is prefilled.
+    prefix_cache: bool = True
+    # How admission bounds the batch's KV (docs/scheduling.md).
+    admission: str = "past-future"
+    # Past-Future: quantile of the longer past output lengths taken as a request's length.
+    admission_quantile: float = 0.6
+    scheduling_policy: str = "fcfs"
+    # Most completions one request may ask for (GenerateRequest.n).
+    max_n: int = 16
 
     def __post_init__(self) -> None:
+        if self.admission not in ADMISSION_RULES:
+            raise ValueError(f"admission must be one of {ADMISSION_RULES}, got {self.admission!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}"
+            )
+        if not 0.0 <= self.admission_quantile <= 1.0:
+            raise ValueError("admission_quantile must be in [0, 1]")
+        if self.max_n < 1:
+            raise ValueError("max_n must be >= 1")
         for name in ("max_running_requests", "max_waiting_requests", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

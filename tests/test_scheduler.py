@@ -11,7 +11,14 @@ from lightllm_grpc.models.tiny_tokenizer import build_tokenizer
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.engine import Engine
 from lightllm_grpc.scheduler.output_processor import OutputProcessor
-from lightllm_grpc.scheduler.request import FinishReason, OutputOptions, Request, SamplingOptions, StopOptions
+from lightllm_grpc.scheduler.request import (
+    FinishReason,
+    OutputOptions,
+    Request,
+    SamplingOptions,
+    StopOptions,
+    next_outputs,
+)
 from lightllm_grpc.scheduler.scheduler import Scheduler
 from lightllm_grpc.text.detokenizer import Detokenizer
 
@@ -23,25 +30,39 @@ def next_token(seq: list[int]) -> int:
 
 
 class FakeShard:
-    """Replays what a real shard does with rows and slots, and fails on any misuse."""
+    """Replays what a real shard does with rows and slots, and fails on any misuse.
+
+    It keeps the token whose K/V each slot holds and each row's req_to_token slots, and
+    samples from the tokens it *reads through the slots*: a prefix served from the wrong
+    slots changes the output. A slot written while another live row reads it fails.
+    """
 
     def __init__(self, capacity: int) -> None:
-        self.rows: dict[int, list[int]] = {}  # row -> token ids whose K/V are stored
-        self.slots: dict[int, list[int]] = {}
-        self.slot_owner: dict[int, int] = {}
+        self.row_slots: dict[int, list[int]] = {}  # row -> its req_to_token slots
+        self.slot_token: dict[int, int] = {}  # slot -> token whose K/V it holds
+        self.readers: dict[int, set[int]] = {}  # slot -> live rows that point at it
         self.pending: dict[int, int] = {}  # row -> last sampled token, not yet stored
         self.capacity = capacity
         self.max_batch = 0
         self.results: list[shard_pb2.StepResult] = []
         self.max_inflight = 0
+        self.prefix_tokens = 0  # tokens rows took from a cached prefix
 
-    def _store(self, row: int, tokens: list[int], slots: list[int]) -> None:
+    def tokens(self, row: int) -> list[int]:
+        return [self.slot_token[s] for s in self.row_slots.get(row, [])]
+
+    def _point(self, row: int, slots: list[int]) -> None:
         for s in slots:
             assert 0 <= s < self.capacity
-            assert self.slot_owner.get(s, row) == row, "a slot was handed out twice"
-            self.slot_owner[s] = row
-        self.rows.setdefault(row, []).extend(tokens)
-        self.slots.setdefault(row, []).extend(slots)
+            self.readers.setdefault(s, set()).add(row)
+        self.row_slots.setdefault(row, []).extend(slots)
+
+    def _write(self, row: int, tokens: list[int], slots: list[int]) -> None:
+        for s, t in zip(slots, tokens):
+            others = self.readers.get(s, set()) - {row}
+            assert not others, f"slot {s} overwritten while rows {others} read it"
+            self.slot_token[s] = t
+        self._point(row, slots)
 
     async def send(self, msg: shard_pb2.StepRequest) -> None:
         self.results.append(self._run(msg))
@@ -55,31 +76,43 @@ class FakeShard:
 
     def _run(self, msg: shard_pb2.StepRequest) -> shard_pb2.StepResult:
         for row in msg.release_rows:
-            self.rows.pop(row, None)
-            for slot in self.slots.pop(row, []):
-                del self.slot_owner[slot]
+            for slot in self.row_slots.pop(row, []):
+                self.readers[slot].discard(row)
             self.pending.pop(row, None)
         out = shard_pb2.StepResult(step_id=msg.step_id)
-        p, off = msg.prefill, 0
+        p, off, poff = msg.prefill, 0, 0
         for i, row in enumerate(p.rows):
-            n = p.lens[i]
-            assert p.starts[i] == len(self.rows.get(row, []))
-            self._store(row, list(p.token_ids[off : off + n]), list(p.slots[off : off + n]))
+            n, k = p.lens[i], p.prefix_lens[i]
+            if k:
+                assert row not in self.row_slots, "a prefix written into a row in use"
+                self._point(row, list(p.prefix_slots[poff : poff + k]))
+                self.prefix_tokens += k
+                poff += k
+            assert p.starts[i] == len(self.row_slots.get(row, []))
+            self._write(row, list(p.token_ids[off : off + n]), list(p.slots[off : off + n]))
             off += n
             if p.sample[i]:
                 self._sample(out, row)
         for row, slot in zip(msg.decode.rows, msg.decode.slots):
             assert row in self.pending, "decode of a row whose prompt was never sampled"
-            self._store(row, [self.pending.pop(row)], [slot])
+            self._write(row, [self.pending.pop(row)], [slot])
             self._sample(out, row)
         self.max_batch = max(self.max_batch, len(msg.decode.rows))
         return out
 
     def _sample(self, out: shard_pb2.StepResult, row: int) -> None:
-        tok = next_token(self.rows[row])
+        tok = next_token(self.tokens(row))
         self.pending[row] = tok
         out.rows.append(row)
         out.token_ids.append(tok)
+
+
+def assert_no_leak(s: Scheduler) -> None:
+    st = s.stats()
+    assert st.used == 0 and st.free + st.cached == st.total
+    assert s.rows.num_free == s.rows.capacity and not s.by_id
+    if s.cache is not None:
+        assert s.cache.locked_tokens == 0
 
 
 def expected(prompt: list[int], n: int) -> list[int]:
@@ -95,9 +128,9 @@ TOKENIZER = build_tokenizer(VOCAB)
 
 
 def make_engine(
-    capacity: int, max_running: int, prefill_budget: int, max_messages: int = 128
+    capacity: int, max_running: int, prefill_budget: int, max_messages: int = 128, **config: object
 ) -> tuple[Engine, FakeShard]:
-    cfg = SchedulerConfig(max_running_requests=max_running, max_prefill_tokens=prefill_budget)
+    cfg = SchedulerConfig(max_running_requests=max_running, max_prefill_tokens=prefill_budget, **config)
     sched = Scheduler(cfg, capacity, max_running, eos_ids=(1,))
     detok = Detokenizer(TOKENIZER.backend_tokenizer)
     outputs = OutputProcessor(detok, (1,), 10_000, sched.finish, max_messages)
@@ -119,7 +152,7 @@ def make_request(i: int, prompt_len: int, max_new: int) -> Request:
 async def collect(req: Request) -> list[int]:
     ids: list[int] = []
     while True:
-        out = await req.next_output()
+        (out,) = await next_outputs(req.queue)
         ids += out.token_ids
         if out.finish_reason is not FinishReason.NONE:
             assert out.finish_reason is FinishReason.LENGTH
@@ -141,9 +174,7 @@ def test_continuous_batching_is_exact_and_leak_free(capacity: int, max_running: 
         results = await asyncio.gather(*first, *(collect(r) for r in reqs[6:]))
         for r, ids in zip(reqs, results):
             assert ids == expected(r.prompt_ids, r.stopping.max_new_tokens), r.request_id
-        s = engine.scheduler
-        assert s.slots.num_used == 0 and s.reserved == 0 and s.rows.num_free == s.rows.capacity
-        assert not s.by_id
+        assert_no_leak(engine.scheduler)
         assert shard.max_batch > 1
         assert shard.max_inflight == 2  # steps are pipelined
         await engine.stop()
@@ -162,7 +193,7 @@ def test_abort_frees_slots_at_once() -> None:
         assert engine.scheduler.slots.num_used > 0
         for r in reqs:
             assert engine.abort(r.request_id)
-        assert engine.scheduler.slots.num_used == 0 and engine.scheduler.reserved == 0
+        assert engine.scheduler.stats().used == 0
         assert not engine.abort("r0")  # idempotent: already gone
         await asyncio.sleep(0.01)
         await engine.stop()
@@ -172,7 +203,7 @@ def test_abort_frees_slots_at_once() -> None:
 
 def test_admission_waits_for_kv_room() -> None:
     async def main() -> None:
-        engine, shard = make_engine(40, 8, 4096)
+        engine, shard = make_engine(40, 8, 4096, admission="conservative")
         engine.start()
         reqs = [make_request(i, 10, 20) for i in range(4)]  # each reserves 29 of 40 slots
         for r in reqs:
@@ -181,7 +212,7 @@ def test_admission_waits_for_kv_room() -> None:
         results = await asyncio.gather(*(collect(r) for r in reqs))
         assert all(len(ids) == 20 for ids in results)
         assert shard.max_batch == 1  # two reservations never fit at once
-        assert engine.scheduler.slots.num_used == 0
+        assert_no_leak(engine.scheduler)
         await engine.stop()
 
     asyncio.run(main())
@@ -206,7 +237,7 @@ def test_requests_stopping_on_eos_leave_nothing_behind() -> None:
         for r in reqs:
             ids: list[int] = []
             while True:
-                out = await r.next_output()
+                (out,) = await next_outputs(r.queue)
                 ids += out.token_ids
                 if out.finish_reason is not FinishReason.NONE:
                     break
@@ -215,8 +246,7 @@ def test_requests_stopping_on_eos_leave_nothing_behind() -> None:
             assert ids == full[:stop]
             assert out.finish_reason is (FinishReason.STOP if eos in full else FinishReason.LENGTH)
         await asyncio.sleep(0.01)
-        s = engine.scheduler
-        assert s.slots.num_used == 0 and s.reserved == 0 and not s.by_id
+        assert_no_leak(engine.scheduler)
         await engine.stop()
 
     asyncio.run(main())

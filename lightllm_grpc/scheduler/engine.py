@@ -69,7 +69,7 @@ class Engine:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for req in list(self.scheduler.by_id.values()):
+        for req in self.scheduler.live():
             self.outputs.abort(req, "server is shutting down")
 
     def submit(self, req: Request) -> None:
@@ -77,11 +77,11 @@ class Engine:
         self._wake.set()
 
     def abort(self, request_id: str) -> bool:
-        req = self.scheduler.by_id.get(request_id)
-        if req is None:
-            return False
-        self.outputs.abort(req)
-        return True
+        """Abort every live completion of ``request_id``; False when there is none."""
+        group = list(self.scheduler.by_id.get(request_id, ()))
+        for req in group:
+            self.outputs.abort(req)
+        return bool(group)
 
     async def _loop(self) -> None:
         while True:
@@ -135,9 +135,9 @@ class Engine:
     def _deliver(self, plan: StepPlan, result: shard_pb2.StepResult) -> None:
         k = result.top_k
         items: list[tuple[Request, int, TokenLogprob | None]] = []
-        for i, (req, token) in enumerate(zip(plan.sampled, result.token_ids)):
-            if req.finished:
-                continue  # ended (stop, abort) after this step was sent; its slots are back
+        for i, (req, epoch, token) in enumerate(zip(plan.sampled, plan.epochs, result.token_ids)):
+            if req.finished or req.epoch != epoch:
+                continue  # ended or preempted after this step was sent: the token is void
             lp = _logprob(result, i, k, req.output.top_logprobs) if req.output.logprobs else None
             items.append((req, token, lp))
         self.outputs.process(items)
@@ -156,7 +156,7 @@ class Engine:
         if self.dead is None:
             self.dead = reason
         self._inflight.clear()
-        for req in list(self.scheduler.by_id.values()):
+        for req in self.scheduler.live():
             self.outputs.abort(req, reason)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lightllm_grpc.scheduler.radix_cache import Node
 from lightllm_grpc.text.detokenizer import DetokState
 from lightllm_grpc.text.stop import StopStringMatcher
 
@@ -73,6 +74,7 @@ class RequestOutput:
     finish_reason: FinishReason = FinishReason.NONE
     stop_reason: str = ""
     error: str = ""
+    index: int = 0
 
     def merge(self, later: RequestOutput) -> None:
         self.text += later.text
@@ -83,29 +85,65 @@ class RequestOutput:
         self.error = later.error or self.error
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
+    """One completion. A request with ``n > 1`` is ``n`` of these sharing an id and a queue.
+
+    KV positions ``[0, tree_len)`` hold slots owned by the prefix cache (locked through
+    ``node`` while the request lives); positions ``[tree_len, num_kv)`` hold its own slots.
+    """
+
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingOptions
     stopping: StopOptions
     output: OutputOptions
+    index: int = 0  # which of the request's n completions
+    priority: int = 0  # lower runs first under the priority policy
     state: State = State.WAITING
     row: int = -1
-    # KV slots in position order: prompt tokens first, then generated ones.
-    slots: list[np.ndarray] = field(default_factory=list)
-    num_slots: int = 0
-    prefilled: int = 0  # prompt tokens sent to the shards for prefill
+    arrival: int = 0  # submission order, for FCFS and tie-breaks
+    admitted: int = 0  # admission order (latest admitted is preempted first)
+    # Tokens to prefill on (re)admission: the prompt, plus the output so far when resuming.
+    fill_ids: list[int] = field(default_factory=list)
+    kv: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
+    num_kv: int = 0
+    tree_len: int = 0
+    node: Node | None = None  # the radix-cache node locked for positions [0, tree_len)
+    dup_slots: list[np.ndarray] = field(default_factory=list)  # own slots the cache already had
+    prefix_pending: int = 0  # cached prefix the next chunk must point the shard's row at
+    prefilled: int = 0  # tokens of fill_ids whose K/V the sent steps write
     scheduled_tokens: int = 0  # output tokens the sent steps will produce
+    epoch: int = 0  # bumped on preemption: results of steps sent before it are dropped
     output_ids: list[int] = field(default_factory=list)
     cached_tokens: int = 0
+    preemptions: int = 0
     finish_reason: FinishReason = FinishReason.NONE
     detok: DetokState = field(default_factory=DetokState)
     text: str = ""  # decoded output so far (before stop-string trimming)
     sent_chars: int = 0
     stop_matcher: StopStringMatcher | None = None
-    pending: RequestOutput = field(default_factory=RequestOutput)  # tokens not yet emitted
+    pending: RequestOutput = field(default_factory=lambda: RequestOutput())  # tokens not yet emitted
     queue: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
+
+    def __post_init__(self) -> None:
+        if not self.fill_ids:
+            self.fill_ids = list(self.prompt_ids)
+        self.pending.index = self.index
+
+    def append_kv(self, slots: np.ndarray) -> None:
+        end = self.num_kv + slots.size
+        if end > self.kv.size:
+            grown = np.empty(max(end, 2 * self.kv.size, 16), np.int32)
+            grown[: self.num_kv] = self.kv[: self.num_kv]
+            self.kv = grown
+        self.kv[self.num_kv : end] = slots
+        self.num_kv = end
+
+    @property
+    def own_kv(self) -> int:
+        """KV slots this request holds outside the prefix cache."""
+        return self.num_kv - self.tree_len
 
     @property
     def prompt_len(self) -> int:
@@ -120,12 +158,29 @@ class Request:
         """Most KV slots this request can ever hold: the prompt plus every new token but the last."""
         return self.prompt_len + self.stopping.max_new_tokens - 1
 
+    @property
+    def seq_ids(self) -> list[int]:
+        """The tokens whose K/V positions 0, 1, ... hold: the prompt, then the output."""
+        return self.prompt_ids + self.output_ids
+
     def emit(self, out: RequestOutput) -> None:
+        out.index = self.index
         self.queue.put_nowait(out)
 
-    async def next_output(self) -> RequestOutput:
-        """Wait for output, then merge whatever else queued up so a slow reader catches up."""
-        out = await self.queue.get()
-        while not self.queue.empty() and out.finish_reason is FinishReason.NONE:
-            out.merge(self.queue.get_nowait())
-        return out
+
+async def next_outputs(queue: asyncio.Queue[RequestOutput]) -> list[RequestOutput]:
+    """Wait for output, then take what else queued up, merged per completion, so a slow
+    reader catches up in one message per completion."""
+    items = [await queue.get()]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    latest: dict[int, RequestOutput] = {}
+    outs: list[RequestOutput] = []
+    for item in items:
+        prev = latest.get(item.index)
+        if prev is not None and prev.finish_reason is FinishReason.NONE:
+            prev.merge(item)
+        else:
+            latest[item.index] = item
+            outs.append(item)
+    return outs

@@ -1,31 +1,39 @@
-"""Continuous batching: admission, chunked prefill, decode, and slot bookkeeping.
+"""Continuous batching: admission, prefix reuse, chunked prefill, decode, preemption.
 
 The scheduler owns every KV slot and req_to_token row. Each step it builds one
 ``StepRequest`` for the shards: rows to release, new rows with their sampling state,
 prefill chunks (within a token budget) and one decode entry per running request.
 
-Admission reserves each request's peak KV footprint (prompt + max_new_tokens - 1), so a
-running request can always get the slot for its next token and nothing is ever
-preempted. Slots themselves are allocated token by token as the request grows, and
-all of them go back to the pool the moment the request finishes or is aborted.
+KV slots are allocated token by token. A new request first takes the longest cached
+prefix of its tokens from the radix cache and prefills only the rest; its prompt is
+cached as each chunk is sent, so a request arriving a step later shares it, and when a
+request ends its prompt and output stay cached until their room is needed.
+
+Admission asks ``Admission`` whether the batch's KV peak still fits (docs/scheduling.md).
+When a decode step does not fit anyway, cached tokens nobody uses are evicted first, then
+the most recently admitted request (lowest priority first under the priority policy) is
+preempted: its known tokens stay in the cache, its slots and row go back, and it waits at
+the front of the queue to re-prefill what the cache lost and continue where it was.
 
 Steps are pipelined: the next step is built before the previous one's tokens are back
 (the shard keeps each row's last token), so a request decodes from the step after its
-last prompt chunk was *sent*. A request that stops on EOS or a stop string may thus get
-a decode entry or two whose tokens are dropped; ``scheduled_tokens`` keeps a request from
+last prompt chunk was *sent*. Tokens of a step sent before a request ended or was
+preempted are dropped (``StepPlan.epochs``); ``scheduled_tokens`` keeps a request from
 ever being scheduled past max_new_tokens.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from lightllm_grpc.config import SchedulerConfig
 from lightllm_grpc.proto import shard_pb2
+from lightllm_grpc.scheduler.admission import Admission, KVNeed, OutputLengths
 from lightllm_grpc.scheduler.allocator import IdAllocator
+from lightllm_grpc.scheduler.radix_cache import Match, RadixCache
 from lightllm_grpc.scheduler.request import FinishReason, Request, State
 
 
@@ -34,22 +42,42 @@ class StepPlan:
     """A step on its way to the shards, and the requests it covers.
 
     ``sampled`` lists, in the order of the shard's result rows, the request each sampled
-    token belongs to: results are matched by position, never through the live row table,
-    because a row freed while the step ran may already belong to a new request.
+    token belongs to, and ``epochs`` the request's epoch when the step was built: results
+    are matched by position, never through the live row table, because a row freed while
+    the step ran may already belong to a new request.
     """
 
     message: shard_pb2.StepRequest
     requests: list[Request] = field(default_factory=list)
     sampled: list[Request] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
+
+    def add_sampled(self, req: Request) -> None:
+        self.sampled.append(req)
+        self.epochs.append(req.epoch)
 
 
 @dataclass(frozen=True)
 class PoolStats:
     total: int
-    used: int
-    reserved: int
+    free: int
+    cached: int  # held by the prefix cache and by no live request
     running: int
     waiting: int
+
+    @property
+    def used(self) -> int:
+        return self.total - self.free - self.cached
+
+
+@dataclass
+class Counters:
+    """Cumulative counts, for GetServerInfo and metrics."""
+
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of those, served from it
+    preemptions: int = 0
+    partial_prefills: int = 0  # prefill chunks that did not finish their prompt
 
 
 class Scheduler:
@@ -59,14 +87,18 @@ class Scheduler:
         self.config = config
         self.eos_ids = eos_ids
         self.slots = IdAllocator(kv_capacity)
+        self.cache = RadixCache(self.slots.free) if config.prefix_cache else None
         self.rows = IdAllocator(min(max_rows, config.max_running_requests))
-        self.waiting: deque[Request] = deque()
+        self.admission = Admission(config.admission, OutputLengths(quantile=config.admission_quantile))
+        self.waiting: list[Request] = []  # in queue order (see _queue_key)
         self.prefilling: list[Request] = []
         self.decoding: list[Request] = []
-        self.by_id: dict[str, Request] = {}
-        self.reserved = 0
+        self.by_id: dict[str, list[Request]] = {}  # live completions of each request id
+        self.counters = Counters()
         self._release: list[int] = []
         self._step_id = 0
+        self._arrivals = 0
+        self._admissions = 0
 
     # ---- queries -------------------------------------------------------------------
     @property
@@ -75,124 +107,270 @@ class Scheduler:
 
     def stats(self) -> PoolStats:
         running = len(self.prefilling) + len(self.decoding)
-        return PoolStats(self.slots.capacity, self.slots.num_used, self.reserved, running, len(self.waiting))
+        cached = self.cache.evictable_tokens if self.cache else 0
+        return PoolStats(self.slots.capacity, self.slots.num_free, cached, running, len(self.waiting))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.decoding)
 
+    def live(self) -> list[Request]:
+        return [r for group in self.by_id.values() for r in group]
+
     # ---- request lifecycle ------------------------------------------------------------
     def submit(self, req: Request) -> None:
-        if req.request_id in self.by_id:
+        group = self.by_id.setdefault(req.request_id, [])
+        if any(r.index == req.index for r in group):
             raise KeyError(req.request_id)
-        self.by_id[req.request_id] = req
-        self.waiting.append(req)
+        group.append(req)
+        self._arrivals += 1
+        req.arrival = self._arrivals
+        self._enqueue(req)
 
     def finish(self, req: Request, reason: FinishReason) -> None:
-        """End a request: its slots and row go back at once (the shard forgets the row next step)."""
+        """End a request: its KV goes to the cache or the pool at once, its row is freed."""
         if req.finished:
             return
         if req.state is State.WAITING:
             self.waiting.remove(req)
         else:
             (self.prefilling if req.state is State.PREFILLING else self.decoding).remove(req)
-            self._free_kv(req)
+            self._release_kv(req)
+        if reason in (FinishReason.LENGTH, FinishReason.STOP):
+            self.admission.lengths.record(len(req.output_ids))
         req.state = State.FINISHED
         req.finish_reason = reason
-        self.by_id.pop(req.request_id, None)
+        group = self.by_id.get(req.request_id, [])
+        if req in group:
+            group.remove(req)
+            if not group:
+                del self.by_id[req.request_id]
 
-    def _free_kv(self, req: Request) -> None:
-        if req.slots:
-            self.slots.free(np.concatenate(req.slots))
-        req.slots, req.num_slots = [], 0
-        self.reserved -= req.kv_reservation
-        self.rows.free([req.row])
-        self._release.append(req.row)
-        req.row = -1
-
-    def _alloc(self, req: Request, n: int) -> np.ndarray:
-        ids = self.slots.alloc(n)
-        if ids is None or req.num_slots + n > req.kv_reservation:
-            raise RuntimeError("KV reservation violated; this is a scheduler bug")
-        req.slots.append(ids)
-        req.num_slots += n
-        return ids
+    def clear_cache(self) -> int:
+        """Free every cached token that no live request uses; return how many."""
+        return self.cache.clear() if self.cache else 0
 
     # ---- step building ------------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
         if not self.has_work():
             return None
+        step_id = self._step_id + 1
         msg = shard_pb2.StepRequest()
         plan = StepPlan(msg)
         # Decode entries first, so a request whose prompt ends in this step gets none yet.
         decodes = self._decode(msg.decode)
-        budget = self._continue_prefills(plan, self.config.max_prefill_tokens)
-        self._admit(plan, budget)
+        budget = self._continue_prefills(plan, self.config.max_prefill_tokens, step_id)
+        self._admit(plan, budget, step_id)
         plan.requests.extend(decodes)
-        plan.sampled.extend(decodes)  # the shard answers prefill rows first, then decode rows
-        if not plan.requests:
+        for req in decodes:  # the shard answers prefill rows first, then decode rows
+            plan.add_sampled(req)
+        if not plan.requests and not self._release:
             return None
-        self._step_id += 1
-        msg.step_id = self._step_id
+        self._step_id = step_id
+        msg.step_id = step_id
         msg.release_rows.extend(self._release)
         self._release.clear()
         return plan
 
-    def _continue_prefills(self, plan: StepPlan, budget: int) -> int:
-        for req in list(self.prefilling):
-            if budget <= 0:
-                break
-            budget -= self._add_chunk(plan, req, budget)
-        return budget
-
-    def _admit(self, plan: StepPlan, budget: int) -> None:
-        while self.waiting and budget > 0 and self.rows.num_free > 0:
-            req = self.waiting[0]
-            if self.reserved + req.kv_reservation > self.slots.capacity:
-                break  # first come, first served: later requests wait behind the head
-            self.waiting.popleft()
-            req.row = self.rows.alloc_one()
-            req.state = State.PREFILLING
-            self.reserved += req.kv_reservation
-            self.prefilling.append(req)
-            plan.message.admit.append(_row_sampling(req, self.eos_ids))
-            budget -= self._add_chunk(plan, req, budget)
-
-    def _add_chunk(self, plan: StepPlan, req: Request, budget: int) -> int:
-        n = min(budget, req.prompt_len - req.prefilled)
-        slots = self._alloc(req, n)
-        pre = plan.message.prefill
-        pre.rows.append(req.row)
-        pre.starts.append(req.prefilled)
-        pre.lens.append(n)
-        pre.token_ids.extend(req.prompt_ids[req.prefilled : req.prefilled + n])
-        pre.slots.extend(slots.tolist())
-        pre.prefix_lens.append(0)
-        req.prefilled += n
-        done = req.prefilled == req.prompt_len
-        pre.sample.append(done)
-        plan.requests.append(req)
-        if done:  # decodes from the next step on: the shard will hold its first token
-            plan.sampled.append(req)
-            req.scheduled_tokens = 1
-            req.state = State.DECODING
-            self.prefilling.remove(req)
-            self.decoding.append(req)
-        return n
-
     def _decode(self, dec: shard_pb2.DecodeBatch) -> list[Request]:
-        reqs = [r for r in self.decoding if r.scheduled_tokens < r.stopping.max_new_tokens]
+        while True:
+            reqs = [r for r in self.decoding if r.scheduled_tokens < r.stopping.max_new_tokens]
+            if self._make_room(len(reqs)):
+                break
+            self._preempt(self._victim())
         if not reqs:
             return reqs
         slots = self.slots.alloc(len(reqs))
-        if slots is None:
-            raise RuntimeError("KV reservation violated; this is a scheduler bug")
+        assert slots is not None
         for req, slot in zip(reqs, slots):
-            req.slots.append(slot.reshape(1))
-            req.num_slots += 1
+            req.append_kv(slot.reshape(1))
             req.scheduled_tokens += 1
         dec.rows.extend([r.row for r in reqs])
         dec.slots.extend(slots.tolist())
         return reqs
+
+    def _continue_prefills(self, plan: StepPlan, budget: int, step_id: int) -> int:
+        for req in list(self.prefilling):
+            if budget <= 0:
+                break
+            budget -= self._add_chunk(plan, req, budget, step_id)
+        return budget
+
+    def _admit(self, plan: StepPlan, budget: int, step_id: int) -> None:
+        needs = [self._need(r) for r in (*self.prefilling, *self.decoding)]
+        i = 0
+        while i < len(self.waiting) and budget > 0 and self.rows.num_free > 0:
+            req = self.waiting[i]
+            match = self._match(req, step_id)
+            if self._defer(req, match):
+                i += 1  # its prefix is being written by this step: it shares it from the next
+                continue
+            need = self._candidate_need(req, match)
+            if not self.admission.fits([*needs, need], self._room(match)):
+                break  # in queue order: later requests wait behind this one
+            self.waiting.pop(i)
+            self._start(plan, req, match)
+            needs.append(need)
+            budget -= self._add_chunk(plan, req, budget, step_id)
+
+    def _match(self, req: Request, step_id: int) -> Match | None:
+        if self.cache is None:
+            return None
+        # At least one token is computed, so the first new token has logits to come from.
+        return self.cache.match(req.fill_ids[:-1], before_step=step_id)
+
+    def _defer(self, req: Request, match: Match | None) -> bool:
+        if match is not None and match.blocked:
+            return True
+        # Completions of one request share its prompt: siblings wait for the first to cache it.
+        siblings = self.by_id.get(req.request_id, ())
+        return self.cache is not None and any(r.state is State.PREFILLING for r in siblings if r is not req)
+
+    def _start(self, plan: StepPlan, req: Request, match: Match | None) -> None:
+        req.row = self.rows.alloc_one()
+        req.state = State.PREFILLING
+        self._admissions += 1
+        req.admitted = self._admissions
+        first = req.preemptions == 0
+        if first:
+            self.counters.prefix_query_tokens += req.prompt_len
+        if match is not None and match.length:
+            assert self.cache is not None
+            self.cache.lock(match.node)
+            req.node, req.tree_len = match.node, match.length
+            req.append_kv(match.slots)
+            req.prefilled = req.prefix_pending = match.length
+            if first:
+                req.cached_tokens = min(match.length, req.prompt_len)
+                self.counters.prefix_hit_tokens += req.cached_tokens
+        self.prefilling.append(req)
+        plan.message.admit.append(_row_sampling(req, self.eos_ids))
+
+    def _add_chunk(self, plan: StepPlan, req: Request, budget: int, step_id: int) -> int:
+        n = min(budget, len(req.fill_ids) - req.prefilled)
+        if not self._make_room(n):
+            n = self.slots.num_free  # everything evictable is gone: take what is left
+            if n == 0:
+                return 0  # running requests will free some
+        slots = self.slots.alloc(n)
+        assert slots is not None
+        pre = plan.message.prefill
+        pre.rows.append(req.row)
+        pre.starts.append(req.prefilled)
+        pre.lens.append(n)
+        pre.token_ids.extend(req.fill_ids[req.prefilled : req.prefilled + n])
+        pre.slots.extend(slots.tolist())
+        # The first chunk after a cache hit tells the shard where the cached prefix lives.
+        pre.prefix_lens.append(req.prefix_pending)
+        if req.prefix_pending:
+            pre.prefix_slots.extend(req.kv[: req.prefix_pending].tolist())
+            req.prefix_pending = 0
+        req.append_kv(slots)
+        req.prefilled += n
+        done = req.prefilled == len(req.fill_ids)
+        pre.sample.append(done)
+        plan.requests.append(req)
+        self._cache_prefill(req, step_id)
+        if done:  # decodes from the next step on: the shard will hold its next token
+            plan.add_sampled(req)
+            req.scheduled_tokens = len(req.output_ids) + 1
+            req.state = State.DECODING
+            self.prefilling.remove(req)
+            self.decoding.append(req)
+        else:
+            self.counters.partial_prefills += 1
+        return n
+
+    def _cache_prefill(self, req: Request, step_id: int) -> None:
+        """Cache the prompt tokens just sent, so requests admitted from the next step share them."""
+        if self.cache is None:
+            return
+        n = req.prefilled
+        node, already = self.cache.insert(req.fill_ids[:n], req.kv[:n], step=step_id)
+        if already > req.tree_len:
+            req.dup_slots.append(req.kv[req.tree_len : already].copy())
+        self.cache.lock(node)
+        if req.node is not None:
+            self.cache.unlock(req.node)
+        req.node, req.tree_len = node, n
+
+    # ---- KV accounting ----------------------------------------------------------------
+    def _need(self, req: Request) -> KVNeed:
+        """KV a running request holds or will still fill, and how much more it may grow."""
+        positions = req.num_kv + len(req.fill_ids) - req.prefilled
+        held = positions - req.tree_len + sum(d.size for d in req.dup_slots)
+        generated = max(req.scheduled_tokens, len(req.output_ids))
+        final = req.prompt_len + self.admission.expected_output(generated, req.stopping.max_new_tokens) - 1
+        return KVNeed(held, max(0, final - positions))
+
+    def _candidate_need(self, req: Request, match: Match | None) -> KVNeed:
+        cached = match.length if match is not None else 0
+        generated = len(req.output_ids)
+        final = req.prompt_len + self.admission.expected_output(generated, req.stopping.max_new_tokens) - 1
+        return KVNeed(len(req.fill_ids) - cached, max(0, final - len(req.fill_ids)))
+
+    def _room(self, match: Match | None) -> int:
+        """Slots the running requests may use: all but those live requests lock in the cache."""
+        if self.cache is None:
+            return self.slots.capacity
+        extra = self.cache.unlocked_on_path(match.node) if match is not None else 0
+        return self.slots.capacity - self.cache.locked_tokens - extra
+
+    def _make_room(self, n: int) -> bool:
+        """Make ``n`` slots free, evicting cached tokens nobody uses if needed."""
+        short = n - self.slots.num_free
+        if short > 0 and self.cache is not None:
+            self.cache.evict(short)
+        return self.slots.num_free >= n
+
+    # ---- preemption ---------------------------------------------------------------------
+    def _victim(self) -> Request:
+        running = [*self.prefilling, *self.decoding]
+        if len(running) <= 1:
+            raise RuntimeError("KV pool too small for a single request; this is a scheduler bug")
+        if self.config.scheduling_policy == "priority":
+            return max(running, key=lambda r: (r.priority, r.admitted))
+        return max(running, key=lambda r: r.admitted)
+
+    def _preempt(self, req: Request) -> None:
+        """Give back a running request's slots and row; it re-enters the queue to resume."""
+        (self.prefilling if req.state is State.PREFILLING else self.decoding).remove(req)
+        self._release_kv(req)
+        req.state = State.WAITING
+        req.epoch += 1
+        req.preemptions += 1
+        req.fill_ids = req.seq_ids
+        req.prefilled = 0
+        req.scheduled_tokens = len(req.output_ids)
+        self.counters.preemptions += 1
+        self._enqueue(req)
+
+    def _enqueue(self, req: Request) -> None:
+        bisect.insort(self.waiting, req, key=self._queue_key)
+
+    def _queue_key(self, req: Request) -> tuple[int, int, int]:
+        # Preempted requests go first (within their priority under the priority policy).
+        prio = req.priority if self.config.scheduling_policy == "priority" else 0
+        return (prio, 0 if req.preemptions else 1, req.arrival)
+
+    def _release_kv(self, req: Request) -> None:
+        """Cache the request's known tokens, free the rest of its slots and its row."""
+        kv, start = req.kv[: req.num_kv], req.tree_len
+        free = list(req.dup_slots)
+        if self.cache is not None:
+            seq = req.seq_ids
+            known = min(req.num_kv, len(seq))
+            if known > start:
+                _, already = self.cache.insert(seq[:known], kv[:known])
+                free.append(kv[start : max(start, already)])  # the cache had these already
+                start = known
+            if req.node is not None:
+                self.cache.unlock(req.node)
+        free.append(kv[start:])
+        self.slots.free(np.concatenate(free))
+        req.kv, req.num_kv, req.tree_len, req.node, req.dup_slots = np.empty(0, np.int32), 0, 0, None, []
+        self.rows.free([req.row])
+        self._release.append(req.row)
+        req.row = -1
 
 
 def _row_sampling(req: Request, eos_ids: tuple[int, ...]) -> shard_pb2.RowSampling:
@@ -217,4 +395,7 @@ def _row_sampling(req: Request, eos_ids: tuple[int, ...]) -> shard_pb2.RowSampli
             msg.suppress_ids.extend(eos_ids)
     if s.repetition_penalty != 1.0:
         msg.penalty_prompt_ids.extend(req.prompt_ids)
+    # A resumed request's output so far: the shard's counters (seeded noise, penalties,
+    # min_new_tokens) continue from there, so sampling goes on exactly as if never stopped.
+    msg.generated_ids.extend(req.output_ids)
     return msg

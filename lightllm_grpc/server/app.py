@@ -83,7 +83,8 @@ def _engine(
     outputs = OutputProcessor(
         Detokenizer(tok.backend), eos, info.max_context, scheduler.finish, cfg.scheduler.max_messages_per_step
     )
-    limits = Limits(info.vocab_size, info.max_context, capacity, cfg.scheduler.default_max_new_tokens)
+    sched = cfg.scheduler
+    limits = Limits(info.vocab_size, info.max_context, capacity, sched.default_max_new_tokens, sched.max_n)
     return Engine(scheduler, outputs, client), RequestBuilder(tok, limits)
 
 
@@ -107,14 +108,18 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
     port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     engine.start()
     await server.start()
+    sched = cfg.scheduler
     log.info(
-        "serving %s on %s:%d (KV pool %d tokens, %d shard(s) on %s)",
+        "serving %s on %s:%d (KV pool %d tokens, %d shard(s) on %s; prefix cache %s, admission %s, %s)",
         static.model.name,
         cfg.host,
         port,
         engine.scheduler.kv_capacity,
         len(infos),
         static.device,
+        "on" if sched.prefix_cache else "off",
+        sched.admission,
+        sched.scheduling_policy,
     )
     return Coordinator(server, engine, client, procs, port)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import uuid
@@ -27,6 +28,7 @@ class Limits:
     max_context: int
     kv_capacity: int
     default_max_new_tokens: int
+    max_n: int = 16
 
 
 class RequestBuilder:
@@ -34,17 +36,41 @@ class RequestBuilder:
         self.tokenizer = tokenizer
         self.limits = limits
 
-    def build(self, msg: pb.GenerateRequest) -> Request:
+    def build(self, msg: pb.GenerateRequest) -> list[Request]:
+        """The request's completions: one ``Request`` each, sharing its id and prompt."""
         request_id = _request_id(msg.request_id)
+        n = self._n(msg)
         prompt_ids = self.prompt_ids(msg)
         stopping = self._stopping(msg.stopping, len(prompt_ids))
-        req = Request(
-            request_id=request_id,
-            prompt_ids=prompt_ids,
-            sampling=_sampling(msg.sampling),
-            stopping=stopping,
-            output=_output(msg.response),
-        )
+        sampling, output = _sampling(msg.sampling), _output(msg.response)
+        reqs = [
+            Request(
+                request_id=request_id,
+                prompt_ids=prompt_ids,
+                sampling=_nth_seed(sampling, i, msg.sampling.HasField("seed")),
+                stopping=stopping,
+                output=output,
+                index=i,
+                priority=msg.priority,
+            )
+            for i in range(n)
+        ]
+        self._check_fits(reqs[0])
+        for req in reqs[1:]:
+            req.queue = reqs[0].queue  # one stream carries every completion
+        if stopping.stop:
+            for req in reqs:
+                req.stop_matcher = StopStringMatcher(list(stopping.stop), stopping.include_stop_str_in_output)
+        return reqs
+
+    def _n(self, msg: pb.GenerateRequest) -> int:
+        n = msg.n if msg.HasField("n") else 1
+        if not 1 <= n <= self.limits.max_n:
+            raise invalid(f"n must be in [1, {self.limits.max_n}] (the server's --max-n), got {n}")
+        return n
+
+    def _check_fits(self, req: Request) -> None:
+        stopping, prompt_ids = req.stopping, req.prompt_ids
         if req.kv_reservation > self.limits.kv_capacity:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -52,9 +78,6 @@ class RequestBuilder:
                 f"({stopping.max_new_tokens}) needs {req.kv_reservation} KV tokens but the server's "
                 f"KV pool holds {self.limits.kv_capacity}; shorten the prompt or lower max_new_tokens",
             )
-        if stopping.stop:
-            req.stop_matcher = StopStringMatcher(list(stopping.stop), stopping.include_stop_str_in_output)
-        return req
 
     def prompt_ids(self, msg: pb.GenerateRequest) -> list[int]:
         kind = msg.WhichOneof("prompt")
@@ -156,6 +179,14 @@ def _sampling(s: pb.SamplingParams) -> SamplingOptions:
         # and independent of what else is in its batch.
         seed=s.seed if s.HasField("seed") else secrets.randbits(63),
     )
+
+
+def _nth_seed(sampling: SamplingOptions, i: int, given: bool) -> SamplingOptions:
+    """Completion i of a seeded request uses seed + i; unseeded ones each draw their own."""
+    if i == 0:
+        return sampling
+    seed = (sampling.seed + i) % (1 << 64) if given and sampling.seed is not None else secrets.randbits(63)
+    return dataclasses.replace(sampling, seed=seed)
 
 
 def _check_stop_strings(stops: list[str]) -> None:

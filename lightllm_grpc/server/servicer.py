@@ -12,7 +12,7 @@ from lightllm_grpc import __version__
 from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.proto import generation_pb2_grpc
 from lightllm_grpc.scheduler.engine import Engine
-from lightllm_grpc.scheduler.request import FinishReason, Request, RequestOutput
+from lightllm_grpc.scheduler.request import FinishReason, Request, RequestOutput, next_outputs
 from lightllm_grpc.server.errors import RequestError, invalid, stream_errors, unary_errors
 from lightllm_grpc.server.request_builder import RequestBuilder, chat_messages
 
@@ -35,19 +35,23 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        req = self._submit(request)
-        async for out in self._outputs(req):
-            yield pb.GenerateStreamResponse(**_fields(req, out))
+        reqs = self._submit(request)
+        async for out in self._outputs(reqs):
+            req = reqs[out.index]
+            yield pb.GenerateStreamResponse(index=out.index, **_fields(req, out), **_usage(out, [req]))
 
     @unary_errors
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        req = self._submit(request)
-        total = RequestOutput()
-        async for out in self._outputs(req):
-            total.merge(out)
-        return pb.GenerateResponse(**_fields(req, total))
+        reqs = self._submit(request)
+        totals = [RequestOutput(index=r.index) for r in reqs]
+        async for out in self._outputs(reqs):
+            totals[out.index].merge(out)
+        response = pb.GenerateResponse(**_fields(reqs[0], totals[0]), **_usage(totals[0], reqs))
+        if len(reqs) > 1:
+            response.completions.extend(_completion(r, t) for r, t in zip(reqs, totals))
+        return response
 
     @unary_errors
     async def Tokenize(
@@ -74,24 +78,38 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerInfo:
-        stats = self.engine.scheduler.stats()
+        scheduler = self.engine.scheduler
+        stats, counters, cfg = scheduler.stats(), scheduler.counters, scheduler.config
         return pb.ServerInfo(
             version=__version__,
             kv_total_tokens=stats.total,
-            kv_free_tokens=stats.total - stats.used,
-            kv_cached_tokens=0,  # no prefix cache holds slots beyond live requests yet
+            kv_free_tokens=stats.free,
+            kv_cached_tokens=stats.cached,
             kv_used_tokens=stats.used,
             running_requests=stats.running,
             waiting_requests=stats.waiting,
             max_running_requests=self.info.max_running_requests,
             device=self.info.device,
+            prefix_cache_query_tokens=counters.prefix_query_tokens,
+            prefix_cache_hit_tokens=counters.prefix_hit_tokens,
+            num_preemptions=counters.preemptions,
+            num_partial_prefills=counters.partial_prefills,
+            prefix_cache_enabled=cfg.prefix_cache,
+            admission=cfg.admission,
+            scheduling_policy=cfg.scheduling_policy,
         )
 
     @unary_errors
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         return pb.AbortResponse(aborted=self.engine.abort(request.request_id))
 
-    def _submit(self, request: pb.GenerateRequest) -> Request:
+    @unary_errors
+    async def FlushCache(
+        self, request: pb.FlushCacheRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FlushCacheResponse:
+        return pb.FlushCacheResponse(freed_tokens=self.engine.scheduler.clear_cache())
+
+    def _submit(self, request: pb.GenerateRequest) -> list[Request]:
         if self.engine.dead:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the model shards are gone: {self.engine.dead}")
         if len(self.engine.scheduler.waiting) >= self.info.max_waiting_requests:
@@ -99,47 +117,74 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the queue is full ({self.info.max_waiting_requests} waiting requests); retry later",
             )
-        req = self.builder.build(request)
-        if req.request_id in self.engine.scheduler.by_id:
+        reqs = self.builder.build(request)
+        request_id = reqs[0].request_id
+        if request_id in self.engine.scheduler.by_id:
             raise RequestError(
-                grpc.StatusCode.ALREADY_EXISTS, f"request_id {req.request_id!r} is already running"
+                grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running"
             )
-        self.engine.submit(req)
-        return req
+        for req in reqs:
+            self.engine.submit(req)
+        return reqs
 
-    async def _outputs(self, req: Request) -> AsyncIterator[RequestOutput]:
-        """Yield the request's deltas; abort it if the caller goes away (cancel, deadline)."""
+    async def _outputs(self, reqs: list[Request]) -> AsyncIterator[RequestOutput]:
+        """Yield the completions' deltas until all have finished; abort them all if the
+        caller goes away (cancel, deadline)."""
+        queue, left = reqs[0].queue, len(reqs)
         try:
-            while True:
-                out = await req.next_output()
-                if out.error:
-                    code = grpc.StatusCode.UNAVAILABLE if self.engine.dead else grpc.StatusCode.INTERNAL
-                    raise RequestError(code, f"generation failed: {out.error}")
-                yield out
-                if out.finish_reason is not FinishReason.NONE:
-                    return
+            while left:
+                for out in await next_outputs(queue):
+                    if out.error:
+                        code = grpc.StatusCode.UNAVAILABLE if self.engine.dead else grpc.StatusCode.INTERNAL
+                        raise RequestError(code, f"generation failed: {out.error}")
+                    yield out
+                    left -= out.finish_reason is not FinishReason.NONE
         finally:
-            if not req.finished:
-                self.engine.abort(req.request_id)
+            if any(not r.finished for r in reqs):
+                self.engine.abort(reqs[0].request_id)
 
 
 def _fields(req: Request, out: RequestOutput) -> dict:
     fields: dict = {"request_id": req.request_id, "text": out.text, "token_ids": out.token_ids}
     if out.logprobs:
-        fields["logprobs"] = [
-            pb.TokenLogprob(
-                token_id=lp.token_id,
-                logprob=lp.logprob,
-                top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
-            )
-            for lp in out.logprobs
-        ]
+        fields["logprobs"] = _logprobs(out)
     if out.finish_reason is not FinishReason.NONE:
         fields["finish_reason"] = int(out.finish_reason)
         fields["stop_reason"] = out.stop_reason
-        fields["usage"] = pb.Usage(
-            prompt_tokens=req.prompt_len,
-            completion_tokens=len(req.output_ids),
-            cached_tokens=req.cached_tokens,
-        )
     return fields
+
+
+def _usage(out: RequestOutput, reqs: list[Request]) -> dict:
+    """Usage on a final message: the prompt once, the completion tokens of ``reqs``, and
+    the prompt tokens the first of them took from the prefix cache."""
+    if out.finish_reason is FinishReason.NONE:
+        return {}
+    usage = pb.Usage(
+        prompt_tokens=reqs[0].prompt_len,
+        completion_tokens=sum(len(r.output_ids) for r in reqs),
+        cached_tokens=reqs[0].cached_tokens,
+    )
+    return {"usage": usage}
+
+
+def _logprobs(out: RequestOutput) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        )
+        for lp in out.logprobs
+    ]
+
+
+def _completion(req: Request, out: RequestOutput) -> pb.Completion:
+    return pb.Completion(
+        index=req.index,
+        text=out.text,
+        token_ids=out.token_ids,
+        finish_reason=int(out.finish_reason),
+        logprobs=_logprobs(out),
+        stop_reason=out.stop_reason,
+        completion_tokens=len(req.output_ids),
+    )
