@@ -151,11 +151,14 @@ def serve_main(args: argparse.Namespace) -> int:
         print("bench serve: --num-prompts applies to the random dataset only", file=sys.stderr)
         return 2
     targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    if not targets:
+        print("bench serve: --target names no server", file=sys.stderr)
+        return 2
     try:
         traffic = Traffic(
             args.request_rate, args.max_concurrency, args.ignore_eos, args.seed, not args.disable_tqdm
         )
-        summary, info = run(serve_benchmark(targets, lambda info: serve_workload(args, info), traffic))
+        summary, info = run(serve_benchmark(targets, lambda model: serve_workload(args, model), traffic))
     except ValueError as exc:
         print(f"bench serve: {exc}", file=sys.stderr)
         return 2
