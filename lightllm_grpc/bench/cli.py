@@ -1,12 +1,28 @@
-"""``lightllm-grpc bench``: load against a running server (``bench load``)."""
+"""``lightllm-grpc bench``: ``bench load`` (a fixed workload) and ``bench serve`` (datasets, arrival
+rates and latency percentiles against one or more running servers)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
+from pathlib import Path
+
+import grpc
 
 from lightllm_grpc.aio import run
+from lightllm_grpc.bench.datasets import (
+    Conversation,
+    Vocab,
+    multi_turn_conversations,
+    random_requests,
+    shared_prefix_requests,
+)
 from lightllm_grpc.bench.load import Workload, run_load
+from lightllm_grpc.bench.report import format_summary
+from lightllm_grpc.bench.serve import Traffic, as_conversations, serve_benchmark
+from lightllm_grpc.proto import generation_pb2 as pb
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,12 +36,53 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--concurrency", type=int, default=None, help="default: all at once")
     load.add_argument("--vocab-size", type=int, default=None, help="default: asked from the server")
     load.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_serve_parser(bsub)
+
+
+def _add_serve_parser(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser(
+        "serve",
+        help="drive running servers with a dataset and report throughput and latency percentiles",
+        description="Sends synthetic token-id workloads over lightllm.v1.Generation/GenerateStream. "
+        "See docs/bench.md for the metric definitions.",
+    )
+    p.add_argument(
+        "--target",
+        default="127.0.0.1:50051",
+        help="host:port, or a comma-separated list: requests (conversations) go round-robin",
+    )
+    p.add_argument("--dataset", choices=("random", "shared-prefix", "multi-turn"), default="random")
+    p.add_argument("--num-prompts", type=int, default=None, help="random dataset only (default 1000)")
+    p.add_argument("--random-input-len", type=int, default=1024)
+    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument(
+        "--random-range-ratio",
+        type=float,
+        default=0.0,
+        help="lengths uniform in [len*(1-r), len*(1+r)], r in [0, 1)",
+    )
+    p.add_argument("--prefix-groups", type=int, default=50)
+    p.add_argument("--prompts-per-group", type=int, default=20)
+    p.add_argument("--prefix-len", type=int, default=1024)
+    p.add_argument("--suffix-len", type=int, default=64)
+    p.add_argument("--num-conversations", type=int, default=16)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--turn-input-len", type=int, default=128, help="new tokens per turn")
+    p.add_argument("--output-len", type=int, default=128, help="shared-prefix and multi-turn")
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="requests (conversations) per second, Poisson arrivals; inf: all at once",
+    )
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_path", type=Path, default=None, help="write the figures here")
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
 
 
 async def _vocab(address: str) -> int:
-    import grpc
-
-    from lightllm_grpc.proto import generation_pb2 as pb
     from lightllm_grpc.proto import generation_pb2_grpc
 
     async with grpc.aio.insecure_channel(address) as channel:
@@ -34,6 +91,12 @@ async def _vocab(address: str) -> int:
 
 
 def bench_main(args: argparse.Namespace) -> int:
+    if args.bench_command == "serve":
+        return serve_main(args)
+    return load_main(args)
+
+
+def load_main(args: argparse.Namespace) -> int:
     vocab = args.vocab_size or run(_vocab(args.address))
     w = Workload(
         args.num_requests, args.input_len, args.output_len, args.concurrency or args.num_requests, vocab
@@ -49,3 +112,62 @@ def bench_main(args: argparse.Namespace) -> int:
             f"TPOT p50 {result.tpot_p50_ms:.2f} ms over {result.seconds:.2f} s"
         )
     return 0
+
+
+def serve_workload(args: argparse.Namespace, info: pb.ModelInfo) -> list[Conversation]:
+    """The dataset the flags ask for, drawn from the served model's vocabulary."""
+    vocab = Vocab.of_model(info.vocab_size, tuple(info.eos_token_ids))
+    if args.dataset == "random":
+        n = 1000 if args.num_prompts is None else args.num_prompts
+        reqs = random_requests(
+            n, args.random_input_len, args.random_output_len, args.random_range_ratio, vocab, args.seed
+        )
+        return as_conversations(reqs)
+    if args.dataset == "shared-prefix":
+        reqs = shared_prefix_requests(
+            args.prefix_groups,
+            args.prompts_per_group,
+            args.prefix_len,
+            args.suffix_len,
+            args.output_len,
+            vocab,
+            args.seed,
+        )
+        return as_conversations(reqs)
+    return multi_turn_conversations(
+        args.num_conversations, args.turns, args.turn_input_len, args.output_len, vocab, args.seed
+    )
+
+
+def _jsonable(value: object) -> object:
+    # JSON has no infinity; an unbounded rate is written as the string the flag accepts.
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return str(value) if isinstance(value, Path) else value
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    if args.num_prompts is not None and args.dataset != "random":
+        print("bench serve: --num-prompts applies to the random dataset only", file=sys.stderr)
+        return 2
+    targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    if not targets:
+        print("bench serve: --target names no server", file=sys.stderr)
+        return 2
+    try:
+        traffic = Traffic(
+            args.request_rate, args.max_concurrency, args.ignore_eos, args.seed, not args.disable_tqdm
+        )
+        summary, info = run(serve_benchmark(targets, lambda model: serve_workload(args, model), traffic))
+    except ValueError as exc:
+        print(f"bench serve: {exc}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as exc:  # GetModelInfo failed: no server there
+        print(f"bench serve: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    if args.json_path is not None:
+        flags = {k: _jsonable(v) for k, v in vars(args).items() if k not in ("command", "bench_command")}
+        record = {"model": info.name, "targets": targets, "args": flags, **summary.as_dict()}
+        args.json_path.write_text(json.dumps(record, indent=2) + "\n")
+    return 0 if summary.completed else 1
