@@ -271,3 +271,126 @@ def test_busy_streams_are_coalesced_without_losing_anything() -> None:
         await engine.stop()
 
     asyncio.run(main())
+
+
+def shared_prefix_request(i: int, prefix: list[int], suffix_len: int, max_new: int, **kw: object) -> Request:
+    suffix = [(i * 13 + j * 7) % 190 + 30 for j in range(suffix_len)]
+    return Request(
+        request_id=f"r{i}",
+        prompt_ids=prefix + suffix,
+        sampling=SamplingOptions(temperature=0.0, seed=0),
+        stopping=StopOptions(max_new_tokens=max_new, ignore_eos=True),
+        output=OutputOptions(),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_cached_prefixes_are_reused_and_give_the_same_tokens() -> None:
+    async def main() -> None:
+        engine, shard = make_engine(4096, 8, 4096)
+        engine.start()
+        prefix = [(j * 11) % 180 + 40 for j in range(50)]
+        first = shared_prefix_request(0, prefix, 5, 10)
+        engine.submit(first)
+        assert await collect(first) == expected(first.prompt_ids, 10)
+        later = [shared_prefix_request(i, prefix, 5, 10) for i in range(1, 6)]
+        for r in later:
+            engine.submit(r)
+        for r in later:
+            assert await collect(r) == expected(r.prompt_ids, 10)
+            assert r.cached_tokens >= 50
+        # The next turn of a conversation (prompt + answer + new text) hits prompt and answer.
+        turn2 = shared_prefix_request(9, first.prompt_ids + first.output_ids, 4, 6)
+        engine.submit(turn2)
+        assert await collect(turn2) == expected(turn2.prompt_ids, 6)
+        assert turn2.cached_tokens >= len(first.prompt_ids) + len(first.output_ids) - 1
+        assert shard.prefix_tokens > 0
+        c = engine.scheduler.counters
+        assert c.prefix_hit_tokens >= 5 * 50 and c.prefix_query_tokens > c.prefix_hit_tokens
+        assert_no_leak(engine.scheduler)
+        await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_requests_arriving_together_share_a_prefix_from_the_next_step() -> None:
+    """All at once: the first request caches the prefix as it is sent; the others wait one
+    step for it instead of prefilling it again."""
+
+    async def main() -> None:
+        engine, _ = make_engine(4096, 16, 4096)
+        prefix = [(j * 5) % 180 + 40 for j in range(64)]
+        reqs = [shared_prefix_request(i, prefix, 3, 5) for i in range(10)]
+        for r in reqs:
+            engine.submit(r)
+        engine.start()
+        for r in reqs:
+            assert await collect(r) == expected(r.prompt_ids, 5)
+        assert sum(r.cached_tokens >= 64 for r in reqs) == 9
+        await engine.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_preemption_under_pressure_loses_and_duplicates_nothing(policy: str) -> None:
+    """A pool far too small for the batch the history predicts: requests are preempted,
+    resume from the cache, and every stream still gets exactly its tokens."""
+
+    async def main() -> None:
+        engine, _shard = make_engine(160, 8, 16, scheduling_policy=policy)
+        engine.start()
+        prefix = [(j * 3) % 180 + 40 for j in range(12)]
+        for i in range(25):  # a history of short outputs: Past-Future expects more short ones
+            r = shared_prefix_request(100 + i, prefix, 2, 2)
+            engine.submit(r)
+            await collect(r)
+        reqs = [shared_prefix_request(i, prefix, 4 + i % 5, 40, priority=i % 3) for i in range(12)]
+        for r in reqs:
+            engine.submit(r)
+        for r in reqs:
+            assert await collect(r) == expected(r.prompt_ids, 40), r.request_id
+        assert engine.scheduler.counters.preemptions > 0
+        assert any(r.preemptions for r in reqs)
+        if policy == "priority":  # the lowest priority (highest value) is preempted first
+            by_prio = {p: sum(r.preemptions for r in reqs if r.priority == p) for p in range(3)}
+            assert by_prio[2] >= by_prio[0]
+        assert_no_leak(engine.scheduler)
+        await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_mixed_load_with_cancellations_eviction_and_preemption_leaks_nothing() -> None:
+    async def main() -> None:
+        engine, _shard = make_engine(600, 16, 48)
+        engine.start()
+        prefixes = [[(j * (k + 3)) % 180 + 40 for j in range(20 + 10 * k)] for k in range(4)]
+        reqs = [
+            # long-tailed outputs: the history of short ones underestimates the long ones
+            shared_prefix_request(i, prefixes[i % 4], 1 + i % 9, 80 if i % 10 == 3 else 1 + i % 5)
+            for i in range(500)
+        ]
+        cancel = set(range(5, 500, 10))
+
+        async def run(i: int, r: Request) -> None:
+            await asyncio.sleep(0.0005 * i)
+            engine.submit(r)
+            if i in cancel:
+                await asyncio.sleep(0.002)
+                engine.abort(r.request_id)
+                return
+            assert await collect(r) == expected(r.prompt_ids, r.stopping.max_new_tokens), r.request_id
+
+        await asyncio.gather(*(run(i, r) for i, r in enumerate(reqs)))
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        s = engine.scheduler
+        assert_no_leak(s)
+        c = s.counters
+        assert c.prefix_hit_tokens > 0 and c.partial_prefills > 0 and c.preemptions > 0, c
+        freed = s.clear_cache()
+        assert freed > 0 and s.stats().free == s.stats().total
+        await engine.stop()
+
+    asyncio.run(main())

@@ -1,0 +1,160 @@
+"""The scheduler issue end to end over gRPC on a tiny fp32 model: cached prefixes, multi-turn
+hits, chunking of cached and uncached parts, preemption under a tiny pool, n completions and
+seeded sampling, each checked token for token (greedy against transformers, sampled
+against the same request run alone)."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from lightllm_grpc.proto import generation_pb2 as pb
+from tests.reference import assert_greedy_equal, reference_greedy
+from tests.server_harness import ServerProcess, greedy_request, make_served_model
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_served_model("llama3", tmp_path_factory.mktemp("model") / "llama3", vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    # A small prefill budget: long prompts, cached or not, are chunked across steps.
+    srv = ServerProcess(model_dir, log, "--max-total-tokens", "2048", "--max-prefill-tokens", "16")
+    yield srv
+    srv.stop()
+
+
+def _ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(10, VOCAB) for _ in range(n)]
+
+
+def _generate_all(server: ServerProcess, reqs: list[pb.GenerateRequest]) -> list[pb.GenerateResponse]:
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        return list(pool.map(server.stub.Generate, reqs))
+
+
+def _check_greedy(model_dir, prompts: list[list[int]], outs: list[list[int]], new: int) -> None:
+    for i, ((ref, scores), ours) in enumerate(zip(reference_greedy(model_dir, prompts, new), outs)):
+        assert_greedy_equal(f"prompt {i}", ours, ref, scores)
+
+
+def test_shared_prefixes_are_served_from_the_cache(server, model_dir) -> None:
+    rng = random.Random(7)
+    prefix = _ids(rng, 40)
+    prompts = [prefix + _ids(rng, 3 + 4 * i) for i in range(7)]
+    before = server.info()
+    first = server.stub.Generate(greedy_request(prompts[0], 16))
+    rest = _generate_all(server, [greedy_request(p, 16) for p in prompts[1:]])
+    after = server.wait_idle()
+    _check_greedy(model_dir, prompts, [list(r.token_ids) for r in [first, *rest]], 16)
+    assert all(r.usage.cached_tokens >= 40 for r in rest), [r.usage.cached_tokens for r in rest]
+    assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens >= 6 * 40
+    assert after.num_partial_prefills > before.num_partial_prefills  # chunks did happen
+    assert after.kv_used_tokens == 0 and after.kv_cached_tokens > 0
+    assert after.kv_free_tokens + after.kv_cached_tokens == after.kv_total_tokens
+
+
+def test_multi_turn_conversation_hits_prompt_and_answer(server, model_dir) -> None:
+    rng = random.Random(8)
+    prompt, prompts, outs = _ids(rng, 30), [], []
+    for turn in range(3):
+        resp = server.stub.Generate(greedy_request(prompt, 12))
+        prompts.append(prompt)
+        outs.append(list(resp.token_ids))
+        if turn:  # everything the last turn saw and said is cached
+            assert resp.usage.cached_tokens >= len(prompts[-2]) + 12 - 1
+        prompt = prompt + list(resp.token_ids) + _ids(rng, 10)
+    _check_greedy(model_dir, prompts, outs, 12)
+
+
+def _sampled(ids: list[int], seed: int, max_new: int, n: int = 1) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), n=n)
+    req.sampling.temperature = 1.0
+    req.sampling.top_k = 40
+    req.sampling.seed = seed
+    req.stopping.max_new_tokens = max_new
+    req.stopping.ignore_eos = True
+    return req
+
+
+def test_n_completions_equal_seeded_requests_sent_alone(server) -> None:
+    prompt = _ids(random.Random(9), 25)
+    together = server.stub.Generate(_sampled(prompt, 100, 20, n=4))
+    assert [c.index for c in together.completions] == [0, 1, 2, 3]
+    alone = [list(server.stub.Generate(_sampled(prompt, 100 + i, 20)).token_ids) for i in range(4)]
+    assert [list(c.token_ids) for c in together.completions] == alone
+    assert len({tuple(a) for a in alone}) == 4  # distinct completions
+    assert list(together.token_ids) == alone[0]
+    assert together.usage.completion_tokens == 80 and together.usage.prompt_tokens == 25
+    stream = list(server.stub.GenerateStream(_sampled(prompt, 100, 20, n=4)))
+    by_index: dict[int, list[int]] = {}
+    for msg in stream:
+        by_index.setdefault(msg.index, []).extend(msg.token_ids)
+    assert [by_index[i] for i in range(4)] == alone
+    assert sum(m.finish_reason != pb.FINISH_REASON_UNSPECIFIED for m in stream) == 4
+    assert server.wait_idle().kv_used_tokens == 0
+
+
+def test_n_above_the_limit_is_refused(server) -> None:
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Generate(_sampled([11, 12], 1, 4, n=17))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "n must be" in err.value.details()
+
+
+def test_flush_cache_frees_only_unused_tokens(server) -> None:
+    server.stub.Generate(greedy_request(_ids(random.Random(10), 20), 4))
+    info = server.wait_idle()
+    assert info.kv_cached_tokens > 0
+    freed = server.stub.FlushCache(pb.FlushCacheRequest()).freed_tokens
+    after = server.info()
+    assert freed == info.kv_cached_tokens and after.kv_cached_tokens == 0
+    assert after.kv_free_tokens == after.kv_total_tokens
+
+
+def test_preemption_in_a_tiny_pool_keeps_every_output_exact(model_dir, tmp_path) -> None:
+    server = ServerProcess(
+        model_dir, tmp_path / "server.log", "--max-total-tokens", "256", "--max-prefill-tokens", "32"
+    )
+    try:
+        rng = random.Random(11)
+        for _ in range(25):  # a history of one-token answers: Past-Future expects short outputs
+            server.stub.Generate(greedy_request(_ids(rng, 8), 1))
+        greedy_prompts = [_ids(rng, 12 + i) for i in range(8)]
+        sampled_prompts = [_ids(rng, 10 + i) for i in range(4)]
+        reqs = [greedy_request(p, 48) for p in greedy_prompts]
+        reqs += [_sampled(p, 500 + i, 48) for i, p in enumerate(sampled_prompts)]
+        crowd = _generate_all(server, reqs)
+        info = server.wait_idle()
+        assert info.num_preemptions > 0
+        assert info.kv_used_tokens == 0 and info.kv_free_tokens + info.kv_cached_tokens == 256
+        for i, p in enumerate(sampled_prompts):  # alone, with no pressure: the same tokens
+            alone = server.stub.Generate(_sampled(p, 500 + i, 48))
+            assert list(crowd[8 + i].token_ids) == list(alone.token_ids)
+        assert all(r.usage.completion_tokens == 48 for r in crowd)
+    finally:
+        server.stop()
+    _check_greedy(model_dir, greedy_prompts, [list(r.token_ids) for r in crowd[:8]], 48)
+
+
+def test_no_prefix_cache_prefills_every_prompt(model_dir, tmp_path) -> None:
+    server = ServerProcess(
+        model_dir, tmp_path / "server.log", "--no-prefix-cache", "--max-total-tokens", "512"
+    )
+    try:
+        prompt = _ids(random.Random(12), 30)
+        a, b = (server.stub.Generate(greedy_request(prompt, 8)) for _ in range(2))
+        info = server.wait_idle()
+        assert list(a.token_ids) == list(b.token_ids)
+        assert b.usage.cached_tokens == 0 and not info.prefix_cache_enabled
+        assert info.kv_cached_tokens == 0 and info.kv_free_tokens == 512
+    finally:
+        server.stop()
