@@ -83,13 +83,23 @@ class OutputLengths:
         """Expected final output length of a request that has ``generated`` tokens so far."""
         if len(self._recent) < self.min_samples or generated >= max_new:
             return max_new
-        longer = self._sorted[bisect.bisect_right(self._sorted, generated) :]
-        points = [generated + 1, *(min(x, max_new) for x in longer), max_new]
-        pos = self.quantile * (len(points) - 1)
+        start = bisect.bisect_right(self._sorted, generated)
+        # Interpolate over the points [generated + 1, *longer (capped at max_new), max_new]
+        # without building them: this runs for every running request at admission.
+        last = len(self._sorted) - start + 1
+        pos = self.quantile * last
         lo = int(pos)
-        hi = min(lo + 1, len(points) - 1)
-        value = points[lo] + (points[hi] - points[lo]) * (pos - lo)
+        value = self._point(lo, start, last, generated, max_new)
+        if lo < last:
+            value += (self._point(lo + 1, start, last, generated, max_new) - value) * (pos - lo)
         return max(generated + 1, min(max_new, round(value)))
+
+    def _point(self, j: int, start: int, last: int, generated: int, max_new: int) -> float:
+        if j == 0:
+            return generated + 1
+        if j >= last:
+            return max_new
+        return min(self._sorted[start + j - 1], max_new)
 
 
 class Admission:

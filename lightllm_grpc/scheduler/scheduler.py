@@ -37,6 +37,9 @@ from lightllm_grpc.scheduler.radix_cache import Match, RadixCache
 from lightllm_grpc.scheduler.request import FinishReason, Request, State
 
 
+EVICT_AT_LEAST = 256  # tokens
+
+
 @dataclass
 class StepPlan:
     """A step on its way to the shards, and the requests it covers.
@@ -196,7 +199,7 @@ class Scheduler:
         return budget
 
     def _admit(self, plan: StepPlan, budget: int, step_id: int) -> None:
-        needs = [self._need(r) for r in (*self.prefilling, *self.decoding)]
+        needs: list[KVNeed] | None = None  # the running batch's, once a candidate needs them
         i = 0
         while i < len(self.waiting) and budget > 0 and self.rows.num_free > 0:
             req = self.waiting[i]
@@ -205,6 +208,8 @@ class Scheduler:
                 i += 1  # its prefix is being written by this step: it shares it from the next
                 continue
             need = self._candidate_need(req, match)
+            if needs is None:
+                needs = [self._need(r) for r in (*self.prefilling, *self.decoding)]
             if not self.admission.fits([*needs, need], self._room(match)):
                 break  # in queue order: later requests wait behind this one
             self.waiting.pop(i)
@@ -319,7 +324,8 @@ class Scheduler:
         """Make ``n`` slots free, evicting cached tokens nobody uses if needed."""
         short = n - self.slots.num_free
         if short > 0 and self.cache is not None:
-            self.cache.evict(short)
+            # A little more than needed: each eviction pass walks the whole tree.
+            self.cache.evict(max(short, EVICT_AT_LEAST))
         return self.slots.num_free >= n
 
     # ---- preemption ---------------------------------------------------------------------
