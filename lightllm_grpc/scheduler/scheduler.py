@@ -36,7 +36,6 @@ from lightllm_grpc.scheduler.allocator import IdAllocator
 from lightllm_grpc.scheduler.radix_cache import Match, RadixCache
 from lightllm_grpc.scheduler.request import FinishReason, Request, State
 
-
 EVICT_AT_LEAST = 256  # tokens
 
 
