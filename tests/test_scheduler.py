@@ -394,3 +394,17 @@ def test_mixed_load_with_cancellations_eviction_and_preemption_leaks_nothing() -
         await engine.stop()
 
     asyncio.run(main())
+
+
+def test_a_short_shared_prefix_does_not_hold_requests_back() -> None:
+    """Prompts that share only a BOS-like token are all admitted in the same step."""
+
+    async def main() -> None:
+        engine, _ = make_engine(4096, 16, 4096)
+        reqs = [shared_prefix_request(i, [7], 20, 3) for i in range(6)]
+        for r in reqs:
+            engine.submit(r)
+        plan = engine.scheduler.schedule()
+        assert plan is not None and len(plan.message.prefill.rows) == 6
+
+    asyncio.run(main())

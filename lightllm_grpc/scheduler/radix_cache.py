@@ -45,8 +45,9 @@ class Match:
 
     node: Node
     slots: np.ndarray
-    # The match stopped at K/V that the step being built writes: waiting one step gives more.
-    blocked: bool = False
+    # Tokens more that K/V written by the step being built would give: waiting a step for
+    # them saves recomputing them.
+    blocked: int = 0
 
     @property
     def length(self) -> int:
@@ -72,12 +73,12 @@ class RadixCache:
         not used: a prefill cannot read K/V that the same forward pass writes.
         """
         key = np.asarray(tokens, dtype=np.int32)
-        node, pos, parts, blocked = self.root, 0, [], False
+        node, pos, parts, blocked = self.root, 0, [], 0
         now = next(_clock)
         while pos < key.size:
             child = node.children.get(int(key[pos]))
             if child is not None and before_step is not None and child.step >= before_step:
-                blocked = True
+                blocked = _common(child.tokens, key[pos:])
                 break
             if child is None:
                 break

@@ -37,6 +37,9 @@ from lightllm_grpc.scheduler.radix_cache import Match, RadixCache
 from lightllm_grpc.scheduler.request import FinishReason, Request, State
 
 EVICT_AT_LEAST = 256  # tokens
+# A request whose prefix is being prefilled by this very step waits a step to share it when
+# that saves at least this many tokens (not for a shared BOS or chat-template header).
+DEFER_FOR_TOKENS = 32
 
 
 @dataclass
@@ -163,8 +166,8 @@ class Scheduler:
         budget = self._continue_prefills(plan, self.config.max_prefill_tokens, step_id)
         self._admit(plan, budget, step_id)
         plan.requests.extend(decodes)
-        for req in decodes:  # the shard answers prefill rows first, then decode rows
-            plan.add_sampled(req)
+        plan.sampled.extend(decodes)  # the shard answers prefill rows first, then decode rows
+        plan.epochs.extend([r.epoch for r in decodes])
         if not plan.requests and not self._release:
             return None
         self._step_id = step_id
@@ -183,11 +186,13 @@ class Scheduler:
             return reqs
         slots = self.slots.alloc(len(reqs))
         assert slots is not None
-        for req, slot in zip(reqs, slots):
-            req.append_kv(slot.reshape(1))
+        slot_ids = slots.tolist()
+        for req, slot in zip(reqs, slot_ids):  # the hot loop: one pass, no numpy per request
+            req.kv[req.num_kv] = slot  # room reserved at admission (see _start)
+            req.num_kv += 1
             req.scheduled_tokens += 1
         dec.rows.extend([r.row for r in reqs])
-        dec.slots.extend(slots.tolist())
+        dec.slots.extend(slot_ids)
         return reqs
 
     def _continue_prefills(self, plan: StepPlan, budget: int, step_id: int) -> int:
@@ -223,7 +228,7 @@ class Scheduler:
         return self.cache.match(req.fill_ids[:-1], before_step=step_id)
 
     def _defer(self, req: Request, match: Match | None) -> bool:
-        if match is not None and match.blocked:
+        if match is not None and match.blocked >= DEFER_FOR_TOKENS:
             return True
         # Completions of one request share its prompt: siblings wait for the first to cache it.
         siblings = self.by_id.get(req.request_id, ())
@@ -232,6 +237,8 @@ class Scheduler:
     def _start(self, plan: StepPlan, req: Request, match: Match | None) -> None:
         req.row = self.rows.alloc_one()
         req.state = State.PREFILLING
+        # Room for every position the request can reach, so decode steps never grow it.
+        req.kv = np.empty(req.prompt_len + req.stopping.max_new_tokens, np.int32)
         self._admissions += 1
         req.admitted = self._admissions
         first = req.preemptions == 0
