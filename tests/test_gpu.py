@@ -10,6 +10,7 @@ from lightllm_grpc.layers.forward_batch import ForwardMode
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.loader import load_model
 from tests.model_factory import build_batch, make_tiny_model
+from tests.server_harness import ServerProcess, make_served_model
 from tests.test_parity import ARCHS, check_parity
 
 pytestmark = pytest.mark.gpu
@@ -89,3 +90,22 @@ def test_bf16_no_worse_than_transformers_on_large_weights(arch: str, tmp_path, t
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp32_greedy_parity_on_gpu_with_cuda_graphs(arch: str, tmp_path) -> None:
     check_parity(arch, tmp_path, ["--device", "cuda", "--dtype", "float32"])
+
+
+def test_prefix_cache_n_and_preemption_on_gpu(tmp_path) -> None:
+    """Cached prefixes (read through req_to_token by the Triton prefill kernel), multi-turn
+    hits, n completions and preemption in a tiny pool, fp32 with CUDA graphs."""
+    from tests import test_prefix_cache as t
+
+    model_dir = make_served_model("llama3", tmp_path / "llama3", vocab_size=t.VOCAB)
+    gpu = ("--device", "cuda", "--dtype", "float32")
+    server = ServerProcess(
+        model_dir, tmp_path / "server.log", *gpu, "--max-total-tokens", "2048", "--max-prefill-tokens", "16"
+    )
+    try:
+        t.test_shared_prefixes_are_served_from_the_cache(server, model_dir)
+        t.test_multi_turn_conversation_hits_prompt_and_answer(server, model_dir)
+        t.test_n_completions_equal_seeded_requests_sent_alone(server)
+    finally:
+        server.stop()
+    t.check_preemption(model_dir, tmp_path, *gpu)

@@ -121,8 +121,12 @@ def test_flush_cache_frees_only_unused_tokens(server) -> None:
 
 
 def test_preemption_in_a_tiny_pool_keeps_every_output_exact(model_dir, tmp_path) -> None:
+    check_preemption(model_dir, tmp_path)
+
+
+def check_preemption(model_dir, tmp_path, *extra: str) -> None:
     server = ServerProcess(
-        model_dir, tmp_path / "server.log", "--max-total-tokens", "256", "--max-prefill-tokens", "32"
+        model_dir, tmp_path / "server.log", "--max-total-tokens", "256", "--max-prefill-tokens", "32", *extra
     )
     try:
         rng = random.Random(11)

@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-running", type=int, default=512)
     p.add_argument("--only", default="cache,no-cache,before")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--skip-w1w2", action="store_true", help="shared prefix only")
     p.add_argument("--sp", default="50,20,1024,64,128", help="groups,per-group,prefix,suffix,output")
     p.add_argument("--model", type=Path, default=None, help="default: the 8B Llama-3 shape (dummy)")
     args = p.parse_args(argv)
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     only = args.only.split(",")
 
     def both(address: str) -> dict:
-        return {"shared_prefix": _shared_prefix(address, sp), **_w1_w2(address, args.w2_requests, vocab)}
+        sp_result = {"shared_prefix": _shared_prefix(address, sp)}
+        return sp_result if args.skip_w1w2 else {**sp_result, **_w1_w2(address, args.w2_requests, vocab)}
 
     plans = {
         "cache": ([], None, both),
