@@ -56,6 +56,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
     p.add_argument("--served-model-name", default=None)
+    p.add_argument(
+        "--step-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for one step's result before the shards count as stuck: every call "
+        "then fails UNAVAILABLE and the server exits 1 (the first step and warm-up are exempt; "
+        "0 = wait forever)",
+    )
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -116,7 +124,12 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_messages_per_step=args.max_stream_messages_per_step,
     )
     return ServerConfig(
-        shard=shard, scheduler=sched, host=args.host, port=args.port, served_model_name=args.served_model_name
+        shard=shard,
+        scheduler=sched,
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        step_timeout_s=args.step_timeout or None,
     )
 
 

@@ -39,7 +39,7 @@ def test_shard_death_fails_requests_unavailable_and_exits(tmp_path) -> None:
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
         assert server.proc.wait(30) == 1
-        assert "the shards are gone" in server.log()
+        assert "the engine can no longer serve" in server.log()
     finally:
         server.stop()
 
@@ -62,3 +62,26 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_stuck_shard_fails_calls_and_exits_after_the_step_timeout(tmp_path) -> None:
+    model_dir = make_served_model("llama", tmp_path / "llama")
+    server = ServerProcess(model_dir, tmp_path / "server.log", "--step-timeout", "2")
+    (shard,) = _children(server.proc.pid)
+    try:
+        call = server.stub.GenerateStream(greedy_request([1, 2, 3], 400))
+        next(iter(call))
+        os.kill(shard, signal.SIGSTOP)  # alive, but never answers again
+        try:
+            for _ in call:
+                pass
+            raise AssertionError("the stream ended normally while its shard was stopped")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+            assert "step timeout" in err.details()
+        assert server.proc.wait(30) == 1
+        assert "the engine can no longer serve" in server.log()
+    finally:
+        if Path(f"/proc/{shard}").exists():
+            os.kill(shard, signal.SIGKILL)
+        server.stop()

@@ -84,7 +84,8 @@ def _engine(
         Detokenizer(tok.backend), eos, info.max_context, scheduler.finish, cfg.scheduler.max_messages_per_step
     )
     limits = Limits(info.vocab_size, info.max_context, capacity, cfg.scheduler.default_max_new_tokens)
-    return Engine(scheduler, outputs, client), RequestBuilder(tok, limits)
+    engine = Engine(scheduler, outputs, client, step_timeout=cfg.step_timeout_s)
+    return engine, RequestBuilder(tok, limits)
 
 
 async def start_coordinator(cfg: ServerConfig) -> Coordinator:
@@ -120,10 +121,12 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
 
 
 async def serve(cfg: ServerConfig) -> int:
-    """Serve until SIGINT/SIGTERM (exit code 0) or until the shards are lost (exit code 1).
+    """Serve until SIGINT/SIGTERM (exit code 0) or until the engine dies (exit code 1).
 
-    A coordinator without its shards cannot serve anything; exiting lets the supervisor
-    (systemd, Kubernetes) restart the whole server instead of leaving it up and useless.
+    The engine dies when the shards are lost, a step exceeds ``--step-timeout`` or its
+    loop fails unexpectedly. A coordinator that cannot run steps cannot serve anything;
+    exiting lets the supervisor (systemd, Kubernetes) restart the whole server instead of
+    leaving it up and useless.
     """
     coord = await start_coordinator(cfg)
     stop = asyncio.Event()
@@ -145,7 +148,7 @@ async def _watch_shards(coord: Coordinator, stop: asyncio.Event) -> None:
         except ShardError as exc:
             coord.engine.lose_shards(str(exc))
         if coord.engine.dead:
-            log.error("stopping: the shards are gone (%s)", coord.engine.dead)
+            log.error("stopping: the engine can no longer serve (%s)", coord.engine.dead)
             stop.set()
             return
         await asyncio.sleep(SHARD_WATCH_INTERVAL_S)

@@ -93,7 +93,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     def _submit(self, request: pb.GenerateRequest) -> Request:
         if self.engine.dead:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the model shards are gone: {self.engine.dead}")
+            reason = self.engine.dead
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the server can no longer serve: {reason}")
         if len(self.engine.scheduler.waiting) >= self.info.max_waiting_requests:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
