@@ -133,6 +133,23 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Exit codes: 0 stopped by a signal, 1 the engine died while serving, 2 cannot start."""
+    from lightllm_grpc.aio import run
+    from lightllm_grpc.server.app import StartupError, serve
+
+    try:
+        cfg = server_config(args)
+    except ValueError as exc:
+        print(f"lightllm-grpc serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run(serve(cfg))
+    except StartupError as exc:
+        print(f"lightllm-grpc serve: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("LIGHTLLM_LOG_LEVEL", "INFO"),
@@ -142,14 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightllm_grpc.aio import run
 
     if args.command == "serve":
-        from lightllm_grpc.server.app import serve
-
-        try:
-            cfg = server_config(args)
-        except ValueError as exc:
-            print(f"lightllm-grpc serve: {exc}", file=sys.stderr)
-            return 2
-        return run(serve(cfg))
+        return _serve(args)
     if args.command == "generate":
         from lightllm_grpc.client.generate import generate_cli
 

@@ -88,26 +88,51 @@ def _engine(
     return engine, RequestBuilder(tok, limits)
 
 
-async def start_coordinator(cfg: ServerConfig) -> Coordinator:
-    tokenizer = PromptTokenizer(cfg.shard.model)
-    procs, client, infos = await _start_shards(cfg)
-    engine, builder = _engine(cfg, infos, tokenizer, client)
-    static = StaticInfo(
-        model=_model_info(cfg, infos[0], tokenizer),
-        max_waiting_requests=cfg.scheduler.max_waiting_requests,
-        max_running_requests=engine.scheduler.rows.capacity,
-        device=infos[0].device,
-    )
+class StartupError(RuntimeError):
+    """The server cannot start as configured; the message is the one line a person needs."""
+
+
+def _bound_server(cfg: ServerConfig) -> tuple[grpc.aio.Server, int]:
+    """A gRPC server already bound to its port: a bad address fails before any model work."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
+            # Without this a second server on the same port starts too and silently takes
+            # part of the new connections; with it, the second one fails to bind.
+            ("grpc.so_reuseport", 0),
         ]
     )
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(engine, builder, static), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-    engine.start()
-    await server.start()
+    try:
+        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    except RuntimeError as exc:
+        raise StartupError(
+            f"cannot listen on {cfg.host}:{cfg.port}: the port is in use or the address is not on "
+            "this machine"
+        ) from exc
+    return server, port
+
+
+async def start_coordinator(cfg: ServerConfig) -> Coordinator:
+    server, port = _bound_server(cfg)
+    tokenizer = PromptTokenizer(cfg.shard.model)
+    procs, client, infos = await _start_shards(cfg)
+    try:
+        engine, builder = _engine(cfg, infos, tokenizer, client)
+        static = StaticInfo(
+            model=_model_info(cfg, infos[0], tokenizer),
+            max_waiting_requests=cfg.scheduler.max_waiting_requests,
+            max_running_requests=engine.scheduler.rows.capacity,
+            device=infos[0].device,
+        )
+        service = GenerationService(engine, builder, static)
+        generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
+        engine.start()
+        await server.start()
+    except BaseException:
+        await client.close()
+        procs.stop()
+        raise
     log.info(
         "serving %s on %s:%d (KV pool %d tokens, %d shard(s) on %s)",
         static.model.name,
@@ -128,17 +153,33 @@ async def serve(cfg: ServerConfig) -> int:
     exiting lets the supervisor (systemd, Kubernetes) restart the whole server instead of
     leaving it up and useless.
     """
-    coord = await start_coordinator(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    coord = await _start_unless_stopped(cfg, stop)
+    if coord is None:
+        log.info("stopped during start-up")
+        return 0
     watchdog = asyncio.create_task(_watch_shards(coord, stop))
     await stop.wait()
     watchdog.cancel()
     log.info("shutting down")
     await coord.stop()
     return 1 if coord.engine.dead else 0
+
+
+async def _start_unless_stopped(cfg: ServerConfig, stop: asyncio.Event) -> Coordinator | None:
+    """Start the coordinator; a signal during start-up cancels it, which stops the shards."""
+    start = asyncio.create_task(start_coordinator(cfg))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if start.done():
+        return start.result()
+    start.cancel()
+    await asyncio.gather(start, return_exceptions=True)
+    return None
 
 
 async def _watch_shards(coord: Coordinator, stop: asyncio.Event) -> None:

@@ -22,6 +22,10 @@ POLL_S = 0.0001
 class ShardService(shard_pb2_grpc.ShardServicer):
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
+        # Set when the coordinator's step stream ends: the coordinator closed it or died (a
+        # remote coordinator, whose death no parent-death signal reports). Either way no one
+        # will send this shard another step, so its process exits.
+        self.stream_ended = asyncio.Event()
 
     async def Info(self, request: shard_pb2.InfoRequest, context: grpc.aio.ServicerContext):
         s, m = self.shard, self.shard.model_config
@@ -80,6 +84,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 pending = after
         finally:
             reader.cancel()
+            self.stream_ended.set()
 
     def _launch(self, msg: shard_pb2.StepRequest) -> PendingStep | shard_pb2.StepResult:
         try:
