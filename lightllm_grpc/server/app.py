@@ -11,7 +11,7 @@ import grpc
 
 from lightllm_grpc.config import ServerConfig
 from lightllm_grpc.proto import generation_pb2 as pb
-from lightllm_grpc.proto import generation_pb2_grpc, shard_pb2
+from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.engine import Engine
 from lightllm_grpc.scheduler.output_processor import OutputProcessor
 from lightllm_grpc.scheduler.scheduler import Scheduler
@@ -19,6 +19,7 @@ from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError, ShardP
 from lightllm_grpc.server.request_builder import Limits, RequestBuilder
 from lightllm_grpc.server.servicer import GenerationService, StaticInfo
 from lightllm_grpc.server.tokenizer import PromptTokenizer
+from lightllm_grpc.server.wire import add_generation_service
 from lightllm_grpc.text.detokenizer import Detokenizer
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
             device=infos[0].device,
         )
         service = GenerationService(engine, builder, static)
-        generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
+        add_generation_service(service, server)
         engine.start()
         await server.start()
     except BaseException:
