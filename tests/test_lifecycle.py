@@ -4,6 +4,7 @@ bound before the model loads and owned by one server, bad start-up input is one 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,9 +16,10 @@ import pytest
 
 from lightllm_grpc.bench.server import free_port
 from lightllm_grpc.config import ShardConfig
+from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.shard_client import ShardClient, ShardProcesses
-from tests.server_harness import ServerProcess, make_served_model
+from tests.server_harness import ServerProcess, greedy_request, make_served_model
 from tests.test_faults import _children, _state
 
 
@@ -130,3 +132,32 @@ def test_second_server_on_the_same_port_fails(model_dir, tmp_path) -> None:
             grpc.channel_ready_future(ch).result(timeout=5)
     finally:
         first.stop()
+
+
+def _socket_dir(log: str) -> Path:
+    match = re.search(r"listening on unix://(\S+)/shard-0\.sock", log)
+    assert match, log
+    return Path(match.group(1))
+
+
+def test_shutdown_ends_streams_with_abort_and_ctrl_c_exits_cleanly(model_dir, tmp_path) -> None:
+    server = ServerProcess(model_dir, tmp_path / "server.log", new_session=True)
+    (shard,) = _children(server.proc.pid)
+    try:
+        sockets = _socket_dir(server.log())
+        assert sockets.is_dir()
+        calls = [server.stub.GenerateStream(greedy_request([1, 2, i], 400)) for i in range(3)]
+        for call in calls:
+            next(iter(call))
+        os.killpg(server.proc.pid, signal.SIGINT)  # Ctrl-C in a terminal
+        for call in calls:
+            last = list(call)[-1]  # no error status
+            assert last.finish_reason == pb.FINISH_REASON_ABORT
+        assert server.proc.wait(30) == 0
+        assert _gone(shard)
+        log = server.log_path.read_text(errors="replace")
+        assert "Traceback" not in log and "KeyboardInterrupt" not in log
+        assert not sockets.exists(), "the shards' socket directory was left behind"
+    finally:
+        _kill([shard])
+        server.stop()

@@ -81,6 +81,17 @@ class Engine:
         for req in list(self.scheduler.by_id.values()):
             self.outputs.abort(req, "server is shutting down")
 
+    def drain(self) -> None:
+        """Shutting down: refuse new requests and end live ones with FINISH_REASON_ABORT.
+
+        Their streams get a normal last message (the proto's documented shutdown outcome)
+        rather than an error status; ``stop`` then ends the loop.
+        """
+        if self.dead is None:
+            self.dead = "the server is shutting down"
+        for req in list(self.scheduler.by_id.values()):
+            self.outputs.abort(req)
+
     def submit(self, req: Request) -> None:
         self.scheduler.submit(req)
         self._wake.set()

@@ -7,6 +7,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -118,6 +119,7 @@ class ShardProcesses:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)  # the shards' unix sockets
 
 
 class ShardClient:

@@ -36,6 +36,9 @@ class Coordinator:
     port: int
 
     async def stop(self, grace: float = 2.0) -> None:
+        # Live streams get their last message (FINISH_REASON_ABORT) before the server stops;
+        # the grace period lets the handlers write it.
+        self.engine.drain()
         await self.server.stop(grace)
         await self.engine.stop()
         await self.shards.close()
@@ -166,8 +169,9 @@ async def serve(cfg: ServerConfig) -> int:
     await stop.wait()
     watchdog.cancel()
     log.info("shutting down")
+    code = 1 if coord.engine.dead else 0
     await coord.stop()
-    return 1 if coord.engine.dead else 0
+    return code
 
 
 async def _start_unless_stopped(cfg: ServerConfig, stop: asyncio.Event) -> Coordinator | None:
