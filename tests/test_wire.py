@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from lightllm_grpc.proto import generation_pb2 as pb
-from tests.server_harness import ServerProcess, make_served_model
+from tests.server_harness import ServerProcess, greedy_request, make_served_model
 
 KV_TOKENS = 400
 
@@ -61,3 +61,12 @@ def test_malformed_messages_log_one_line_not_tracebacks(server) -> None:
     assert "Traceback" not in new
     assert new.count("malformed request") <= 1
     assert server.wait_idle().kv_used_tokens == 0
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 9e-6])
+def test_tiny_temperature_is_greedy(server, temperature) -> None:
+    greedy = greedy_request([5, 6, 7, 8], 12)
+    sampled = greedy_request([5, 6, 7, 8], 12)
+    sampled.sampling.temperature = temperature
+    sampled.sampling.seed = 3
+    assert list(server.stub.Generate(sampled).token_ids) == list(server.stub.Generate(greedy).token_ids)

@@ -19,6 +19,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
 MAX_TOP_LOGPROBS = 20
 MAX_REQUEST_ID_CHARS = 256
+# Temperatures below this are greedy: logits / 1e-38 overflow float32 to inf, and a softmax
+# over infs is NaN, which sampled token 0 over and over.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,8 @@ def _sampling(s: pb.SamplingParams) -> SamplingOptions:
     temperature = s.temperature if s.HasField("temperature") else 1.0
     if not math.isfinite(temperature) or temperature < 0:
         raise invalid(f"sampling.temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature < GREEDY_BELOW_TEMPERATURE:
+        temperature = 0.0
     top_k = s.top_k if s.HasField("top_k") else -1
     if top_k == 0 or top_k < -1:
         raise invalid(f"sampling.top_k must be -1 (off) or >= 1, got {top_k}")
