@@ -3,6 +3,10 @@ fuzzing. Every outcome is OK, INVALID_ARGUMENT or RESOURCE_EXHAUSTED, and nothin
 
 from __future__ import annotations
 
+import itertools
+import threading
+import time
+
 import grpc
 import pytest
 
@@ -70,3 +74,80 @@ def test_tiny_temperature_is_greedy(server, temperature) -> None:
     sampled.sampling.temperature = temperature
     sampled.sampling.seed = 3
     assert list(server.stub.Generate(sampled).token_ids) == list(server.stub.Generate(greedy).token_ids)
+
+
+HUGE_TEXT = "lorem ipsum dolor sit amet " * 400_000  # ~10.8 MB
+
+
+def _gaps_while(server: ServerProcess, action) -> float:
+    """The longest pause between a live stream's messages while ``action`` runs."""
+    call = server.stub.GenerateStream(greedy_request([1, 2, 3], 350))
+    stamps: list[float] = []
+
+    def read() -> None:
+        try:
+            stamps.extend(time.monotonic() for _ in call)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.CANCELLED
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    while not stamps:
+        time.sleep(0.01)
+    action()
+    call.cancel()
+    reader.join(30)
+    return max(b - a for a, b in itertools.pairwise(stamps))
+
+
+def _expect_invalid(fn, field: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        fn()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert field in err.value.details()
+
+
+def test_huge_text_is_refused_before_tokenizing_without_stalling_streams(server) -> None:
+    def hostile() -> None:
+        _expect_invalid(lambda: server.stub.Generate(pb.GenerateRequest(text=HUGE_TEXT)), "text is")
+        _expect_invalid(lambda: server.stub.Tokenize(pb.TokenizeRequest(text=HUGE_TEXT)), "text is")
+        chat = pb.Chat(messages=[pb.ChatMessage(role="user", content=HUGE_TEXT)])
+        _expect_invalid(
+            lambda: server.stub.Generate(pb.GenerateRequest(chat=chat)), "chat.messages[0].content"
+        )
+
+    assert _gaps_while(server, hostile) < 1.0
+    assert server.wait_idle().kv_used_tokens == 0
+
+
+def _with_stop_ids(n: int) -> pb.GenerateRequest:
+    req = greedy_request([1, 2, 3], 4)
+    req.stopping.stop_token_ids.extend([7] * n)
+    return req
+
+
+LIMITS = [
+    (_with_stop_ids(4_000_000), "stopping.stop_token_ids has 4000000 ids"),
+    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[3] * 4_000_000)), "prompt is 4000000 tokens"),
+    (
+        pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="hi")] * 2000)),
+        "chat.messages",
+    ),
+    (pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="u" * 100, content="hi")])), "role"),
+    (
+        pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="é" * 20_000)] * 2)),
+        "in all",
+    ),
+]
+
+
+@pytest.mark.parametrize(("req", "field"), LIMITS, ids=[f for _, f in LIMITS])
+def test_repeated_and_sized_fields_are_bounded(server, req, field) -> None:
+    _expect_invalid(lambda: server.stub.Generate(req), field)
+
+
+def test_tokenize_input_is_bounded(server) -> None:
+    chat = pb.Chat(messages=[pb.ChatMessage(role="user", content="hi")] * 2000)
+    _expect_invalid(lambda: server.stub.Tokenize(pb.TokenizeRequest(chat=chat)), "chat.messages")
+    ok = server.stub.Tokenize(pb.TokenizeRequest(text="lorem ipsum " * 1000))
+    assert 0 < len(ok.ids) == len(ok.tokens)
