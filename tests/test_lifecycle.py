@@ -4,7 +4,6 @@ bound before the model loads and owned by one server, bad start-up input is one 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.shard_client import ShardClient, ShardProcesses
 from tests.server_harness import ServerProcess, greedy_request, make_served_model
-from tests.test_faults import _children, _state
+from tests.test_faults import _children, _socket_dir, _state
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +131,6 @@ def test_second_server_on_the_same_port_fails(model_dir, tmp_path) -> None:
             grpc.channel_ready_future(ch).result(timeout=5)
     finally:
         first.stop()
-
-
-def _socket_dir(log: str) -> Path:
-    match = re.search(r"listening on unix://(\S+)/shard-0\.sock", log)
-    assert match, log
-    return Path(match.group(1))
 
 
 def test_shutdown_ends_streams_with_abort_and_ctrl_c_exits_cleanly(model_dir, tmp_path) -> None:
