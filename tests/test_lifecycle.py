@@ -3,6 +3,7 @@ bound before the model loads and owned by one server, bad start-up input is one 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -154,3 +155,42 @@ def test_shutdown_ends_streams_with_abort_and_ctrl_c_exits_cleanly(model_dir, tm
     finally:
         _kill([shard])
         server.stop()
+
+
+def _without_hidden_size(model_dir: Path, out: Path) -> Path:
+    out.mkdir()
+    for f in model_dir.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    config = json.loads((out / "config.json").read_text())
+    del config["hidden_size"]
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "no such folder"),
+        ("empty", "has no config.json"),
+        ("no-hidden-size", "config.json has no 'hidden_size'"),
+        ("no-tokenizer", "cannot load its tokenizer"),
+    ],
+)
+def test_bad_model_folder_is_one_line_and_exit_2(model_dir, tmp_path, case, message) -> None:
+    folder = tmp_path / case
+    if case == "empty":
+        folder.mkdir()
+    elif case == "no-hidden-size":
+        _without_hidden_size(model_dir, folder)
+    elif case == "no-tokenizer":
+        folder.mkdir()
+        (folder / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    log = tmp_path / "server.log"
+    proc = _serve(folder, log)
+    try:
+        assert proc.wait(60) == 2
+    finally:
+        _kill([proc.pid])
+    lines = log.read_text().strip().splitlines()
+    assert lines[-1].startswith(f"lightllm-grpc serve: --model {folder}") and message in lines[-1], lines
+    assert "Traceback" not in log.read_text() and len(lines) <= 3

@@ -6,10 +6,12 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from lightllm_grpc.config import ServerConfig
+from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.engine import Engine
@@ -117,9 +119,35 @@ def _bound_server(cfg: ServerConfig) -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
+def _check_model(folder: Path) -> None:
+    """Refuse a model folder we cannot serve in one line, before any shard starts."""
+    if not folder.is_dir():
+        raise StartupError(f"--model {folder}: no such folder")
+    if not (folder / "config.json").is_file():
+        raise StartupError(
+            f"--model {folder} has no config.json; it must be a Hugging Face model folder "
+            "(config.json, *.safetensors, tokenizer files)"
+        )
+    try:
+        ModelConfig.from_pretrained(folder)
+    except KeyError as exc:
+        raise StartupError(f"--model {folder}: config.json has no {exc}") from exc
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise StartupError(f"--model {folder}: config.json cannot be served: {exc}") from exc
+
+
+def _tokenizer(folder: Path) -> PromptTokenizer:
+    try:
+        return PromptTokenizer(folder)
+    except Exception as exc:  # transformers raises many types, with pages of text
+        first = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise StartupError(f"--model {folder}: cannot load its tokenizer: {first}") from exc
+
+
 async def start_coordinator(cfg: ServerConfig) -> Coordinator:
     server, port = _bound_server(cfg)
-    tokenizer = PromptTokenizer(cfg.shard.model)
+    _check_model(cfg.shard.model)
+    tokenizer = _tokenizer(cfg.shard.model)
     procs, client, infos = await _start_shards(cfg)
     try:
         engine, builder = _engine(cfg, infos, tokenizer, client)
