@@ -93,6 +93,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
     p.add_argument("--served-model-name", default=None)
+    p.add_argument(
+        "--step-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for one step's result before the shards count as stuck: every call "
+        "then fails UNAVAILABLE and the server exits 1 (the first step and warm-up are exempt; "
+        "0 = wait forever)",
+    )
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -158,8 +166,30 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_n=args.max_n,
     )
     return ServerConfig(
-        shard=shard, scheduler=sched, host=args.host, port=args.port, served_model_name=args.served_model_name
+        shard=shard,
+        scheduler=sched,
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        step_timeout_s=args.step_timeout or None,
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Exit codes: 0 stopped by a signal, 1 the engine died while serving, 2 cannot start."""
+    from lightllm_grpc.aio import run
+    from lightllm_grpc.server.app import StartupError, serve
+
+    try:
+        cfg = server_config(args)
+    except ValueError as exc:
+        print(f"lightllm-grpc serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run(serve(cfg))
+    except StartupError as exc:
+        print(f"lightllm-grpc serve: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,14 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightllm_grpc.aio import run
 
     if args.command == "serve":
-        from lightllm_grpc.server.app import serve
-
-        try:
-            cfg = server_config(args)
-        except ValueError as exc:
-            print(f"lightllm-grpc serve: {exc}", file=sys.stderr)
-            return 2
-        return run(serve(cfg))
+        return _serve(args)
     if args.command == "generate":
         from lightllm_grpc.client.generate import generate_cli
 

@@ -94,8 +94,13 @@ class ServerConfig:
     port: int = 50051
     max_message_bytes: int = 16 * 1024 * 1024
     served_model_name: str | None = None
+    # Longest wait for one step's result (the first step and warm-up excepted); past it the
+    # shards count as stuck, every call fails and the server exits. None: wait forever.
+    step_timeout_s: float | None = 600.0
 
     def __post_init__(self) -> None:
+        if self.step_timeout_s is not None and not self.step_timeout_s > 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.scheduler.max_running_requests > self.shard.max_rows:

@@ -21,10 +21,11 @@ def make_served_model(arch: str, out_dir: Path, vocab_size: int = 512, **kw) -> 
 class ServerProcess(LocalServer):
     """A server on the CPU, logging at INFO so tests can read what it said."""
 
-    def __init__(self, model_dir: Path | None, log_path: Path, *extra: str, env: dict | None = None) -> None:
-        super().__init__(
-            model_dir, log_path, "--device", "cpu", *extra, env={"LIGHTLLM_LOG_LEVEL": "INFO", **(env or {})}
-        )
+    def __init__(
+        self, model_dir: Path | None, log_path: Path, *extra: str, env: dict | None = None, **kw
+    ) -> None:
+        env = {"LIGHTLLM_LOG_LEVEL": "INFO", **(env or {})}
+        super().__init__(model_dir, log_path, "--device", "cpu", *extra, env=env, **kw)
 
     def wait_idle(self, timeout: float = 10.0) -> pb.ServerInfo:
         """Wait until no request runs or waits; return the server info then."""

@@ -50,12 +50,21 @@ class LoopStats:
 
 class Engine:
     def __init__(
-        self, scheduler: Scheduler, outputs: OutputProcessor, shards: ShardClient, depth: int = PIPELINE_DEPTH
+        self,
+        scheduler: Scheduler,
+        outputs: OutputProcessor,
+        shards: ShardClient,
+        depth: int = PIPELINE_DEPTH,
+        step_timeout: float | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.outputs = outputs
         self.shards = shards
         self.depth = depth
+        # Longest wait for one step's result before the shards count as stuck (None: forever).
+        # The first step is exempt: it may compile kernels or allocate lazily.
+        self.step_timeout = step_timeout
+        self._steps_received = 0
         self.dead: str | None = None  # why the engine can no longer serve, once it cannot
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -72,6 +81,17 @@ class Engine:
         for req in self.scheduler.live():
             self.outputs.abort(req, "server is shutting down")
 
+    def drain(self) -> None:
+        """Shutting down: refuse new requests and end live ones with FINISH_REASON_ABORT.
+
+        Their streams get a normal last message (the proto's documented shutdown outcome)
+        rather than an error status; ``stop`` then ends the loop.
+        """
+        if self.dead is None:
+            self.dead = "the server is shutting down"
+        for req in self.scheduler.live():
+            self.outputs.abort(req)
+
     def submit(self, req: Request) -> None:
         self.scheduler.submit(req)
         self._wake.set()
@@ -84,6 +104,30 @@ class Engine:
         return bool(group)
 
     async def _loop(self) -> None:
+        """Run steps until cancelled; any unexpected exception fails every call and kills the engine.
+
+        A loop that died quietly would leave live streams waiting forever and accept new
+        requests it never serves; failing loudly lets the server exit and be restarted.
+        """
+        try:
+            await self._steps()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("the engine loop failed")
+            self.fail_all(f"internal error in the engine loop: {type(exc).__name__}: {exc}")
+
+    async def _receive(self, step_id: int) -> shard_pb2.StepResult:
+        first = self._steps_received == 0
+        timeout = None if first else self.step_timeout
+        try:
+            result = await asyncio.wait_for(self.shards.receive(step_id), timeout)
+        except asyncio.TimeoutError as exc:
+            raise ShardError(f"step {step_id} took longer than the step timeout of {timeout:g}s") from exc
+        self._steps_received += 1
+        return result
+
+    async def _steps(self) -> None:
         while True:
             try:
                 await self._fill()
@@ -97,7 +141,7 @@ class Engine:
             plan = self._inflight[0]
             waited = time.perf_counter()
             try:
-                result = await self.shards.receive(plan.message.step_id)
+                result = await self._receive(plan.message.step_id)
             except ShardError as exc:
                 self._inflight.popleft()
                 self._fail(plan, exc)
@@ -149,10 +193,14 @@ class Engine:
             for req in plan.requests:
                 self.outputs.abort(req, str(exc))
         if exc.fatal:
-            self.lose_shards(str(exc))
+            self.fail_all(str(exc))
 
     def lose_shards(self, reason: str) -> None:
         """The shards are gone: fail every live request; new ones are refused from now on."""
+        self.fail_all(f"the shards are gone: {reason}")
+
+    def fail_all(self, reason: str) -> None:
+        """Fail every live request; new ones are refused from now on (``dead`` is set)."""
         if self.dead is None:
             self.dead = reason
         self._inflight.clear()

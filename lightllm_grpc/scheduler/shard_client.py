@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import grpc
@@ -38,6 +42,30 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL the shard when this process dies (Linux).
+
+    A shard outlives a SIGKILLed coordinator otherwise, holding its memory (a GPU's, which
+    blocks the restart). The death signal follows the thread that forks, so shards must be
+    started from the main (event loop) thread, as ``serve`` does. ``prctl`` is resolved here,
+    not in the forked child, which must only make the call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent:  # the coordinator died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 class ShardProcesses:
@@ -69,7 +97,12 @@ class ShardProcesses:
             ]
             if dist_init:
                 cmd += ["--dist-init", dist_init]
-            self.procs.append(subprocess.Popen(cmd, env=os.environ.copy()))
+            # A session of its own: Ctrl-C in a terminal (SIGINT to the foreground process
+            # group) reaches only the coordinator, which then stops its shards in order.
+            proc = subprocess.Popen(
+                cmd, env=os.environ.copy(), start_new_session=True, preexec_fn=_die_with_parent()
+            )
+            self.procs.append(proc)
 
     def check_alive(self) -> None:
         for rank, proc in enumerate(self.procs):
@@ -86,6 +119,7 @@ class ShardProcesses:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)  # the shards' unix sockets
 
 
 class ShardClient:

@@ -6,12 +6,14 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from lightllm_grpc.config import ServerConfig
+from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.proto import generation_pb2 as pb
-from lightllm_grpc.proto import generation_pb2_grpc, shard_pb2
+from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.engine import Engine
 from lightllm_grpc.scheduler.output_processor import OutputProcessor
 from lightllm_grpc.scheduler.scheduler import Scheduler
@@ -19,6 +21,7 @@ from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError, ShardP
 from lightllm_grpc.server.request_builder import Limits, RequestBuilder
 from lightllm_grpc.server.servicer import GenerationService, StaticInfo
 from lightllm_grpc.server.tokenizer import PromptTokenizer
+from lightllm_grpc.server.wire import add_generation_service
 from lightllm_grpc.text.detokenizer import Detokenizer
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,9 @@ class Coordinator:
     port: int
 
     async def stop(self, grace: float = 2.0) -> None:
+        # Live streams get their last message (FINISH_REASON_ABORT) before the server stops;
+        # the grace period lets the handlers write it.
+        self.engine.drain()
         await self.server.stop(grace)
         await self.engine.stop()
         await self.shards.close()
@@ -85,29 +91,81 @@ def _engine(
     )
     sched = cfg.scheduler
     limits = Limits(info.vocab_size, info.max_context, capacity, sched.default_max_new_tokens, sched.max_n)
-    return Engine(scheduler, outputs, client), RequestBuilder(tok, limits)
+    engine = Engine(scheduler, outputs, client, step_timeout=cfg.step_timeout_s)
+    return engine, RequestBuilder(tok, limits)
 
 
-async def start_coordinator(cfg: ServerConfig) -> Coordinator:
-    tokenizer = PromptTokenizer(cfg.shard.model)
-    procs, client, infos = await _start_shards(cfg)
-    engine, builder = _engine(cfg, infos, tokenizer, client)
-    static = StaticInfo(
-        model=_model_info(cfg, infos[0], tokenizer),
-        max_waiting_requests=cfg.scheduler.max_waiting_requests,
-        max_running_requests=engine.scheduler.rows.capacity,
-        device=infos[0].device,
-    )
+class StartupError(RuntimeError):
+    """The server cannot start as configured; the message is the one line a person needs."""
+
+
+def _bound_server(cfg: ServerConfig) -> tuple[grpc.aio.Server, int]:
+    """A gRPC server already bound to its port: a bad address fails before any model work."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
+            # Without this a second server on the same port starts too and silently takes
+            # part of the new connections; with it, the second one fails to bind.
+            ("grpc.so_reuseport", 0),
         ]
     )
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(engine, builder, static), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-    engine.start()
-    await server.start()
+    try:
+        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    except RuntimeError as exc:
+        raise StartupError(
+            f"cannot listen on {cfg.host}:{cfg.port}: the port is in use or the address is not on "
+            "this machine"
+        ) from exc
+    return server, port
+
+
+def _check_model(folder: Path) -> None:
+    """Refuse a model folder we cannot serve in one line, before any shard starts."""
+    if not folder.is_dir():
+        raise StartupError(f"--model {folder}: no such folder")
+    if not (folder / "config.json").is_file():
+        raise StartupError(
+            f"--model {folder} has no config.json; it must be a Hugging Face model folder "
+            "(config.json, *.safetensors, tokenizer files)"
+        )
+    try:
+        ModelConfig.from_pretrained(folder)
+    except KeyError as exc:
+        raise StartupError(f"--model {folder}: config.json has no {exc}") from exc
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise StartupError(f"--model {folder}: config.json cannot be served: {exc}") from exc
+
+
+def _tokenizer(folder: Path) -> PromptTokenizer:
+    try:
+        return PromptTokenizer(folder)
+    except Exception as exc:  # transformers raises many types, with pages of text
+        first = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise StartupError(f"--model {folder}: cannot load its tokenizer: {first}") from exc
+
+
+async def start_coordinator(cfg: ServerConfig) -> Coordinator:
+    server, port = _bound_server(cfg)
+    _check_model(cfg.shard.model)
+    tokenizer = _tokenizer(cfg.shard.model)
+    procs, client, infos = await _start_shards(cfg)
+    try:
+        engine, builder = _engine(cfg, infos, tokenizer, client)
+        static = StaticInfo(
+            model=_model_info(cfg, infos[0], tokenizer),
+            max_waiting_requests=cfg.scheduler.max_waiting_requests,
+            max_running_requests=engine.scheduler.rows.capacity,
+            device=infos[0].device,
+        )
+        service = GenerationService(engine, builder, static)
+        add_generation_service(service, server)
+        engine.start()
+        await server.start()
+    except BaseException:
+        await client.close()
+        procs.stop()
+        raise
     sched = cfg.scheduler
     log.info(
         "serving %s on %s:%d (KV pool %d tokens, %d shard(s) on %s; prefix cache %s, admission %s, %s)",
@@ -125,22 +183,41 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
 
 
 async def serve(cfg: ServerConfig) -> int:
-    """Serve until SIGINT/SIGTERM (exit code 0) or until the shards are lost (exit code 1).
+    """Serve until SIGINT/SIGTERM (exit code 0) or until the engine dies (exit code 1).
 
-    A coordinator without its shards cannot serve anything; exiting lets the supervisor
-    (systemd, Kubernetes) restart the whole server instead of leaving it up and useless.
+    The engine dies when the shards are lost, a step exceeds ``--step-timeout`` or its
+    loop fails unexpectedly. A coordinator that cannot run steps cannot serve anything;
+    exiting lets the supervisor (systemd, Kubernetes) restart the whole server instead of
+    leaving it up and useless.
     """
-    coord = await start_coordinator(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    coord = await _start_unless_stopped(cfg, stop)
+    if coord is None:
+        log.info("stopped during start-up")
+        return 0
     watchdog = asyncio.create_task(_watch_shards(coord, stop))
     await stop.wait()
     watchdog.cancel()
     log.info("shutting down")
+    code = 1 if coord.engine.dead else 0
     await coord.stop()
-    return 1 if coord.engine.dead else 0
+    return code
+
+
+async def _start_unless_stopped(cfg: ServerConfig, stop: asyncio.Event) -> Coordinator | None:
+    """Start the coordinator; a signal during start-up cancels it, which stops the shards."""
+    start = asyncio.create_task(start_coordinator(cfg))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if start.done():
+        return start.result()
+    start.cancel()
+    await asyncio.gather(start, return_exceptions=True)
+    return None
 
 
 async def _watch_shards(coord: Coordinator, stop: asyncio.Event) -> None:
@@ -150,7 +227,7 @@ async def _watch_shards(coord: Coordinator, stop: asyncio.Event) -> None:
         except ShardError as exc:
             coord.engine.lose_shards(str(exc))
         if coord.engine.dead:
-            log.error("stopping: the shards are gone (%s)", coord.engine.dead)
+            log.error("stopping: the engine can no longer serve (%s)", coord.engine.dead)
             stop.set()
             return
         await asyncio.sleep(SHARD_WATCH_INTERVAL_S)

@@ -27,6 +27,8 @@ def invalid(message: str) -> RequestError:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc  # the handler already chose its status
     if isinstance(exc, RequestError):
         await context.abort(exc.code, exc.message)
     log.exception("internal error in handler")
@@ -40,7 +42,7 @@ def unary_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
             return await fn(self, request, context)
-        except (RequestError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        except Exception as exc:  # every failure gets a status; asyncio.CancelledError passes
             await _abort(context, exc)
             raise  # unreachable: context.abort raises
 
@@ -55,7 +57,7 @@ def stream_errors(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIte
         try:
             async for item in fn(self, request, context):
                 yield item
-        except (RequestError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        except Exception as exc:  # every failure gets a status; asyncio.CancelledError passes
             await _abort(context, exc)
 
     return wrapper

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -18,8 +19,20 @@ from lightllm_grpc.text.stop import StopStringMatcher
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
+MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20
 MAX_REQUEST_ID_CHARS = 256
+MAX_CHAT_MESSAGES = 1024
+MAX_ROLE_BYTES = 64
+# Prompt text (text, or all chat roles and contents together) is refused above this many
+# UTF-8 bytes per token of the model's context, before any tokenization: a prompt that
+# could fit the context is far below it, and tokenizing megabytes only to refuse them
+# would cost seconds of CPU per request.
+TEXT_BYTES_PER_CONTEXT_TOKEN = 32
+MIN_TEXT_BYTES = 64 * 1024
+# Temperatures below this are greedy: logits / 1e-38 overflow float32 to inf, and a softmax
+# over infs is NaN, which sampled token 0 over and over.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,10 @@ class Limits:
     kv_capacity: int
     default_max_new_tokens: int
     max_n: int = 16
+
+    @property
+    def max_text_bytes(self) -> int:
+        return max(MIN_TEXT_BYTES, TEXT_BYTES_PER_CONTEXT_TOKEN * self.max_context)
 
 
 class RequestBuilder:
@@ -82,22 +99,41 @@ class RequestBuilder:
     def prompt_ids(self, msg: pb.GenerateRequest) -> list[int]:
         kind = msg.WhichOneof("prompt")
         if kind == "text":
+            check_text_bytes(msg.text, "text", self.limits.max_text_bytes)
             ids = self.tokenizer.encode(msg.text)
         elif kind == "token_ids":
+            self._check_prompt_len(len(msg.token_ids.ids))  # before copying millions of ids
             ids = list(msg.token_ids.ids)
             self._check_ids(ids, "prompt.token_ids")
         elif kind == "chat":
-            ids = self.tokenizer.encode_chat(*chat_messages(msg.chat))
+            ids = self.tokenizer.encode_chat(*chat_messages(msg.chat, self.limits.max_text_bytes))
         else:
             raise invalid("prompt: set one of text, token_ids or chat")
         if not ids:
             raise invalid("prompt is empty (it tokenized to zero tokens)")
-        if len(ids) >= self.limits.max_context:
+        self._check_prompt_len(len(ids))
+        return ids
+
+    def tokenize(self, msg: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        """The ``Tokenize`` RPC's answer; its size is bounded by the same byte limit as prompts."""
+        tok, limit = self.tokenizer, self.limits.max_text_bytes
+        kind = msg.WhichOneof("input")
+        if kind == "text":
+            check_text_bytes(msg.text, "text", limit)
+            add = msg.add_special_tokens if msg.HasField("add_special_tokens") else True
+            ids = tok.encode(msg.text, add_special_tokens=add)
+        elif kind == "chat":
+            ids = tok.encode_chat(*chat_messages(msg.chat, limit))
+        else:
+            raise invalid("input: set text or chat")
+        return pb.TokenizeResponse(ids=ids, tokens=tok.tokens(ids))
+
+    def _check_prompt_len(self, n: int) -> None:
+        if n >= self.limits.max_context:
             raise invalid(
-                f"prompt is {len(ids)} tokens; the model's context is {self.limits.max_context} tokens "
+                f"prompt is {n} tokens; the model's context is {self.limits.max_context} tokens "
                 "and at least one must be left for output"
             )
-        return ids
 
     def _check_ids(self, ids: list[int], field: str) -> None:
         bad = [i for i in ids if i >= self.limits.vocab_size]
@@ -119,7 +155,12 @@ class RequestBuilder:
             max_new = min(self.limits.default_max_new_tokens, room)
         if s.min_new_tokens > max_new:
             raise invalid(f"stopping.min_new_tokens ({s.min_new_tokens}) exceeds max_new_tokens ({max_new})")
-        _check_stop_strings(list(s.stop))
+        _check_stop_strings(s.stop)
+        if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise invalid(
+                f"stopping.stop_token_ids has {len(s.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} "
+                "are allowed"
+            )
         self._check_ids(list(s.stop_token_ids), "stopping.stop_token_ids")
         return StopOptions(
             max_new_tokens=max_new,
@@ -131,12 +172,28 @@ class RequestBuilder:
         )
 
 
-def chat_messages(chat: pb.Chat) -> tuple[list[dict[str, str]], bool]:
+def check_text_bytes(text: str, field: str, limit: int) -> int:
+    """The UTF-8 size of ``text``, refused (naming ``field``) above ``limit``."""
+    n = len(text.encode())
+    if n > limit:
+        raise invalid(f"{field} is {n} bytes; at most {limit} are allowed")
+    return n
+
+
+def chat_messages(chat: pb.Chat, max_bytes: int) -> tuple[list[dict[str, str]], bool]:
+    """The messages for the chat template; at most ``max_bytes`` of roles and contents in all."""
     if not chat.messages:
         raise invalid("chat.messages is empty")
+    if len(chat.messages) > MAX_CHAT_MESSAGES:
+        raise invalid(f"chat.messages has {len(chat.messages)} messages; at most {MAX_CHAT_MESSAGES}")
+    total = 0
     for i, m in enumerate(chat.messages):
         if not m.role:
             raise invalid(f"chat.messages[{i}].role is empty")
+        check_text_bytes(m.role, f"chat.messages[{i}].role", MAX_ROLE_BYTES)
+        total += check_text_bytes(m.content, f"chat.messages[{i}].content", max_bytes)
+        if total > max_bytes:
+            raise invalid(f"chat.messages hold more than {max_bytes} bytes of content in all")
     messages = [{"role": m.role, "content": m.content} for m in chat.messages]
     add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
     return messages, add_prompt
@@ -160,6 +217,8 @@ def _sampling(s: pb.SamplingParams) -> SamplingOptions:
     temperature = s.temperature if s.HasField("temperature") else 1.0
     if not math.isfinite(temperature) or temperature < 0:
         raise invalid(f"sampling.temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature < GREEDY_BELOW_TEMPERATURE:
+        temperature = 0.0
     top_k = s.top_k if s.HasField("top_k") else -1
     if top_k == 0 or top_k < -1:
         raise invalid(f"sampling.top_k must be -1 (off) or >= 1, got {top_k}")
@@ -189,7 +248,7 @@ def _nth_seed(sampling: SamplingOptions, i: int, given: bool) -> SamplingOptions
     return dataclasses.replace(sampling, seed=seed)
 
 
-def _check_stop_strings(stops: list[str]) -> None:
+def _check_stop_strings(stops: Sequence[str]) -> None:
     if len(stops) > MAX_STOP_STRINGS:
         raise invalid(f"stopping.stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed")
     for i, stop in enumerate(stops):

@@ -3,8 +3,11 @@ tokenization and error mapping live in helpers."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 
@@ -13,8 +16,10 @@ from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.proto import generation_pb2_grpc
 from lightllm_grpc.scheduler.engine import Engine
 from lightllm_grpc.scheduler.request import FinishReason, Request, RequestOutput, next_outputs
-from lightllm_grpc.server.errors import RequestError, invalid, stream_errors, unary_errors
-from lightllm_grpc.server.request_builder import RequestBuilder, chat_messages
+from lightllm_grpc.server.errors import RequestError, stream_errors, unary_errors
+from lightllm_grpc.server.request_builder import RequestBuilder
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -30,12 +35,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.engine = engine
         self.builder = builder
         self.info = info
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
 
     @stream_errors
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        reqs = self._submit(request)
+        reqs = await self._submit(request)
         async for out in self._outputs(reqs):
             req = reqs[out.index]
             yield pb.GenerateStreamResponse(index=out.index, **_fields(req, out), **_usage(out, [req]))
@@ -44,7 +50,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        reqs = self._submit(request)
+        reqs = await self._submit(request)
         totals = [RequestOutput(index=r.index) for r in reqs]
         async for out in self._outputs(reqs):
             totals[out.index].merge(out)
@@ -57,16 +63,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
-        tok = self.builder.tokenizer
-        kind = request.WhichOneof("input")
-        if kind == "text":
-            add = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            ids = tok.encode(request.text, add_special_tokens=add)
-        elif kind == "chat":
-            ids = tok.encode_chat(*chat_messages(request.chat))
-        else:
-            raise invalid("input: set text or chat")
-        return pb.TokenizeResponse(ids=ids, tokens=tok.tokens(ids))
+        return await self._off_loop(self.builder.tokenize, request)
 
     @unary_errors
     async def GetModelInfo(
@@ -109,15 +106,28 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     ) -> pb.FlushCacheResponse:
         return pb.FlushCacheResponse(freed_tokens=self.engine.scheduler.clear_cache())
 
-    def _submit(self, request: pb.GenerateRequest) -> list[Request]:
+    async def _off_loop(self, fn: Callable[[Any], T], arg: Any) -> T:
+        """Run tokenization-heavy work on the tokenizer thread, never on the serving event loop.
+
+        One thread: the HF tokenizer object is not safe to call from several threads at
+        once, and the Rust tokenizer releases the GIL, so streams keep flowing meanwhile.
+        """
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, arg)
+
+    def _check_admissible(self) -> None:
         if self.engine.dead:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the model shards are gone: {self.engine.dead}")
+            reason = self.engine.dead
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the server can no longer serve: {reason}")
         if len(self.engine.scheduler.waiting) >= self.info.max_waiting_requests:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the queue is full ({self.info.max_waiting_requests} waiting requests); retry later",
             )
-        reqs = self.builder.build(request)
+
+    async def _submit(self, request: pb.GenerateRequest) -> list[Request]:
+        self._check_admissible()  # refuse before tokenizing when it is clear already
+        reqs = await self._off_loop(self.builder.build, request)
+        self._check_admissible()  # the engine or the queue may have changed meanwhile
         request_id = reqs[0].request_id
         if request_id in self.engine.scheduler.by_id:
             raise RequestError(

@@ -45,13 +45,15 @@ async def serve(args: argparse.Namespace) -> None:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    shard_pb2_grpc.add_ShardServicer_to_server(ShardService(shard), server)
+    service = ShardService(shard)
+    shard_pb2_grpc.add_ShardServicer_to_server(service, server)
     server.add_insecure_port(args.address)
     await server.start()
-    logging.getLogger(__name__).info(
-        "shard %d listening on %s (pid %d)", args.rank, args.address, os.getpid()
-    )
-    await server.wait_for_termination()
+    log = logging.getLogger(__name__)
+    log.info("shard %d listening on %s (pid %d)", args.rank, args.address, os.getpid())
+    await service.stream_ended.wait()
+    log.info("shard %d: the coordinator's step stream ended; exiting", args.rank)
+    await server.stop(1.0)
 
 
 def main(argv: list[str] | None = None) -> None:

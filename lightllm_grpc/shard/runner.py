@@ -54,6 +54,10 @@ class ModelRunner:
         for row in range(self.max_rows):
             self.sampler.release(row)
 
+    def live_rows(self) -> int:
+        """Rows holding a request's tokens (the padding row excepted)."""
+        return int(np.count_nonzero(self.row_len[: self.max_rows]))
+
     def step(self, msg: shard_pb2.StepRequest) -> shard_pb2.StepResult:
         """Run a step to completion (warm-up, tests); serving uses ``launch`` and ``finish``."""
         return self.launch(msg).finish()

@@ -22,6 +22,11 @@ POLL_S = 0.0001
 class ShardService(shard_pb2_grpc.ShardServicer):
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
+        # Set when the coordinator's step stream ends: the coordinator closed it or died (a
+        # remote coordinator, whose death no parent-death signal reports). Either way no one
+        # will send this shard another step, so its process exits.
+        self.stream_ended = asyncio.Event()
+        self.open_streams = 0
 
     async def Info(self, request: shard_pb2.InfoRequest, context: grpc.aio.ServicerContext):
         s, m = self.shard, self.shard.model_config
@@ -50,6 +55,13 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         return shard_pb2.WarmupResponse(seconds=time.perf_counter() - start)
 
     async def ClearCache(self, request: shard_pb2.ClearCacheRequest, context: grpc.aio.ServicerContext):
+        # Resetting rows a coordinator still steps would silently corrupt its requests.
+        live = self.shard.runner.live_rows()
+        if live or self.open_streams:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"ClearCache refused: {live} rows are live and {self.open_streams} step streams are open",
+            )
         self.shard.runner.reset()
         return shard_pb2.ClearCacheResponse()
 
@@ -64,6 +76,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         """
         queue: asyncio.Queue[shard_pb2.StepRequest | None] = asyncio.Queue()
         reader = asyncio.create_task(_pump(requests, queue))
+        self.open_streams += 1
         try:
             pending = None
             while True:
@@ -80,6 +93,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 pending = after
         finally:
             reader.cancel()
+            self.open_streams -= 1
+            self.stream_ended.set()
 
     def _launch(self, msg: shard_pb2.StepRequest) -> PendingStep | shard_pb2.StepResult:
         try:
