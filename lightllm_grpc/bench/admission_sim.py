@@ -346,6 +346,10 @@ def format_table(results: list[SimResult]) -> str:
             f"| {r.label} | {r.mean_batch:.1f} | {r.max_batch} | {r.sim_seconds:.1f} "
             f"| {r.throughput:,.0f} | {r.preemptions} | {100 * r.preempted_share:.1f}% "
             f"| {r.max_kv_used:,} | {r.prefill_tokens:,} "
-            f"| {r.schedule_ms_mean:.2f} / {r.schedule_ms_at_full:.2f} |"
+            f"| {r.schedule_ms_mean:.2f} / {_ms(r.schedule_ms_at_full)} |"
         )
     return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.2f}"  # no step reached that many rows
