@@ -1,5 +1,6 @@
-"""``lightllm-grpc bench``: ``bench load`` (a fixed workload) and ``bench serve`` (datasets, arrival
-rates and latency percentiles against one or more running servers)."""
+"""``lightllm-grpc bench``: ``bench load`` (a fixed workload), ``bench serve`` (datasets, arrival
+rates and latency percentiles against one or more running servers) and ``bench sim`` (admission
+rules compared by simulating the scheduler on the CPU)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from lightllm_grpc.aio import run
+from lightllm_grpc.bench import admission_sim as sim
 from lightllm_grpc.bench.datasets import (
     Conversation,
     Vocab,
@@ -22,6 +24,7 @@ from lightllm_grpc.bench.datasets import (
 from lightllm_grpc.bench.load import Workload, run_load
 from lightllm_grpc.bench.report import format_summary
 from lightllm_grpc.bench.serve import Traffic, as_conversations, serve_benchmark
+from lightllm_grpc.config import SchedulerConfig
 from lightllm_grpc.proto import generation_pb2 as pb
 
 
@@ -37,6 +40,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--vocab-size", type=int, default=None, help="default: asked from the server")
     load.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_serve_parser(bsub)
+    _add_sim_parser(bsub)
 
 
 def _add_serve_parser(bsub: argparse._SubParsersAction) -> None:
@@ -82,6 +86,39 @@ def _add_serve_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
 
 
+def _add_sim_parser(bsub: argparse._SubParsersAction) -> None:
+    w, c = sim.Workload(), sim.StepCost()
+    p = bsub.add_parser(
+        "sim",
+        help="compare admission rules by simulating the real scheduler on the CPU",
+        description="Drives the real Scheduler with a fake shard and a step-time model "
+        "(BENCHMARKS.md, 'Admission by simulation'); prints a Markdown table.",
+    )
+    p.add_argument("--requests", type=int, default=w.requests)
+    p.add_argument("--kv-tokens", type=int, default=200_000, help="KV pool size in tokens")
+    p.add_argument("--max-running-requests", type=int, default=256)
+    p.add_argument("--max-prefill-tokens", type=int, default=8192)
+    p.add_argument("--admission", default="conservative,past-future", help="comma-separated rules")
+    p.add_argument(
+        "--quantiles", default="0.6,0.8,0.9", help="comma-separated admission quantiles for past-future"
+    )
+    p.add_argument("--prompt-min", type=int, default=w.prompt_min)
+    p.add_argument("--prompt-max", type=int, default=w.prompt_max)
+    p.add_argument("--output-median", type=float, default=w.output_median)
+    p.add_argument("--output-p99", type=float, default=w.output_p99)
+    p.add_argument("--max-new-tokens", type=int, default=w.max_new_tokens)
+    p.add_argument(
+        "--request-rate", type=float, default=math.inf, help="Poisson arrivals per second; inf: all at once"
+    )
+    p.add_argument("--no-prefix-cache", action="store_true")
+    p.add_argument("--step-ms", type=float, default=c.a_ms, help="fixed cost of a step")
+    p.add_argument("--row-ms", type=float, default=c.b_ms_per_row, help="per decode row")
+    p.add_argument("--prefill-token-ms", type=float, default=c.c_ms_per_prefill_token)
+    p.add_argument("--context-token-ms", type=float, default=c.d_ms_per_context_token)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_path", type=Path, default=None, help="write the figures here")
+
+
 async def _vocab(address: str) -> int:
     from lightllm_grpc.proto import generation_pb2_grpc
 
@@ -93,6 +130,8 @@ async def _vocab(address: str) -> int:
 def bench_main(args: argparse.Namespace) -> int:
     if args.bench_command == "serve":
         return serve_main(args)
+    if args.bench_command == "sim":
+        return sim_main(args)
     return load_main(args)
 
 
@@ -171,3 +210,56 @@ def serve_main(args: argparse.Namespace) -> int:
         record = {"model": info.name, "targets": targets, "args": flags, **summary.as_dict()}
         args.json_path.write_text(json.dumps(record, indent=2) + "\n")
     return 0 if summary.completed else 1
+
+
+def _sim_configs(args: argparse.Namespace, cost: sim.StepCost) -> list[sim.SimConfig]:
+    rules = [r.strip() for r in args.admission.split(",") if r.strip()]
+    quantiles = [float(q) for q in args.quantiles.split(",") if q.strip()]
+    configs = []
+    for rule in rules:
+        # The quantile only matters to past-future: conservative runs once.
+        for q in quantiles if rule == "past-future" else [SchedulerConfig.admission_quantile]:
+            configs.append(
+                sim.SimConfig(
+                    kv_tokens=args.kv_tokens,
+                    max_running_requests=args.max_running_requests,
+                    max_prefill_tokens=args.max_prefill_tokens,
+                    admission=rule,
+                    admission_quantile=q,
+                    prefix_cache=not args.no_prefix_cache,
+                    cost=cost,
+                )
+            )
+    return configs
+
+
+def sim_main(args: argparse.Namespace) -> int:
+    try:
+        workload = sim.Workload(
+            args.requests,
+            args.prompt_min,
+            args.prompt_max,
+            args.output_median,
+            args.output_p99,
+            args.max_new_tokens,
+            args.request_rate,
+            args.seed,
+        )
+        cost = sim.StepCost(args.step_ms, args.row_ms, args.prefill_token_ms, args.context_token_ms)
+        configs = _sim_configs(args, cost)
+        for cfg in configs:
+            cfg.scheduler_config()  # validates the rule and quantile before any run
+    except ValueError as exc:
+        print(f"bench sim: {exc}", file=sys.stderr)
+        return 2
+    reqs = sim.sample_workload(workload)
+    results = []
+    for cfg in configs:
+        results.append(sim.simulate(reqs, cfg, workload.max_new_tokens))
+        print(f"{cfg.label}: done ({results[-1].steps} steps)", file=sys.stderr)
+    print(sim.format_table(results))
+    if args.json_path is not None:
+        flags = {k: _jsonable(v) for k, v in vars(args).items() if k not in ("command", "bench_command")}
+        record = {"args": flags, "results": [r.as_dict() for r in results]}
+        args.json_path.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
