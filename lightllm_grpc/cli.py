@@ -90,6 +90,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-n", type=int, default=16, help="most completions per request (default: %(default)s)"
     )
+    p.add_argument(
+        "--cascade-min-shared-tokens",
+        type=int,
+        default=65536,
+        help="decode steps whose rows share cached prefixes of at least this many tokens in all "
+        "read each shared prefix once per group of rows (cascade attention, no CUDA graph for "
+        "that step); a huge value turns it off (default: %(default)s)",
+    )
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
     p.add_argument("--served-model-name", default=None)
@@ -164,6 +172,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         admission_quantile=args.admission_quantile,
         scheduling_policy=args.scheduling_policy,
         max_n=args.max_n,
+        cascade_min_shared_tokens=args.cascade_min_shared_tokens,
     )
     return ServerConfig(
         shard=shard,

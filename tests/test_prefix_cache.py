@@ -26,7 +26,12 @@ def model_dir(tmp_path_factory):
 def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "server.log"
     # A small prefill budget: long prompts, cached or not, are chunked across steps.
-    srv = ServerProcess(model_dir, log, "--max-total-tokens", "2048", "--max-prefill-tokens", "16")
+    # Cascade attention on every shared prefix: the CPU backend checks each group it is sent.
+    srv = ServerProcess(
+        model_dir,
+        log,
+        *("--max-total-tokens", "2048", "--max-prefill-tokens", "16", "--cascade-min-shared-tokens", "1"),
+    )
     yield srv
     srv.stop()
 
@@ -47,15 +52,17 @@ def _check_greedy(model_dir, prompts: list[list[int]], outs: list[list[int]], ne
 
 def test_shared_prefixes_are_served_from_the_cache(server, model_dir) -> None:
     rng = random.Random(7)
-    prefix = _ids(rng, 40)
+    prefix = _ids(rng, 70)
     prompts = [prefix + _ids(rng, 3 + 4 * i) for i in range(7)]
     before = server.info()
     first = server.stub.Generate(greedy_request(prompts[0], 16))
     rest = _generate_all(server, [greedy_request(p, 16) for p in prompts[1:]])
     after = server.wait_idle()
     _check_greedy(model_dir, prompts, [list(r.token_ids) for r in [first, *rest]], 16)
-    assert all(r.usage.cached_tokens >= 40 for r in rest), [r.usage.cached_tokens for r in rest]
-    assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens >= 6 * 40
+    assert all(r.usage.cached_tokens >= 70 for r in rest), [r.usage.cached_tokens for r in rest]
+    assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens >= 6 * 70
+    # Rows decoding together over the cached prefix went as cascade groups (checked by the shard).
+    assert after.num_cascade_decode_steps > before.num_cascade_decode_steps
     assert after.num_partial_prefills > before.num_partial_prefills  # chunks did happen
     assert after.kv_used_tokens == 0 and after.kv_cached_tokens > 0
     assert after.kv_free_tokens + after.kv_cached_tokens == after.kv_total_tokens

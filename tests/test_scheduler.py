@@ -47,6 +47,7 @@ class FakeShard:
         self.results: list[shard_pb2.StepResult] = []
         self.max_inflight = 0
         self.prefix_tokens = 0  # tokens rows took from a cached prefix
+        self.groups_seen = 0  # decode prefix groups (cascade attention) checked
 
     def tokens(self, row: int) -> list[int]:
         return [self.slot_token[s] for s in self.row_slots.get(row, [])]
@@ -93,12 +94,27 @@ class FakeShard:
             off += n
             if p.sample[i]:
                 self._sample(out, row)
+        self._check_groups(msg.decode)
         for row, slot in zip(msg.decode.rows, msg.decode.slots):
             assert row in self.pending, "decode of a row whose prompt was never sampled"
             self._write(row, [self.pending.pop(row)], [slot])
             self._sample(out, row)
         self.max_batch = max(self.max_batch, len(msg.decode.rows))
         return out
+
+    def _check_groups(self, dec: shard_pb2.DecodeBatch) -> None:
+        """A prefix group's rows must point at the same slots over the shared length."""
+        if not dec.group_sizes:
+            return
+        assert len(dec.group_sizes) == len(dec.shared_lens) == len(dec.rows)
+        for i, size in enumerate(dec.group_sizes):
+            if size:
+                n = dec.shared_lens[i]
+                assert 2 <= size <= 8 and n > 0
+                lead = self.row_slots[dec.rows[i]][:n]
+                for j in range(i, i + size):
+                    assert dec.shared_lens[j] == n and self.row_slots[dec.rows[j]][:n] == lead
+                self.groups_seen += 1
 
     def _sample(self, out: shard_pb2.StepResult, row: int) -> None:
         tok = next_token(self.tokens(row))
@@ -406,5 +422,26 @@ def test_a_short_shared_prefix_does_not_hold_requests_back() -> None:
             engine.submit(r)
         plan = engine.scheduler.schedule()
         assert plan is not None and len(plan.message.prefill.rows) == 6
+
+    asyncio.run(main())
+
+
+def test_rows_sharing_a_prefix_are_grouped_for_cascade_attention() -> None:
+    async def main() -> None:
+        engine, shard = make_engine(4096, 32, 4096, cascade_min_shared_tokens=1)
+        engine.start()
+        prefixes = [[(j * (k + 2)) % 180 + 40 for j in range(70 + k)] for k in range(2)]
+        first = [shared_prefix_request(100 + k, p, 2, 2) for k, p in enumerate(prefixes)]
+        for r in first:  # cache the prefixes
+            engine.submit(r)
+            await collect(r)
+        reqs = [shared_prefix_request(i, prefixes[i % 2], 1 + i % 4, 12) for i in range(20)]
+        for r in reqs:
+            engine.submit(r)
+        for r in reqs:
+            assert await collect(r) == expected(r.prompt_ids, 12), r.request_id
+        assert shard.groups_seen > 0
+        assert_no_leak(engine.scheduler)
+        await engine.stop()
 
     asyncio.run(main())

@@ -17,6 +17,9 @@ import triton.language as tl
 from lightllm_grpc_kernels._launch import block, check_index, check_rows, dot_precision, on_gpu
 
 _LOG2E = 1.4426950408889634
+# Most rows of one shared-prefix group (the coordinator cuts larger groups to this size):
+# their query heads form one tile of MAX_GROUP_ROWS x (heads per kv head) rows.
+MAX_GROUP_ROWS = 8
 MAX_SPLITS = 32  # upper bound of decode_num_splits; workspaces sized for it fit every batch size
 # Sequences x splits to aim for. Measured on an H200 at H=32, Hkv=8, D=128 (CUDA graphs):
 # batch 1 wants 32 splits (9 us vs 86 us unsplit at seq 4096), batch 32 wants 2, batch 128 one.
@@ -53,6 +56,7 @@ def _decode_stage1_kernel(
     req_to_token_ptr,
     req_rows_ptr,
     seq_lens_ptr,
+    kv_starts_ptr,
     mid_o_ptr,
     mid_lse_ptr,
     out_ptr,
@@ -68,6 +72,7 @@ def _decode_stage1_kernel(
     head_dim,
     GROUP: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -77,7 +82,13 @@ def _decode_stage1_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    start, end = _split_bounds(seq_len, split, NUM_SPLITS, BLOCK_N)
+    # With a shared prefix (cascade), this pass covers only the keys after it; the prefix's
+    # partial result sits in workspace slot NUM_SPLITS and stage 2 merges it with the rest.
+    MID_STRIDE: tl.constexpr = NUM_SPLITS + 1 if HAS_PREFIX else NUM_SPLITS
+    kv_start = tl.load(kv_starts_ptr + b) if HAS_PREFIX else 0
+    start, end = _split_bounds(seq_len - kv_start, split, NUM_SPLITS, BLOCK_N)
+    start += kv_start
+    end += kv_start
     # The GROUP query heads that share this kv head, padded to BLOCK_G rows (tl.dot needs 16).
     offs_g = tl.arange(0, BLOCK_G)
     heads = kv_head * GROUP + offs_g
@@ -85,11 +96,15 @@ def _decode_stage1_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
     gd_mask = g_mask[:, None] & d_mask[None, :]
-    # Workspace rows are (b, head, split): contiguous [B, H, NUM_SPLITS(, D)].
-    mid_rows = (b * num_heads + heads) * NUM_SPLITS + split
+    # Workspace rows are (b, head, split): contiguous [B, H, MID_STRIDE(, D)].
+    mid_rows = (b * num_heads + heads) * MID_STRIDE + split
     out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    if HAS_PREFIX:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if (split == 0) & (kv_start == 0):  # no shared prefix here: that slot has no keys
+            no_prefix = (b * num_heads + heads) * MID_STRIDE + NUM_SPLITS
+            tl.store(mid_lse_ptr + no_prefix, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=g_mask)
     if start >= end:
-        if NUM_SPLITS == 1:
+        if NUM_SPLITS == 1 and not HAS_PREFIX:
             # A padded batch entry (seq_len 0): zeros, not NaN.
             tl.store(out_ptrs, tl.zeros([BLOCK_G, BLOCK_D], out_ptr.dtype.element_ty), mask=gd_mask)
         else:
@@ -125,12 +140,84 @@ def _decode_stage1_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if NUM_SPLITS == 1 and not HAS_PREFIX:
         # The split is the whole sequence: this is the output, and stage 2 is skipped.
         tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
     else:
         tl.store(mid_o_ptr + mid_rows[:, None] * head_dim + offs_d[None, :], acc / l_i[:, None], mask=gd_mask)
         tl.store(mid_lse_ptr + mid_rows, m_i + tl.log2(l_i), mask=g_mask)
+
+
+@triton.jit
+def _shared_prefix_kernel(
+    q_ptr,
+    k_buf_ptr,
+    v_buf_ptr,
+    req_to_token_ptr,
+    req_rows_ptr,
+    prefix_lens_ptr,
+    group_sizes_ptr,
+    mid_o_ptr,
+    mid_lse_ptr,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_bs,
+    stride_bh,
+    stride_rt,
+    num_heads,
+    head_dim,
+    GROUP: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Program (b, kv head), for b the first row of a group (group_sizes[b] > 0): the group's
+    # rows b .. b + size - 1 share K/V positions [0, prefix_lens[b]), so those keys are read
+    # once for all of them: the queries of every row and head of the group form one tile.
+    b = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    size = tl.load(group_sizes_ptr + b)
+    if size == 0:
+        return
+    length = tl.load(prefix_lens_ptr + b)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = b + offs_m // GROUP
+    heads = kv_head * GROUP + offs_m % GROUP
+    m_mask = offs_m < size * GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    md_mask = m_mask[:, None] & d_mask[None, :]
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=md_mask,
+        other=0.0,
+    )
+    slot_row = req_to_token_ptr + tl.load(req_rows_ptr + b).to(tl.int64) * stride_rt
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n_start in range(0, length, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < length
+        slots = tl.load(slot_row + offs_n, mask=n_mask, other=0).to(tl.int64)
+        kv_offs = slots[:, None] * stride_bs + kv_head * stride_bh + offs_d[None, :]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    mid_rows = (rows * num_heads + heads) * (NUM_SPLITS + 1) + NUM_SPLITS
+    tl.store(mid_o_ptr + mid_rows[:, None] * head_dim + offs_d[None, :], acc / l_i[:, None], mask=md_mask)
+    tl.store(mid_lse_ptr + mid_rows, m_i + tl.log2(l_i), mask=m_mask)
 
 
 @triton.jit
@@ -248,6 +335,7 @@ def decode_attention(
         req_to_token,
         req_rows,
         seq_lens,
+        seq_lens,  # kv_starts: unused without a shared prefix
         mid_o,
         mid_lse,
         out,
@@ -263,6 +351,7 @@ def decode_attention(
         head_dim,
         GROUP=group,
         NUM_SPLITS=num_splits,
+        HAS_PREFIX=False,
         BLOCK_G=max(16, block(group)),
         BLOCK_N=block_n,
         BLOCK_D=block(head_dim),
@@ -285,6 +374,64 @@ def decode_attention(
         BLOCK_D=block(head_dim),
         num_warps=4 if gpu else 1,
     )
+    return out
+
+
+def cascade_decode_attention(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    group_sizes: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """:func:`decode_attention` for batches whose sequences share prefixes (cascade attention).
+
+    Rows ``b .. b + group_sizes[b] - 1`` (``group_sizes[b] > 0`` marks a group's first row,
+    0 elsewhere; at most ``MAX_GROUP_ROWS`` rows a group) have the same slots at
+    positions ``[0, prefix_lens[b])`` of their ``req_to_token`` rows; every row of a group
+    carries the group's ``prefix_lens``, and a row in no group has ``prefix_lens`` 0. The
+    shared keys are read once per group and kv head instead of once per row; each row then
+    attends to its own keys after the prefix, and the two partial softmaxes are merged by
+    their log-sum-exps. Allocates its workspace (not for CUDA-graph capture).
+    """
+    _check_inputs(q, k_buf, v_buf, req_to_token, req_rows, seq_lens)
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_buf.shape[1]
+    check_index(prefix_lens, "prefix_lens", batch, torch.int32)
+    check_index(group_sizes, "group_sizes", batch, torch.int32)
+    num_splits = decode_num_splits(batch) if num_splits is None else num_splits
+    mid_o = q.new_empty((batch, num_heads, num_splits + 1, head_dim), dtype=torch.float32)
+    mid_lse = q.new_empty((batch, num_heads, num_splits + 1), dtype=torch.float32)
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    gpu = on_gpu(q)
+    group = num_heads // num_kv_heads
+    common = dict(BLOCK_D=block(head_dim), DOT_PRECISION=dot_precision(q.dtype), num_warps=4 if gpu else 1)
+    _shared_prefix_kernel[(batch, num_kv_heads)](
+        q, k_buf, v_buf, req_to_token, req_rows, prefix_lens, group_sizes, mid_o, mid_lse,
+        scale * _LOG2E, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0),
+        num_heads, head_dim, GROUP=group, NUM_SPLITS=num_splits,
+        BLOCK_M=max(16, block(MAX_GROUP_ROWS * group)),
+        BLOCK_N=64 if gpu else 16, num_stages=2 if gpu else 1, **common,
+    )  # fmt: skip
+    _decode_stage1_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_buf, v_buf, req_to_token, req_rows, seq_lens, prefix_lens, mid_o, mid_lse, out,
+        scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_buf.stride(0),
+        k_buf.stride(1), req_to_token.stride(0), num_heads, head_dim, GROUP=group, NUM_SPLITS=num_splits,
+        HAS_PREFIX=True, BLOCK_G=max(16, block(group)), BLOCK_N=64 if gpu else 16,
+        num_stages=2 if gpu else 1, **common,
+    )  # fmt: skip
+    common.pop("DOT_PRECISION")
+    _decode_stage2_kernel[(batch, num_heads)](
+        mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads, head_dim,
+        NUM_SPLITS=num_splits + 1, BLOCK_S=block(num_splits + 1), **common,
+    )  # fmt: skip
     return out
 
 

@@ -40,6 +40,10 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [B] int64 index in T of each sequence's last new token
     max_q_len: int  # host-side max of q_lens (sizes prefill grids without a device sync)
     max_seq_len: int  # host-side max of seq_lens (an upper bound is fine)
+    # DECODE only, optional: rows b .. b + group_sizes[b] - 1 share K/V positions
+    # [0, shared_lens[b]) (see DecodeBatch in shard.proto); backends may read them once.
+    shared_lens: torch.Tensor | None = None  # [B] int32
+    group_sizes: torch.Tensor | None = None  # [B] int32
 
     @property
     def batch_size(self) -> int:

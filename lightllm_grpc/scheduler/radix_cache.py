@@ -34,6 +34,17 @@ class Node:
     refs: int = 0  # live requests whose prefix runs through this node
     last_use: int = 0
     step: int = -1  # the step whose prefill writes these slots (see RadixCache.match)
+    depth: int = 0  # tokens from the root through this node's edge
+
+    def shared_ancestor(self, within: int) -> Node | None:
+        """The deepest node on the path to here, at most ``within`` tokens deep, that more
+        than one live request has locked (None when there is none)."""
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            if node.depth <= within and node.refs >= 2:
+                return node
+            node = node.parent
+        return None
 
     def __len__(self) -> int:
         return int(self.tokens.size)
@@ -127,7 +138,7 @@ class RadixCache:
             child = node.children.get(int(key[pos]))
             if child is None:
                 leaf = Node(key[pos:].copy(), np.asarray(slots[pos:], np.int32).copy(), node, last_use=now)
-                leaf.step = step
+                leaf.step, leaf.depth = step, node.depth + int(key.size - pos)
                 node.children[int(key[pos])] = leaf
                 self.total_tokens += len(leaf)
                 return leaf, pos
@@ -165,7 +176,7 @@ class RadixCache:
         parent = child.parent
         assert parent is not None
         upper = Node(child.tokens[:n], child.slots[:n], parent, refs=child.refs, last_use=child.last_use)
-        upper.step = child.step
+        upper.step, upper.depth = child.step, parent.depth + n
         parent.children[int(upper.tokens[0])] = upper
         child.tokens, child.slots, child.parent = child.tokens[n:], child.slots[n:], upper
         upper.children[int(child.tokens[0])] = child

@@ -109,6 +109,9 @@ class Request:
     kv: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
     num_kv: int = 0
     tree_len: int = 0
+    # Positions [0, exact_len) hold exactly the cache's slots for them (no duplicates of its
+    # own there), so rows with the same cached ancestor share them (cascade attention).
+    exact_len: int = 0
     node: Node | None = None  # the radix-cache node locked for positions [0, tree_len)
     dup_slots: list[np.ndarray] = field(default_factory=list)  # own slots the cache already had
     prefix_pending: int = 0  # cached prefix the next chunk must point the shard's row at

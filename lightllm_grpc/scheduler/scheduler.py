@@ -40,6 +40,10 @@ EVICT_AT_LEAST = 256  # tokens
 # A request whose prefix is being prefilled by this very step waits a step to share it when
 # that saves at least this many tokens (not for a shared BOS or chat-template header).
 DEFER_FOR_TOKENS = 32
+# Cascade decode attention: a shared prefix shorter than this is not worth a group, and a
+# group holds at most this many rows (the kernel's MAX_GROUP_ROWS; shard.proto says so too).
+CASCADE_MIN_PREFIX = 64
+CASCADE_GROUP_ROWS = 8
 
 
 @dataclass
@@ -83,6 +87,7 @@ class Counters:
     prefix_hit_tokens: int = 0  # of those, served from it
     preemptions: int = 0
     partial_prefills: int = 0  # prefill chunks that did not finish their prompt
+    cascade_steps: int = 0  # decode steps sent with prefix groups (cascade attention)
 
 
 class Scheduler:
@@ -184,6 +189,8 @@ class Scheduler:
             self._preempt(self._victim())
         if not reqs:
             return reqs
+        if self.cache is not None and len(reqs) >= 2:
+            reqs = self._prefix_groups(reqs, dec)
         slots = self.slots.alloc(len(reqs))
         assert slots is not None
         slot_ids = slots.tolist()
@@ -194,6 +201,37 @@ class Scheduler:
         dec.rows.extend([r.row for r in reqs])
         dec.slots.extend(slot_ids)
         return reqs
+
+    def _prefix_groups(self, reqs: list[Request], dec: shard_pb2.DecodeBatch) -> list[Request]:
+        """Order decode rows so rows sharing a cached prefix sit together, and tell the shard
+        (cascade attention reads such a prefix once per group instead of once per row).
+
+        Only when the rows that would share hold at least ``cascade_min_shared_tokens``: the
+        shard runs such a step without its CUDA graph, which small steps cannot afford.
+        """
+        groups: dict[int, tuple[int, list[Request]]] = {}
+        for req in reqs:
+            anchor = req.node.shared_ancestor(req.exact_len) if req.node is not None else None
+            if anchor is not None and anchor.depth >= CASCADE_MIN_PREFIX:
+                groups.setdefault(id(anchor), (anchor.depth, []))[1].append(req)
+        shared = sum(depth * len(m) for depth, m in groups.values() if len(m) > 1)
+        if not shared or shared < self.config.cascade_min_shared_tokens:
+            return reqs
+        ordered: list[Request] = []
+        for depth, members in groups.values():
+            for i in range(0, len(members), CASCADE_GROUP_ROWS):
+                chunk = members[i : i + CASCADE_GROUP_ROWS]
+                if len(chunk) < 2:
+                    continue
+                ordered += chunk
+                dec.shared_lens.extend([depth] * len(chunk))
+                dec.group_sizes.extend([len(chunk)] + [0] * (len(chunk) - 1))
+        self.counters.cascade_steps += 1
+        grouped = {id(r) for r in ordered}
+        rest = [r for r in reqs if id(r) not in grouped]
+        dec.shared_lens.extend([0] * len(rest))
+        dec.group_sizes.extend([0] * len(rest))
+        return ordered + rest
 
     def _continue_prefills(self, plan: StepPlan, budget: int, step_id: int) -> int:
         for req in list(self.prefilling):
@@ -247,7 +285,7 @@ class Scheduler:
         if match is not None and match.length:
             assert self.cache is not None
             self.cache.lock(match.node)
-            req.node, req.tree_len = match.node, match.length
+            req.node, req.tree_len, req.exact_len = match.node, match.length, match.length
             req.append_kv(match.slots)
             req.prefilled = req.prefix_pending = match.length
             if first:
@@ -299,6 +337,8 @@ class Scheduler:
         node, already = self.cache.insert(req.fill_ids[:n], req.kv[:n], step=step_id)
         if already > req.tree_len:
             req.dup_slots.append(req.kv[req.tree_len : already].copy())
+        elif req.exact_len == req.tree_len:
+            req.exact_len = n  # all its own: its positions now are the cache's
         self.cache.lock(node)
         if req.node is not None:
             self.cache.unlock(req.node)
@@ -380,6 +420,7 @@ class Scheduler:
         free.append(kv[start:])
         self.slots.free(np.concatenate(free))
         req.kv, req.num_kv, req.tree_len, req.node, req.dup_slots = np.empty(0, np.int32), 0, 0, None, []
+        req.exact_len = 0
         self.rows.free([req.row])
         self._release.append(req.row)
         req.row = -1

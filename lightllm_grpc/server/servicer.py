@@ -91,6 +91,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             prefix_cache_hit_tokens=counters.prefix_hit_tokens,
             num_preemptions=counters.preemptions,
             num_partial_prefills=counters.partial_prefills,
+            num_cascade_decode_steps=counters.cascade_steps,
             prefix_cache_enabled=cfg.prefix_cache,
             admission=cfg.admission,
             scheduling_policy=cfg.scheduling_policy,

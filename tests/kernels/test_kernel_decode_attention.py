@@ -103,3 +103,81 @@ def test_decode_num_splits_fits_workspace() -> None:
         splits = decode_num_splits(batch)
         assert 1 <= splits <= MAX_SPLITS
         assert batch * splits <= decode_workspace_rows(300)
+
+
+def _cascade_case(
+    groups: list[tuple[int, int]], own: list[int], num_heads: int, num_kv_heads: int, device, dtype, splits
+) -> None:
+    """Rows in groups (size, shared prefix length) and alone (prefix 0), each with `own` keys after it."""
+    from lightllm_grpc_kernels.decode_attention import cascade_decode_attention
+
+    head_dim = 64
+    sizes = [s for s, _ in groups for _ in range(s)] + [1] * (len(own) - sum(s for s, _ in groups))
+    batch = len(own)
+    prefix, starts, pos = [], [], 0
+    for size, length in groups:
+        prefix += [length] * size
+        starts += [1] + [0] * (size - 1)
+    prefix += [0] * (batch - len(prefix))
+    starts += [0] * (batch - len(starts))
+    seq = [p + o for p, o in zip(prefix, own)]
+    total = sum(length for _, length in groups) + sum(own) + 8
+    perm = torch.randperm(total, device=device)
+    r2t = torch.zeros(batch + 2, max(seq) + 3, dtype=torch.int32, device=device)
+    b = 0
+    for size, length in groups:
+        shared = perm[pos : pos + length]
+        pos += length
+        for _ in range(size):
+            r2t[b + 1, :length] = shared
+            b += 1
+    for b in range(batch):
+        r2t[b + 1, prefix[b] : seq[b]] = perm[pos : pos + own[b]]
+        pos += own[b]
+    k = torch.randn(total, num_kv_heads, head_dim, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, num_heads, head_dim, dtype=dtype, device=device)
+    rows = torch.arange(1, batch + 1, dtype=torch.int32, device=device)
+    seq_t = torch.tensor(seq, dtype=torch.int32, device=device)
+    group_sizes = torch.tensor(
+        [s if first else 0 for s, first in zip(sizes, starts)], dtype=torch.int32, device=device
+    )
+    out = cascade_decode_attention(
+        q, k, v, r2t, rows, seq_t, torch.tensor(prefix, dtype=torch.int32, device=device), group_sizes,
+        head_dim**-0.5, num_splits=splits,
+    )  # fmt: skip
+    ref = decode_attention_ref(q, k, v, r2t, rows, seq_t, head_dim**-0.5)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    ("groups", "own", "heads", "kv_heads", "splits"),
+    [
+        ([(3, 40)], [1, 5, 17, 9], 8, 2, 1),  # a group of 3 and one row alone
+        ([(2, 33), (4, 7)], [3, 1, 2, 20, 4, 1, 50], 4, 4, 2),  # two groups, MHA, split suffixes
+        ([(8, 24), (8, 24)], [2] * 16, 8, 8, 1),  # two full groups of MAX_GROUP_ROWS rows, MHA
+        ([(8, 70)], [3] * 9, 8, 1, 2),  # 8 rows x 8 query heads per kv head: a 64-row tile
+    ],
+)
+def test_cascade_decode_attention_matches_reference(
+    groups, own, heads, kv_heads, splits, dtype, device
+) -> None:
+    _cascade_case(groups, own, heads, kv_heads, device, dtype, splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("groups", "own", "heads", "kv_heads", "splits"),
+    [
+        ([(8, 1024), (8, 1024), (4, 1024)], [64 + i for i in range(20)] + [300] * 5, 32, 8, 1),
+        ([(2, 100), (8, 513)], [1, 2] + [130] * 8 + [7, 4096], 32, 8, 4),
+        ([(3, 2000)], [5, 6, 7], 28, 4, None),
+    ],
+)
+def test_cascade_decode_attention_matches_reference_gpu(
+    groups, own, heads, kv_heads, splits, dtype, device
+) -> None:
+    _cascade_case(groups, own, heads, kv_heads, device, dtype, splits)

@@ -77,9 +77,26 @@ class TorchAttentionBackend(AttentionBackend):
     def _decode(
         q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float
     ) -> torch.Tensor:
+        if batch.group_sizes is not None:
+            _check_groups(batch)
         width = min(batch.max_seq_len, batch.req_to_token.shape[1])
         # Entries past a sequence's length may be stale or unset: clamp to a valid slot, then mask out.
         slots = batch.req_to_token[batch.req_rows.long(), :width].long().clamp(0, k_cache.shape[0] - 1)
         mask = torch.arange(width, device=q.device)[None, :] < batch.seq_lens[:, None]
         out = attend(q.unsqueeze(1), k_cache[slots], v_cache[slots], mask[:, None, None, :], scale)
         return out.squeeze(1)
+
+
+def _check_groups(batch: ForwardBatch) -> None:
+    """Prefix groups are only a promise to a faster kernel; this backend attends to every key
+    anyway, so it checks the promise (a wrong group would be silent corruption on GPU)."""
+    assert batch.shared_lens is not None and batch.group_sizes is not None
+    rows, shared, sizes = batch.req_rows.tolist(), batch.shared_lens.tolist(), batch.group_sizes.tolist()
+    for b, size in enumerate(sizes):
+        if size == 0:
+            continue
+        n = shared[b]
+        lead = batch.req_to_token[rows[b], :n]
+        for m in range(b, b + size):
+            if shared[m] != n or not torch.equal(batch.req_to_token[rows[m], :n], lead):
+                raise ValueError(f"decode row {m} does not share the {n}-token prefix of its group at {b}")

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import torch
-from lightllm_grpc_kernels.decode_attention import decode_attention, decode_num_splits, decode_workspace_rows
+from lightllm_grpc_kernels.decode_attention import (
+    cascade_decode_attention,
+    decode_attention,
+    decode_num_splits,
+    decode_workspace_rows,
+)
 from lightllm_grpc_kernels.prefill_attention import prefill_attention
 from lightllm_grpc_kernels.store_kv import store_kv
 
@@ -77,6 +82,12 @@ class TritonAttentionBackend(AttentionBackend):
         assert size <= self.max_batch_size, f"decode batch {size} > max_batch_size {self.max_batch_size}"
         assert q.shape[0] == size, f"decode needs one query per sequence: {q.shape[0]} vs {size}"
         splits = decode_num_splits(size) if self.num_splits is None else self.num_splits
+        if batch.shared_lens is not None and batch.group_sizes is not None:
+            # Rows sharing a prefix read its K/V once per group (eager only: it allocates).
+            return cascade_decode_attention(
+                q, k_buf, v_buf, batch.req_to_token, batch.req_rows, batch.seq_lens,
+                batch.shared_lens, batch.group_sizes, scale, num_splits=splits,
+            )  # fmt: skip
         rows = size * self.num_heads * splits
         # Views of the preallocated buffers: same addresses on every call of a given size.
         mid_o = self._mid_o[: rows * self.head_dim].view(size, self.num_heads, splits, self.head_dim)
