@@ -100,7 +100,10 @@ def test_prefix_cache_n_and_preemption_on_gpu(tmp_path) -> None:
     model_dir = make_served_model("llama3", tmp_path / "llama3", vocab_size=t.VOCAB)
     gpu = ("--device", "cuda", "--dtype", "float32")
     server = ServerProcess(
-        model_dir, tmp_path / "server.log", *gpu, "--max-total-tokens", "2048", "--max-prefill-tokens", "16"
+        model_dir,
+        tmp_path / "server.log",
+        *gpu,
+        *("--max-total-tokens", "2048", "--max-prefill-tokens", "16", "--cascade-min-shared-tokens", "1"),
     )
     try:
         t.test_shared_prefixes_are_served_from_the_cache(server, model_dir)

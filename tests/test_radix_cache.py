@@ -48,7 +48,11 @@ def test_locked_nodes_survive_eviction_and_lru_goes_first() -> None:
     locked = cache.match([1, 2, 3]).node
     cache.lock(locked)
     cache.match([7, 8, 9])  # touched last: evicted last
-    assert cache.locked_tokens == 3 and cache.evictable_tokens == 6
+    assert cache.locked_tokens == 3 and cache.evictable_tokens == 6 and cache.shared_tokens == 0
+    cache.lock(locked)
+    assert cache.shared_tokens == 3 and cache.locked_tokens == 3
+    cache.unlock(locked)
+    assert cache.shared_tokens == 0
     assert cache.evict(1) == 3
     assert cache.match([4, 5, 6]).length == 0 and cache.match([7, 8, 9]).length == 3
     assert cache.clear() == 3 and cache.match([1, 2, 3]).length == 3

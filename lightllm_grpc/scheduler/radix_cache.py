@@ -71,6 +71,7 @@ class RadixCache:
         self._free = free_slots
         self.total_tokens = 0  # tokens held by the tree
         self.locked_tokens = 0  # of those, tokens on paths some live request has locked
+        self.shared_tokens = 0  # of those, tokens more than one live request has locked
 
     @property
     def evictable_tokens(self) -> int:
@@ -107,6 +108,8 @@ class RadixCache:
         while node is not self.root:
             if node.refs == 0:
                 self.locked_tokens += len(node)
+            elif node.refs == 1:
+                self.shared_tokens += len(node)
             node.refs += 1
             node = node.parent  # type: ignore[assignment]
 
@@ -123,6 +126,8 @@ class RadixCache:
             node.refs -= 1
             if node.refs == 0:
                 self.locked_tokens -= len(node)
+            elif node.refs == 1:
+                self.shared_tokens -= len(node)
             node = node.parent  # type: ignore[assignment]
 
     # ---- insertion and eviction ----------------------------------------------------------

@@ -189,7 +189,7 @@ class Scheduler:
             self._preempt(self._victim())
         if not reqs:
             return reqs
-        if self.cache is not None and len(reqs) >= 2:
+        if self.cache is not None and len(reqs) >= 2 and self.cache.shared_tokens >= CASCADE_MIN_PREFIX:
             reqs = self._prefix_groups(reqs, dec)
         slots = self.slots.alloc(len(reqs))
         assert slots is not None
