@@ -93,10 +93,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cascade-min-shared-tokens",
         type=int,
-        default=65536,
+        default=32768,
         help="decode steps whose rows share cached prefixes of at least this many tokens in all "
-        "read each shared prefix once per group of rows (cascade attention, no CUDA graph for "
-        "that step); a huge value turns it off (default: %(default)s)",
+        "read each shared prefix once per group of rows (cascade attention); a huge value turns "
+        "it off (default: %(default)s)",
     )
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")

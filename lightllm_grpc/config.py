@@ -34,8 +34,8 @@ class SchedulerConfig:
     # Most completions one request may ask for (GenerateRequest.n).
     max_n: int = 16
     # Decode steps whose rows share cached prefixes of at least this many tokens in all
-    # (rows x prefix length) use cascade attention, run without a CUDA graph (0: always).
-    cascade_min_shared_tokens: int = 65536
+    # (rows x prefix length) use cascade attention (0: whenever rows share one).
+    cascade_min_shared_tokens: int = 32768
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSION_RULES:

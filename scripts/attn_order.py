@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import triton
-from lightllm_grpc_kernels.decode_attention import decode_attention
+from lightllm_grpc_kernels.decode_attention import MAX_GROUP_ROWS, cascade_decode_attention, decode_attention
 
 DEV = "cuda"
 B, H, HKV, D = 1000, 32, 8, 128
@@ -50,6 +50,24 @@ def main() -> None:
             return_mode="median",
         )
         print(f"{name:28s} {ms * 1e3:8.1f} us  ({gb / ms:.2f} TB/s if every row read from HBM)")
+    grouped = variants["shared, rows grouped"]
+    prefix_lens = torch.full((B,), PREFIX, dtype=torch.int32, device=DEV)
+    sizes = torch.zeros(B, dtype=torch.int32)
+    per_group = B // GROUPS
+    for g in range(GROUPS):
+        for start in range(g * per_group, (g + 1) * per_group, MAX_GROUP_ROWS):
+            sizes[start] = min(MAX_GROUP_ROWS, (g + 1) * per_group - start)
+    sizes = sizes.to(DEV)
+    ref = decode_attention(q, k, v, grouped, rows, seq, 0.088)
+    got = cascade_decode_attention(q, k, v, grouped, rows, seq, prefix_lens, sizes, 0.088)
+    print("cascade max abs diff vs plain:", (got.float() - ref.float()).abs().max().item())
+    ms = triton.testing.do_bench(
+        lambda: cascade_decode_attention(q, k, v, grouped, rows, seq, prefix_lens, sizes, 0.088),
+        warmup=50,
+        rep=300,
+        return_mode="median",
+    )
+    print(f"{'cascade, groups of 8':28s} {ms * 1e3:8.1f} us")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from lightllm_grpc.layers.forward_batch import ForwardMode
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.loader import load_model
 from tests.model_factory import build_batch, make_tiny_model
-from tests.server_harness import ServerProcess, make_served_model
+from tests.server_harness import ServerProcess, greedy_request, make_served_model
 from tests.test_parity import ARCHS, check_parity
 
 pytestmark = pytest.mark.gpu
@@ -112,3 +114,34 @@ def test_prefix_cache_n_and_preemption_on_gpu(tmp_path) -> None:
     finally:
         server.stop()
     t.check_preemption(model_dir, tmp_path, *gpu)
+
+
+def test_cascade_decode_graphs_keep_greedy_parity(tmp_path) -> None:
+    """72 rows sharing a cached prefix decode through the cascade CUDA graphs (batch >= 64):
+    fp32 greedy tokens equal transformers'."""
+    import random
+
+    from tests.reference import assert_greedy_equal, reference_greedy
+
+    model_dir = make_served_model("llama3", tmp_path / "llama3", vocab_size=512)
+    server = ServerProcess(
+        model_dir,
+        tmp_path / "server.log",
+        *("--device", "cuda", "--dtype", "float32", "--max-running-requests", "96"),
+        *("--max-total-tokens", "8192", "--cascade-min-shared-tokens", "1"),
+    )
+    rng = random.Random(3)
+    prefix = [rng.randrange(10, 512) for _ in range(70)]
+    prompts = [prefix + [rng.randrange(10, 512) for _ in range(3)] for _ in range(72)]
+    try:
+        server.stub.Generate(greedy_request(prompts[0], 2))  # cache the prefix
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            outs = list(
+                pool.map(lambda p: list(server.stub.Generate(greedy_request(p, 8)).token_ids), prompts)
+            )
+        info = server.wait_idle()
+    finally:
+        server.stop()
+    assert info.num_cascade_decode_steps > 0
+    for i, ((ref, scores), ours) in enumerate(zip(reference_greedy(model_dir, prompts, 8), outs)):
+        assert_greedy_equal(f"prompt {i}", ours, ref, scores)

@@ -388,6 +388,9 @@ def cascade_decode_attention(
     group_sizes: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    mid_o: torch.Tensor | None = None,
+    mid_lse: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`decode_attention` for batches whose sequences share prefixes (cascade attention).
 
@@ -397,7 +400,8 @@ def cascade_decode_attention(
     carries the group's ``prefix_lens``, and a row in no group has ``prefix_lens`` 0. The
     shared keys are read once per group and kv head instead of once per row; each row then
     attends to its own keys after the prefix, and the two partial softmaxes are merged by
-    their log-sum-exps. Allocates its workspace (not for CUDA-graph capture).
+    their log-sum-exps. The workspace is mid_o [B, H, num_splits + 1, D] and mid_lse
+    [B, H, num_splits + 1] (contiguous fp32; pass preallocated ones under graph capture).
     """
     _check_inputs(q, k_buf, v_buf, req_to_token, req_rows, seq_lens)
     batch, num_heads, head_dim = q.shape
@@ -405,9 +409,9 @@ def cascade_decode_attention(
     check_index(prefix_lens, "prefix_lens", batch, torch.int32)
     check_index(group_sizes, "group_sizes", batch, torch.int32)
     num_splits = decode_num_splits(batch) if num_splits is None else num_splits
-    mid_o = q.new_empty((batch, num_heads, num_splits + 1, head_dim), dtype=torch.float32)
-    mid_lse = q.new_empty((batch, num_heads, num_splits + 1), dtype=torch.float32)
-    out = torch.empty_like(q)
+    mid_o, mid_lse = _workspace(q, num_splits + 1, mid_o, mid_lse)
+    out = torch.empty_like(q) if out is None else out
+    assert out.shape == q.shape, f"out {tuple(out.shape)} != q {tuple(q.shape)}"
     if batch == 0:
         return out
     gpu = on_gpu(q)

@@ -207,7 +207,8 @@ class Scheduler:
         (cascade attention reads such a prefix once per group instead of once per row).
 
         Only when the rows that would share hold at least ``cascade_min_shared_tokens``: the
-        shard runs such a step without its CUDA graph, which small steps cannot afford.
+        merge of the two partial results costs a little on every row, so a small saving is
+        not worth it (the shard also ignores groups in batches below its cascade graphs).
         """
         groups: dict[int, tuple[int, list[Request]]] = {}
         for req in reqs:

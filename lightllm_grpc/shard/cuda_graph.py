@@ -19,6 +19,11 @@ from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 log = logging.getLogger(__name__)
 
 
+# Batches this large also get a graph with cascade attention (prefix groups): smaller ones
+# gain too little from reading a shared prefix once to pay for a second capture.
+CASCADE_MIN_BATCH = 64
+
+
 def graph_batch_sizes(max_batch: int) -> list[int]:
     sizes = [1, 2, 4, 8, 12, 16, 24, 32, *range(48, 257, 16), *range(288, 1025, 32)]
     return [s for s in sizes if s <= max_batch] or [1]
@@ -54,11 +59,15 @@ class CudaGraphDecoder:
         self.arange32 = torch.arange(n, dtype=i32, device=device)
         self.arange64 = torch.arange(n, dtype=i64, device=device)
         self.ones = torch.ones(n, dtype=i32, device=device)
+        self.shared_lens = torch.zeros(n, dtype=i32, device=device)
+        self.group_sizes = torch.zeros(n, dtype=i32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_outputs: dict[int, torch.Tensor] = {}
 
-    def _batch(self, bs: int) -> ForwardBatch:
-        return ForwardBatch(
+    def _batch(self, bs: int, cascade: bool = False) -> ForwardBatch:
+        batch = ForwardBatch(
             mode=ForwardMode.DECODE,
             positions=self.positions[:bs],
             out_slots=self.slots[:bs],
@@ -71,6 +80,9 @@ class CudaGraphDecoder:
             max_q_len=1,
             max_seq_len=self.req_to_token.shape[1],
         )
+        if cascade:
+            batch.shared_lens, batch.group_sizes = self.shared_lens[:bs], self.group_sizes[:bs]
+        return batch
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -79,16 +91,20 @@ class CudaGraphDecoder:
         pool = None
         stream = torch.cuda.Stream()
         for bs in reversed(self.sizes):
-            batch = self._batch(bs)
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile kernels and settle the allocator first
-                    self.forward(self.ids[:bs], batch)
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[bs] = self.forward(self.ids[:bs], batch)
-            pool = graph.pool()
-            self.graphs[bs] = graph
+            for cascade in (True, False) if bs >= CASCADE_MIN_BATCH else (False,):
+                batch = self._batch(bs, cascade)
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # compile kernels and settle the allocator first
+                        self.forward(self.ids[:bs], batch)
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    output = self.forward(self.ids[:bs], batch)
+                pool = graph.pool()
+                graphs, outputs = (
+                    (self.cascade_graphs, self.cascade_outputs) if cascade else (self.graphs, self.outputs)
+                )
+                graphs[bs], outputs[bs] = graph, output
         torch.cuda.synchronize()
         log.info(
             "captured %d decode graphs (batch 1..%d) in %.1fs",
@@ -112,5 +128,13 @@ class CudaGraphDecoder:
             self.rows[bs:size].fill_(self.pad_row)
             self.seq_lens[bs:size].fill_(1)
             self.positions[bs:size].zero_()
-        self.graphs[size].replay()
+        if batch.group_sizes is not None and size in self.cascade_graphs:
+            # Padding rows are in no group: zero their entries (a larger batch left some).
+            self.group_sizes[:bs].copy_(batch.group_sizes)
+            self.shared_lens[:bs].copy_(batch.shared_lens)
+            self.group_sizes[bs:size].zero_()
+            self.shared_lens[bs:size].zero_()
+            self.cascade_graphs[size].replay()
+            return self.cascade_outputs[size][:bs]
+        self.graphs[size].replay()  # prefix groups (if any) are only a speed-up: ignoring them is exact
         return self.outputs[size][:bs]

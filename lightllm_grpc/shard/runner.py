@@ -165,14 +165,12 @@ class ModelRunner:
             max_q_len=1,
             max_seq_len=int(positions.max()) + 1,
         )
-        forward = self.decode_forward
         if d.group_sizes:
             if len(d.group_sizes) != b or len(d.shared_lens) != b:
                 raise ValueError("decode prefix groups must be aligned with the rows")
             groups = torch.tensor(np.stack([d.shared_lens, d.group_sizes]), dtype=torch.int32)
             batch.shared_lens, batch.group_sizes = groups.to(self.device, non_blocking=True).unbind(0)
-            forward = self.forward  # eager: cascade attention is not captured in the graphs
-        logits = forward(self.last_token[d_rows], batch)
+        logits = self.decode_forward(self.last_token[d_rows], batch)
         self.row_len[rows] += 1
         return self._sample(logits, rows, d_rows)
 

@@ -43,6 +43,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.dtype = dtype
         self.num_splits = num_splits
         rows = decode_workspace_rows(max_batch_size) if num_splits is None else max_batch_size * num_splits
+        rows += max_batch_size  # cascade attention keeps one more partial per row (the shared prefix)
         self._mid_o = torch.empty(rows * num_heads * head_dim, dtype=torch.float32, device=device)
         self._mid_lse = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
 
@@ -83,10 +84,13 @@ class TritonAttentionBackend(AttentionBackend):
         assert q.shape[0] == size, f"decode needs one query per sequence: {q.shape[0]} vs {size}"
         splits = decode_num_splits(size) if self.num_splits is None else self.num_splits
         if batch.shared_lens is not None and batch.group_sizes is not None:
-            # Rows sharing a prefix read its K/V once per group (eager only: it allocates).
+            # Rows sharing a prefix read its K/V once per group; one more partial per row.
+            rows = size * self.num_heads * (splits + 1)
+            mid_o = self._mid_o[: rows * self.head_dim].view(size, self.num_heads, splits + 1, self.head_dim)
+            mid_lse = self._mid_lse[:rows].view(size, self.num_heads, splits + 1)
             return cascade_decode_attention(
                 q, k_buf, v_buf, batch.req_to_token, batch.req_rows, batch.seq_lens,
-                batch.shared_lens, batch.group_sizes, scale, num_splits=splits,
+                batch.shared_lens, batch.group_sizes, scale, num_splits=splits, mid_o=mid_o, mid_lse=mid_lse,
             )  # fmt: skip
         rows = size * self.num_heads * splits
         # Views of the preallocated buffers: same addresses on every call of a given size.
