@@ -110,7 +110,7 @@ class FakeShard:
         for i, size in enumerate(dec.group_sizes):
             if size:
                 n = dec.shared_lens[i]
-                assert 2 <= size <= 8 and n > 0
+                assert 2 <= size <= 16 and n > 0
                 lead = self.row_slots[dec.rows[i]][:n]
                 for j in range(i, i + size):
                     assert dec.shared_lens[j] == n and self.row_slots[dec.rows[j]][:n] == lead

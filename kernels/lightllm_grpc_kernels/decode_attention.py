@@ -19,7 +19,7 @@ from lightllm_grpc_kernels._launch import block, check_index, check_rows, dot_pr
 _LOG2E = 1.4426950408889634
 # Most rows of one shared-prefix group (the coordinator cuts larger groups to this size):
 # their query heads form one tile of MAX_GROUP_ROWS x (heads per kv head) rows.
-MAX_GROUP_ROWS = 8
+MAX_GROUP_ROWS = 16
 MAX_SPLITS = 32  # upper bound of decode_num_splits; workspaces sized for it fit every batch size
 # Sequences x splits to aim for. Measured on an H200 at H=32, Hkv=8, D=128 (CUDA graphs):
 # batch 1 wants 32 splits (9 us vs 86 us unsplit at seq 4096), batch 32 wants 2, batch 128 one.
@@ -417,12 +417,13 @@ def cascade_decode_attention(
     gpu = on_gpu(q)
     group = num_heads // num_kv_heads
     common = dict(BLOCK_D=block(head_dim), DOT_PRECISION=dot_precision(q.dtype), num_warps=4 if gpu else 1)
+    block_m = max(16, block(MAX_GROUP_ROWS * group))
+    prefix_common = {**common, "num_warps": 8 if gpu and block_m >= 128 else common["num_warps"]}
     _shared_prefix_kernel[(batch, num_kv_heads)](
         q, k_buf, v_buf, req_to_token, req_rows, prefix_lens, group_sizes, mid_o, mid_lse,
         scale * _LOG2E, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0),
-        num_heads, head_dim, GROUP=group, NUM_SPLITS=num_splits,
-        BLOCK_M=max(16, block(MAX_GROUP_ROWS * group)),
-        BLOCK_N=64 if gpu else 16, num_stages=2 if gpu else 1, **common,
+        num_heads, head_dim, GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m,
+        BLOCK_N=64 if gpu else 16, num_stages=2 if gpu else 1, **prefix_common,
     )  # fmt: skip
     _decode_stage1_kernel[(batch, num_kv_heads, num_splits)](
         q, k_buf, v_buf, req_to_token, req_rows, seq_lens, prefix_lens, mid_o, mid_lse, out,

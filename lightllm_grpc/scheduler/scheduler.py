@@ -43,7 +43,7 @@ DEFER_FOR_TOKENS = 32
 # Cascade decode attention: a shared prefix shorter than this is not worth a group, and a
 # group holds at most this many rows (the kernel's MAX_GROUP_ROWS; shard.proto says so too).
 CASCADE_MIN_PREFIX = 64
-CASCADE_GROUP_ROWS = 8
+CASCADE_GROUP_ROWS = 16
 
 
 @dataclass

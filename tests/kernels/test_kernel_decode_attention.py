@@ -157,8 +157,8 @@ def _cascade_case(
     [
         ([(3, 40)], [1, 5, 17, 9], 8, 2, 1),  # a group of 3 and one row alone
         ([(2, 33), (4, 7)], [3, 1, 2, 20, 4, 1, 50], 4, 4, 2),  # two groups, MHA, split suffixes
-        ([(8, 24), (8, 24)], [2] * 16, 8, 8, 1),  # two full groups of MAX_GROUP_ROWS rows, MHA
-        ([(8, 70)], [3] * 9, 8, 1, 2),  # 8 rows x 8 query heads per kv head: a 64-row tile
+        ([(16, 24), (16, 24)], [2] * 32, 8, 8, 1),  # two full groups of MAX_GROUP_ROWS rows, MHA
+        ([(16, 70)], [3] * 17, 8, 1, 2),  # 16 rows x 8 query heads per kv head: a 128-row tile
     ],
 )
 def test_cascade_decode_attention_matches_reference(
@@ -172,7 +172,7 @@ def test_cascade_decode_attention_matches_reference(
 @pytest.mark.parametrize(
     ("groups", "own", "heads", "kv_heads", "splits"),
     [
-        ([(8, 1024), (8, 1024), (4, 1024)], [64 + i for i in range(20)] + [300] * 5, 32, 8, 1),
+        ([(16, 1024), (4, 1024)], [64 + i for i in range(20)] + [300] * 5, 32, 8, 1),
         ([(2, 100), (8, 513)], [1, 2] + [130] * 8 + [7, 4096], 32, 8, 4),
         ([(3, 2000)], [5, 6, 7], 28, 4, None),
     ],
