@@ -136,9 +136,9 @@ def _check_model(folder: Path) -> None:
         raise StartupError(f"--model {folder}: config.json cannot be served: {exc}") from exc
 
 
-def _tokenizer(folder: Path) -> PromptTokenizer:
+def _tokenizer(folder: Path, chat_content_special_tokens: str) -> PromptTokenizer:
     try:
-        return PromptTokenizer(folder)
+        return PromptTokenizer(folder, chat_content_special_tokens)
     except Exception as exc:  # transformers raises many types, with pages of text
         first = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise StartupError(f"--model {folder}: cannot load its tokenizer: {first}") from exc
@@ -147,7 +147,7 @@ def _tokenizer(folder: Path) -> PromptTokenizer:
 async def start_coordinator(cfg: ServerConfig) -> Coordinator:
     server, port = _bound_server(cfg)
     _check_model(cfg.shard.model)
-    tokenizer = _tokenizer(cfg.shard.model)
+    tokenizer = _tokenizer(cfg.shard.model, cfg.chat_content_special_tokens)
     procs, client, infos = await _start_shards(cfg)
     try:
         engine, builder = _engine(cfg, infos, tokenizer, client)
