@@ -85,8 +85,14 @@ async def run_load(address: str, w: Workload) -> LoadResult:
                 return await _one(stub, ids, w)
 
         start = time.perf_counter()
-        timings = await asyncio.gather(*(bounded(p) for p in prompts))
+        # Every call runs to its end even if one fails: a plain gather would leave the
+        # channel at the first error and cancel all the others (CANCELLEDs nobody asked for).
+        outcomes = await asyncio.gather(*(bounded(p) for p in prompts), return_exceptions=True)
         seconds = time.perf_counter() - start
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(outcomes)} requests failed; the first: {failed[0]!r}")
+    timings = [o for o in outcomes if isinstance(o, RequestTiming)]
     tokens = sum(t.output_tokens for t in timings)
     tpots = [t.tpot for t in timings]
     return LoadResult(

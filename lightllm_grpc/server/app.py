@@ -27,6 +27,7 @@ from lightllm_grpc.text.detokenizer import Detokenizer
 log = logging.getLogger(__name__)
 SHARD_START_TIMEOUT_S = 1800.0
 SHARD_WATCH_INTERVAL_S = 0.5
+UNREQUESTED_CALL_TIMEOUT_S = 3600
 
 
 @dataclass
@@ -107,6 +108,11 @@ def _bound_server(cfg: ServerConfig) -> tuple[grpc.aio.Server, int]:
             # Without this a second server on the same port starts too and silently takes
             # part of the new connections; with it, the second one fails to bind.
             ("grpc.so_reuseport", 0),
+            # gRPC core cancels a call that waits more than 30 s (its default) between arriving
+            # and being picked up by the Python server, which picks calls up one per event-loop
+            # turn: a burst of 1,500 streams on a busy loop got a few unasked CANCELLEDs. The
+            # waiting queue's limit and each client's deadline bound the wait instead.
+            ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_CALL_TIMEOUT_S),
         ]
     )
     try:
