@@ -106,10 +106,12 @@ def server(tmp_path_factory):
     model_dir = make_served_model("llama", tmp_path_factory.mktemp("model") / "llama")
     log = tmp_path_factory.mktemp("log") / "server.log"
     srv = ServerProcess(model_dir, log, "--max-total-tokens", "400", "--default-max-new-tokens", "4")
-    yield srv
-    assert srv.wait_idle().kv_used_tokens == 0
-    assert "Traceback" not in srv.log_path.read_text(errors="replace")
-    srv.stop()
+    try:
+        yield srv
+        assert srv.wait_idle().kv_used_tokens == 0
+        assert "Traceback" not in srv.log_path.read_text(errors="replace")
+    finally:
+        srv.stop()
 
 
 def _outcome(fn) -> grpc.StatusCode:
