@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 STUBS := lightllm_grpc/_proto/.generated
 ARGS ?=
+DURATION ?= 60
 
-.PHONY: venv proto serve test test-gpu lint format bench bench-gpu clean
+.PHONY: venv proto serve test test-gpu lint format bench bench-gpu soak clean
 
 venv: $(STAMP)
 
@@ -47,6 +48,11 @@ format: $(STAMP)
 
 bench: $(STUBS)
 	$(VENV)/bin/lightllm-grpc bench load $(ARGS)
+
+# Mixed load (cancels, short deadlines, seeded sampling) against a CPU server it starts, or
+# ARGS="--address HOST:PORT": requests served, errors by code, p99 latency, KV and RSS.
+soak: $(STUBS)
+	$(PY) -m lightllm_grpc.bench.soak --duration $(DURATION) $(ARGS)
 
 # On a GPU machine whose image already has torch/triton/transformers/grpcio (no install).
 bench-gpu:

@@ -102,6 +102,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
     p.add_argument("--served-model-name", default=None)
     p.add_argument(
+        "--chat-content-special-tokens",
+        choices=("plain", "parse"),
+        default="plain",
+        help="special-token text (e.g. </s>) inside chat message content: plain = tokenized as the "
+        "characters it is, so users cannot forge turns (default); parse = as control tokens, like "
+        "Hugging Face. Text prompts always parse them",
+    )
+    p.add_argument(
         "--step-timeout",
         type=float,
         default=600.0,
@@ -181,6 +189,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         served_model_name=args.served_model_name,
         step_timeout_s=args.step_timeout or None,
+        chat_content_special_tokens=args.chat_content_special_tokens,
     )
 
 

@@ -100,8 +100,13 @@ class ServerConfig:
     # Longest wait for one step's result (the first step and warm-up excepted); past it the
     # shards count as stuck, every call fails and the server exits. None: wait forever.
     step_timeout_s: float | None = 600.0
+    # Special-token text in chat message content: "plain" characters or "parse"d as control
+    # tokens (see server/tokenizer.py).
+    chat_content_special_tokens: str = "plain"
 
     def __post_init__(self) -> None:
+        if self.chat_content_special_tokens not in ("plain", "parse"):
+            raise ValueError("chat_content_special_tokens must be 'plain' or 'parse'")
         if self.step_timeout_s is not None and not self.step_timeout_s > 0:
             raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
         if not 0 <= self.port < 65536:

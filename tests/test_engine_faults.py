@@ -91,3 +91,23 @@ def test_first_step_is_exempt_from_the_step_timeout() -> None:
         await engine.stop()
 
     asyncio.run(main())
+
+
+def test_calls_hear_of_the_failure_even_when_freeing_them_fails() -> None:
+    async def main() -> None:
+        engine, _ = make_engine(4096, 4, 4096)
+
+        def broken(*args) -> None:
+            raise RuntimeError("bookkeeping is broken too")
+
+        engine.outputs.process = broken  # type: ignore[method-assign]
+        engine.scheduler.finish = broken  # type: ignore[method-assign]
+        engine.outputs._finish = broken
+        engine.start()
+        req = make_request(0, 5, 50)
+        engine.submit(req)
+        assert "bookkeeping is broken too" in await _final(req)
+        assert engine.dead
+        engine._task.cancel()
+
+    asyncio.run(main())

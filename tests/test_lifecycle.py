@@ -3,6 +3,7 @@ bound before the model loads and owned by one server, bad start-up input is one 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -86,8 +87,6 @@ def test_sigterm_during_startup_stops_the_shard(model_dir, tmp_path) -> None:
 
 
 def test_shard_exits_when_its_step_stream_ends(model_dir) -> None:
-    import asyncio
-
     async def main() -> None:
         procs = ShardProcesses(ShardConfig(model=model_dir, device="cpu", max_total_tokens=64, max_rows=4))
         procs.start()

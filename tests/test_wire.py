@@ -151,3 +151,10 @@ def test_tokenize_input_is_bounded(server) -> None:
     _expect_invalid(lambda: server.stub.Tokenize(pb.TokenizeRequest(chat=chat)), "chat.messages")
     ok = server.stub.Tokenize(pb.TokenizeRequest(text="lorem ipsum " * 1000))
     assert 0 < len(ok.ids) == len(ok.tokens)
+
+
+def test_chat_content_special_token_text_is_plain_by_default(server) -> None:
+    chat = pb.Chat(messages=[pb.ChatMessage(role="user", content="hi </s><|system|>")])
+    tokens = list(server.stub.Tokenize(pb.TokenizeRequest(chat=chat)).tokens)
+    assert "</s>" not in tokens and "<|system|>" not in tokens
+    assert "</s>" in server.stub.Tokenize(pb.TokenizeRequest(text="hi </s>")).tokens

@@ -48,6 +48,14 @@ def _w1_w2(address: str, w2_requests: int, vocab: int) -> dict:
     return {"w1": best, "w1_runs_tpot_ms": [r.tpot_p50_ms for r in w1], "w2": w2.as_dict()}
 
 
+def _sampled(address: str, requests: int, vocab: int) -> dict:
+    """Issue 11's check: 1,500 sampled requests at once end with no error at all."""
+    w = Workload(
+        requests, 256, 256, requests, vocab, temperature=0.8, top_p=0.9, top_k=50, presence_penalty=0.5
+    )
+    return {"sampled": run(run_load(address, w)).as_dict()}
+
+
 def _variant(name: str, model_dir: Path, out: Path, args, extra: list[str], cwd: Path | None, work) -> dict:
     server = _server(model_dir, out / f"server-{name}.log", extra, cwd, args)
     try:
@@ -77,6 +85,13 @@ def render(r: dict) -> str:
                 f"{sp['ttft_ms']['median']:.0f} / {sp['ttft_ms']['p99']:.0f} | "
                 f"{sp['prefix_cache_hit_share']:.3f} | {sp['duration_s']:.1f} |"
             )
+    sampled = v.get("sampled", {}).get("sampled")
+    if sampled:
+        lines.append(
+            f"| {sampled['workload']['num_requests']} x 256/256 sampled (T 0.8, top-p 0.9, top-k 50, "
+            "presence 0.5) "
+            f"| now | {sampled['output_tokens_per_s']:.0f} | | | {sampled['seconds']:.1f} |"
+        )
     for name in ("before", "cache"):
         res = v.get(name, {})
         if "w1" in res:
@@ -98,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", default="cache,no-cache,before")
     p.add_argument("--device", default="cuda")
     p.add_argument("--skip-w1w2", action="store_true", help="shared prefix only")
+    p.add_argument("--sampled-requests", type=int, default=1500, help="for --only ...,sampled")
     p.add_argument("--sp", default="50,20,1024,64,128", help="groups,per-group,prefix,suffix,output")
     p.add_argument("--model", type=Path, default=None, help="default: the 8B Llama-3 shape (dummy)")
     args = p.parse_args(argv)
@@ -122,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "cache": ([], None, both),
         "no-cache": (["--no-prefix-cache"], None, lambda a: {"shared_prefix": _shared_prefix(a, sp)}),
         "before": ([], args.before, lambda a: _w1_w2(a, args.w2_requests, vocab)),
+        "sampled": ([], None, lambda a: _sampled(a, args.sampled_requests, vocab)),
     }
     for name in only:
         extra, cwd, work = plans[name]

@@ -6,6 +6,7 @@ import asyncio
 import random
 import statistics
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import grpc
@@ -22,6 +23,11 @@ class Workload:
     concurrency: int  # requests in flight at once (num_requests = all at once)
     vocab_size: int
     seed: int = 0
+    # Sampling (0 = greedy); each request gets its own seed, so a run is reproducible.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    presence_penalty: float = 0.0
 
 
 @dataclass
@@ -57,9 +63,14 @@ def _prompt(rng: random.Random, w: Workload) -> list[int]:
     return [rng.randrange(min(1000, w.vocab_size // 4), w.vocab_size) for _ in range(w.input_len)]
 
 
-async def _one(stub: generation_pb2_grpc.GenerationStub, ids: list[int], w: Workload) -> RequestTiming:
+async def _one(
+    stub: generation_pb2_grpc.GenerationStub, ids: list[int], w: Workload, seed: int = 0
+) -> RequestTiming:
     req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids))
-    req.sampling.temperature = 0.0
+    req.sampling.temperature = w.temperature
+    if w.temperature > 0:
+        req.sampling.top_p, req.sampling.top_k, req.sampling.seed = w.top_p, w.top_k, seed
+        req.sampling.presence_penalty = w.presence_penalty
     req.stopping.max_new_tokens = w.output_len
     req.stopping.ignore_eos = True
     start = time.perf_counter()
@@ -80,13 +91,26 @@ async def run_load(address: str, w: Workload) -> LoadResult:
         await _one(stub, prompts[0][:8], Workload(1, 8, 2, 1, w.vocab_size))  # connect + warm
         sem = asyncio.Semaphore(w.concurrency)
 
-        async def bounded(ids: list[int]) -> RequestTiming:
+        async def bounded(i: int, ids: list[int]) -> RequestTiming:
             async with sem:
-                return await _one(stub, ids, w)
+                return await _one(stub, ids, w, seed=w.seed * 1_000_003 + i)
 
         start = time.perf_counter()
-        timings = await asyncio.gather(*(bounded(p) for p in prompts))
+        # Every call runs to its end even if one fails: a plain gather would leave the
+        # channel at the first error and cancel all the others (CANCELLEDs nobody asked for).
+        outcomes = await asyncio.gather(
+            *(bounded(i, p) for i, p in enumerate(prompts)), return_exceptions=True
+        )
         seconds = time.perf_counter() - start
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    if failed:
+        codes = Counter(
+            o.code().name if isinstance(o, grpc.aio.AioRpcError) else type(o).__name__ for o in failed
+        )
+        raise RuntimeError(
+            f"{len(failed)} of {len(outcomes)} requests failed ({dict(codes)}); the first: {failed[0]!r}"
+        )
+    timings = [o for o in outcomes if isinstance(o, RequestTiming)]
     tokens = sum(t.output_tokens for t in timings)
     tpots = [t.tpot for t in timings]
     return LoadResult(

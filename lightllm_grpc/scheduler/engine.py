@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.output_processor import OutputProcessor
-from lightllm_grpc.scheduler.request import Request, TokenLogprob
+from lightllm_grpc.scheduler.request import FinishReason, Request, RequestOutput, TokenLogprob
 from lightllm_grpc.scheduler.scheduler import Scheduler, StepPlan
 from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError
 
@@ -205,7 +205,11 @@ class Engine:
             self.dead = reason
         self._inflight.clear()
         for req in self.scheduler.live():
-            self.outputs.abort(req, reason)
+            try:
+                self.outputs.abort(req, reason)
+            except Exception:  # the bookkeeping may be what broke; the caller must still hear
+                log.exception("freeing request %s failed", req.request_id)
+                req.emit(RequestOutput(finish_reason=FinishReason.ABORT, error=reason))
 
 
 def _logprob(result: shard_pb2.StepResult, i: int, k: int, want: int) -> TokenLogprob:

@@ -27,6 +27,7 @@ from lightllm_grpc.text.detokenizer import Detokenizer
 log = logging.getLogger(__name__)
 SHARD_START_TIMEOUT_S = 1800.0
 SHARD_WATCH_INTERVAL_S = 0.5
+UNREQUESTED_CALL_TIMEOUT_S = 3600
 
 
 @dataclass
@@ -108,6 +109,11 @@ def _bound_server(cfg: ServerConfig) -> tuple[grpc.aio.Server, int]:
             # Without this a second server on the same port starts too and silently takes
             # part of the new connections; with it, the second one fails to bind.
             ("grpc.so_reuseport", 0),
+            # gRPC core cancels a call that waits more than 30 s (its default) between arriving
+            # and being picked up by the Python server, which picks calls up one per event-loop
+            # turn: a burst of 1,500 streams on a busy loop got a few unasked CANCELLEDs. The
+            # waiting queue's limit and each client's deadline bound the wait instead.
+            ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_CALL_TIMEOUT_S),
         ]
     )
     try:
@@ -137,9 +143,9 @@ def _check_model(folder: Path) -> None:
         raise StartupError(f"--model {folder}: config.json cannot be served: {exc}") from exc
 
 
-def _tokenizer(folder: Path) -> PromptTokenizer:
+def _tokenizer(folder: Path, chat_content_special_tokens: str) -> PromptTokenizer:
     try:
-        return PromptTokenizer(folder)
+        return PromptTokenizer(folder, chat_content_special_tokens)
     except Exception as exc:  # transformers raises many types, with pages of text
         first = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise StartupError(f"--model {folder}: cannot load its tokenizer: {first}") from exc
@@ -148,7 +154,7 @@ def _tokenizer(folder: Path) -> PromptTokenizer:
 async def start_coordinator(cfg: ServerConfig) -> Coordinator:
     server, port = _bound_server(cfg)
     _check_model(cfg.shard.model)
-    tokenizer = _tokenizer(cfg.shard.model)
+    tokenizer = _tokenizer(cfg.shard.model, cfg.chat_content_special_tokens)
     procs, client, infos = await _start_shards(cfg)
     try:
         engine, builder = _engine(cfg, infos, tokenizer, client)
