@@ -107,9 +107,10 @@ class CudaGraphDecoder:
                 graphs[bs], outputs[bs] = graph, output
         torch.cuda.synchronize()
         log.info(
-            "captured %d decode graphs (batch 1..%d) in %.1fs",
+            "captured %d decode graphs (batch 1..%d) and %d with cascade attention in %.1fs",
             len(self.sizes),
             self.sizes[-1],
+            len(self.cascade_graphs),
             time.perf_counter() - start,
         )
 
