@@ -101,6 +101,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "then fails UNAVAILABLE and the server exits 1 (the first step and warm-up are exempt; "
         "0 = wait forever)",
     )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="readiness (grpc.health.v1, service lightllm.v1.Generation) turns NOT_SERVING when "
+        "requests are pending and no step completed for this many seconds (0 = never)",
+    )
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -172,6 +179,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         served_model_name=args.served_model_name,
         step_timeout_s=args.step_timeout or None,
+        stall_timeout_s=args.stall_timeout or None,
     )
 
 

@@ -97,10 +97,15 @@ class ServerConfig:
     # Longest wait for one step's result (the first step and warm-up excepted); past it the
     # shards count as stuck, every call fails and the server exits. None: wait forever.
     step_timeout_s: float | None = 600.0
+    # Readiness turns NOT_SERVING when requests are pending and no step completed for this
+    # long (long before step_timeout kills the server). None: never.
+    stall_timeout_s: float | None = 60.0
 
     def __post_init__(self) -> None:
-        if self.step_timeout_s is not None and not self.step_timeout_s > 0:
-            raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
+        for name in ("step_timeout_s", "stall_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.scheduler.max_running_requests > self.shard.max_rows:

@@ -18,10 +18,11 @@ from lightllm_grpc.scheduler.engine import Engine
 from lightllm_grpc.scheduler.output_processor import OutputProcessor
 from lightllm_grpc.scheduler.scheduler import Scheduler
 from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError, ShardProcesses
+from lightllm_grpc.server.health import Health, enable_reflection
 from lightllm_grpc.server.request_builder import Limits, RequestBuilder
 from lightllm_grpc.server.servicer import GenerationService, StaticInfo
 from lightllm_grpc.server.tokenizer import PromptTokenizer
-from lightllm_grpc.server.wire import add_generation_service
+from lightllm_grpc.server.wire import LateService, add_generation_service
 from lightllm_grpc.text.detokenizer import Detokenizer
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,13 @@ class Coordinator:
     shards: ShardClient
     procs: ShardProcesses
     port: int
+    health: Health
 
     async def stop(self, grace: float = 2.0) -> None:
         # Live streams get their last message (FINISH_REASON_ABORT) before the server stops;
         # the grace period lets the handlers write it.
         self.engine.drain()
+        await self.health.stop()  # NOT_SERVING everywhere; Watch callers see it before the end
         await self.server.stop(grace)
         await self.engine.stop()
         await self.shards.close()
@@ -145,11 +148,29 @@ def _tokenizer(folder: Path) -> PromptTokenizer:
         raise StartupError(f"--model {folder}: cannot load its tokenizer: {first}") from exc
 
 
-async def start_coordinator(cfg: ServerConfig) -> Coordinator:
+async def _start_frontend(cfg: ServerConfig) -> tuple[grpc.aio.Server, int, Health, LateService]:
+    """Bind and start the gRPC server before any model work, so health answers from the start
+    (liveness SERVING, readiness NOT_SERVING) and ``Generation`` calls are UNAVAILABLE."""
     server, port = _bound_server(cfg)
-    _check_model(cfg.shard.model)
-    tokenizer = _tokenizer(cfg.shard.model)
-    procs, client, infos = await _start_shards(cfg)
+    health = Health(cfg.stall_timeout_s)
+    health.add_to(server)
+    enable_reflection(server)
+    late = add_generation_service(LateService(), server)
+    await server.start()
+    await health.start()
+    return server, port, health, late
+
+
+async def start_coordinator(cfg: ServerConfig) -> Coordinator:
+    server, port, health, late = await _start_frontend(cfg)
+    try:
+        _check_model(cfg.shard.model)
+        tokenizer = _tokenizer(cfg.shard.model)
+        procs, client, infos = await _start_shards(cfg)
+    except BaseException:
+        await health.stop()
+        await server.stop(0)
+        raise
     try:
         engine, builder = _engine(cfg, infos, tokenizer, client)
         static = StaticInfo(
@@ -158,11 +179,13 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
             max_running_requests=engine.scheduler.rows.capacity,
             device=infos[0].device,
         )
-        service = GenerationService(engine, builder, static)
-        add_generation_service(service, server)
+        late.target = GenerationService(engine, builder, static)
         engine.start()
-        await server.start()
+        health.engine = engine
+        await health.update()
     except BaseException:
+        await health.stop()
+        await server.stop(0)
         await client.close()
         procs.stop()
         raise
@@ -179,7 +202,7 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
         sched.admission,
         sched.scheduling_policy,
     )
-    return Coordinator(server, engine, client, procs, port)
+    return Coordinator(server, engine, client, procs, port, health)
 
 
 async def serve(cfg: ServerConfig) -> int:
@@ -201,6 +224,7 @@ async def serve(cfg: ServerConfig) -> int:
     watchdog = asyncio.create_task(_watch_shards(coord, stop))
     await stop.wait()
     watchdog.cancel()
+    await coord.health.update()  # a dead engine shows in readiness before the server goes
     log.info("shutting down")
     code = 1 if coord.engine.dead else 0
     await coord.stop()

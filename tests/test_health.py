@@ -1,0 +1,97 @@
+"""grpc.health.v1 and reflection on a real server: readiness through start-up, stall, engine
+death and shutdown, seen by ``Watch``; reflection lists the API without protos."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from lightllm_grpc.proto import generation_pb2 as pb
+from lightllm_grpc.proto import generation_pb2_grpc
+from tests.mesh_harness import NOT_SERVING, READINESS, SERVING, Watcher, check, spawn_server, wait_exit
+from tests.server_harness import ServerProcess, greedy_request, make_served_model
+from tests.test_faults import _children
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_served_model("llama", tmp_path_factory.mktemp("model") / "llama")
+
+
+def test_readiness_through_startup_and_shutdown_and_reflection(model_dir, tmp_path) -> None:
+    proc, address = spawn_server(model_dir, tmp_path / "server.log")
+    watch = Watcher(address)
+    try:
+        watch.wait_for(NOT_SERVING)  # port bound, shards still loading
+        assert check(address, "") == SERVING  # alive while loading: no restart
+        with grpc.insecure_channel(address) as ch:
+            stub = generation_pb2_grpc.GenerationStub(ch)
+            try:
+                stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
+                assert check(address, READINESS) == SERVING  # it became ready meanwhile
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+                assert "the server is starting" in err.details()
+        watch.wait_for(SERVING)
+        assert check(address, READINESS) == SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            check(address, "no.such.Service")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+        with grpc.insecure_channel(address) as ch:
+            db = ProtoReflectionDescriptorDatabase(ch)
+            services = set(db.get_services())
+            assert {READINESS, "grpc.health.v1.Health"} <= services, services
+            methods = DescriptorPool(db).FindServiceByName(READINESS).methods_by_name
+            assert {"Generate", "GenerateStream", "Abort", "GetModelInfo"} <= set(methods)
+
+        proc.send_signal(signal.SIGTERM)
+        watch.wait_for(NOT_SERVING)
+        assert wait_exit(proc) == 0
+    finally:
+        watch.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_stalled_engine_is_not_ready_until_steps_complete_again(model_dir, tmp_path) -> None:
+    server = ServerProcess(model_dir, tmp_path / "server.log", "--stall-timeout", "1")
+    (shard,) = _children(server.proc.pid)
+    watch = Watcher(server.address)
+    try:
+        watch.wait_for(SERVING)
+        call = server.stub.GenerateStream(greedy_request([1, 2, 3], 300))
+        next(iter(call))
+        os.kill(shard, signal.SIGSTOP)  # alive, answers nothing: steps stop completing
+        watch.wait_for(NOT_SERVING, timeout=10)
+        assert "stalled: requests are pending" in server.log()
+        os.kill(shard, signal.SIGCONT)
+        watch.wait_for(SERVING, timeout=10)
+        assert list(call)[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    finally:
+        os.kill(shard, signal.SIGCONT)
+        watch.close()
+        server.stop()
+
+
+def test_engine_death_turns_readiness_and_liveness_off(model_dir, tmp_path) -> None:
+    server = ServerProcess(model_dir, tmp_path / "server.log")
+    (shard,) = _children(server.proc.pid)
+    ready, alive = Watcher(server.address), Watcher(server.address, "")
+    try:
+        ready.wait_for(SERVING)
+        alive.wait_for(SERVING)
+        os.kill(shard, signal.SIGKILL)
+        ready.wait_for(NOT_SERVING, timeout=10)
+        alive.wait_for(NOT_SERVING, timeout=10)
+        assert server.proc.wait(30) == 1
+    finally:
+        ready.close()
+        alive.close()
+        server.stop()
