@@ -108,6 +108,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="readiness (grpc.health.v1, service lightllm.v1.Generation) turns NOT_SERVING when "
         "requests are pending and no step completed for this many seconds (0 = never)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics (GET /metrics) on this port of --host; off when unset",
+    )
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -180,6 +186,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         served_model_name=args.served_model_name,
         step_timeout_s=args.step_timeout or None,
         stall_timeout_s=args.stall_timeout or None,
+        metrics_port=args.metrics_port,
     )
 
 

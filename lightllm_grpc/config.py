@@ -100,6 +100,8 @@ class ServerConfig:
     # Readiness turns NOT_SERVING when requests are pending and no step completed for this
     # long (long before step_timeout kills the server). None: never.
     stall_timeout_s: float | None = 60.0
+    # Prometheus /metrics on this port (same host); None: no metrics endpoint.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("step_timeout_s", "stall_timeout_s"):

@@ -19,6 +19,7 @@ from lightllm_grpc.scheduler.output_processor import OutputProcessor
 from lightllm_grpc.scheduler.scheduler import Scheduler
 from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError, ShardProcesses
 from lightllm_grpc.server.health import Health, enable_reflection
+from lightllm_grpc.server.metrics import MetricsCollector, MetricsServer, RequestMetrics, metrics_registry
 from lightllm_grpc.server.request_builder import Limits, RequestBuilder
 from lightllm_grpc.server.servicer import GenerationService, StaticInfo
 from lightllm_grpc.server.tokenizer import PromptTokenizer
@@ -38,6 +39,7 @@ class Coordinator:
     procs: ShardProcesses
     port: int
     health: Health
+    frontend: Frontend
 
     async def stop(self, grace: float = 2.0) -> None:
         # Live streams get their last message (FINISH_REASON_ABORT) before the server stops;
@@ -45,6 +47,7 @@ class Coordinator:
         self.engine.drain()
         await self.health.stop()  # NOT_SERVING everywhere; Watch callers see it before the end
         await self.server.stop(grace)
+        await self.frontend.stop_metrics()
         await self.engine.stop()
         await self.shards.close()
         self.procs.stop()
@@ -148,28 +151,68 @@ def _tokenizer(folder: Path) -> PromptTokenizer:
         raise StartupError(f"--model {folder}: cannot load its tokenizer: {first}") from exc
 
 
-async def _start_frontend(cfg: ServerConfig) -> tuple[grpc.aio.Server, int, Health, LateService]:
-    """Bind and start the gRPC server before any model work, so health answers from the start
-    (liveness SERVING, readiness NOT_SERVING) and ``Generation`` calls are UNAVAILABLE."""
+@dataclass
+class Frontend:
+    """What serves before the model loads: health, reflection, the late-bound API, metrics."""
+
+    server: grpc.aio.Server
+    port: int
+    health: Health
+    api: LateService
+    recorder: RequestMetrics
+    collector: MetricsCollector
+    metrics: MetricsServer | None = None
+    metrics_port: int | None = None
+
+    async def stop_metrics(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.stop()
+
+    async def stop(self) -> None:
+        await self.health.stop()
+        await self.server.stop(0)
+        await self.stop_metrics()
+
+    def serve_engine(self, engine: Engine, service: GenerationService, model_name: str) -> None:
+        engine.observe(self.recorder)
+        self.collector.engine, self.collector.model_name = engine, model_name
+        self.api.target = service
+        self.health.engine = engine
+
+
+async def _start_frontend(cfg: ServerConfig) -> Frontend:
+    """Bind and start the gRPC server (and metrics) before any model work, so health answers
+    from the start (liveness SERVING, readiness NOT_SERVING), ``Generation`` calls are
+    UNAVAILABLE and a taken port fails at once."""
     server, port = _bound_server(cfg)
     health = Health(cfg.stall_timeout_s)
     health.add_to(server)
     enable_reflection(server)
-    late = add_generation_service(LateService(), server)
+    recorder = RequestMetrics()
+    api = add_generation_service(LateService(), server)
+    api.on_error = recorder.on_error
+    collector = MetricsCollector(cfg.served_model_name or cfg.shard.model.name, recorder)
+    front = Frontend(server, port, health, api, recorder, collector)
+    if cfg.metrics_port is not None:
+        front.metrics = MetricsServer(metrics_registry(collector))
+        try:
+            front.metrics_port = await front.metrics.start(cfg.host, cfg.metrics_port)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from exc
     await server.start()
     await health.start()
-    return server, port, health, late
+    return front
 
 
 async def start_coordinator(cfg: ServerConfig) -> Coordinator:
-    server, port, health, late = await _start_frontend(cfg)
+    front = await _start_frontend(cfg)
+    server, port, health = front.server, front.port, front.health
     try:
         _check_model(cfg.shard.model)
         tokenizer = _tokenizer(cfg.shard.model)
         procs, client, infos = await _start_shards(cfg)
     except BaseException:
-        await health.stop()
-        await server.stop(0)
+        await front.stop()
         raise
     try:
         engine, builder = _engine(cfg, infos, tokenizer, client)
@@ -179,13 +222,11 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
             max_running_requests=engine.scheduler.rows.capacity,
             device=infos[0].device,
         )
-        late.target = GenerationService(engine, builder, static)
+        front.serve_engine(engine, GenerationService(engine, builder, static), static.model.name)
         engine.start()
-        health.engine = engine
         await health.update()
     except BaseException:
-        await health.stop()
-        await server.stop(0)
+        await front.stop()
         await client.close()
         procs.stop()
         raise
@@ -202,7 +243,7 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
         sched.admission,
         sched.scheduling_policy,
     )
-    return Coordinator(server, engine, client, procs, port, health)
+    return Coordinator(server, engine, client, procs, port, health, front)
 
 
 async def serve(cfg: ServerConfig) -> int:
