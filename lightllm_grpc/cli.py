@@ -19,6 +19,8 @@ from lightllm_grpc.config import (
     ShardConfig,
 )
 
+AUTH_TOKEN_ENV = "LIGHTLLM_AUTH_TOKEN"
+
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over gRPC")
@@ -114,6 +116,21 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="serve Prometheus metrics (GET /metrics) on this port of --host; off when unset",
     )
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="PEM CA bundle: mutual TLS, clients must present a certificate it signed",
+    )
+    p.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help=f"file of bearer tokens (one per line); every call but health then needs "
+        f"'authorization: Bearer <token>'. Also ${AUTH_TOKEN_ENV}. No command-line token: ps shows it",
+    )
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -187,7 +204,20 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         step_timeout_s=args.step_timeout or None,
         stall_timeout_s=args.stall_timeout or None,
         metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_tokens=_auth_tokens(args.auth_token_file),
     )
+
+
+def _auth_tokens(path: Path | None) -> tuple[bytes, ...]:
+    from lightllm_grpc.server.security import load_tokens
+
+    try:
+        return load_tokens(path, os.environ.get(AUTH_TOKEN_ENV))
+    except OSError as exc:
+        raise ValueError(f"--auth-token-file {path}: {exc.strerror}") from exc
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -102,12 +102,26 @@ class ServerConfig:
     stall_timeout_s: float | None = 60.0
     # Prometheus /metrics on this port (same host); None: no metrics endpoint.
     metrics_port: int | None = None
+    # TLS: certificate chain and key (PEM); with client_ca, clients need a certificate it signed.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Bearer tokens every call but health must carry; empty: no token needed. Never printed.
+    auth_tokens: tuple[bytes, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         for name in ("step_timeout_s", "stall_timeout_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.scheduler.max_running_requests > self.shard.max_rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError, ShardP
 from lightllm_grpc.server.health import Health, enable_reflection
 from lightllm_grpc.server.metrics import MetricsCollector, MetricsServer, RequestMetrics, metrics_registry
 from lightllm_grpc.server.request_builder import Limits, RequestBuilder
+from lightllm_grpc.server.security import Authenticator, AuthInterceptor, TlsFiles
 from lightllm_grpc.server.servicer import GenerationService, StaticInfo
 from lightllm_grpc.server.tokenizer import PromptTokenizer
 from lightllm_grpc.server.wire import LateService, add_generation_service
@@ -105,19 +107,33 @@ class StartupError(RuntimeError):
     """The server cannot start as configured; the message is the one line a person needs."""
 
 
-def _bound_server(cfg: ServerConfig) -> tuple[grpc.aio.Server, int]:
+def _tls(cfg: ServerConfig) -> TlsFiles | None:
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        return None
+    return TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+
+
+def _bound_server(
+    cfg: ServerConfig, interceptors: list[grpc.aio.ServerInterceptor]
+) -> tuple[grpc.aio.Server, int]:
     """A gRPC server already bound to its port: a bad address fails before any model work."""
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             # Without this a second server on the same port starts too and silently takes
             # part of the new connections; with it, the second one fails to bind.
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
+    tls = _tls(cfg)
+    address = f"{cfg.host}:{cfg.port}"
     try:
-        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls.credentials())
     except RuntimeError as exc:
         raise StartupError(
             f"cannot listen on {cfg.host}:{cfg.port}: the port is in use or the address is not on "
@@ -161,6 +177,7 @@ class Frontend:
     api: LateService
     recorder: RequestMetrics
     collector: MetricsCollector
+    auth: Authenticator
     metrics: MetricsServer | None = None
     metrics_port: int | None = None
 
@@ -184,17 +201,23 @@ async def _start_frontend(cfg: ServerConfig) -> Frontend:
     """Bind and start the gRPC server (and metrics) before any model work, so health answers
     from the start (liveness SERVING, readiness NOT_SERVING), ``Generation`` calls are
     UNAVAILABLE and a taken port fails at once."""
-    server, port = _bound_server(cfg)
+    recorder = RequestMetrics()
+    tls = _tls(cfg)
+    auth = Authenticator(cfg.auth_tokens, mutual_tls=tls is not None and tls.client_ca is not None)
+    refused = functools.partial(recorder.on_error, grpc.StatusCode.UNAUTHENTICATED)
+    interceptors = [AuthInterceptor(auth, refused)] if auth.tokens else []
+    server, port = _bound_server(cfg, interceptors)
     health = Health(cfg.stall_timeout_s)
     health.add_to(server)
     enable_reflection(server)
-    recorder = RequestMetrics()
     api = add_generation_service(LateService(), server)
     api.on_error = recorder.on_error
     collector = MetricsCollector(cfg.served_model_name or cfg.shard.model.name, recorder)
-    front = Frontend(server, port, health, api, recorder, collector)
+    front = Frontend(server, port, health, api, recorder, collector, auth)
     if cfg.metrics_port is not None:
-        front.metrics = MetricsServer(metrics_registry(collector))
+        check = auth.allows if auth.tokens else None  # the API's rule: the token when auth is on
+        ssl_context = tls.ssl_context() if tls is not None else None
+        front.metrics = MetricsServer(metrics_registry(collector), check, ssl_context)
         try:
             front.metrics_port = await front.metrics.start(cfg.host, cfg.metrics_port)
         except OSError as exc:
@@ -222,7 +245,9 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
             max_running_requests=engine.scheduler.rows.capacity,
             device=infos[0].device,
         )
-        front.serve_engine(engine, GenerationService(engine, builder, static), static.model.name)
+        identity = front.auth.identity if front.auth.binds_callers else None
+        service = GenerationService(engine, builder, static, identity)
+        front.serve_engine(engine, service, static.model.name)
         engine.start()
         await health.update()
     except BaseException:
