@@ -108,12 +108,31 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     # Bearer tokens every call but health must carry; empty: no token needed. Never printed.
     auth_tokens: tuple[bytes, ...] = field(default=(), repr=False)
+    # SIGTERM: how long live requests may run on before they are ended with FINISH_REASON_ABORT.
+    drain_timeout_s: float = 30.0
+    # Connection management (docs/operations.md says why each default).
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    keepalive_min_client_interval_s: float = 10.0
+    max_connection_age_s: float | None = 1800.0  # None: connections live for ever
+    max_connection_age_grace_s: float | None = None  # None: calls open at GOAWAY run to their end
 
     def __post_init__(self) -> None:
         for name in ("step_timeout_s", "stall_timeout_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+        for name in (
+            "drain_timeout_s",
+            "keepalive_time_s",
+            "keepalive_timeout_s",
+            "keepalive_min_client_interval_s",
+            "max_connection_age_s",
+            "max_connection_age_grace_s",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")  # fmt: skip
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:

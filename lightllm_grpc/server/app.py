@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
@@ -31,6 +32,32 @@ from lightllm_grpc.text.detokenizer import Detokenizer
 log = logging.getLogger(__name__)
 SHARD_START_TIMEOUT_S = 1800.0
 SHARD_WATCH_INTERVAL_S = 0.5
+DRAIN_POLL_S = 0.05
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+
+
+class Shutdown:
+    """What the signals asked for. SIGTERM (Kubernetes, systemd) drains; a second SIGTERM or
+    SIGINT (Ctrl-C) ends live streams at once, as gunicorn treats TERM and INT."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.drain = False
+
+    def terminate(self) -> None:
+        if self.requested.is_set():
+            self.hurry.set()
+        self.drain = True
+        self.requested.set()
+
+    def interrupt(self) -> None:
+        self.hurry.set()
+        self.requested.set()
 
 
 @dataclass
@@ -42,6 +69,24 @@ class Coordinator:
     port: int
     health: Health
     frontend: Frontend
+
+    async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
+        """Stop taking requests (readiness NOT_SERVING, new calls UNAVAILABLE) and let live ones
+        finish for up to ``timeout`` seconds, or until ``hurry`` is set or the engine dies;
+        ``stop`` then ends what is left with FINISH_REASON_ABORT."""
+        self.frontend.api.target.draining = True
+        await self.health.drain()
+        live = self.engine.scheduler.live
+        log.info("draining: %d live completion(s), waiting up to %gs", len(live()), timeout)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while live() and not hurry.is_set() and not self.engine.dead:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                log.warning("drain timeout: ending %d completion(s) with FINISH_REASON_ABORT", len(live()))
+                return
+            await _wait(hurry, min(left, DRAIN_POLL_S))
+        if live():
+            log.warning("drain cut short: ending %d completion(s) with FINISH_REASON_ABORT", len(live()))
 
     async def stop(self, grace: float = 2.0) -> None:
         # Live streams get their last message (FINISH_REASON_ABORT) before the server stops;
@@ -107,6 +152,22 @@ class StartupError(RuntimeError):
     """The server cannot start as configured; the message is the one line a person needs."""
 
 
+def _connection_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """Keepalive and connection age (why each default: docs/operations.md)."""
+    opts = [
+        ("grpc.keepalive_time_ms", int(cfg.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout_s * 1000)),
+        # Clients may ping this often, also with no call open, without a GOAWAY (too_many_pings).
+        ("grpc.http2.min_ping_interval_without_data_ms", int(cfg.keepalive_min_client_interval_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if cfg.max_connection_age_s:
+        opts.append(("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)))
+    if cfg.max_connection_age_grace_s:
+        opts.append(("grpc.max_connection_age_grace_ms", int(cfg.max_connection_age_grace_s * 1000)))
+    return opts
+
+
 def _tls(cfg: ServerConfig) -> TlsFiles | None:
     if cfg.tls_cert is None or cfg.tls_key is None:
         return None
@@ -122,6 +183,7 @@ def _bound_server(
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
+            *_connection_options(cfg),
             # Without this a second server on the same port starts too and silently takes
             # part of the new connections; with it, the second one fails to bind.
             ("grpc.so_reuseport", 0),
@@ -255,40 +317,50 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
         await client.close()
         procs.stop()
         raise
-    sched = cfg.scheduler
-    log.info(
-        "serving %s on %s:%d (KV pool %d tokens, %d shard(s) on %s; prefix cache %s, admission %s, %s)",
-        static.model.name,
-        cfg.host,
-        port,
-        engine.scheduler.kv_capacity,
-        len(infos),
-        static.device,
-        "on" if sched.prefix_cache else "off",
-        sched.admission,
-        sched.scheduling_policy,
-    )
+    log.info("%s", _summary(cfg, infos, static.model.name, engine.scheduler.kv_capacity, front))
     return Coordinator(server, engine, client, procs, port, health, front)
 
 
+def _summary(
+    cfg: ServerConfig, infos: list[shard_pb2.InfoResponse], name: str, kv_tokens: int, front: Frontend
+) -> str:
+    """The one start-up line an operator needs: what is served, where, and how to probe it."""
+    sched, info = cfg.scheduler, infos[0]
+    security = ("mTLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext"
+    metrics = f"{cfg.host}:{front.metrics_port}/metrics" if front.metrics_port is not None else "off"
+    return (
+        f"ready: model={name} dtype={info.dtype} tp={info.world_size} device={info.device} "
+        f"kv_capacity_tokens={kv_tokens} listen={cfg.host}:{front.port} ({security}, "
+        f"token auth {'on' if cfg.auth_tokens else 'off'}) health=grpc.health.v1 on the same port "
+        f"metrics={metrics} prefix_cache={'on' if sched.prefix_cache else 'off'} "
+        f"admission={sched.admission} policy={sched.scheduling_policy}"
+    )
+
+
 async def serve(cfg: ServerConfig) -> int:
-    """Serve until SIGINT/SIGTERM (exit code 0) or until the engine dies (exit code 1).
+    """Serve until a signal (exit code 0) or until the engine dies (exit code 1).
+
+    SIGTERM drains (``Coordinator.drain``, up to ``--drain-timeout``); SIGINT or a second
+    SIGTERM ends live streams at once with FINISH_REASON_ABORT.
 
     The engine dies when the shards are lost, a step exceeds ``--step-timeout`` or its
     loop fails unexpectedly. A coordinator that cannot run steps cannot serve anything;
     exiting lets the supervisor (systemd, Kubernetes) restart the whole server instead of
     leaving it up and useless.
     """
-    stop = asyncio.Event()
+    shutdown = Shutdown()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, shutdown.terminate)
+    loop.add_signal_handler(signal.SIGINT, shutdown.interrupt)
+    stop = shutdown.requested
     coord = await _start_unless_stopped(cfg, stop)
     if coord is None:
         log.info("stopped during start-up")
         return 0
     watchdog = asyncio.create_task(_watch_shards(coord, stop))
     await stop.wait()
+    if shutdown.drain and not coord.engine.dead:
+        await coord.drain(cfg.drain_timeout_s, shutdown.hurry)
     watchdog.cancel()
     await coord.health.update()  # a dead engine shows in readiness before the server goes
     log.info("shutting down")

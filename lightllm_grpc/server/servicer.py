@@ -48,6 +48,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
         self.identity = identity
         self.owners: dict[str, str] = {}  # live request id -> its caller (with identity)
+        self.draining = False  # shutting down: new generation calls are refused
 
     @stream_errors
     async def GenerateStream(
@@ -129,6 +130,11 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, arg)
 
     def _check_admissible(self) -> None:
+        if self.draining:
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is draining (shutting down); retry on another replica",
+            )
         if self.engine.dead:
             reason = self.engine.dead
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the server can no longer serve: {reason}")
