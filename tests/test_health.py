@@ -51,6 +51,18 @@ def test_readiness_through_startup_and_shutdown_and_reflection(model_dir, tmp_pa
             methods = DescriptorPool(db).FindServiceByName(READINESS).methods_by_name
             assert {"Generate", "GenerateStream", "Abort", "GetModelInfo"} <= set(methods)
 
+        log = (tmp_path / "server.log").read_text()
+        assert "loading weights: 100%" in log  # the shard's progress bar
+        (ready,) = [line for line in log.splitlines() if " ready: model=" in line]
+        for field in (
+            "dtype=float32",
+            "tp=1",
+            "kv_capacity_tokens=",
+            f"listen=127.0.0.1:{address.split(':')[1]}",
+        ):
+            assert field in ready, ready
+        assert "metrics=off" in ready
+
         proc.send_signal(signal.SIGTERM)
         watch.wait_for(NOT_SERVING)
         assert wait_exit(proc) == 0
