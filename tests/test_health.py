@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -48,8 +49,10 @@ def test_readiness_through_startup_and_shutdown_and_reflection(model_dir, tmp_pa
             db = ProtoReflectionDescriptorDatabase(ch)
             services = set(db.get_services())
             assert {READINESS, "grpc.health.v1.Health"} <= services, services
-            methods = DescriptorPool(db).FindServiceByName(READINESS).methods_by_name
+            pool = DescriptorPool(db)
+            methods = pool.FindServiceByName(READINESS).methods_by_name
             assert {"Generate", "GenerateStream", "Abort", "GetModelInfo"} <= set(methods)
+            _generate_through_reflection_alone(ch, pool)
 
         log = (tmp_path / "server.log").read_text()
         assert "loading weights: 100%" in log  # the shard's progress bar
@@ -70,6 +73,25 @@ def test_readiness_through_startup_and_shutdown_and_reflection(model_dir, tmp_pa
         watch.close()
         if proc.poll() is None:
             proc.kill()
+
+
+def _generate_through_reflection_alone(channel: grpc.Channel, pool: DescriptorPool) -> None:
+    """Call GenerateStream with message classes built from the server's reflection answers
+    only (a pool of its own, not the generated stubs), as grpcurl or Postman do."""
+    method = pool.FindServiceByName(READINESS).methods_by_name["GenerateStream"]
+    request_cls = message_factory.GetMessageClass(method.input_type)
+    response_cls = message_factory.GetMessageClass(method.output_type)
+    request = json_format.ParseDict(
+        {"tokenIds": {"ids": [1, 2, 3]}, "stopping": {"maxNewTokens": 4}}, request_cls()
+    )
+    call = channel.unary_stream(
+        f"/{READINESS}/GenerateStream",
+        request_serializer=request_cls.SerializeToString,
+        response_deserializer=response_cls.FromString,
+    )
+    replies = [json_format.MessageToDict(m) for m in call(request, timeout=30)]
+    assert replies[-1]["finishReason"] == "FINISH_REASON_LENGTH", replies
+    assert sum(len(r.get("tokenIds", [])) for r in replies) == 4
 
 
 def test_stalled_engine_is_not_ready_until_steps_complete_again(model_dir, tmp_path) -> None:
