@@ -7,10 +7,12 @@ import urllib.error
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lightllm_grpc.bench.server import free_port
+from lightllm_grpc.server.metrics import Buckets
 from tests.server_harness import ServerProcess, greedy_request, make_served_model
 
 MODEL = "tiny-llama"
@@ -130,3 +132,11 @@ def test_metrics_endpoint_answers_only_get_metrics(server) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(server.metrics_url.replace("/metrics", "/nope"), timeout=10)
     assert err.value.code == 404
+
+
+def test_buckets_follow_prometheus_le_semantics() -> None:
+    b = Buckets([0.1, 1.0])
+    b.observe(0.1)  # on a bound: counts in that bucket (le = less or equal)
+    b.observe_many(np.array([0.05, 0.5, 1.0, 7.0]))
+    assert b.cumulative() == [("0.1", 2), ("1.0", 4), ("+Inf", 5)]
+    assert b.sum == pytest.approx(8.65)
