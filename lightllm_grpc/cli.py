@@ -19,20 +19,25 @@ from lightllm_grpc.config import (
     ShardConfig,
 )
 
+AUTH_TOKEN_ENV = "LIGHTLLM_AUTH_TOKEN"
+
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a model over gRPC")
+    # Every flag's --help shows its default.
+    p = sub.add_parser(
+        "serve", help="serve a model over gRPC", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument(
         "--model",
         type=Path,
         default=None,
         help="Hugging Face model folder (config.json, *.safetensors, tokenizer); "
-        "default: the embedded tiny random-weight Llama",
+        "None: the embedded tiny random-weight Llama",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (API, health, reflection)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when present")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the checkpoint's")
     p.add_argument(
         "--load-format",
         choices=LOAD_FORMATS,
@@ -44,10 +49,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--max-total-tokens",
         type=int,
         default=None,
-        help="KV pool size in tokens (default: sized from free memory)",
+        help="KV pool size in tokens (None: sized from free memory)",
     )
-    p.add_argument("--max-running-requests", type=int, default=256)
-    p.add_argument("--max-waiting-requests", type=int, default=4096)
+    p.add_argument("--max-running-requests", type=int, default=256, help="largest batch")
+    p.add_argument(
+        "--max-waiting-requests", type=int, default=4096, help="queue bound; past it RESOURCE_EXHAUSTED"
+    )
     p.add_argument(
         "--max-prefill-tokens",
         type=int,
@@ -55,7 +62,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="prompt tokens prefilled per step; longer prompts are chunked",
     )
     p.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
-    p.add_argument("--default-max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--default-max-new-tokens", type=int, default=256, help="when a request sets no max_new_tokens"
+    )
     p.add_argument(
         "--max-stream-messages-per-step",
         type=int,
@@ -72,23 +81,24 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         choices=ADMISSION_RULES,
         default="past-future",
         help="past-future: admit while the batch's predicted KV peak fits (preempting on a miss); "
-        "conservative: reserve every request's max_new_tokens (default: %(default)s)",
+        "conservative: reserve every request's max_new_tokens",
     )
     p.add_argument(
         "--admission-quantile",
         type=float,
         default=0.6,
         help="past-future: quantile of past output lengths taken as a request's length "
-        "(higher = fewer preemptions, smaller batches; default: %(default)s)",
+        "(higher = fewer preemptions, smaller batches)",
     )
     p.add_argument(
         "--scheduling-policy",
         choices=SCHEDULING_POLICIES,
         default="fcfs",
-        help="fcfs, or priority (GenerateRequest.priority, lower first; default: %(default)s)",
+        help="fcfs, or priority (GenerateRequest.priority, lower first)",
     )
+    p.add_argument("--max-n", type=int, default=16, help="most completions per request")
     p.add_argument(
-        "--max-n", type=int, default=16, help="most completions per request (default: %(default)s)"
+        "--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory for weights and KV"
     )
     p.add_argument(
         "--cascade-min-shared-tokens",
@@ -96,11 +106,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=32768,
         help="decode steps whose rows share cached prefixes of at least this many tokens in all "
         "read each shared prefix once per group of rows (cascade attention); a huge value turns "
-        "it off (default: %(default)s)",
+        "it off",
     )
-    p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
-    p.add_argument("--served-model-name", default=None)
+    p.add_argument(
+        "--served-model-name", default=None, help="name in GetModelInfo and metrics (None: the checkpoint's)"
+    )
     p.add_argument(
         "--chat-content-special-tokens",
         choices=("plain", "parse"),
@@ -116,6 +127,66 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="seconds to wait for one step's result before the shards count as stuck: every call "
         "then fails UNAVAILABLE and the server exits 1 (the first step and warm-up are exempt; "
         "0 = wait forever)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="readiness (grpc.health.v1, service lightllm.v1.Generation) turns NOT_SERVING when "
+        "requests are pending and no step completed for this many seconds (0 = never)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics (GET /metrics) on this port of --host; off when unset",
+    )
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="PEM CA bundle: mutual TLS, clients must present a certificate it signed",
+    )
+    p.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help=f"file of bearer tokens (one per line); every call but health then needs "
+        f"'authorization: Bearer <token>'. Also ${AUTH_TOKEN_ENV}. No command-line token: ps shows it",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: readiness NOT_SERVING and new calls UNAVAILABLE at once; live requests "
+        "run on for up to this many seconds, then end with FINISH_REASON_ABORT (a second SIGTERM "
+        "or SIGINT ends them at once)",
+    )
+    p.add_argument(
+        "--keepalive-time",
+        type=float,
+        default=60.0,
+        help="seconds between the server's HTTP/2 pings on an idle connection (finds dead peers "
+        "behind NATs and L4 balancers)",
+    )
+    p.add_argument(
+        "--keepalive-timeout", type=float, default=20.0, help="seconds to wait for a ping's answer"
+    )
+    p.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=1800.0,
+        help="seconds after which a connection gets GOAWAY so clients reconnect and L4 balancers "
+        "rebalance (0 = never); calls open then run on (see --max-connection-age-grace)",
+    )
+    p.add_argument(
+        "--max-connection-age-grace",
+        type=float,
+        default=0.0,
+        help="seconds calls open at GOAWAY may run on before they are cut (0 = to their end: a "
+        "long prefill or stream is never cut for age)",
     )
 
 
@@ -190,7 +261,27 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         served_model_name=args.served_model_name,
         step_timeout_s=args.step_timeout or None,
         chat_content_special_tokens=args.chat_content_special_tokens,
+        stall_timeout_s=args.stall_timeout or None,
+        metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_tokens=_auth_tokens(args.auth_token_file),
+        drain_timeout_s=args.drain_timeout,
+        keepalive_time_s=args.keepalive_time,
+        keepalive_timeout_s=args.keepalive_timeout,
+        max_connection_age_s=args.max_connection_age or None,
+        max_connection_age_grace_s=args.max_connection_age_grace or None,
     )
+
+
+def _auth_tokens(path: Path | None) -> tuple[bytes, ...]:
+    from lightllm_grpc.server.security import load_tokens
+
+    try:
+        return load_tokens(path, os.environ.get(AUTH_TOKEN_ENV))
+    except OSError as exc:
+        raise ValueError(f"--auth-token-file {path}: {exc.strerror}") from exc
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -103,12 +103,52 @@ class ServerConfig:
     # Special-token text in chat message content: "plain" characters or "parse"d as control
     # tokens (see server/tokenizer.py).
     chat_content_special_tokens: str = "plain"
+    # Readiness turns NOT_SERVING when requests are pending and no step completed for this
+    # long (long before step_timeout kills the server). None: never.
+    stall_timeout_s: float | None = 60.0
+    # Prometheus /metrics on this port (same host); None: no metrics endpoint.
+    metrics_port: int | None = None
+    # TLS: certificate chain and key (PEM); with client_ca, clients need a certificate it signed.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Bearer tokens every call but health must carry; empty: no token needed. Never printed.
+    auth_tokens: tuple[bytes, ...] = field(default=(), repr=False)
+    # SIGTERM: how long live requests may run on before they are ended with FINISH_REASON_ABORT.
+    drain_timeout_s: float = 30.0
+    # Connection management (docs/operations.md says why each default).
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    keepalive_min_client_interval_s: float = 10.0
+    max_connection_age_s: float | None = 1800.0  # None: connections live for ever
+    max_connection_age_grace_s: float | None = None  # None: calls open at GOAWAY run to their end
 
     def __post_init__(self) -> None:
         if self.chat_content_special_tokens not in ("plain", "parse"):
             raise ValueError("chat_content_special_tokens must be 'plain' or 'parse'")
-        if self.step_timeout_s is not None and not self.step_timeout_s > 0:
-            raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
+        for name in ("step_timeout_s", "stall_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        for name in (
+            "drain_timeout_s",
+            "keepalive_time_s",
+            "keepalive_timeout_s",
+            "keepalive_min_client_interval_s",
+            "max_connection_age_s",
+            "max_connection_age_grace_s",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")  # fmt: skip
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.scheduler.max_running_requests > self.shard.max_rows:

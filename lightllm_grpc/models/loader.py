@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm import tqdm
 
 from lightllm_grpc.layers.attention.base import AttentionBackend
 from lightllm_grpc.layers.linear import ShardId, copy_checked
@@ -55,11 +56,13 @@ def load_model(
     attn_backend: AttentionBackend,
     load_format: LoadFormat = "auto",
     seed: int = 0,
+    progress: bool = False,
 ) -> LlamaForCausalLM:
     """Build the model for ``model_dir``'s config.json on ``device`` and fill its weights.
 
     ``load_format="dummy"`` needs only config.json and fills random weights (seeded by ``seed``),
-    for benchmarking a shape without a checkpoint.
+    for benchmarking a shape without a checkpoint. ``progress`` shows a bar on stderr while
+    weights load (an 8B checkpoint takes a while).
     """
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
@@ -71,7 +74,7 @@ def load_model(
     if load_format == "dummy":
         init_dummy_weights(model, seed=seed)
     else:
-        load_safetensors_weights(model, files, get_model_spec(config.architecture))
+        load_safetensors_weights(model, files, get_model_spec(config.architecture), progress)
     return model
 
 
@@ -100,7 +103,9 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_safetensors_weights(model: nn.Module, files: list[Path], spec: ModelSpec) -> None:
+def load_safetensors_weights(
+    model: nn.Module, files: list[Path], spec: ModelSpec, progress: bool = False
+) -> None:
     """Stream every tensor of ``files`` into ``model``; ``ValueError`` listing missing/unexpected names."""
     params = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
@@ -108,7 +113,15 @@ def load_safetensors_weights(model: nn.Module, files: list[Path], spec: ModelSpe
     seen: set[str] = set()
     unexpected: list[str] = []
     with torch.no_grad():
-        for name, tensor in _iter_tensors(files):
+        tensors = tqdm(
+            _iter_tensors(files),
+            total=_count_tensors(files),
+            desc="loading weights",
+            unit="tensor",
+            disable=not progress,
+            mininterval=1.0,  # a line a second at most in a log file
+        )
+        for name, tensor in tensors:
             if name.endswith(spec.ignored_weight_suffixes) or (tied and name == "lm_head.weight"):
                 continue  # derived buffers; a tied head reuses the embedding, as transformers does
             param_name, shard_id = _map_name(name, spec)
@@ -146,6 +159,15 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def _count_tensors(files: list[Path]) -> int:
+    """Tensors in ``files``, from their headers alone."""
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            total += len(handle.keys())
+    return total
 
 
 def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from lightllm_grpc.proto import shard_pb2
+from lightllm_grpc.scheduler.observer import RequestObserver
 from lightllm_grpc.scheduler.output_processor import OutputProcessor
 from lightllm_grpc.scheduler.request import FinishReason, Request, RequestOutput, TokenLogprob
 from lightllm_grpc.scheduler.scheduler import Scheduler, StepPlan
@@ -70,6 +71,16 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._inflight: deque[StepPlan] = deque()
         self.stats = LoopStats(since=time.perf_counter())
+        # Monotonic time of the last completed step, or of work arriving at an idle engine:
+        # pending work with no step for a while means the engine is stuck (readiness).
+        self.last_step_at = time.monotonic()
+        self.observer: RequestObserver | None = None
+        self._last_result_at = 0.0
+
+    def observe(self, observer: RequestObserver) -> None:
+        """Install the one observer of request and step times (the frontend's metrics)."""
+        self.observer = observer
+        self.outputs.observer = observer
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
@@ -93,6 +104,8 @@ class Engine:
             self.outputs.abort(req)
 
     def submit(self, req: Request) -> None:
+        if not self.scheduler.has_work():
+            self.last_step_at = time.monotonic()  # an idle engine was not stalled
         self.scheduler.submit(req)
         self._wake.set()
 
@@ -152,6 +165,7 @@ class Engine:
             except ShardError as exc:
                 self._fail(None, exc)
             delivered = time.perf_counter()
+            self._observe_step(plan)
             self._deliver(plan, result)
             self._account(result, waited, delivered)
             await asyncio.sleep(0)  # let handlers stream what was just delivered
@@ -162,9 +176,19 @@ class Engine:
             if plan is None:
                 return
             self._inflight.append(plan)
+            plan.sent_at = time.monotonic()
             await self.shards.send(plan.message)
 
+    def _observe_step(self, plan: StepPlan) -> None:
+        """Step time: from when the shards could start on it (sent, or the previous result
+        came back, whichever is later) to its result: the period that sets decode speed."""
+        now = time.monotonic()
+        if self.observer is not None:
+            self.observer.on_step(now - max(plan.sent_at, self._last_result_at))
+        self._last_result_at = now
+
     def _account(self, result: shard_pb2.StepResult, waited: float, delivered: float) -> None:
+        self.last_step_at = time.monotonic()
         now = time.perf_counter()
         st = self.stats
         st.steps += 1

@@ -9,8 +9,10 @@ checked on every token.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
+from lightllm_grpc.scheduler.observer import RequestObserver
 from lightllm_grpc.scheduler.request import FinishReason, Request, RequestOutput, TokenLogprob
 from lightllm_grpc.text.detokenizer import Detokenizer
 from lightllm_grpc.text.stop import StopMatch
@@ -35,11 +37,18 @@ class OutputProcessor:
         self._max_context = max_context
         self._finish = finish
         self._max_messages = max_messages_per_step
+        self.observer: RequestObserver | None = None
 
     def process(self, items: list[tuple[Request, int, TokenLogprob | None]]) -> None:
         interval = max(1, -(-len(items) // self._max_messages))
         due: list[tuple[Request, FinishReason, str]] = []
+        now = time.monotonic()
+        if self.observer is not None:
+            self.observer.on_tokens([req for req, _, _ in items], now)
         for req, token, logprob in items:
+            if req.first_token_at is None:
+                req.first_token_at = now
+            req.last_token_at = now
             stop_token = self._token_stop(req, token)
             req.output_ids.append(token)
             if req.output.return_token_ids:
@@ -62,6 +71,8 @@ class OutputProcessor:
         if req.finished:
             return
         self._finish(req, FinishReason.ABORT)
+        if self.observer is not None:
+            self.observer.on_finish(req, error)
         req.emit(RequestOutput(finish_reason=FinishReason.ABORT, error=error))
 
     def _token_stop(self, req: Request, token: int) -> str:
@@ -88,6 +99,8 @@ class OutputProcessor:
         else:
             end = text_end if text_end >= 0 else self._final_text_end(req)
             self._finish(req, reason)
+            if self.observer is not None:
+                self.observer.on_finish(req, "")
             out.finish_reason, out.stop_reason = reason, stop_reason
         if end > req.sent_chars:
             out.text = req.text[req.sent_chars : end]

@@ -128,6 +128,12 @@ class Request:
     stop_matcher: StopStringMatcher | None = None
     pending: RequestOutput = field(default_factory=lambda: RequestOutput())  # tokens not yet emitted
     queue: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
+    # time.monotonic() of each milestone, for metrics (RequestObserver); None until reached.
+    arrived_at: float | None = None  # submitted to the scheduler
+    admitted_at: float | None = None  # first admitted (a preempted request keeps it)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finished_at: float | None = None
 
     def __post_init__(self) -> None:
         if not self.fill_ids:

@@ -25,6 +25,7 @@ ever being scheduled past max_new_tokens.
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +61,7 @@ class StepPlan:
     requests: list[Request] = field(default_factory=list)
     sampled: list[Request] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
+    sent_at: float = 0.0  # time.monotonic() when the engine sent it (step metrics)
 
     def add_sampled(self, req: Request) -> None:
         self.sampled.append(req)
@@ -134,6 +136,7 @@ class Scheduler:
         group.append(req)
         self._arrivals += 1
         req.arrival = self._arrivals
+        req.arrived_at = time.monotonic()
         self._enqueue(req)
 
     def finish(self, req: Request, reason: FinishReason) -> None:
@@ -149,6 +152,7 @@ class Scheduler:
             self.admission.lengths.record(len(req.output_ids))
         req.state = State.FINISHED
         req.finish_reason = reason
+        req.finished_at = time.monotonic()
         group = self.by_id.get(req.request_id, [])
         if req in group:
             group.remove(req)
@@ -280,6 +284,8 @@ class Scheduler:
         req.kv = np.empty(req.prompt_len + req.stopping.max_new_tokens, np.int32)
         self._admissions += 1
         req.admitted = self._admissions
+        if req.admitted_at is None:
+            req.admitted_at = time.monotonic()
         first = req.preemptions == 0
         if first:
             self.counters.prefix_query_tokens += req.prompt_len

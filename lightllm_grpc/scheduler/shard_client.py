@@ -73,6 +73,8 @@ class ShardProcesses:
 
     def __init__(self, cfg: ShardConfig) -> None:
         self.cfg = cfg
+        # mkdtemp makes the folder 0700: the shard protocol has no authentication, so only
+        # this user may reach its sockets (tests/test_security.py checks the mode).
         self._dir = tempfile.mkdtemp(prefix="lightllm-grpc-")
         self.addresses = [f"unix://{self._dir}/shard-{r}.sock" for r in range(cfg.tp_size)]
         self.procs: list[subprocess.Popen[bytes]] = []

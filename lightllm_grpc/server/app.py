@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -18,16 +20,45 @@ from lightllm_grpc.scheduler.engine import Engine
 from lightllm_grpc.scheduler.output_processor import OutputProcessor
 from lightllm_grpc.scheduler.scheduler import Scheduler
 from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError, ShardProcesses
+from lightllm_grpc.server.health import Health, enable_reflection
+from lightllm_grpc.server.metrics import MetricsCollector, MetricsServer, RequestMetrics, metrics_registry
 from lightllm_grpc.server.request_builder import Limits, RequestBuilder
+from lightllm_grpc.server.security import Authenticator, AuthInterceptor, TlsFiles
 from lightllm_grpc.server.servicer import GenerationService, StaticInfo
 from lightllm_grpc.server.tokenizer import PromptTokenizer
-from lightllm_grpc.server.wire import add_generation_service
+from lightllm_grpc.server.wire import LateService, add_generation_service
 from lightllm_grpc.text.detokenizer import Detokenizer
 
 log = logging.getLogger(__name__)
 SHARD_START_TIMEOUT_S = 1800.0
 SHARD_WATCH_INTERVAL_S = 0.5
 UNREQUESTED_CALL_TIMEOUT_S = 3600
+DRAIN_POLL_S = 0.05
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+
+
+class Shutdown:
+    """What the signals asked for. SIGTERM (Kubernetes, systemd) drains; a second SIGTERM or
+    SIGINT (Ctrl-C) ends live streams at once, as gunicorn treats TERM and INT."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.drain = False
+
+    def terminate(self) -> None:
+        if self.requested.is_set():
+            self.hurry.set()
+        self.drain = True
+        self.requested.set()
+
+    def interrupt(self) -> None:
+        self.hurry.set()
+        self.requested.set()
 
 
 @dataclass
@@ -37,12 +68,34 @@ class Coordinator:
     shards: ShardClient
     procs: ShardProcesses
     port: int
+    health: Health
+    frontend: Frontend
+
+    async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
+        """Stop taking requests (readiness NOT_SERVING, new calls UNAVAILABLE) and let live ones
+        finish for up to ``timeout`` seconds, or until ``hurry`` is set or the engine dies;
+        ``stop`` then ends what is left with FINISH_REASON_ABORT."""
+        self.frontend.api.target.draining = True
+        await self.health.drain()
+        live = self.engine.scheduler.live
+        log.info("draining: %d live completion(s), waiting up to %gs", len(live()), timeout)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while live() and not hurry.is_set() and not self.engine.dead:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                log.warning("drain timeout: ending %d completion(s) with FINISH_REASON_ABORT", len(live()))
+                return
+            await _wait(hurry, min(left, DRAIN_POLL_S))
+        if live():
+            log.warning("drain cut short: ending %d completion(s) with FINISH_REASON_ABORT", len(live()))
 
     async def stop(self, grace: float = 2.0) -> None:
         # Live streams get their last message (FINISH_REASON_ABORT) before the server stops;
         # the grace period lets the handlers write it.
         self.engine.drain()
+        await self.health.stop()  # NOT_SERVING everywhere; Watch callers see it before the end
         await self.server.stop(grace)
+        await self.frontend.stop_metrics()
         await self.engine.stop()
         await self.shards.close()
         self.procs.stop()
@@ -100,12 +153,38 @@ class StartupError(RuntimeError):
     """The server cannot start as configured; the message is the one line a person needs."""
 
 
-def _bound_server(cfg: ServerConfig) -> tuple[grpc.aio.Server, int]:
+def _connection_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """Keepalive and connection age (why each default: docs/operations.md)."""
+    opts = [
+        ("grpc.keepalive_time_ms", int(cfg.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout_s * 1000)),
+        # Clients may ping this often, also with no call open, without a GOAWAY (too_many_pings).
+        ("grpc.http2.min_ping_interval_without_data_ms", int(cfg.keepalive_min_client_interval_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if cfg.max_connection_age_s:
+        opts.append(("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)))
+    if cfg.max_connection_age_grace_s:
+        opts.append(("grpc.max_connection_age_grace_ms", int(cfg.max_connection_age_grace_s * 1000)))
+    return opts
+
+
+def _tls(cfg: ServerConfig) -> TlsFiles | None:
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        return None
+    return TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+
+
+def _bound_server(
+    cfg: ServerConfig, interceptors: list[grpc.aio.ServerInterceptor]
+) -> tuple[grpc.aio.Server, int]:
     """A gRPC server already bound to its port: a bad address fails before any model work."""
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
+            *_connection_options(cfg),
             # Without this a second server on the same port starts too and silently takes
             # part of the new connections; with it, the second one fails to bind.
             ("grpc.so_reuseport", 0),
@@ -114,10 +193,15 @@ def _bound_server(cfg: ServerConfig) -> tuple[grpc.aio.Server, int]:
             # turn: a burst of 1,500 streams on a busy loop got a few unasked CANCELLEDs. The
             # waiting queue's limit and each client's deadline bound the wait instead.
             ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_CALL_TIMEOUT_S),
-        ]
+        ],
     )
+    tls = _tls(cfg)
+    address = f"{cfg.host}:{cfg.port}"
     try:
-        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls.credentials())
     except RuntimeError as exc:
         raise StartupError(
             f"cannot listen on {cfg.host}:{cfg.port}: the port is in use or the address is not on "
@@ -151,11 +235,76 @@ def _tokenizer(folder: Path, chat_content_special_tokens: str) -> PromptTokenize
         raise StartupError(f"--model {folder}: cannot load its tokenizer: {first}") from exc
 
 
+@dataclass
+class Frontend:
+    """What serves before the model loads: health, reflection, the late-bound API, metrics."""
+
+    server: grpc.aio.Server
+    port: int
+    health: Health
+    api: LateService
+    recorder: RequestMetrics
+    collector: MetricsCollector
+    auth: Authenticator
+    metrics: MetricsServer | None = None
+    metrics_port: int | None = None
+
+    async def stop_metrics(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.stop()
+
+    async def stop(self) -> None:
+        await self.health.stop()
+        await self.server.stop(0)
+        await self.stop_metrics()
+
+    def serve_engine(self, engine: Engine, service: GenerationService, model_name: str) -> None:
+        engine.observe(self.recorder)
+        self.collector.engine, self.collector.model_name = engine, model_name
+        self.api.target = service
+        self.health.engine = engine
+
+
+async def _start_frontend(cfg: ServerConfig) -> Frontend:
+    """Bind and start the gRPC server (and metrics) before any model work, so health answers
+    from the start (liveness SERVING, readiness NOT_SERVING), ``Generation`` calls are
+    UNAVAILABLE and a taken port fails at once."""
+    recorder = RequestMetrics()
+    tls = _tls(cfg)
+    auth = Authenticator(cfg.auth_tokens, mutual_tls=tls is not None and tls.client_ca is not None)
+    refused = functools.partial(recorder.on_error, grpc.StatusCode.UNAUTHENTICATED)
+    interceptors = [AuthInterceptor(auth, refused)] if auth.tokens else []
+    server, port = _bound_server(cfg, interceptors)
+    health = Health(cfg.stall_timeout_s)
+    health.add_to(server)
+    enable_reflection(server)
+    api = add_generation_service(LateService(), server)
+    api.on_error = recorder.on_error
+    collector = MetricsCollector(cfg.served_model_name or cfg.shard.model.name, recorder)
+    front = Frontend(server, port, health, api, recorder, collector, auth)
+    if cfg.metrics_port is not None:
+        check = auth.allows if auth.tokens else None  # the API's rule: the token when auth is on
+        ssl_context = tls.ssl_context() if tls is not None else None
+        front.metrics = MetricsServer(metrics_registry(collector), check, ssl_context)
+        try:
+            front.metrics_port = await front.metrics.start(cfg.host, cfg.metrics_port)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from exc
+    await server.start()
+    await health.start()
+    return front
+
+
 async def start_coordinator(cfg: ServerConfig) -> Coordinator:
-    server, port = _bound_server(cfg)
-    _check_model(cfg.shard.model)
-    tokenizer = _tokenizer(cfg.shard.model, cfg.chat_content_special_tokens)
-    procs, client, infos = await _start_shards(cfg)
+    front = await _start_frontend(cfg)
+    server, port, health = front.server, front.port, front.health
+    try:
+        _check_model(cfg.shard.model)
+        tokenizer = _tokenizer(cfg.shard.model, cfg.chat_content_special_tokens)
+        procs, client, infos = await _start_shards(cfg)
+    except BaseException:
+        await front.stop()
+        raise
     try:
         engine, builder = _engine(cfg, infos, tokenizer, client)
         static = StaticInfo(
@@ -164,49 +313,62 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
             max_running_requests=engine.scheduler.rows.capacity,
             device=infos[0].device,
         )
-        service = GenerationService(engine, builder, static)
-        add_generation_service(service, server)
+        identity = front.auth.identity if front.auth.binds_callers else None
+        service = GenerationService(engine, builder, static, identity)
+        front.serve_engine(engine, service, static.model.name)
         engine.start()
-        await server.start()
+        await health.update()
     except BaseException:
+        await front.stop()
         await client.close()
         procs.stop()
         raise
-    sched = cfg.scheduler
-    log.info(
-        "serving %s on %s:%d (KV pool %d tokens, %d shard(s) on %s; prefix cache %s, admission %s, %s)",
-        static.model.name,
-        cfg.host,
-        port,
-        engine.scheduler.kv_capacity,
-        len(infos),
-        static.device,
-        "on" if sched.prefix_cache else "off",
-        sched.admission,
-        sched.scheduling_policy,
+    log.info("%s", _summary(cfg, infos, static.model.name, engine.scheduler.kv_capacity, front))
+    return Coordinator(server, engine, client, procs, port, health, front)
+
+
+def _summary(
+    cfg: ServerConfig, infos: list[shard_pb2.InfoResponse], name: str, kv_tokens: int, front: Frontend
+) -> str:
+    """The one start-up line an operator needs: what is served, where, and how to probe it."""
+    sched, info = cfg.scheduler, infos[0]
+    security = ("mTLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext"
+    metrics = f"{cfg.host}:{front.metrics_port}/metrics" if front.metrics_port is not None else "off"
+    return (
+        f"ready: model={name} dtype={info.dtype} tp={info.world_size} device={info.device} "
+        f"kv_capacity_tokens={kv_tokens} listen={cfg.host}:{front.port} ({security}, "
+        f"token auth {'on' if cfg.auth_tokens else 'off'}) health=grpc.health.v1 on the same port "
+        f"metrics={metrics} prefix_cache={'on' if sched.prefix_cache else 'off'} "
+        f"admission={sched.admission} policy={sched.scheduling_policy}"
     )
-    return Coordinator(server, engine, client, procs, port)
 
 
 async def serve(cfg: ServerConfig) -> int:
-    """Serve until SIGINT/SIGTERM (exit code 0) or until the engine dies (exit code 1).
+    """Serve until a signal (exit code 0) or until the engine dies (exit code 1).
+
+    SIGTERM drains (``Coordinator.drain``, up to ``--drain-timeout``); SIGINT or a second
+    SIGTERM ends live streams at once with FINISH_REASON_ABORT.
 
     The engine dies when the shards are lost, a step exceeds ``--step-timeout`` or its
     loop fails unexpectedly. A coordinator that cannot run steps cannot serve anything;
     exiting lets the supervisor (systemd, Kubernetes) restart the whole server instead of
     leaving it up and useless.
     """
-    stop = asyncio.Event()
+    shutdown = Shutdown()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, shutdown.terminate)
+    loop.add_signal_handler(signal.SIGINT, shutdown.interrupt)
+    stop = shutdown.requested
     coord = await _start_unless_stopped(cfg, stop)
     if coord is None:
         log.info("stopped during start-up")
         return 0
     watchdog = asyncio.create_task(_watch_shards(coord, stop))
     await stop.wait()
+    if shutdown.drain and not coord.engine.dead:
+        await coord.drain(cfg.drain_timeout_s, shutdown.hurry)
     watchdog.cancel()
+    await coord.health.update()  # a dead engine shows in readiness before the server goes
     log.info("shutting down")
     code = 1 if coord.engine.dead else 0
     await coord.stop()

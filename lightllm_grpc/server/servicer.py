@@ -31,17 +31,30 @@ class StaticInfo:
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, engine: Engine, builder: RequestBuilder, info: StaticInfo) -> None:
+    """``identity`` (set when callers are authenticated) names a call's caller: a request id
+    is then bound to the caller that submitted it, and ``Abort`` touches only the caller's
+    own requests."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        builder: RequestBuilder,
+        info: StaticInfo,
+        identity: Callable[[grpc.aio.ServicerContext], str] | None = None,
+    ) -> None:
         self.engine = engine
         self.builder = builder
         self.info = info
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self.identity = identity
+        self.owners: dict[str, str] = {}  # live request id -> its caller (with identity)
+        self.draining = False  # shutting down: new generation calls are refused
 
     @stream_errors
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        reqs = await self._submit(request)
+        reqs = await self._submit(request, context)
         async for out in self._outputs(reqs):
             req = reqs[out.index]
             yield pb.GenerateStreamResponse(index=out.index, **_fields(req, out), **_usage(out, [req]))
@@ -50,7 +63,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        reqs = await self._submit(request)
+        reqs = await self._submit(request, context)
         totals = [RequestOutput(index=r.index) for r in reqs]
         async for out in self._outputs(reqs):
             totals[out.index].merge(out)
@@ -99,6 +112,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     @unary_errors
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        if self.identity is not None and self.owners.get(request.request_id) != self.identity(context):
+            return pb.AbortResponse(aborted=False)  # another caller's: as if unknown, telling nothing
         return pb.AbortResponse(aborted=self.engine.abort(request.request_id))
 
     @unary_errors
@@ -116,6 +131,11 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, arg)
 
     def _check_admissible(self) -> None:
+        if self.draining:
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is draining (shutting down); retry on another replica",
+            )
         if self.engine.dead:
             reason = self.engine.dead
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the server can no longer serve: {reason}")
@@ -125,7 +145,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 f"the queue is full ({self.info.max_waiting_requests} waiting requests); retry later",
             )
 
-    async def _submit(self, request: pb.GenerateRequest) -> list[Request]:
+    async def _submit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> list[Request]:
         self._check_admissible()  # refuse before tokenizing when it is clear already
         reqs = await self._off_loop(self.builder.build, request)
         self._check_admissible()  # the engine or the queue may have changed meanwhile
@@ -134,6 +154,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             raise RequestError(
                 grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running"
             )
+        if self.identity is not None:
+            self.owners[request_id] = self.identity(context)
         for req in reqs:
             self.engine.submit(req)
         return reqs
@@ -153,6 +175,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         finally:
             if any(not r.finished for r in reqs):
                 self.engine.abort(reqs[0].request_id)
+            self.owners.pop(reqs[0].request_id, None)
 
 
 def _fields(req: Request, out: RequestOutput) -> dict:

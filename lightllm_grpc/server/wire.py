@@ -8,7 +8,6 @@ log. Here a bad message deserializes to ``Malformed`` instead, and the handler a
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -75,34 +74,72 @@ async def _refuse(bad: Malformed, context: grpc.aio.ServicerContext) -> None:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
 
 
-def _unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(behavior)
+class LateService:
+    """The ``Generation`` service, registered before the model loads.
+
+    grpc.aio takes no services once started, and health must answer from the moment the
+    port is bound; until ``target`` is set (the shards are warm), every call is
+    ``UNAVAILABLE``. ``on_error`` (optional) sees the status code of every failed call.
+    """
+
+    def __init__(self, target: Any = None) -> None:
+        self.target = target
+        self.on_error: Callable[[grpc.StatusCode], None] | None = None
+
+    async def behavior(self, name: str, context: grpc.aio.ServicerContext) -> Callable[..., Any]:
+        if self.target is None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is starting (the model is loading); retry when grpc.health.v1 "
+                f"reports {SERVICE} SERVING",
+            )
+        return getattr(self.target, name)
+
+    def failed(self, context: grpc.aio.ServicerContext) -> None:
+        if self.on_error is not None and context.code() is not None:
+            self.on_error(context.code())
+
+
+def _unary(service: LateService, name: str) -> Callable[..., Any]:
     async def handler(request: Message | Malformed, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, Malformed):
-            await _refuse(request, context)
-        return await behavior(request, context)
+        try:
+            if isinstance(request, Malformed):
+                await _refuse(request, context)
+            behavior = await service.behavior(name, context)
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            service.failed(context)
+            raise
 
     return handler
 
 
-def _stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    @functools.wraps(behavior)
+def _stream(service: LateService, name: str) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Message | Malformed, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        if isinstance(request, Malformed):
-            await _refuse(request, context)
-        async for item in behavior(request, context):
-            yield item
+        try:
+            if isinstance(request, Malformed):
+                await _refuse(request, context)
+            behavior = await service.behavior(name, context)
+            async for item in behavior(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            service.failed(context)
+            raise
 
     return handler
 
 
-def add_generation_service(servicer: Any, server: grpc.aio.Server) -> None:
-    """Register every ``Generation`` method, unary or server-streaming, from the proto's descriptor."""
+def add_generation_service(servicer: Any, server: grpc.aio.Server) -> LateService:
+    """Register every ``Generation`` method, unary or server-streaming, from the proto's descriptor.
+
+    ``servicer`` may be a ``LateService`` whose target is set later; anything else is wrapped
+    in one. Handlers look the method up on each call.
+    """
+    service = servicer if isinstance(servicer, LateService) else LateService(servicer)
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in pb.DESCRIPTOR.services_by_name["Generation"].methods:
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
-        behavior = getattr(servicer, method.name)
         make = (
             grpc.unary_stream_rpc_method_handler
             if method.server_streaming
@@ -110,9 +147,10 @@ def add_generation_service(servicer: Any, server: grpc.aio.Server) -> None:
         )
         wrap = _stream if method.server_streaming else _unary
         handlers[method.name] = make(
-            wrap(behavior),
+            wrap(service, method.name),
             request_deserializer=_deserializer(request_cls),
             response_serializer=response_cls.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+    return service

@@ -103,7 +103,12 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     dtype = resolve_dtype(model_cfg, cfg.dtype, device)
     backend = attention_backend(device, cfg, model_cfg.num_heads // world_size, model_cfg.head_dim, dtype)
     model = load_model(
-        cfg.model, device=device, dtype=dtype, attn_backend=backend, load_format=cfg.load_format
+        cfg.model,
+        device=device,
+        dtype=dtype,
+        attn_backend=backend,
+        load_format=cfg.load_format,
+        progress=rank == 0,  # one bar, not one per TP rank
     )
     max_context = min(cfg.max_context or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
     spec = model.kv_cache_spec
