@@ -141,6 +141,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="serve Prometheus metrics (GET /metrics) on this port of --host; off when unset",
     )
+    p.add_argument(
+        "--otlp-traces-endpoint",
+        default=None,
+        help="export a span per request (queue, prefill, decode) over OTLP/gRPC to this host:port, "
+        "under the caller's W3C trace context; needs the tracing extra",
+    )
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     p.add_argument(
@@ -263,6 +269,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         chat_content_special_tokens=args.chat_content_special_tokens,
         stall_timeout_s=args.stall_timeout or None,
         metrics_port=args.metrics_port,
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

@@ -108,6 +108,8 @@ class ServerConfig:
     stall_timeout_s: float | None = 60.0
     # Prometheus /metrics on this port (same host); None: no metrics endpoint.
     metrics_port: int | None = None
+    # OTLP/gRPC collector (host:port) for a span per request (the tracing extra); None: off.
+    otlp_traces_endpoint: str | None = None
     # TLS: certificate chain and key (PEM); with client_ca, clients need a certificate it signed.
     tls_cert: Path | None = None
     tls_key: Path | None = None

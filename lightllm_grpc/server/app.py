@@ -26,6 +26,7 @@ from lightllm_grpc.server.request_builder import Limits, RequestBuilder
 from lightllm_grpc.server.security import Authenticator, AuthInterceptor, TlsFiles
 from lightllm_grpc.server.servicer import GenerationService, StaticInfo
 from lightllm_grpc.server.tokenizer import PromptTokenizer
+from lightllm_grpc.server.tracing import FanOut, Tracing
 from lightllm_grpc.server.wire import LateService, add_generation_service
 from lightllm_grpc.text.detokenizer import Detokenizer
 
@@ -248,10 +249,13 @@ class Frontend:
     auth: Authenticator
     metrics: MetricsServer | None = None
     metrics_port: int | None = None
+    tracing: Tracing | None = None
 
     async def stop_metrics(self) -> None:
         if self.metrics is not None:
             await self.metrics.stop()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # exports the spans still queued
 
     async def stop(self) -> None:
         await self.health.stop()
@@ -259,7 +263,11 @@ class Frontend:
         await self.stop_metrics()
 
     def serve_engine(self, engine: Engine, service: GenerationService, model_name: str) -> None:
-        engine.observe(self.recorder)
+        if self.tracing is not None:
+            engine.observe(FanOut(self.recorder, self.tracing.observer()))
+            service.on_submit = self.tracing.on_submit
+        else:
+            engine.observe(self.recorder)
         self.collector.engine, self.collector.model_name = engine, model_name
         self.api.target = service
         self.health.engine = engine
@@ -273,7 +281,11 @@ async def _start_frontend(cfg: ServerConfig) -> Frontend:
     tls = _tls(cfg)
     auth = Authenticator(cfg.auth_tokens, mutual_tls=tls is not None and tls.client_ca is not None)
     refused = functools.partial(recorder.on_error, grpc.StatusCode.UNAUTHENTICATED)
-    interceptors = [AuthInterceptor(auth, refused)] if auth.tokens else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(auth, refused)] if auth.tokens else []
+    tracing = None
+    if cfg.otlp_traces_endpoint:
+        tracing = Tracing(cfg.otlp_traces_endpoint, cfg.served_model_name or "lightllm-grpc")
+        interceptors.insert(0, tracing.interceptor())  # RPC spans from the callers' trace context
     server, port = _bound_server(cfg, interceptors)
     health = Health(cfg.stall_timeout_s)
     health.add_to(server)
@@ -281,7 +293,7 @@ async def _start_frontend(cfg: ServerConfig) -> Frontend:
     api = add_generation_service(LateService(), server)
     api.on_error = recorder.on_error
     collector = MetricsCollector(cfg.served_model_name or cfg.shard.model.name, recorder)
-    front = Frontend(server, port, health, api, recorder, collector, auth)
+    front = Frontend(server, port, health, api, recorder, collector, auth, tracing=tracing)
     if cfg.metrics_port is not None:
         check = auth.allows if auth.tokens else None  # the API's rule: the token when auth is on
         ssl_context = tls.ssl_context() if tls is not None else None

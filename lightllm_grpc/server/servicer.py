@@ -49,6 +49,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.identity = identity
         self.owners: dict[str, str] = {}  # live request id -> its caller (with identity)
         self.draining = False  # shutting down: new generation calls are refused
+        # Called with each submitted request's completions, in the call's context (tracing).
+        self.on_submit: Callable[[list[Request]], None] | None = None
 
     @stream_errors
     async def GenerateStream(
@@ -158,6 +160,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             self.owners[request_id] = self.identity(context)
         for req in reqs:
             self.engine.submit(req)
+        if self.on_submit is not None:
+            self.on_submit(reqs)
         return reqs
 
     async def _outputs(self, reqs: list[Request]) -> AsyncIterator[RequestOutput]:
