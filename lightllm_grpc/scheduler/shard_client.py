@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 
 import grpc
@@ -42,30 +39,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has the kernel SIGKILL the shard when this process dies (Linux).
-
-    A shard outlives a SIGKILLed coordinator otherwise, holding its memory (a GPU's, which
-    blocks the restart). The death signal follows the thread that forks, so shards must be
-    started from the main (event loop) thread, as ``serve`` does. ``prctl`` is resolved here,
-    not in the forked child, which must only make the call.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-        if os.getppid() != parent:  # the coordinator died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 class ShardProcesses:
@@ -96,14 +69,17 @@ class ShardProcesses:
                 str(rank),
                 "--world-size",
                 str(self.cfg.tp_size),
+                # The shard asks the kernel to kill it when this process dies (see
+                # shard/lifeline.py): no preexec_fn, since forking a process with live gRPC
+                # threads and running Python before exec can abort the child.
+                "--parent-pid",
+                str(os.getpid()),
             ]
             if dist_init:
                 cmd += ["--dist-init", dist_init]
             # A session of its own: Ctrl-C in a terminal (SIGINT to the foreground process
             # group) reaches only the coordinator, which then stops its shards in order.
-            proc = subprocess.Popen(
-                cmd, env=os.environ.copy(), start_new_session=True, preexec_fn=_die_with_parent()
-            )
+            proc = subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
             self.procs.append(proc)
 
     def check_alive(self) -> None:

@@ -13,6 +13,7 @@ import grpc
 from lightllm_grpc.aio import run
 from lightllm_grpc.config import ShardConfig
 from lightllm_grpc.proto import shard_pb2_grpc
+from lightllm_grpc.shard.lifeline import die_with
 from lightllm_grpc.shard.service import ShardService
 from lightllm_grpc.shard.worker import build_shard
 
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--dist-init", default=None, help="torch.distributed init method (world size > 1)")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit (SIGKILL) when this parent exits")
     return p.parse_args(argv)
 
 
@@ -61,7 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         level=os.environ.get("LIGHTLLM_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s shard %(name)s: %(message)s",
     )
-    run(serve(parse_args(argv)))
+    args = parse_args(argv)
+    if args.parent_pid is not None:
+        die_with(args.parent_pid)
+    run(serve(args))
 
 
 if __name__ == "__main__":
