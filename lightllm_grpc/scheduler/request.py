@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lightllm_grpc.scheduler.radix_cache import Node
+from lightllm_grpc.scheduler.sampling import SamplingOptions
 from lightllm_grpc.text.detokenizer import DetokState
 from lightllm_grpc.text.stop import StopStringMatcher
 
@@ -26,18 +27,6 @@ class State(enum.Enum):
     PREFILLING = "prefilling"  # holds a row; some prompt chunks sent
     DECODING = "decoding"  # whole prompt sent; one token per step from here
     FINISHED = "finished"
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    temperature: float = 1.0
-    top_k: int = -1
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
