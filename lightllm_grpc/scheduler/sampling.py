@@ -12,14 +12,19 @@ a field in both protos, a row here, a ``SamplingOptions`` field and its use in t
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.proto import shard_pb2
 
+log = logging.getLogger(__name__)
 # Temperatures below this are greedy: logits / 1e-38 overflow float32 to inf, and a softmax
 # over infs is NaN, which sampled token 0 over and over.
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -105,13 +110,50 @@ def _logit_bias(bias: Mapping[int, float], vocab_size: int) -> dict[int, float]:
     return dict(bias)
 
 
-def options_from(values: Mapping[str, float]) -> SamplingOptions:
-    """Server-wide defaults from ``values`` (e.g. generation_config.json); ValueError names a bad one."""
+# generation_config.json keys that set a default; the other keys (do_sample, max_length, ...)
+# are not read. Like vLLM, the values apply whatever do_sample says: a checkpoint that
+# ships temperature 0.6 means it to be sampled at 0.6.
+GENERATION_CONFIG_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def generation_config_defaults(config: Mapping[str, Any]) -> tuple[SamplingOptions, list[str]]:
+    """Defaults for unset sampling fields from a parsed generation_config.json, and a
+    message for each value it holds that is out of range (that value is not used)."""
     by_name = {p.name: p for p in PARAMS}
-    checked = {name: check_value(by_name[name], v, name) for name, v in values.items()}
-    if "top_k" in checked:
-        checked["top_k"] = int(checked["top_k"])
-    return SamplingOptions(**checked)
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for key in GENERATION_CONFIG_KEYS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if key == "top_k" and value == 0:  # transformers' spelling of "off"
+            value = -1
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            problems.append(f"generation_config.json {key}: {value!r} is not a number; ignored")
+            continue
+        try:
+            values[key] = check_value(by_name[key], number, f"generation_config.json {key}")
+        except ValueError as exc:
+            problems.append(f"{exc}; ignored")
+    if "top_k" in values:
+        values["top_k"] = int(values["top_k"])
+    return SamplingOptions(**values), problems
+
+
+def model_defaults(folder: Path) -> SamplingOptions:
+    """Defaults for unset sampling fields: the model folder's generation_config.json, where valid."""
+    path = folder / "generation_config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        log.warning("%s is not valid JSON; sampling defaults are the built-in ones", path)
+        config = {}
+    defaults, problems = generation_config_defaults(config if isinstance(config, dict) else {})
+    for problem in problems:
+        log.warning("%s", problem)
+    return defaults
 
 
 def to_params(options: SamplingOptions) -> pb.SamplingParams:
