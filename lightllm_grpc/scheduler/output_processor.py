@@ -102,7 +102,7 @@ class OutputProcessor:
     def _final_text_end(self, req: Request) -> int:
         # The windowed decode holds back ids that end mid-character; the final text is the
         # decode of the whole output, so the concatenated deltas equal tokenizer.decode.
-        full = self._detok.decode(req.detok.ids)
+        full = self._detok.decode_state(req.detok)
         if full.startswith(req.text):
             req.text = full
         return len(req.text)

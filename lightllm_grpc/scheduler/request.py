@@ -44,6 +44,8 @@ class OutputOptions:
     return_token_ids: bool = True
     logprobs: bool = False
     top_logprobs: int = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = False
 
 
 @dataclass
@@ -122,6 +124,8 @@ class Request:
         if not self.fill_ids:
             self.fill_ids = list(self.prompt_ids)
         self.pending.index = self.index
+        self.detok.skip_special_tokens = self.output.skip_special_tokens
+        self.detok.spaces_between_special_tokens = self.output.spaces_between_special_tokens
 
     def append_kv(self, slots: np.ndarray) -> None:
         end = self.num_kv + slots.size

@@ -238,4 +238,6 @@ def _output(r: pb.ResponseOptions) -> OutputOptions:
         return_token_ids=r.return_token_ids if r.HasField("return_token_ids") else True,
         logprobs=r.logprobs or r.top_logprobs > 0,
         top_logprobs=r.top_logprobs,
+        skip_special_tokens=r.skip_special_tokens if r.HasField("skip_special_tokens") else True,
+        spaces_between_special_tokens=r.spaces_between_special_tokens,
     )
