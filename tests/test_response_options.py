@@ -53,3 +53,25 @@ def test_special_tokens_in_the_text(server, tokenizer, response, text) -> None:
     unary = server.stub.Generate(req)
     assert unary.text == text and len(unary.token_ids) == 3
     assert "".join(m.text for m in server.stub.GenerateStream(req)) == text
+
+
+def test_matched_stop_names_the_token_or_string(server) -> None:
+    base = server.stub.Generate(greedy_request(PROMPT, 24))
+    assert base.finish_reason == pb.FINISH_REASON_LENGTH and not base.HasField("matched_stop")
+    token = base.token_ids[5]
+    by_token = greedy_request(PROMPT, 24)
+    by_token.stopping.stop_token_ids.append(token)
+    unary = server.stub.Generate(by_token)
+    assert unary.finish_reason == pb.FINISH_REASON_STOP
+    assert unary.matched_stop.WhichOneof("kind") == "token_id" and unary.matched_stop.token_id == token
+    last = list(server.stub.GenerateStream(by_token))[-1]
+    assert last.matched_stop.token_id == token and last.stop_reason == str(token)
+    stop = base.text[4:7]
+    by_text = greedy_request(PROMPT, 24)
+    by_text.stopping.stop.append(stop)
+    by_text.n = 2
+    unary = server.stub.Generate(by_text)
+    assert unary.matched_stop.WhichOneof("kind") == "text" and unary.matched_stop.text == stop
+    assert all(c.matched_stop.text == stop for c in unary.completions)
+    last = list(server.stub.GenerateStream(by_text))[-1]
+    assert last.matched_stop.text == stop == last.stop_reason

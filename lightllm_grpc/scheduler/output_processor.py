@@ -81,6 +81,8 @@ class OutputProcessor:
     def _emit(self, req: Request, reason: FinishReason, stop_reason: str) -> None:
         out, req.pending = req.pending, RequestOutput()
         text_end = -1
+        if stop_reason:  # a stop token: _token_stop gave its id as text
+            out.stop_token = int(stop_reason)
         if reason is FinishReason.NONE and (match := self._stop_string(req)) is not None:
             reason, stop_reason, text_end = FinishReason.STOP, match.stop, match.text_end
         if reason is FinishReason.NONE:

@@ -64,6 +64,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason = FinishReason.NONE
     stop_reason: str = ""
+    stop_token: int | None = None  # the stop token id that ended it (else a stop string did)
     error: str = ""
     index: int = 0
 
@@ -73,6 +74,7 @@ class RequestOutput:
         self.logprobs += later.logprobs
         self.finish_reason = later.finish_reason
         self.stop_reason = later.stop_reason or self.stop_reason
+        self.stop_token = later.stop_token if later.stop_token is not None else self.stop_token
         self.error = later.error or self.error
 
 
