@@ -38,9 +38,18 @@ test: $(STUBS)
 test-gpu: $(STUBS)
 	$(PY) -m pytest -q -m gpu $(ARGS)
 
-lint: $(STUBS)
+BUF := tools/node_modules/.bin/buf
+
+lint: $(STUBS) $(BUF)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(BUF) lint
+	$(BUF) breaking --against protos/released.binpb
+
+# buf, pinned in tools/package-lock.json; only lint needs it (tests do not need npm).
+$(BUF): tools/package.json tools/package-lock.json
+	npm ci --prefix tools --no-audit --no-fund
+	touch $@
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -86,3 +86,33 @@ def test_stop_matcher_earliest_wins() -> None:
     m = StopStringMatcher(["bbb", "a"], include_in_output=False)
     match = m.find("xxbbba", 0)
     assert match is not None and match.stop == "bbb" and match.text_end == 2
+
+
+def test_special_tokens_skipped_shown_or_spaced(tok) -> None:
+    detok = Detokenizer(tok.backend_tokenizer)
+    user, end = tok.convert_tokens_to_ids(["<|user|>", "<|end|>"])
+    ids = [user, *tok.encode("hi there", add_special_tokens=False), end, end]
+    cases = {
+        (True, False): "hi there",
+        (True, True): "hi there",  # nothing to space out when specials are skipped
+        (False, False): "<|user|>hi there<|end|><|end|>",
+        (False, True): "<|user|> hi there <|end|> <|end|>",
+    }
+    for (skip, spaces), want in cases.items():
+        state = DetokState(skip_special_tokens=skip, spaces_between_special_tokens=spaces)
+        text = ""
+        for i in ids:
+            state.ids.append(i)
+            (delta,) = detok.step([state])
+            text += delta
+        assert text == want == detok.decode_state(state), (skip, spaces)
+    assert tok.decode(ids, skip_special_tokens=False) == cases[(False, False)]
+
+
+def test_a_step_mixes_requests_with_different_options(tok) -> None:
+    detok = Detokenizer(tok.backend_tokenizer)
+    user = tok.convert_tokens_to_ids("<|user|>")
+    states = [DetokState(), DetokState(skip_special_tokens=False), DetokState()]
+    for s in states:
+        s.ids.extend([user, *tok.encode("ok", add_special_tokens=False)])
+    assert detok.step(states) == ["ok", "<|user|>ok", "ok"]

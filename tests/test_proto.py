@@ -33,6 +33,7 @@ def test_every_proto_is_generated() -> None:
         "GetModelInfo",
         "GetServerInfo",
         "Abort",
+        "FlushCache",
     }
 
 

@@ -92,6 +92,8 @@ class OutputProcessor:
     def _emit(self, req: Request, reason: FinishReason, stop_reason: str) -> None:
         out, req.pending = req.pending, RequestOutput()
         text_end = -1
+        if stop_reason:  # a stop token: _token_stop gave its id as text
+            out.stop_token = int(stop_reason)
         if reason is FinishReason.NONE and (match := self._stop_string(req)) is not None:
             reason, stop_reason, text_end = FinishReason.STOP, match.stop, match.text_end
         if reason is FinishReason.NONE:
@@ -115,7 +117,7 @@ class OutputProcessor:
     def _final_text_end(self, req: Request) -> int:
         # The windowed decode holds back ids that end mid-character; the final text is the
         # decode of the whole output, so the concatenated deltas equal tokenizer.decode.
-        full = self._detok.decode(req.detok.ids)
+        full = self._detok.decode_state(req.detok)
         if full.startswith(req.text):
             req.text = full
         return len(req.text)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lightllm_grpc.scheduler.radix_cache import Node
+from lightllm_grpc.scheduler.sampling import SamplingOptions
 from lightllm_grpc.text.detokenizer import DetokState
 from lightllm_grpc.text.stop import StopStringMatcher
 
@@ -29,18 +30,6 @@ class State(enum.Enum):
 
 
 @dataclass(frozen=True)
-class SamplingOptions:
-    temperature: float = 1.0
-    top_k: int = -1
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
 class StopOptions:
     max_new_tokens: int
     min_new_tokens: int = 0
@@ -55,6 +44,8 @@ class OutputOptions:
     return_token_ids: bool = True
     logprobs: bool = False
     top_logprobs: int = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = False
 
 
 @dataclass
@@ -73,6 +64,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason = FinishReason.NONE
     stop_reason: str = ""
+    stop_token: int | None = None  # the stop token id that ended it (else a stop string did)
     error: str = ""
     index: int = 0
 
@@ -82,6 +74,7 @@ class RequestOutput:
         self.logprobs += later.logprobs
         self.finish_reason = later.finish_reason
         self.stop_reason = later.stop_reason or self.stop_reason
+        self.stop_token = later.stop_token if later.stop_token is not None else self.stop_token
         self.error = later.error or self.error
 
 
@@ -139,6 +132,8 @@ class Request:
         if not self.fill_ids:
             self.fill_ids = list(self.prompt_ids)
         self.pending.index = self.index
+        self.detok.skip_special_tokens = self.output.skip_special_tokens
+        self.detok.spaces_between_special_tokens = self.output.spaces_between_special_tokens
 
     def append_kv(self, slots: np.ndarray) -> None:
         end = self.num_kv + slots.size

@@ -32,6 +32,7 @@ import numpy as np
 
 from lightllm_grpc.config import SchedulerConfig
 from lightllm_grpc.proto import shard_pb2
+from lightllm_grpc.scheduler import sampling
 from lightllm_grpc.scheduler.admission import Admission, KVNeed, OutputLengths
 from lightllm_grpc.scheduler.allocator import IdAllocator
 from lightllm_grpc.scheduler.radix_cache import Match, RadixCache
@@ -434,26 +435,16 @@ class Scheduler:
 
 
 def _row_sampling(req: Request, eos_ids: tuple[int, ...]) -> shard_pb2.RowSampling:
-    s, stop, out = req.sampling, req.stopping, req.output
-    msg = shard_pb2.RowSampling(
-        row=req.row,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        min_p=s.min_p,
-        repetition_penalty=s.repetition_penalty,
-        presence_penalty=s.presence_penalty,
-        frequency_penalty=s.frequency_penalty,
-        seed=s.seed if s.seed is not None else 0,
-        min_new_tokens=stop.min_new_tokens,
-        logprobs=out.logprobs or out.top_logprobs > 0,
-        top_logprobs=out.top_logprobs,
-    )
+    stop, out = req.stopping, req.output
+    msg = sampling.row_sampling(req.sampling, req.row)
+    msg.min_new_tokens = stop.min_new_tokens
+    msg.logprobs = out.logprobs or out.top_logprobs > 0
+    msg.top_logprobs = out.top_logprobs
     if stop.min_new_tokens > 0:
         msg.suppress_ids.extend(stop.stop_token_ids)
         if not stop.ignore_eos:
             msg.suppress_ids.extend(eos_ids)
-    if s.repetition_penalty != 1.0:
+    if req.sampling.repetition_penalty != 1.0:
         msg.penalty_prompt_ids.extend(req.prompt_ids)
     # A resumed request's output so far: the shard's counters (seeded noise, penalties,
     # min_new_tokens) continue from there, so sampling goes on exactly as if never stopped.

@@ -16,8 +16,10 @@ from lightllm_grpc.config import ServerConfig
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.proto import shard_pb2
+from lightllm_grpc.scheduler import sampling
 from lightllm_grpc.scheduler.engine import Engine
 from lightllm_grpc.scheduler.output_processor import OutputProcessor
+from lightllm_grpc.scheduler.sampling import SamplingOptions
 from lightllm_grpc.scheduler.scheduler import Scheduler
 from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError, ShardProcesses
 from lightllm_grpc.server.health import Health, enable_reflection
@@ -102,7 +104,9 @@ class Coordinator:
         self.procs.stop()
 
 
-def _model_info(cfg: ServerConfig, info: shard_pb2.InfoResponse, tok: PromptTokenizer) -> pb.ModelInfo:
+def _model_info(
+    cfg: ServerConfig, info: shard_pb2.InfoResponse, tok: PromptTokenizer, defaults: SamplingOptions
+) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=cfg.served_model_name or info.model_name,
         architecture=info.architecture,
@@ -112,6 +116,7 @@ def _model_info(cfg: ServerConfig, info: shard_pb2.InfoResponse, tok: PromptToke
         dtype=info.dtype,
         tp_size=info.world_size,
         has_chat_template=tok.has_chat_template,
+        default_sampling=sampling.to_params(defaults),
     )
 
 
@@ -145,7 +150,14 @@ def _engine(
         Detokenizer(tok.backend), eos, info.max_context, scheduler.finish, cfg.scheduler.max_messages_per_step
     )
     sched = cfg.scheduler
-    limits = Limits(info.vocab_size, info.max_context, capacity, sched.default_max_new_tokens, sched.max_n)
+    limits = Limits(
+        info.vocab_size,
+        info.max_context,
+        capacity,
+        sched.default_max_new_tokens,
+        sched.max_n,
+        sampling.model_defaults(cfg.shard.model),
+    )
     engine = Engine(scheduler, outputs, client, step_timeout=cfg.step_timeout_s)
     return engine, RequestBuilder(tok, limits)
 
@@ -320,7 +332,7 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
     try:
         engine, builder = _engine(cfg, infos, tokenizer, client)
         static = StaticInfo(
-            model=_model_info(cfg, infos[0], tokenizer),
+            model=_model_info(cfg, infos[0], tokenizer, builder.limits.default_sampling),
             max_waiting_requests=cfg.scheduler.max_waiting_requests,
             max_running_requests=engine.scheduler.rows.capacity,
             device=infos[0].device,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
 import uuid
 from collections.abc import Sequence
@@ -12,7 +11,8 @@ from dataclasses import dataclass
 import grpc
 
 from lightllm_grpc.proto import generation_pb2 as pb
-from lightllm_grpc.scheduler.request import OutputOptions, Request, SamplingOptions, StopOptions
+from lightllm_grpc.scheduler.request import OutputOptions, Request, StopOptions
+from lightllm_grpc.scheduler.sampling import SamplingOptions, resolve
 from lightllm_grpc.server.errors import RequestError, invalid
 from lightllm_grpc.server.tokenizer import PromptTokenizer
 from lightllm_grpc.text.stop import StopStringMatcher
@@ -30,9 +30,6 @@ MAX_ROLE_BYTES = 64
 # would cost seconds of CPU per request.
 TEXT_BYTES_PER_CONTEXT_TOKEN = 32
 MIN_TEXT_BYTES = 64 * 1024
-# Temperatures below this are greedy: logits / 1e-38 overflow float32 to inf, and a softmax
-# over infs is NaN, which sampled token 0 over and over.
-GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -42,6 +39,8 @@ class Limits:
     kv_capacity: int
     default_max_new_tokens: int
     max_n: int = 16
+    # Values for sampling fields a request leaves unset (the model's generation_config.json).
+    default_sampling: SamplingOptions = dataclasses.field(default_factory=SamplingOptions)
 
     @property
     def max_text_bytes(self) -> int:
@@ -59,7 +58,9 @@ class RequestBuilder:
         n = self._n(msg)
         prompt_ids = self.prompt_ids(msg)
         stopping = self._stopping(msg.stopping, len(prompt_ids))
-        sampling, output = _sampling(msg.sampling), _output(msg.response)
+        limits = self.limits
+        sampling = _sampling(msg.sampling, limits.default_sampling, limits.vocab_size)
+        output = _output(msg.response)
         reqs = [
             Request(
                 request_id=request_id,
@@ -205,39 +206,11 @@ def _request_id(given: str) -> str:
     return given or uuid.uuid4().hex
 
 
-def _float(value: float, field: str, lo: float, hi: float, lo_open: bool = False) -> float:
-    ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi
-    if not ok:
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
-        raise invalid(f"{field} must be in {interval}, got {value}")
-    return value
-
-
-def _sampling(s: pb.SamplingParams) -> SamplingOptions:
-    temperature = s.temperature if s.HasField("temperature") else 1.0
-    if not math.isfinite(temperature) or temperature < 0:
-        raise invalid(f"sampling.temperature must be >= 0 (0 = greedy), got {temperature}")
-    if temperature < GREEDY_BELOW_TEMPERATURE:
-        temperature = 0.0
-    top_k = s.top_k if s.HasField("top_k") else -1
-    if top_k == 0 or top_k < -1:
-        raise invalid(f"sampling.top_k must be -1 (off) or >= 1, got {top_k}")
-    return SamplingOptions(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=_float(s.top_p, "sampling.top_p", 0.0, 1.0, lo_open=True) if s.HasField("top_p") else 1.0,
-        min_p=_float(s.min_p, "sampling.min_p", 0.0, 1.0) if s.HasField("min_p") else 0.0,
-        repetition_penalty=(
-            _float(s.repetition_penalty, "sampling.repetition_penalty", 0.0, 2.0, lo_open=True)
-            if s.HasField("repetition_penalty")
-            else 1.0
-        ),
-        presence_penalty=_float(s.presence_penalty, "sampling.presence_penalty", -2.0, 2.0),
-        frequency_penalty=_float(s.frequency_penalty, "sampling.frequency_penalty", -2.0, 2.0),
-        # An unseeded request gets a random seed, so every request's stream is reproducible
-        # and independent of what else is in its batch.
-        seed=s.seed if s.HasField("seed") else secrets.randbits(63),
-    )
+def _sampling(s: pb.SamplingParams, defaults: SamplingOptions, vocab_size: int) -> SamplingOptions:
+    try:
+        return resolve(s, defaults, vocab_size)
+    except ValueError as e:
+        raise invalid(str(e)) from None
 
 
 def _nth_seed(sampling: SamplingOptions, i: int, given: bool) -> SamplingOptions:
@@ -265,4 +238,6 @@ def _output(r: pb.ResponseOptions) -> OutputOptions:
         return_token_ids=r.return_token_ids if r.HasField("return_token_ids") else True,
         logprobs=r.logprobs or r.top_logprobs > 0,
         top_logprobs=r.top_logprobs,
+        skip_special_tokens=r.skip_special_tokens if r.HasField("skip_special_tokens") else True,
+        spaces_between_special_tokens=r.spaces_between_special_tokens,
     )

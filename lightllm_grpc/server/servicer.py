@@ -189,7 +189,15 @@ def _fields(req: Request, out: RequestOutput) -> dict:
     if out.finish_reason is not FinishReason.NONE:
         fields["finish_reason"] = int(out.finish_reason)
         fields["stop_reason"] = out.stop_reason
+        if out.finish_reason is FinishReason.STOP:
+            fields["matched_stop"] = _matched_stop(out)
     return fields
+
+
+def _matched_stop(out: RequestOutput) -> pb.MatchedStop:
+    if out.stop_token is not None:
+        return pb.MatchedStop(token_id=out.stop_token)
+    return pb.MatchedStop(text=out.stop_reason)
 
 
 def _usage(out: RequestOutput, reqs: list[Request]) -> dict:
@@ -225,4 +233,5 @@ def _completion(req: Request, out: RequestOutput) -> pb.Completion:
         logprobs=_logprobs(out),
         stop_reason=out.stop_reason,
         completion_tokens=len(req.output_ids),
+        matched_stop=_matched_stop(out) if out.finish_reason is FinishReason.STOP else None,
     )

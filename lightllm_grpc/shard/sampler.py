@@ -1,4 +1,4 @@
-"""Per-row sampling on the shard: penalties, temperature, top-k/top-p/min-p, seeded draws.
+"""Per-row sampling on the shard: penalties, logit bias, temperature, top-k/top-p/min-p, seeded draws.
 
 Every rank samples identically from identical logits, so tensor-parallel ranks agree on
 each token without a broadcast.
@@ -44,6 +44,7 @@ class Sampler:
         self.top_logprobs = np.zeros(max_rows, dtype=np.int64)
         self.penalties: dict[int, _Penalty] = {}
         self.suppress: dict[int, tuple[int, torch.Tensor]] = {}
+        self.bias: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (ids, values)
 
     def admit(self, s: shard_pb2.RowSampling) -> None:
         row = s.row
@@ -57,6 +58,10 @@ class Sampler:
         if s.min_new_tokens > len(s.generated_ids) and s.suppress_ids:
             ids = torch.tensor(list(s.suppress_ids), dtype=torch.int64, device=self.device)
             self.suppress[row] = (s.min_new_tokens, ids)
+        if s.logit_bias_ids:
+            ids = torch.tensor(list(s.logit_bias_ids), dtype=torch.int64, device=self.device)
+            values = torch.tensor(list(s.logit_bias_values), dtype=torch.float32, device=self.device)
+            self.bias[row] = (ids, values)
 
     def _penalty(self, s: shard_pb2.RowSampling) -> _Penalty:
         seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
@@ -71,6 +76,7 @@ class Sampler:
     def release(self, row: int) -> None:
         self.penalties.pop(row, None)
         self.suppress.pop(row, None)
+        self.bias.pop(row, None)
 
     def sample(self, logits: torch.Tensor, rows: np.ndarray) -> SampleOutput:
         """Sample one token per row from float32 ``logits`` [B, V]; rows index the per-row state."""
@@ -88,12 +94,15 @@ class Sampler:
         return _with_logprobs(tokens, logprobs_raw, k)
 
     def _process(self, logits: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        if not (self.penalties or self.suppress):  # the common case: no per-row Python at all
+        if not (self.penalties or self.suppress or self.bias):  # the common case: no per-row Python
             return logits
         for i, row in enumerate(rows.tolist()):
             pen = self.penalties.get(row)
             if pen is not None:
                 logits[i] = _apply_penalty(logits[i], pen)
+            bias = self.bias.get(row)
+            if bias is not None:
+                logits[i].index_add_(0, bias[0], bias[1])
             sup = self.suppress.get(row)
             if sup is not None and self.generated[row] < sup[0]:
                 logits[i, sup[1]] = float("-inf")
