@@ -169,3 +169,26 @@ def test_no_prefix_cache_prefills_every_prompt(model_dir, tmp_path) -> None:
         assert info.kv_cached_tokens == 0 and info.kv_free_tokens == 512
     finally:
         server.stop()
+
+
+def test_prompt_logprobs_match_transformers_across_chunks(server, model_dir) -> None:
+    """Prompt logprobs of a 40-token prompt prefilled in 16-token chunks, twice (the second
+    time its prompt is cached, yet it must be computed again): transformers' log-softmax."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = _ids(random.Random(13), 40)
+    req = greedy_request(prompt, 3)
+    req.response.prompt_logprobs = True
+    stream = list(server.stub.GenerateStream(req))
+    unary = server.stub.Generate(req)
+    assert [lp.token_id for lp in stream[0].prompt_logprobs] == prompt[1:]
+    assert all(not m.prompt_logprobs for m in stream[1:])  # the first message only
+    assert unary.usage.cached_tokens == 0  # computed again, not taken from the cache
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    expected = ref[torch.arange(39), torch.tensor(prompt[1:])]
+    for got in (stream[0].prompt_logprobs, unary.prompt_logprobs):
+        values = torch.tensor([lp.logprob for lp in got])
+        torch.testing.assert_close(values, expected, atol=1e-3, rtol=1e-3)

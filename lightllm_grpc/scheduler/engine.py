@@ -201,6 +201,8 @@ class Engine:
             self.stats = LoopStats(since=now)
 
     def _deliver(self, plan: StepPlan, result: shard_pb2.StepResult) -> None:
+        if plan.prompt_lp:
+            _deliver_prompt_logprobs(plan, result)
         k = result.top_k
         items: list[tuple[Request, int, TokenLogprob | None]] = []
         for i, (req, epoch, token) in enumerate(zip(plan.sampled, plan.epochs, result.token_ids)):
@@ -234,6 +236,21 @@ class Engine:
             except Exception:  # the bookkeeping may be what broke; the caller must still hear
                 log.exception("freeing request %s failed", req.request_id)
                 req.emit(RequestOutput(finish_reason=FinishReason.ABORT, error=reason))
+
+
+def _deliver_prompt_logprobs(plan: StepPlan, result: shard_pb2.StepResult) -> None:
+    """Attach each chunk's prompt logprobs to its request (position p scores token p + 1)."""
+    values, off = result.prompt_logprobs, 0
+    for req, epoch, start, n in plan.prompt_lp:
+        chunk, off = values[off : off + n], off + n
+        if req.finished or req.epoch != epoch:
+            continue
+        prompt = req.prompt_ids
+        req.prompt_lps += [
+            TokenLogprob(prompt[start + j + 1], v, [])
+            for j, v in enumerate(chunk)
+            if start + j + 1 < len(prompt)
+        ]
 
 
 def _logprob(result: shard_pb2.StepResult, i: int, k: int, want: int) -> TokenLogprob:

@@ -91,6 +91,8 @@ class OutputProcessor:
 
     def _emit(self, req: Request, reason: FinishReason, stop_reason: str) -> None:
         out, req.pending = req.pending, RequestOutput()
+        if req.wants_prompt_logprobs:  # the first message carries them
+            out.prompt_logprobs, req.prompt_lps_sent = req.prompt_lps, True
         text_end = -1
         if stop_reason:  # a stop token: _token_stop gave its id as text
             out.stop_token = int(stop_reason)

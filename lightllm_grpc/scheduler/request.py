@@ -46,6 +46,7 @@ class OutputOptions:
     top_logprobs: int = 0
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = False
+    prompt_logprobs: bool = False
 
 
 @dataclass
@@ -67,8 +68,10 @@ class RequestOutput:
     stop_token: int | None = None  # the stop token id that ended it (else a stop string did)
     error: str = ""
     index: int = 0
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def merge(self, later: RequestOutput) -> None:
+        self.prompt_logprobs += later.prompt_logprobs
         self.text += later.text
         self.token_ids += later.token_ids
         self.logprobs += later.logprobs
@@ -114,6 +117,10 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     preemptions: int = 0
+    # Prompt logprobs (response.prompt_logprobs, completion 0): collected per prefill chunk,
+    # sent with the first message.
+    prompt_lps: list[TokenLogprob] = field(default_factory=list)
+    prompt_lps_sent: bool = False
     finish_reason: FinishReason = FinishReason.NONE
     detok: DetokState = field(default_factory=DetokState)
     text: str = ""  # decoded output so far (before stop-string trimming)
@@ -143,6 +150,10 @@ class Request:
             self.kv = grown
         self.kv[self.num_kv : end] = slots
         self.num_kv = end
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.output.prompt_logprobs and self.index == 0 and not self.prompt_lps_sent
 
     @property
     def own_kv(self) -> int:

@@ -62,6 +62,9 @@ class StepPlan:
     requests: list[Request] = field(default_factory=list)
     sampled: list[Request] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
+    # (request, its epoch, first position, positions) of each chunk asking prompt logprobs,
+    # in the order of the shard's StepResult.prompt_logprobs.
+    prompt_lp: list[tuple[Request, int, int, int]] = field(default_factory=list)
     sent_at: float = 0.0  # time.monotonic() when the engine sent it (step metrics)
 
     def add_sampled(self, req: Request) -> None:
@@ -266,8 +269,8 @@ class Scheduler:
             budget -= self._add_chunk(plan, req, budget, step_id)
 
     def _match(self, req: Request, step_id: int) -> Match | None:
-        if self.cache is None:
-            return None
+        if self.cache is None or req.wants_prompt_logprobs:
+            return None  # prompt logprobs need every prompt position computed
         # At least one token is computed, so the first new token has logits to come from.
         return self.cache.match(req.fill_ids[:-1], before_step=step_id)
 
@@ -321,6 +324,7 @@ class Scheduler:
         if req.prefix_pending:
             pre.prefix_slots.extend(req.kv[: req.prefix_pending].tolist())
             req.prefix_pending = 0
+        self._ask_prompt_logprobs(plan, req, n)
         req.append_kv(slots)
         req.prefilled += n
         done = req.prefilled == len(req.fill_ids)
@@ -336,6 +340,20 @@ class Scheduler:
         else:
             self.counters.partial_prefills += 1
         return n
+
+    def _ask_prompt_logprobs(self, plan: StepPlan, req: Request, n: int) -> None:
+        pre, start = plan.message.prefill, req.prefilled
+        wants = req.wants_prompt_logprobs
+        pre.prompt_logprobs.append(wants)
+        if not wants:
+            return
+        if start == 0:
+            req.prompt_lps = []  # a resumed request recomputes them all
+        prompt = req.prompt_ids
+        pre.prompt_targets.extend(
+            prompt[j + 1] if j + 1 < len(prompt) else -1 for j in range(start, start + n)
+        )
+        plan.prompt_lp.append((req, req.epoch, start, n))
 
     def _cache_prefill(self, req: Request, step_id: int) -> None:
         """Cache the prompt tokens just sent, so requests admitted from the next step share them."""

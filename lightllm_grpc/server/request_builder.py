@@ -240,4 +240,5 @@ def _output(r: pb.ResponseOptions) -> OutputOptions:
         top_logprobs=r.top_logprobs,
         skip_special_tokens=r.skip_special_tokens if r.HasField("skip_special_tokens") else True,
         spaces_between_special_tokens=r.spaces_between_special_tokens,
+        prompt_logprobs=r.prompt_logprobs,
     )

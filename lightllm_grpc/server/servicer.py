@@ -186,6 +186,10 @@ def _fields(req: Request, out: RequestOutput) -> dict:
     fields: dict = {"request_id": req.request_id, "text": out.text, "token_ids": out.token_ids}
     if out.logprobs:
         fields["logprobs"] = _logprobs(out)
+    if out.prompt_logprobs:
+        fields["prompt_logprobs"] = [
+            pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob) for lp in out.prompt_logprobs
+        ]
     if out.finish_reason is not FinishReason.NONE:
         fields["finish_reason"] = int(out.finish_reason)
         fields["stop_reason"] = out.stop_reason

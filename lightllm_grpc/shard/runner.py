@@ -48,6 +48,7 @@ class ModelRunner:
         self.sampler = Sampler(max_rows + 1, vocab_size, device)
         # Decode may be replaced by a CUDA-graph runner with the same signature.
         self.decode_forward: ForwardFn = forward
+        self._prompt_logprobs: torch.Tensor | None = None  # of the step being launched
 
     def reset(self) -> None:
         self.row_len[:] = 0
@@ -76,11 +77,19 @@ class ModelRunner:
         for s in msg.admit:
             self.sampler.admit(s)
         outs: list[tuple[np.ndarray, SampleOutput]] = []
+        self._prompt_logprobs = None
         if msg.prefill.rows:
             outs.append(self._prefill(msg.prefill))
         if msg.decode.rows:
             outs.append(self._decode(msg.decode))
-        return PendingStep.start(msg.step_id, [o for o in outs if o[0].size], start)
+        step = PendingStep.start(msg.step_id, [o for o in outs if o[0].size], start)
+        lp = self._prompt_logprobs
+        if lp is not None:
+            step.prompt_logprobs = _to_host(lp, lp.is_cuda)
+            if lp.is_cuda:  # finish() must also wait for this copy, queued after start's event
+                step.event = torch.cuda.Event()
+                step.event.record()
+        return step
 
     def _prefill(self, p: shard_pb2.PrefillBatch) -> tuple[np.ndarray, SampleOutput]:
         rows = np.asarray(p.rows, dtype=np.int64)
@@ -123,7 +132,11 @@ class ModelRunner:
             max_q_len=int(lens.max()),
             max_seq_len=int(seq_lens.max()),
         )
-        logits = self.forward(ids, batch)
+        want = np.asarray(p.prompt_logprobs, dtype=bool) if len(p.prompt_logprobs) else None
+        if want is not None and want.any():
+            logits = self._forward_with_prompt_logprobs(ids, batch, p, want, offsets, lens)
+        else:
+            logits = self.forward(ids, batch)
         self.row_len[rows] = seq_lens
         sample = np.asarray(p.sample, dtype=bool)
         if not sample.any():
@@ -132,6 +145,34 @@ class ModelRunner:
             return self._sample(logits, rows, b_rows)
         keep = torch.from_numpy(np.flatnonzero(sample)).to(self.device)
         return self._sample(logits.index_select(0, keep), rows[sample], b_rows.index_select(0, keep))
+
+    def _forward_with_prompt_logprobs(
+        self,
+        ids: torch.Tensor,
+        batch: ForwardBatch,
+        p: shard_pb2.PrefillBatch,
+        want: np.ndarray,
+        offsets: np.ndarray,
+        lens: np.ndarray,
+    ) -> torch.Tensor:
+        """Logits at every position of the entries in ``want`` (their prompt logprobs go to
+        ``self._prompt_logprobs``) and at the last position of each entry (returned)."""
+        counts = np.where(want, lens, 1)
+        indices = np.concatenate(
+            [np.arange(o, o + n) if w else [o + n - 1] for o, n, w in zip(offsets, lens, want)]
+        ).astype(np.int64)
+        batch.logits_indices = torch.from_numpy(indices).to(self.device)
+        logits = self.forward(ids, batch)
+        ends = torch.from_numpy(np.cumsum(counts) - 1).to(self.device)
+        starts = np.cumsum(counts) - counts
+        rows = np.concatenate([np.arange(s, s + n) for s, n, w in zip(starts, counts, want) if w])
+        targets = torch.tensor(list(p.prompt_targets), dtype=torch.int64, device=self.device)
+        if targets.numel() != rows.size:
+            raise ValueError("prompt_targets must hold lens[i] ids for each entry asking prompt logprobs")
+        logprobs = torch.log_softmax(logits[torch.from_numpy(rows).to(self.device)], dim=-1)
+        picked = logprobs.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+        self._prompt_logprobs = torch.where(targets >= 0, picked, torch.full_like(picked, float("nan")))
+        return logits.index_select(0, ends)
 
     def _write_prefix(self, rows: np.ndarray, p: shard_pb2.PrefillBatch) -> None:
         prefix_lens = np.asarray(p.prefix_lens, dtype=np.int64)
@@ -192,6 +233,7 @@ class PendingStep:
     top_k: int
     event: torch.cuda.Event | None
     started: float
+    prompt_logprobs: torch.Tensor | None = None  # host copy, on its way when on GPU
 
     @classmethod
     def start(cls, step_id: int, outs: list[tuple[np.ndarray, SampleOutput]], started: float) -> PendingStep:
@@ -224,6 +266,8 @@ class PendingStep:
             result.top_k = self.top_k
             result.top_ids.extend(self.host["top_ids"].flatten().tolist())
             result.top_logprobs.extend(self.host["top_logprobs"].flatten().tolist())
+        if self.prompt_logprobs is not None:
+            result.prompt_logprobs.extend(self.prompt_logprobs.tolist())
         result.forward_seconds = time.perf_counter() - self.started
         return result
 
