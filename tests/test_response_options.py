@@ -6,21 +6,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from lightllm_grpc.proto import generation_pb2 as pb
-from tests.server_harness import ServerProcess, greedy_request, make_served_model
+from tests.server_harness import greedy_request
 
 PROMPT = [5, 77, 300, 12, 9, 401]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_served_model("llama", tmp_path_factory.mktemp("model") / "llama")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    srv = ServerProcess(model_dir, tmp_path_factory.mktemp("log") / "server.log", "--max-total-tokens", "400")
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,50 @@ def _split_bounds(seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _attend(
+    q,
+    k_buf_ptr,
+    v_buf_ptr,
+    slot_row,
+    kv_head,
+    start,
+    end,
+    qk_scale,
+    stride_bs,
+    stride_bh,
+    offs_d,
+    d_mask,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax of the ROWS queries in ``q`` over the keys at positions [start, end) of
+    one req_to_token row (``slot_row``): the running max, sum and unnormalised output."""
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for n_start in range(start, end, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        slots = tl.load(slot_row + offs_n, mask=n_mask, other=0).to(tl.int64)
+        kv_offs = slots[:, None] * stride_bs + kv_head * stride_bh + offs_d[None, :]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        # Scores in log2 units for exp2; every tile holds at least one key, so m_new is finite.
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _decode_stage1_kernel(
     q_ptr,
     k_buf_ptr,
@@ -119,26 +163,10 @@ def _decode_stage1_kernel(
         other=0.0,
     )
 
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for n_start in range(start, end, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        slots = tl.load(slot_row + offs_n, mask=n_mask, other=0).to(tl.int64)
-        kv_offs = slots[:, None] * stride_bs + kv_head * stride_bh + offs_d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        # Scores in log2 units for exp2; every tile holds at least one key, so m_new is finite.
-        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend(
+        q, k_buf_ptr, v_buf_ptr, slot_row, kv_head, start, end, qk_scale, stride_bs, stride_bh,
+        offs_d, d_mask, BLOCK_G, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
 
     if NUM_SPLITS == 1 and not HAS_PREFIX:
         # The split is the whole sequence: this is the output, and stage 2 is skipped.
@@ -196,25 +224,10 @@ def _shared_prefix_kernel(
         other=0.0,
     )
     slot_row = req_to_token_ptr + tl.load(req_rows_ptr + b).to(tl.int64) * stride_rt
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for n_start in range(0, length, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < length
-        slots = tl.load(slot_row + offs_n, mask=n_mask, other=0).to(tl.int64)
-        kv_offs = slots[:, None] * stride_bs + kv_head * stride_bh + offs_d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend(
+        q, k_buf_ptr, v_buf_ptr, slot_row, kv_head, 0, length, qk_scale, stride_bs, stride_bh,
+        offs_d, d_mask, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
     mid_rows = (rows * num_heads + heads) * (NUM_SPLITS + 1) + NUM_SPLITS
     tl.store(mid_o_ptr + mid_rows[:, None] * head_dim + offs_d[None, :], acc / l_i[:, None], mask=md_mask)
     tl.store(mid_lse_ptr + mid_rows, m_i + tl.log2(l_i), mask=m_mask)
