@@ -7,6 +7,7 @@ group, and fail live calls UNAVAILABLE within 2 s when a shard dies.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 from lightllm_grpc.bench.server import free_port
 from lightllm_grpc.proto import shard_pb2
-from lightllm_grpc.scheduler.remote_shards import ShardMismatch, check_agreement
+from lightllm_grpc.scheduler.remote_shards import LivenessProbe, ShardMismatch, check_agreement
 from tests.reference import assert_greedy_equal, reference_greedy
 from tests.server_harness import ServerProcess, greedy_request, make_served_model
 
@@ -101,6 +102,55 @@ def test_hand_started_shards_serve_exact_and_a_dead_shard_fails_calls(tmp_path) 
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
+
+
+def test_a_frozen_shard_fails_live_calls_within_seconds(tmp_path) -> None:
+    """SIGSTOP: the shard's connection stays open but nothing answers, as when its host hangs
+    or the network partitions; unanswered keepalive pings fail the step stream."""
+    model = make_served_model("llama3", tmp_path / "llama3")
+    rendezvous = f"tcp://127.0.0.1:{free_port()}"
+    shards = [_start_shard(model, r, rendezvous, tmp_path / f"shard{r}.log") for r in range(2)]
+    (_, a0), (p1, a1) = shards
+    server = None
+    try:
+        server = ServerProcess(model, tmp_path / "server.log", "--shards", f"{a0},{a1}")
+        call = server.stub.GenerateStream(greedy_request([1, 2, 3], 400))
+        next(iter(call))
+        p1.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert time.monotonic() - stopped < 3.0
+        assert server.proc.wait(30) == 1
+    finally:
+        if server is not None:
+            server.stop()
+        for proc, _ in shards:
+            proc.kill()
+            proc.wait(10)
+
+
+class _FakeShards:
+    def __init__(self) -> None:
+        self.answers: list[str | None] = []
+
+    async def health(self, timeout: float) -> str | None:
+        return self.answers.pop(0)
+
+
+def test_liveness_probe_counts_only_idle_misses_in_a_row() -> None:
+    fake = _FakeShards()
+    probe = LivenessProbe(fake, misses_allowed=1)  # type: ignore[arg-type]
+    fake.answers = ["shard 1 failed Health", None, "shard 1 failed Health", "shard 1 failed Health"]
+    idle = lambda: False  # noqa: E731
+    results = [asyncio.run(probe.check(idle)) for _ in range(4)]
+    assert results == [None, None, None, "shard 1 failed Health"]
+    assert asyncio.run(probe.check(lambda: True)) is None and probe.misses == 0  # busy: not probed
+    turns = iter([False, True])  # work arrived while the probe waited: a miss proves nothing
+    fake.answers = ["slow"]
+    assert asyncio.run(probe.check(lambda: next(turns))) is None and probe.misses == 0
 
 
 def _info(rank: int, world: int = 2, **kw) -> shard_pb2.InfoResponse:

@@ -33,6 +33,8 @@ _OPTIONS = [
 REMOTE_KEEPALIVE = [
     ("grpc.keepalive_time_ms", 1000),
     ("grpc.keepalive_timeout_ms", 1000),
+    # gRPC core also times out the ping itself, after a minute by default, whichever is later.
+    ("grpc.http2.ping_timeout_ms", 1000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]

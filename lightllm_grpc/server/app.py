@@ -454,7 +454,7 @@ async def _watch_shards(coord: Coordinator, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             coord.procs.check_alive()
-            if probe is not None:
+            if probe is not None and not coord.engine.dead:  # dead already: stop without a probe
                 lost = await probe.check(coord.engine.scheduler.has_work)
                 if lost is not None:
                     raise ShardError(lost)
