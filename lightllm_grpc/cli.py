@@ -1,4 +1,4 @@
-"""The ``lightllm-grpc`` command: ``serve``, ``generate`` and ``bench``."""
+"""The ``lightllm-grpc`` command: ``serve``, ``shard``, ``generate`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="dummy: random weights from config.json alone (benchmarks)",
     )
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel shards (one per device)")
+    p.add_argument(
+        "--shards",
+        default=None,
+        help="attach to shards already running (lightllm-grpc shard), HOST:PORT or unix:///path, "
+        "comma-separated in rank order, instead of spawning --tp-size of them here; --model must "
+        "still name the model (for its tokenizer). docs/multihost.md",
+    )
     p.add_argument(
         "--max-total-tokens",
         type=int,
@@ -196,6 +203,83 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _shard_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "shard",
+        help="run one tensor-parallel shard by hand (multi-host; see docs/multihost.md)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", type=Path, required=True, help="Hugging Face model folder on this host")
+    p.add_argument("--rank", type=int, required=True, help="this shard's rank, 0..world-size-1")
+    p.add_argument("--world-size", type=int, required=True, help="number of shards (the TP size)")
+    p.add_argument(
+        "--dist-init",
+        default=None,
+        help="torch.distributed rendezvous every shard of the group names, tcp://HOST:PORT on "
+        "rank 0's host (needed when --world-size > 1)",
+    )
+    p.add_argument(
+        "--listen",
+        required=True,
+        help="where the coordinator reaches this shard: HOST:PORT or unix:///path. The shard "
+        "protocol has no authentication: listen on a private network only",
+    )
+    p.add_argument(
+        "--device", choices=DEVICES, default="auto", help="auto: cuda:<rank mod local GPUs> when present"
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the checkpoint's")
+    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto", help="dummy: random weights")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size in tokens")
+    p.add_argument(
+        "--max-running-requests", type=int, default=256, help="req_to_token rows; at least the coordinator's"
+    )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=8192,
+        help="largest prefill the coordinator will send (sizes memory profiling; pass the coordinator's)",
+    )
+    p.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
+    p.add_argument(
+        "--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory for weights and KV"
+    )
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
+
+
+def shard_config(args: argparse.Namespace) -> ShardConfig:
+    if not 0 <= args.rank < args.world_size:
+        raise ValueError(f"--rank {args.rank} must be in [0, --world-size {args.world_size})")
+    if args.world_size > 1 and not args.dist_init:
+        raise ValueError("--world-size > 1 needs --dist-init tcp://HOST:PORT (rank 0's host)")
+    return ShardConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        tp_size=args.world_size,
+        max_total_tokens=args.max_total_tokens,
+        max_rows=args.max_running_requests,
+        max_context=args.max_model_len,
+        gpu_memory_fraction=args.gpu_memory_fraction,
+        cuda_graphs=not args.no_cuda_graphs,
+        max_prefill_tokens=args.max_prefill_tokens,
+    )
+
+
+def _shard(args: argparse.Namespace) -> int:
+    """Exit codes: 0 the coordinator's step stream ended, 2 bad flags."""
+    from lightllm_grpc.aio import run
+    from lightllm_grpc.shard.__main__ import serve_shard
+
+    try:
+        cfg = shard_config(args)
+    except ValueError as exc:
+        print(f"lightllm-grpc shard: {exc}", file=sys.stderr)
+        return 2
+    run(serve_shard(cfg, args.listen, args.rank, args.world_size, args.dist_init))
+    return 0
+
+
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="stream a completion from a running server")
     p.add_argument("--address", default="127.0.0.1:50051")
@@ -215,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightllm-grpc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _shard_parser(sub)
     _generate_parser(sub)
     from lightllm_grpc.bench.cli import add_bench_parser
 
@@ -223,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
+    from lightllm_grpc.scheduler.remote_shards import parse_addresses
+
     model = args.model
     if model is None:
         from lightllm_grpc.models.default_model import ensure_default_model
@@ -279,6 +366,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         keepalive_timeout_s=args.keepalive_timeout,
         max_connection_age_s=args.max_connection_age or None,
         max_connection_age_grace_s=args.max_connection_age_grace or None,
+        shard_addresses=tuple(parse_addresses(args.shards)) if args.shards else (),
     )
 
 
@@ -318,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "serve":
         return _serve(args)
+    if args.command == "shard":
+        return _shard(args)
     if args.command == "generate":
         from lightllm_grpc.client.generate import generate_cli
 

@@ -124,6 +124,8 @@ class ServerConfig:
     keepalive_min_client_interval_s: float = 10.0
     max_connection_age_s: float | None = 1800.0  # None: connections live for ever
     max_connection_age_grace_s: float | None = None  # None: calls open at GOAWAY run to their end
+    # Shards already running (``lightllm-grpc shard``), in rank order; empty: spawn tp_size here.
+    shard_addresses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.chat_content_special_tokens not in ("plain", "parse"):
@@ -153,5 +155,7 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.shard_addresses and self.shard.tp_size != 1:
+            raise ValueError("--shards and --tp-size exclude each other: the listed shards set the TP size")
         if self.scheduler.max_running_requests > self.shard.max_rows:
             raise ValueError("max_running_requests cannot exceed the shard's req_to_token rows")

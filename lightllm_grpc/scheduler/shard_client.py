@@ -25,6 +25,19 @@ _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+# Shards on other hosts: an HTTP/2 ping every second, and a transport whose ping is not
+# answered within a second counts as dead, failing the step stream with UNAVAILABLE. This
+# finds a crashed host, a partition or a frozen shard process while a step is in flight
+# (gRPC core answers pings on its own threads, so a long forward does not trip it). Local
+# shards need none: their death is seen on the process handle, a stuck one by the step timeout.
+REMOTE_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    # gRPC core also times out the ping itself, after a minute by default, whichever is later.
+    ("grpc.http2.ping_timeout_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 class ShardError(RuntimeError):
@@ -103,8 +116,10 @@ class ShardProcesses:
 class ShardClient:
     """Sends every step to all shards at once and returns rank 0's result."""
 
-    def __init__(self, addresses: list[str]) -> None:
-        self.channels = [grpc.aio.insecure_channel(a, options=_OPTIONS) for a in addresses]
+    def __init__(self, addresses: list[str], remote: bool = False) -> None:
+        options = _OPTIONS + REMOTE_KEEPALIVE if remote else _OPTIONS
+        self.addresses = list(addresses)
+        self.channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
         self.stubs = [shard_pb2_grpc.ShardStub(c) for c in self.channels]
         self._streams: list[grpc.aio.StreamStreamCall] = []
 
@@ -123,6 +138,19 @@ class ShardClient:
                             f"shard {rank} not ready after {timeout:.0f}s: {exc.details()}"
                         ) from exc
                     await asyncio.sleep(0.2)
+
+    async def health(self, timeout: float) -> str | None:
+        """None when every shard answers Health within ``timeout`` seconds, else why not."""
+        calls = (s.Health(shard_pb2.HealthRequest(), timeout=timeout) for s in self.stubs)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for rank, res in enumerate(results):
+            if isinstance(res, grpc.aio.AioRpcError):
+                return (
+                    f"shard {rank} ({self.addresses[rank]}) failed Health: {res.code().name}: {res.details()}"
+                )
+            if isinstance(res, BaseException):
+                raise res
+        return None
 
     async def info(self) -> list[shard_pb2.InfoResponse]:
         return list(await asyncio.gather(*(s.Info(shard_pb2.InfoRequest()) for s in self.stubs)))

@@ -19,6 +19,14 @@ from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler import sampling
 from lightllm_grpc.scheduler.engine import Engine
 from lightllm_grpc.scheduler.output_processor import OutputProcessor
+from lightllm_grpc.scheduler.remote_shards import (
+    LivenessProbe,
+    RemoteShards,
+    ShardMismatch,
+    check_agreement,
+    describe,
+    warn_uneven_capacity,
+)
 from lightllm_grpc.scheduler.sampling import SamplingOptions
 from lightllm_grpc.scheduler.scheduler import Scheduler
 from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError, ShardProcesses
@@ -69,7 +77,7 @@ class Coordinator:
     server: grpc.aio.Server
     engine: Engine
     shards: ShardClient
-    procs: ShardProcesses
+    procs: ShardProcesses | RemoteShards
     port: int
     health: Health
     frontend: Frontend
@@ -122,13 +130,22 @@ def _model_info(
 
 async def _start_shards(
     cfg: ServerConfig,
-) -> tuple[ShardProcesses, ShardClient, list[shard_pb2.InfoResponse]]:
-    procs = ShardProcesses(cfg.shard)
+) -> tuple[ShardProcesses | RemoteShards, ShardClient, list[shard_pb2.InfoResponse]]:
+    """Spawn the shards here, or attach to those --shards lists; either way check, log and warm them."""
+    remote = bool(cfg.shard_addresses)
+    procs = RemoteShards(list(cfg.shard_addresses)) if remote else ShardProcesses(cfg.shard)
     procs.start()
-    client = ShardClient(procs.addresses)
+    client = ShardClient(procs.addresses, remote=remote)
     try:
-        await client.wait_ready(procs, SHARD_START_TIMEOUT_S)
+        if remote:
+            log.info("attaching to %d shard(s): %s", len(procs.addresses), ", ".join(procs.addresses))
+        await client.wait_ready(procs if isinstance(procs, ShardProcesses) else None, SHARD_START_TIMEOUT_S)
         infos = await client.info()
+        if remote:
+            _check_remote(cfg, procs.addresses, infos)
+        for line in describe(procs.addresses, infos):
+            log.info("%s", line)
+        warn_uneven_capacity(infos)
         sched = cfg.scheduler
         seconds = await client.warmup(sched.max_prefill_tokens, sched.max_running_requests)
         log.info("shards warmed up in %.1fs", seconds)
@@ -139,13 +156,30 @@ async def _start_shards(
     return procs, client, infos
 
 
+def _check_remote(cfg: ServerConfig, addresses: list[str], infos: list[shard_pb2.InfoResponse]) -> None:
+    model = ModelConfig.from_pretrained(cfg.shard.model)
+    try:
+        check_agreement(addresses, infos, model.architecture, model.vocab_size)
+    except ShardMismatch as exc:
+        raise StartupError(str(exc)) from exc
+    rows = min(i.max_rows for i in infos)
+    if cfg.scheduler.max_running_requests > rows:
+        raise StartupError(
+            f"--max-running-requests {cfg.scheduler.max_running_requests} exceeds the shards' "
+            f"{rows} rows; start the shards with --max-running-requests of at least it"
+        )
+
+
 def _engine(
     cfg: ServerConfig, infos: list[shard_pb2.InfoResponse], tok: PromptTokenizer, client: ShardClient
 ):
     info = infos[0]
+    # The smallest pool and row table: slot and row ids the coordinator hands out must be
+    # valid on every shard (shards on other hosts may have sized theirs differently).
     capacity = min(i.kv_capacity for i in infos)
+    rows = min(i.max_rows for i in infos)
     eos = tuple(info.eos_token_ids)
-    scheduler = Scheduler(cfg.scheduler, capacity, info.max_rows, eos)
+    scheduler = Scheduler(cfg.scheduler, capacity, rows, eos)
     outputs = OutputProcessor(
         Detokenizer(tok.backend), eos, info.max_context, scheduler.finish, cfg.scheduler.max_messages_per_step
     )
@@ -413,9 +447,17 @@ async def _start_unless_stopped(cfg: ServerConfig, stop: asyncio.Event) -> Coord
 
 
 async def _watch_shards(coord: Coordinator, stop: asyncio.Event) -> None:
+    """Stop the server once the engine is dead: spawned shards are watched by their process
+    handles, shards on other hosts by Health probes while the engine is idle (see
+    ``LivenessProbe``; a busy engine sees a lost shard on its step stream)."""
+    probe = LivenessProbe(coord.shards) if isinstance(coord.procs, RemoteShards) else None
     while not stop.is_set():
         try:
             coord.procs.check_alive()
+            if probe is not None and not coord.engine.dead:  # dead already: stop without a probe
+                lost = await probe.check(coord.engine.scheduler.has_work)
+                if lost is not None:
+                    raise ShardError(lost)
         except ShardError as exc:
             coord.engine.lose_shards(str(exc))
         if coord.engine.dead:

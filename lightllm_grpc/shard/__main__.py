@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 import grpc
@@ -39,22 +40,51 @@ def shard_config_from_json(text: str) -> ShardConfig:
     return ShardConfig(**raw)
 
 
+# The coordinator of remote shards sends HTTP/2 keepalive pings every second to find a dead
+# or unreachable host within ~2 s (scheduler/shard_client.py); gRPC core answers them on
+# its own threads, so a shard busy in a forward still answers. The defaults would answer
+# such pings with GOAWAY (too_many_pings).
+_SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
 async def serve(args: argparse.Namespace) -> None:
-    shard = build_shard(shard_config_from_json(args.config), args.rank, args.world_size, args.dist_init)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
-    )
+    cfg = shard_config_from_json(args.config)
+    await serve_shard(cfg, args.address, args.rank, args.world_size, args.dist_init)
+
+
+async def serve_shard(
+    cfg: ShardConfig, address: str, rank: int, world_size: int, dist_init: str | None
+) -> None:
+    """Load rank ``rank`` of ``cfg``'s model and serve it on ``address`` until the step stream ends.
+
+    Spawned by a coordinator (``python -m lightllm_grpc.shard``) or started by hand
+    (``lightllm-grpc shard``, docs/multihost.md); the same code either way.
+    """
+    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    # Bound before the model loads: a taken port fails at once, not after minutes of loading.
+    server.add_insecure_port(address)
+    shard = build_shard(cfg, rank, world_size, dist_init)
     service = ShardService(shard)
     shard_pb2_grpc.add_ShardServicer_to_server(service, server)
-    server.add_insecure_port(args.address)
     await server.start()
     log = logging.getLogger(__name__)
-    log.info("shard %d listening on %s (pid %d)", args.rank, args.address, os.getpid())
+    log.info(
+        "shard %d/%d listening on %s (pid %d, host %s, device %s)",
+        rank,
+        world_size,
+        address,
+        os.getpid(),
+        socket.gethostname(),
+        shard.device,
+    )
     await service.stream_ended.wait()
-    log.info("shard %d: the coordinator's step stream ended; exiting", args.rank)
+    log.info("shard %d: the coordinator's step stream ended; exiting", rank)
     await server.stop(1.0)
 
 

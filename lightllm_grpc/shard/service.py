@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -44,6 +45,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             eos_token_ids=list(m.eos_token_ids),
             kv_bytes_per_token=s.kv_bytes_per_token,
             graph_batch_sizes=list(s.graph_batch_sizes),
+            host=socket.gethostname(),
         )
 
     async def Health(self, request: shard_pb2.HealthRequest, context: grpc.aio.ServicerContext):
