@@ -390,10 +390,16 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"lightllm-grpc serve: {exc}", file=sys.stderr)
         return 2
     try:
-        return run(serve(cfg))
+        code = run(serve(cfg))
     except StartupError as exc:
         print(f"lightllm-grpc serve: {exc}", file=sys.stderr)
         return 2
+    # Everything is stopped and flushed by now; exit without joining stray non-daemon threads
+    # (a gRPC or executor thread must not keep a stopped server's process alive).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

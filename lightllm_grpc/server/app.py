@@ -45,6 +45,7 @@ SHARD_START_TIMEOUT_S = 1800.0
 SHARD_WATCH_INTERVAL_S = 0.5
 UNREQUESTED_CALL_TIMEOUT_S = 3600
 DRAIN_POLL_S = 0.05
+STOP_TIMEOUT_S = 8.0  # the longest the final stop (after any drain) may take
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
@@ -429,7 +430,12 @@ async def serve(cfg: ServerConfig) -> int:
     await coord.health.update()  # a dead engine shows in readiness before the server goes
     log.info("shutting down")
     code = 1 if coord.engine.dead else 0
-    await coord.stop()
+    try:
+        await asyncio.wait_for(coord.stop(), STOP_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        # Never hang on the way out: a supervisor waits for this exit to restart us.
+        log.error("shutdown took over %gs; killing the shards and exiting", STOP_TIMEOUT_S)
+        coord.procs.stop(timeout=1.0)
     return code
 
 
