@@ -96,7 +96,7 @@ def test_fp32_greedy_parity_on_gpu_with_cuda_graphs(arch: str, tmp_path) -> None
 
 def test_prefix_cache_n_and_preemption_on_gpu(tmp_path) -> None:
     """Cached prefixes (read through req_to_token by the Triton prefill kernel), multi-turn
-    hits, n completions and preemption in a tiny pool, fp32 with CUDA graphs."""
+    hits, n completions, prompt logprobs and preemption in a tiny pool, fp32 with CUDA graphs."""
     from tests import test_prefix_cache as t
 
     model_dir = make_served_model("llama3", tmp_path / "llama3", vocab_size=t.VOCAB)
@@ -111,6 +111,7 @@ def test_prefix_cache_n_and_preemption_on_gpu(tmp_path) -> None:
         t.test_shared_prefixes_are_served_from_the_cache(server, model_dir)
         t.test_multi_turn_conversation_hits_prompt_and_answer(server, model_dir)
         t.test_n_completions_equal_seeded_requests_sent_alone(server)
+        t.test_prompt_logprobs_match_transformers_across_chunks(server, model_dir)
     finally:
         server.stop()
     t.check_preemption(model_dir, tmp_path, *gpu)
