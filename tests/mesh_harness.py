@@ -22,7 +22,14 @@ class Watcher:
     """Streams ``Health.Watch(service)`` on a thread and records every status it gets."""
 
     def __init__(self, address: str, service: str = READINESS) -> None:
-        self.channel = grpc.insecure_channel(address)
+        # Retry the connection every 50 ms (gRPC's backoff starts at 1 s and grows), so a
+        # watcher started before the port is bound still sees the first, short-lived status.
+        fast_retry = [
+            ("grpc.initial_reconnect_backoff_ms", 50),
+            ("grpc.min_reconnect_backoff_ms", 50),
+            ("grpc.max_reconnect_backoff_ms", 100),
+        ]
+        self.channel = grpc.insecure_channel(address, options=fast_retry)
         stub = health_pb2_grpc.HealthStub(self.channel)
         self.call = stub.Watch(health_pb2.HealthCheckRequest(service=service), wait_for_ready=True)
         self.statuses: list[int] = []
