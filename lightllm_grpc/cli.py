@@ -22,6 +22,55 @@ from lightllm_grpc.config import (
 AUTH_TOKEN_ENV = "LIGHTLLM_AUTH_TOKEN"
 
 
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """What a shard is built with: ``serve`` passes them to the shards it spawns, and a shard
+    started by hand (``lightllm-grpc shard``) takes the same flags."""
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when present")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the checkpoint's")
+    p.add_argument(
+        "--load-format",
+        choices=LOAD_FORMATS,
+        default="auto",
+        help="dummy: random weights from config.json alone (benchmarks)",
+    )
+    p.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=None,
+        help="KV pool size in tokens (None: sized from free memory)",
+    )
+    p.add_argument(
+        "--max-running-requests", type=int, default=256, help="largest batch (the shards' req_to_token rows)"
+    )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=8192,
+        help="prompt tokens prefilled per step; longer prompts are chunked (shards size memory for it)",
+    )
+    p.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
+    p.add_argument(
+        "--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory for weights and KV"
+    )
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
+
+
+def _engine_config(args: argparse.Namespace, model: Path, tp_size: int) -> ShardConfig:
+    return ShardConfig(
+        model=model,
+        device=args.device,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        tp_size=tp_size,
+        max_total_tokens=args.max_total_tokens,
+        max_rows=args.max_running_requests,
+        max_context=args.max_model_len,
+        gpu_memory_fraction=args.gpu_memory_fraction,
+        cuda_graphs=not args.no_cuda_graphs,
+        max_prefill_tokens=args.max_prefill_tokens,
+    )
+
+
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     # Every flag's --help shows its default.
     p = sub.add_parser(
@@ -36,14 +85,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (API, health, reflection)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when present")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the checkpoint's")
-    p.add_argument(
-        "--load-format",
-        choices=LOAD_FORMATS,
-        default="auto",
-        help="dummy: random weights from config.json alone (benchmarks)",
-    )
+    _add_engine_flags(p)
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel shards (one per device)")
     p.add_argument(
         "--shards",
@@ -53,22 +95,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "still name the model (for its tokenizer). docs/multihost.md",
     )
     p.add_argument(
-        "--max-total-tokens",
-        type=int,
-        default=None,
-        help="KV pool size in tokens (None: sized from free memory)",
-    )
-    p.add_argument("--max-running-requests", type=int, default=256, help="largest batch")
-    p.add_argument(
         "--max-waiting-requests", type=int, default=4096, help="queue bound; past it RESOURCE_EXHAUSTED"
     )
-    p.add_argument(
-        "--max-prefill-tokens",
-        type=int,
-        default=8192,
-        help="prompt tokens prefilled per step; longer prompts are chunked",
-    )
-    p.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     p.add_argument(
         "--default-max-new-tokens", type=int, default=256, help="when a request sets no max_new_tokens"
     )
@@ -105,9 +133,6 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-n", type=int, default=16, help="most completions per request")
     p.add_argument(
-        "--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory for weights and KV"
-    )
-    p.add_argument(
         "--cascade-min-shared-tokens",
         type=int,
         default=32768,
@@ -115,7 +140,6 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "read each shared prefix once per group of rows (cascade attention); a huge value turns "
         "it off",
     )
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
     p.add_argument(
         "--served-model-name", default=None, help="name in GetModelInfo and metrics (None: the checkpoint's)"
     )
@@ -224,26 +248,7 @@ def _shard_parser(sub: argparse._SubParsersAction) -> None:
         help="where the coordinator reaches this shard: HOST:PORT or unix:///path. The shard "
         "protocol has no authentication: listen on a private network only",
     )
-    p.add_argument(
-        "--device", choices=DEVICES, default="auto", help="auto: cuda:<rank mod local GPUs> when present"
-    )
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the checkpoint's")
-    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto", help="dummy: random weights")
-    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size in tokens")
-    p.add_argument(
-        "--max-running-requests", type=int, default=256, help="req_to_token rows; at least the coordinator's"
-    )
-    p.add_argument(
-        "--max-prefill-tokens",
-        type=int,
-        default=8192,
-        help="largest prefill the coordinator will send (sizes memory profiling; pass the coordinator's)",
-    )
-    p.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
-    p.add_argument(
-        "--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory for weights and KV"
-    )
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
+    _add_engine_flags(p)  # a shard started by hand takes the coordinator's values for these
 
 
 def shard_config(args: argparse.Namespace) -> ShardConfig:
@@ -251,19 +256,7 @@ def shard_config(args: argparse.Namespace) -> ShardConfig:
         raise ValueError(f"--rank {args.rank} must be in [0, --world-size {args.world_size})")
     if args.world_size > 1 and not args.dist_init:
         raise ValueError("--world-size > 1 needs --dist-init tcp://HOST:PORT (rank 0's host)")
-    return ShardConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        load_format=args.load_format,
-        tp_size=args.world_size,
-        max_total_tokens=args.max_total_tokens,
-        max_rows=args.max_running_requests,
-        max_context=args.max_model_len,
-        gpu_memory_fraction=args.gpu_memory_fraction,
-        cuda_graphs=not args.no_cuda_graphs,
-        max_prefill_tokens=args.max_prefill_tokens,
-    )
+    return _engine_config(args, args.model, args.world_size)
 
 
 def _shard(args: argparse.Namespace) -> int:
@@ -320,19 +313,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             "and a locally trained 2048-token BPE tokenizer (its output is gibberish) from %s",
             model,
         )
-    shard = ShardConfig(
-        model=model,
-        device=args.device,
-        dtype=args.dtype,
-        load_format=args.load_format,
-        tp_size=args.tp_size,
-        max_total_tokens=args.max_total_tokens,
-        max_rows=args.max_running_requests,
-        max_context=args.max_model_len,
-        gpu_memory_fraction=args.gpu_memory_fraction,
-        cuda_graphs=not args.no_cuda_graphs,
-        max_prefill_tokens=args.max_prefill_tokens,
-    )
+    shard = _engine_config(args, model, args.tp_size)
     sched = SchedulerConfig(
         max_running_requests=args.max_running_requests,
         max_waiting_requests=args.max_waiting_requests,

@@ -329,8 +329,7 @@ def decode_attention(
     Returns out [B, H, D].
     """
     _check_inputs(q, k_buf, v_buf, req_to_token, req_rows, seq_lens)
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_buf.shape[1]
+    batch = q.shape[0]
     num_splits = decode_num_splits(batch) if num_splits is None else num_splits
     mid_o, mid_lse = _workspace(q, num_splits, mid_o, mid_lse)
     out = torch.empty_like(q) if out is None else out
@@ -338,55 +337,9 @@ def decode_attention(
     assert out.shape == q.shape, f"out {tuple(out.shape)} != q {tuple(q.shape)}"
     if batch == 0:
         return out
-    gpu = on_gpu(q)
-    block_n = 64 if gpu else 16
-    group = num_heads // num_kv_heads
-    _decode_stage1_kernel[(batch, num_kv_heads, num_splits)](
-        q,
-        k_buf,
-        v_buf,
-        req_to_token,
-        req_rows,
-        seq_lens,
-        seq_lens,  # kv_starts: unused without a shared prefix
-        mid_o,
-        mid_lse,
-        out,
-        scale * _LOG2E,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_buf.stride(0),
-        k_buf.stride(1),
-        req_to_token.stride(0),
-        num_heads,
-        head_dim,
-        GROUP=group,
-        NUM_SPLITS=num_splits,
-        HAS_PREFIX=False,
-        BLOCK_G=max(16, block(group)),
-        BLOCK_N=block_n,
-        BLOCK_D=block(head_dim),
-        DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4 if gpu else 1,
-        num_stages=2 if gpu else 1,
-    )
-    if num_splits == 1:
-        return out
-    _decode_stage2_kernel[(batch, num_heads)](
-        mid_o,
-        mid_lse,
-        out,
-        out.stride(0),
-        out.stride(1),
-        num_heads,
-        head_dim,
-        NUM_SPLITS=num_splits,
-        BLOCK_S=block(num_splits),
-        BLOCK_D=block(head_dim),
-        num_warps=4 if gpu else 1,
-    )
+    _stage1(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, None, mid_o, mid_lse, out, scale, num_splits)
+    if num_splits > 1:
+        _stage2(mid_o, mid_lse, out, num_splits)
     return out
 
 
@@ -429,28 +382,58 @@ def cascade_decode_attention(
         return out
     gpu = on_gpu(q)
     group = num_heads // num_kv_heads
-    common = dict(BLOCK_D=block(head_dim), DOT_PRECISION=dot_precision(q.dtype), num_warps=4 if gpu else 1)
     block_m = max(16, block(MAX_GROUP_ROWS * group))
-    prefix_common = {**common, "num_warps": 8 if gpu and block_m >= 128 else common["num_warps"]}
     _shared_prefix_kernel[(batch, num_kv_heads)](
         q, k_buf, v_buf, req_to_token, req_rows, prefix_lens, group_sizes, mid_o, mid_lse,
         scale * _LOG2E, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0),
         num_heads, head_dim, GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m,
-        BLOCK_N=64 if gpu else 16, num_stages=2 if gpu else 1, **prefix_common,
+        BLOCK_N=64 if gpu else 16, BLOCK_D=block(head_dim), DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=(8 if block_m >= 128 else 4) if gpu else 1, num_stages=2 if gpu else 1,
     )  # fmt: skip
+    _stage1(
+        q, k_buf, v_buf, req_to_token, req_rows, seq_lens, prefix_lens, mid_o, mid_lse, out, scale, num_splits
+    )
+    _stage2(mid_o, mid_lse, out, num_splits + 1)
+    return out
+
+
+def _stage1(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kv_starts: torch.Tensor | None,
+    mid_o: torch.Tensor,
+    mid_lse: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+    num_splits: int,
+) -> None:
+    """Flash-decoding over each sequence's keys from ``kv_starts`` (None: from 0) on."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_buf.shape[1]
+    gpu = on_gpu(q)
+    group = num_heads // num_kv_heads
     _decode_stage1_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_buf, v_buf, req_to_token, req_rows, seq_lens, prefix_lens, mid_o, mid_lse, out,
-        scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_buf.stride(0),
-        k_buf.stride(1), req_to_token.stride(0), num_heads, head_dim, GROUP=group, NUM_SPLITS=num_splits,
-        HAS_PREFIX=True, BLOCK_G=max(16, block(group)), BLOCK_N=64 if gpu else 16,
-        num_stages=2 if gpu else 1, **common,
+        q, k_buf, v_buf, req_to_token, req_rows, seq_lens,
+        seq_lens if kv_starts is None else kv_starts,  # unused without a shared prefix
+        mid_o, mid_lse, out, scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0), num_heads, head_dim,
+        GROUP=group, NUM_SPLITS=num_splits, HAS_PREFIX=kv_starts is not None, BLOCK_G=max(16, block(group)),
+        BLOCK_N=64 if gpu else 16, BLOCK_D=block(head_dim), DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=4 if gpu else 1, num_stages=2 if gpu else 1,
     )  # fmt: skip
-    common.pop("DOT_PRECISION")
+
+
+def _stage2(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, parts: int) -> None:
+    """Merge ``parts`` partial results per (sequence, head) by their log-sum-exps."""
+    batch, num_heads, head_dim = out.shape
     _decode_stage2_kernel[(batch, num_heads)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads, head_dim,
-        NUM_SPLITS=num_splits + 1, BLOCK_S=block(num_splits + 1), **common,
+        NUM_SPLITS=parts, BLOCK_S=block(parts), BLOCK_D=block(head_dim), num_warps=4 if on_gpu(out) else 1,
     )  # fmt: skip
-    return out
 
 
 def decode_attention_ref(
