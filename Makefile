@@ -46,9 +46,11 @@ lint: $(STUBS) $(BUF)
 	$(BUF) lint
 	$(BUF) breaking --against protos/released.binpb
 
-# buf, pinned in tools/package-lock.json; only lint needs it (tests do not need npm).
-$(BUF): tools/package.json tools/package-lock.json
-	npm ci --prefix tools --no-audit --no-fund
+# buf, pinned to an exact version in tools/package.json (buf pins its per-platform binary
+# packages exactly itself); only lint needs it (tests do not need npm). No lock file: npm
+# records only this platform's optional binary in one, and `npm ci` then fails elsewhere.
+$(BUF): tools/package.json
+	npm install --prefix tools --no-audit --no-fund --no-package-lock
 	touch $@
 
 format: $(STAMP)
