@@ -445,3 +445,19 @@ def test_rows_sharing_a_prefix_are_grouped_for_cascade_attention() -> None:
         await engine.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("policy", "victim"), [("priority", 5), ("fcfs", 1)])
+def test_preemption_victim_is_lowest_priority_then_latest_admitted(policy: str, victim: int) -> None:
+    cfg = SchedulerConfig(max_running_requests=8, max_prefill_tokens=4096, scheduling_policy=policy)
+    sched = Scheduler(cfg, 4096, 8, eos_ids=(1,))
+    low = make_request(0, 5, 10)
+    low.priority = 5
+    sched.submit(low)
+    assert sched.schedule() is not None  # admitted first
+    for i, prio in ((1, 0), (2, 1)):
+        req = make_request(i, 5, 10)
+        req.priority = prio
+        sched.submit(req)
+    sched.schedule()
+    assert sched._victim().priority == victim
