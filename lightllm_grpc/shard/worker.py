@@ -18,6 +18,7 @@ from lightllm_grpc.models.loader import load_model, resolve_dtype
 from lightllm_grpc.parallel import ParallelState, set_parallel_state
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard import memory
+from lightllm_grpc.shard.grammar import GrammarCompiler
 from lightllm_grpc.shard.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Shard:
     model: torch.nn.Module | None = None
     cuda_graphs: bool = False
     graph_batch_sizes: tuple[int, ...] = ()
+    grammar: GrammarCompiler | None = None
 
 
 def pick_device(requested: str, rank: int) -> torch.device:
@@ -124,11 +126,15 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     def forward(ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return model(ids, batch, kv)
 
-    runner = ModelRunner(forward, kv, model_cfg.vocab_size, cfg.max_rows, max_context, device)
+    grammar = GrammarCompiler(cfg.model, model_cfg.vocab_size, tuple(model_cfg.eos_token_ids))
+    runner = ModelRunner(forward, kv, model_cfg.vocab_size, cfg.max_rows, max_context, device, grammar)
     log.info(
         "shard %d/%d ready in %.1fs: %s on %s (%s), KV pool %d tokens (%.1f GiB)",
         rank, world_size, time.perf_counter() - started, model_cfg.name, device, dtype,
         capacity, capacity * bpt / 2**30,
     )  # fmt: skip
     use_graphs = cfg.cuda_graphs and device.type == "cuda"
-    return Shard(rank, world_size, device, dtype, model_cfg, runner, bpt, model=model, cuda_graphs=use_graphs)
+    return Shard(
+        rank, world_size, device, dtype, model_cfg, runner, bpt,
+        model=model, cuda_graphs=use_graphs, grammar=grammar,
+    )  # fmt: skip
