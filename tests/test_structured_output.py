@@ -254,3 +254,17 @@ def test_length_bounded_strings_admit_no_raw_control_characters(model_dir) -> No
     for text, ok in cases.items():
         matcher = xgr.GrammarMatcher(compiled)
         assert (matcher.accept_string(text) and matcher.is_completed()) == ok, text
+
+
+def test_tensor_parallel_ranks_apply_the_same_constraints(server, model_dir, tmp_path) -> None:
+    """Both ranks run the matchers on the same logits: outputs stay valid and equal TP=1's."""
+    reqs = [_constrained(i, sampled=i % 2 == 0) for i in (0, 1, 3, 5, 6, 7, 8, 13)]
+    alone = _run(server.stub, [r for r, _ in reqs])
+    srv = ServerProcess(model_dir, tmp_path / "tp2.log", "--tp-size", "2", "--json-whitespace", "compact")
+    try:
+        tp2 = _run(srv.stub, [r for r, _ in reqs])
+    finally:
+        srv.stop()
+    for req, want in reqs:
+        _check(tp2[req.request_id].text, want)
+        assert tp2[req.request_id].token_ids == alone[req.request_id].token_ids, req.request_id
