@@ -146,3 +146,24 @@ def test_cascade_decode_graphs_keep_greedy_parity(tmp_path) -> None:
     assert info.num_cascade_decode_steps > 0
     for i, ((ref, scores), ours) in enumerate(zip(reference_greedy(model_dir, prompts, 8), outs)):
         assert_greedy_equal(f"prompt {i}", ours, ref, scores)
+
+
+def test_structured_output_on_gpu(tmp_path) -> None:
+    """Constrained rows on CUDA (pinned mask buffers, the token copy before each forward, the
+    Triton masking kernel, CUDA graphs), preempted and chunked in a small pool: every output
+    validates, and the unconstrained rows beside them decode as they do alone."""
+    from tests import test_structured_output as t
+
+    model_dir = make_served_model("llama", tmp_path / "llama")
+    server = ServerProcess(
+        model_dir,
+        tmp_path / "server.log",
+        *("--device", "cuda", "--dtype", "float32", "--json-whitespace", "compact"),
+        *("--max-total-tokens", "600", "--max-prefill-tokens", "16"),
+    )
+    try:
+        t.test_constrained_outputs_validate_and_leave_the_others_unchanged(server, model_dir)
+        t.test_n_completions_each_follow_the_constraint(server)
+        t.test_constraint_wins_over_min_new_tokens_and_logit_bias(server)
+    finally:
+        server.stop()
