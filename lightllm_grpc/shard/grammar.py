@@ -158,13 +158,17 @@ _KIND_NAMES = {
 
 
 class PendingTokens:
-    """Tokens sampled for constrained rows by a step still on the device, on their way to the host."""
+    """A decode batch's input tokens (the previous step's samples) on their way to the host;
+    ``positions`` are those of the constrained rows, ``rows`` their row ids."""
 
-    def __init__(self, rows: np.ndarray, tokens: torch.Tensor) -> None:
+    def __init__(self, positions: np.ndarray, rows: np.ndarray, tokens: torch.Tensor) -> None:
+        self.positions = positions
         self.rows = rows
         self.tokens = tokens
         self.event: torch.cuda.Event | None = None
         if tokens.is_cuda:
+            # The whole batch's ids, already gathered for the forward: no index to upload,
+            # and nothing here waits for the device.
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self.tokens = host.copy_(tokens, non_blocking=True)
             self.event = torch.cuda.Event()
@@ -173,7 +177,7 @@ class PendingTokens:
     def values(self) -> list[int]:
         if self.event is not None:
             self.event.synchronize()
-        return self.tokens.tolist()
+        return self.tokens.numpy()[self.positions].tolist()
 
 
 class RowGrammars:
@@ -189,9 +193,8 @@ class RowGrammars:
         self.matchers: dict[int, xgrammar.GrammarMatcher] = {}
         # Rows whose last sampled token their matcher has not accepted yet.
         self.unaccepted = np.zeros(max_rows, dtype=bool)
-        self._host_mask: torch.Tensor | None = None
-        self._dev_mask: torch.Tensor | None = None
-        self._copied: torch.cuda.Event | None = None
+        self._host_mask: torch.Tensor | None = None  # CPU: the mask itself
+        self._dev_mask: torch.Tensor | None = None  # GPU: where each step's pinned mask goes
         self._batch: xgrammar.BatchGrammarMatcher | None = None
         self._stop_only: torch.Tensor | None = None
 
@@ -210,18 +213,16 @@ class RowGrammars:
         self.matchers.pop(row, None)
         self.unaccepted[row] = False
 
-    def pending(
-        self, rows: np.ndarray, last_token: torch.Tensor, dev_rows: torch.Tensor
-    ) -> PendingTokens | None:
-        """Start copying the previous tokens of ``rows`` whose matchers still need them."""
+    def pending(self, rows: np.ndarray, input_ids: torch.Tensor) -> PendingTokens | None:
+        """Start copying a decode batch's ``input_ids`` to the host when some of ``rows`` have
+        matchers that still need their previous token (call before queueing the forward)."""
         if not self.matchers:
             return None
         want = self.unaccepted[rows]
         if not want.any():
             return None
         idx = np.flatnonzero(want)
-        tokens = last_token[dev_rows[torch.from_numpy(idx).to(dev_rows.device)]]
-        return PendingTokens(rows[idx], tokens)
+        return PendingTokens(idx, rows[idx], input_ids)
 
     def accept(self, pending: PendingTokens) -> None:
         for row, token in zip(pending.rows.tolist(), pending.values()):
@@ -240,9 +241,8 @@ class RowGrammars:
         """Mask ``logits`` rows at ``positions`` to the tokens their constraints allow next."""
         import xgrammar as xgr
 
-        host, dev = self._buffers(logits.shape[1])
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous step's copy has left the host buffer
+        n = int(positions.max()) + 1
+        host, dev = self._buffers(n, logits.shape[1])
         live, done = [], []
         for i in positions.tolist():
             matcher = self.matchers[int(rows[i])]
@@ -253,26 +253,27 @@ class RowGrammars:
             )
         for i, _ in done:  # only a stop token may follow; its token is void at the coordinator
             host[i] = self._stop_mask(host.shape[1])
-        n = int(positions.max()) + 1
-        if dev is not host:
-            dev[:n].copy_(host[:n], non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-        xgr.apply_token_bitmask_inplace(logits, dev[:n], vocab_size=self.vocab, indices=positions.tolist())
+        index = torch.from_numpy(positions.astype(np.int32))
+        if dev.is_cuda:
+            # Pinned sources and non-blocking copies: queued behind the forward, never waiting
+            # for it. The caching host allocator keeps each pinned block until its copy ran.
+            dev[:n].copy_(host, non_blocking=True)
+            index = index.pin_memory().to(self.device, non_blocking=True)
+        xgr.apply_token_bitmask_inplace(logits, dev[:n], vocab_size=self.vocab, indices=index)
         self.unaccepted[rows[positions]] = True
 
-    def _buffers(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._host_mask is None:
-            import xgrammar as xgr
+    def _buffers(self, n: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A host mask for ``n`` rows and the device buffer it goes to."""
+        import xgrammar as xgr
 
-            shape = xgr.get_bitmask_shape(self.max_rows, width)
-            on_gpu = self.device.type == "cuda"
-            self._host_mask = torch.zeros(shape, dtype=torch.int32, pin_memory=on_gpu)
-            self._dev_mask = self._host_mask
-            if on_gpu:
-                self._dev_mask = torch.zeros(shape, dtype=torch.int32, device=self.device)
-        assert self._dev_mask is not None
-        return self._host_mask, self._dev_mask
+        shape = xgr.get_bitmask_shape(self.max_rows, vocab)
+        if self.device.type != "cuda":
+            if self._host_mask is None:
+                self._host_mask = torch.zeros(shape, dtype=torch.int32)
+            return self._host_mask[:n], self._host_mask[:n]
+        if self._dev_mask is None:
+            self._dev_mask = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        return torch.empty((n, shape[1]), dtype=torch.int32, pin_memory=True), self._dev_mask
 
     def _batch_matcher(self) -> xgrammar.BatchGrammarMatcher:
         if self._batch is None:

@@ -219,8 +219,9 @@ class ModelRunner:
         grammars = self.sampler.grammars
         # Constrained rows' previous tokens leave for the host before this forward is queued,
         # so reading them below waits for the previous step only, not for this forward.
-        pending = grammars.pending(rows, self.last_token, d_rows) if grammars is not None else None
-        logits = self.decode_forward(self.last_token[d_rows], batch)
+        input_ids = self.last_token[d_rows]
+        pending = grammars.pending(rows, input_ids) if grammars is not None else None
+        logits = self.decode_forward(input_ids, batch)
         if pending is not None:
             assert grammars is not None
             grammars.accept(pending)
