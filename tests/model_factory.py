@@ -183,11 +183,6 @@ def greedy_logits(model_dir: Path, prompts: list[list[int]], steps: int) -> torc
     Returns the logits ``[steps + 1, B, V]``. Under tensor parallelism every rank returns the full logits.
     """
     model = load_model(model_dir, device="cpu", dtype="float32", attn_backend=TorchAttentionBackend())
-    return model_greedy_logits(model, prompts, steps)
-
-
-def model_greedy_logits(model: torch.nn.Module, prompts: list[list[int]], steps: int) -> torch.Tensor:
-    """``greedy_logits`` on a model already built (CPU, fp32)."""
     max_len = max(map(len, prompts)) + steps
     kv = model.kv_cache_spec.make_cache(len(prompts) * max_len, torch.float32, "cpu")
     req_to_token = torch.arange(len(prompts) * max_len, dtype=torch.int32).view(len(prompts), max_len)

@@ -86,13 +86,10 @@ def test_for_device_picks_triton_on_cuda_only() -> None:
     assert isinstance(Ops.native().attention(1, 2, 16, "cpu", torch.float32), TorchAttentionBackend)
 
 
-@pytest.mark.parametrize("arch", ["llama3", "qwen3"])  # qwen3: per-head q/k norms; llama3: scaled rope
-def test_native_and_triton_models_agree_in_one_process(
-    arch: str, tmp_path: Path, device: torch.device
-) -> None:
+def test_native_and_triton_models_agree_in_one_process(tmp_path: Path, device: torch.device) -> None:
     """Same logits from both (fp32), each model holds only its own ops, and building or running
-    the Triton model leaves the native one bit-identical."""
-    model_dir = make_tiny_model(arch, tmp_path / arch, standard_init=True)
+    the Triton model leaves the native one bit-identical. qwen3 has every op: per-head q/k norms too."""
+    model_dir = make_tiny_model("qwen3", tmp_path / "qwen3", standard_init=True)
     native = _load(model_dir, Ops.native(), torch.device("cpu"))
     before = _logits(native, PROMPTS, DECODE)
 
@@ -125,3 +122,24 @@ def test_gemv_is_bound_per_layer(tmp_path: Path, device: torch.device) -> None:
     assert _bound_ops(native) == NATIVE_OPS
     one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
     torch.testing.assert_close(_logits(fast, one, steps), _logits(native, one, steps), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_tune_gemv_binds_the_winners_in_its_own_model_only(tmp_path: Path) -> None:
+    """Warm-up tuning on the GPU: each layer ends with the GEMV kernel of its shape's winning config
+    or cuBLAS, a native model in the same process keeps cuBLAS, and one-token logits hold."""
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3", standard_init=True)
+    cuda = torch.device("cuda")
+    native = _load(model_dir, Ops.native(), cuda)
+    fast = _load(model_dir, Ops.triton(), cuda)
+    one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
+    before = _logits(fast, one, steps)
+
+    chosen = fast.ops.tune(fast)
+
+    for m in fast.modules():
+        if isinstance(m, (LinearBase, ParallelLMHead)):
+            config = chosen.get(tuple(m.weight.shape))
+            assert m.matmul is (F.linear if config is None else triton_ops.gemv_matmul(config))
+    assert _bound_ops(native) == NATIVE_OPS
+    torch.testing.assert_close(_logits(fast, one, steps), before, rtol=1e-4, atol=1e-4)
