@@ -20,6 +20,7 @@ from lightllm_grpc_kernels.rotary import apply_rotary
 from torch import nn
 
 from lightllm_grpc.layers.attention.base import AttentionBackend
+from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
 from lightllm_grpc.layers.embedding import ParallelLMHead
 from lightllm_grpc.layers.linear import LinearBase, Matmul
 
@@ -51,8 +52,6 @@ def add_rms_norm(
 def attention_backend(
     max_batch_size: int, num_heads: int, head_dim: int, device: torch.device | str, dtype: torch.dtype
 ) -> AttentionBackend:
-    from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
-
     return TritonAttentionBackend(max_batch_size, num_heads, head_dim, device, dtype)
 
 
