@@ -19,6 +19,7 @@ from lightllm_grpc.layers.embedding import ParallelLMHead, VocabParallelEmbeddin
 from lightllm_grpc.layers.forward_batch import ForwardBatch
 from lightllm_grpc.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from lightllm_grpc.layers.norm import RMSNorm
+from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.layers.rotary import RotaryEmbedding
 from lightllm_grpc.models.config import ModelConfig
 
@@ -40,18 +41,31 @@ class KVCacheSpec:
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, config: ModelConfig, layer_id: int, rotary_emb: RotaryEmbedding, backend: AttentionBackend
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        rotary_emb: RotaryEmbedding,
+        backend: AttentionBackend,
+        ops: Ops,
+        prefix: str,
     ) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, config.attention_bias
+            config.hidden_size,
+            config.head_dim,
+            config.num_heads,
+            config.num_kv_heads,
+            config.attention_bias,
+            method=ops.linear(f"{prefix}.qkv_proj"),
         )
-        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, config.o_proj_bias)
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.o_proj = RowParallelLinear(
+            config.q_size, config.hidden_size, config.o_proj_bias, method=ops.linear(f"{prefix}.o_proj")
+        )
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
         self.rotary_emb = rotary_emb  # one module shared by all layers
         self.backend = backend
 
@@ -73,12 +87,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, prefix: str) -> None:
         super().__init__()
         inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], config.mlp_bias)
-        self.act_fn = SiluAndMul()
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [inter, inter], config.mlp_bias, method=ops.linear(f"{prefix}.gate_up_proj")
+        )
+        self.act_fn = SiluAndMul(ops)
+        self.down_proj = RowParallelLinear(
+            inter, config.hidden_size, config.mlp_bias, method=ops.linear(f"{prefix}.down_proj")
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -86,13 +104,19 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, layer_id: int, rotary_emb: RotaryEmbedding, backend: AttentionBackend
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        rotary_emb: RotaryEmbedding,
+        backend: AttentionBackend,
+        ops: Ops,
+        prefix: str,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, rotary_emb, backend)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_id, rotary_emb, backend, ops, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, ops, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(
         self,
@@ -110,16 +134,17 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, ops: Ops, prefix: str) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary_emb = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling, ops
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary_emb, backend) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, rotary_emb, backend, ops, f"{prefix}.layers.{i}")
+            for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Final-norm hidden states ``[B, hidden]`` of the rows at ``batch.logits_indices`` only."""
@@ -132,7 +157,11 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """``forward(input_ids [T], batch, kv)`` -> fp32 logits ``[B, vocab]`` of each sequence's last token."""
+    """``forward(input_ids [T], batch, kv)`` -> fp32 logits ``[B, vocab]`` of each sequence's last token.
+
+    ``ops`` chooses every layer's implementation (native torch or Triton) once, here; layers
+    are named by their checkpoint prefix, which ``ops.linear`` sees.
+    """
 
     # checkpoint module name -> (our fused module, shard id for its weight_loader)
     packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
@@ -145,10 +174,11 @@ class LlamaForCausalLM(nn.Module):
     # checkpoint tensors that are derived buffers, not weights
     ignored_weight_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
 
-    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend, ops: Ops) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, attn_backend)
+        self.ops = ops
+        self.model = LlamaModel(config, attn_backend, ops, "model")
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

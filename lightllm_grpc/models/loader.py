@@ -22,6 +22,7 @@ from tqdm import tqdm
 from lightllm_grpc.layers.attention.base import AttentionBackend
 from lightllm_grpc.layers.linear import ShardId, copy_checked
 from lightllm_grpc.layers.norm import RMSNorm
+from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.llama import LlamaForCausalLM
 from lightllm_grpc.models.registry import ModelSpec, get_model_spec
@@ -54,11 +55,14 @@ def load_model(
     device: torch.device | str,
     dtype: str | torch.dtype,
     attn_backend: AttentionBackend,
+    ops: Ops | None = None,
     load_format: LoadFormat = "auto",
     seed: int = 0,
     progress: bool = False,
 ) -> LlamaForCausalLM:
     """Build the model for ``model_dir``'s config.json on ``device`` and fill its weights.
+
+    ``ops`` chooses the layers' implementations (default: ``Ops.for_device(device)``).
 
     ``load_format="dummy"`` needs only config.json and fills random weights (seeded by ``seed``),
     for benchmarking a shape without a checkpoint. ``progress`` shows a bar on stderr while
@@ -70,7 +74,7 @@ def load_model(
     config = ModelConfig.from_pretrained(folder)
     files = [] if load_format == "dummy" else checkpoint_files(folder)  # fail before allocating
     torch_dtype = resolve_dtype(config, dtype, device)
-    model = build_model(config, device=device, dtype=torch_dtype, attn_backend=attn_backend)
+    model = build_model(config, device=device, dtype=torch_dtype, attn_backend=attn_backend, ops=ops)
     if load_format == "dummy":
         init_dummy_weights(model, seed=seed)
     else:
@@ -79,12 +83,19 @@ def load_model(
 
 
 def build_model(
-    config: ModelConfig, *, device: torch.device | str, dtype: torch.dtype, attn_backend: AttentionBackend
+    config: ModelConfig,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    attn_backend: AttentionBackend,
+    ops: Ops | None = None,
 ) -> LlamaForCausalLM:
-    """Allocate every parameter uninitialised (``torch.empty``) directly on ``device`` in ``dtype``."""
+    """Allocate every parameter uninitialised (``torch.empty``) directly on ``device`` in ``dtype``,
+    each layer with the implementation ``ops`` chooses (default: ``Ops.for_device(device)``)."""
     spec = get_model_spec(config.architecture)
+    ops = Ops.for_device(device) if ops is None else ops
     with _default_dtype(dtype), torch.device(device):
-        model = spec.model_class(config, attn_backend)
+        model = spec.model_class(config, attn_backend, ops)
     return model.eval()
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from lightllm_grpc.config import ShardConfig
-from lightllm_grpc.layers.attention.base import AttentionBackend
 from lightllm_grpc.layers.forward_batch import ForwardBatch
+from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.llama import KVCacheSpec
 from lightllm_grpc.models.loader import load_model, resolve_dtype
@@ -37,6 +37,7 @@ class Shard:
     cuda_graphs: bool = False
     graph_batch_sizes: tuple[int, ...] = ()
     grammar: GrammarCompiler | None = None
+    ops: Ops = field(default_factory=Ops.native)  # what the model was built with (its warm-up hook)
 
 
 def pick_device(requested: str, rank: int) -> torch.device:
@@ -54,20 +55,6 @@ def init_distributed(rank: int, world_size: int, init_method: str | None, device
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
-
-
-def attention_backend(
-    device: torch.device, cfg: ShardConfig, num_heads: int, head_dim: int, dtype: torch.dtype
-) -> AttentionBackend:
-    if device.type == "cuda":
-        from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
-        from lightllm_grpc.layers.triton_ops import install_triton_ops
-
-        install_triton_ops()
-        return TritonAttentionBackend(cfg.max_rows + 1, num_heads, head_dim, device, dtype)
-    from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
-
-    return TorchAttentionBackend()
 
 
 def prefill_step(row: int, num_tokens: int, capacity: int) -> shard_pb2.StepRequest:
@@ -103,12 +90,17 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     init_distributed(rank, world_size, init_method, device)
     model_cfg = ModelConfig.from_pretrained(cfg.model)
     dtype = resolve_dtype(model_cfg, cfg.dtype, device)
-    backend = attention_backend(device, cfg, model_cfg.num_heads // world_size, model_cfg.head_dim, dtype)
+    ops = Ops.for_device(device)  # Triton kernels on CUDA, torch on CPU: every layer and attention
+    # + 1 row: the runner's padding row for CUDA-graph batches.
+    backend = ops.attention(
+        cfg.max_rows + 1, model_cfg.num_heads // world_size, model_cfg.head_dim, device, dtype
+    )
     model = load_model(
         cfg.model,
         device=device,
         dtype=dtype,
         attn_backend=backend,
+        ops=ops,
         load_format=cfg.load_format,
         progress=rank == 0,  # one bar, not one per TP rank
     )
@@ -136,5 +128,5 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     use_graphs = cfg.cuda_graphs and device.type == "cuda"
     return Shard(
         rank, world_size, device, dtype, model_cfg, runner, bpt,
-        model=model, cuda_graphs=use_graphs, grammar=grammar,
+        model=model, cuda_graphs=use_graphs, grammar=grammar, ops=ops,
     )  # fmt: skip
