@@ -17,22 +17,29 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from lightllm_grpc.bench.server import free_port
+from lightllm_grpc.cli import build_parser, server_config, shard_config
+from lightllm_grpc.parallel import CustomAllReduce
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.remote_shards import LivenessProbe, ShardMismatch, check_agreement
+from lightllm_grpc.scheduler.shard_client import tls_refusal
 from tests.reference import assert_greedy_equal, reference_greedy
 from tests.server_harness import ServerProcess, greedy_request, make_served_model
+from tests.test_security import _ca, _signed
 
 PROMPTS = [[5], [17, 33, 90], [100 + i for i in range(30)], [7, 300, 12, 450, 61, 2, 99]]
 NEW_TOKENS = 16
 
 
-def _start_shard(model: Path, rank: int, rendezvous: str, log: Path) -> tuple[subprocess.Popen, str]:
+def _start_shard(
+    model: Path, rank: int, rendezvous: str, log: Path, *extra: str
+) -> tuple[subprocess.Popen, str]:
     address = f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "lightllm_grpc.cli", "shard", "--model", str(model), "--device", "cpu"]
     cmd += ["--rank", str(rank), "--world-size", "2", "--dist-init", rendezvous, "--listen", address]
-    cmd += ["--max-prefill-tokens", "24"]  # the coordinator's; long prompts are chunked
+    cmd += ["--max-prefill-tokens", "24", *extra]  # the coordinator's; long prompts are chunked
     out = open(log, "wb")  # noqa: SIM115 (the child holds it; closed when the test's tmp_path goes)
     proc = subprocess.Popen(
         cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "LIGHTLLM_LOG_LEVEL": "INFO"}
@@ -40,9 +47,9 @@ def _start_shard(model: Path, rank: int, rendezvous: str, log: Path) -> tuple[su
     return proc, address
 
 
-def _refused(model: Path, shards: str) -> subprocess.Popen:
+def _refused(model: Path, shards: str, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lightllm_grpc.cli", "serve", "--model", str(model), "--device", "cpu"]
-    cmd += ["--port", str(free_port()), "--shards", shards]
+    cmd += ["--port", str(free_port()), "--shards", shards, *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -73,6 +80,7 @@ def test_hand_started_shards_serve_exact_and_a_dead_shard_fails_calls(tmp_path) 
         log = server.log()
         for rank, address in enumerate((a0, a1)):
             assert f"shard {rank}/2 at {address}: host=" in log and "device=cpu" in log, log
+        assert "all-reduce: gloo (CPU)" in (tmp_path / "shard0.log").read_text()
         responses = [server.stub.Generate(greedy_request(p, NEW_TOKENS)) for p in PROMPTS]
         for i, (resp, (ref, scores)) in enumerate(
             zip(responses, reference_greedy(model, PROMPTS, NEW_TOKENS))
@@ -179,3 +187,103 @@ def test_agreeing_shards_pass() -> None:
     check_agreement(
         ["a:1", "b:2"], [_info(0, kv_capacity=100), _info(1, kv_capacity=90)], "LlamaForCausalLM", 512
     )
+
+
+def test_shards_over_mutual_tls_and_coordinators_that_do_not_match_are_refused(tmp_path) -> None:
+    """Shards serve mutual TLS (``--tls-cert/--tls-key/--tls-client-ca``); a coordinator with
+    the CA and a client certificate serves through them. One without the CA (plaintext), one
+    without a client certificate and one trusting another CA each exit 2 with one line."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    ca, rogue = _ca(d, "ca"), _ca(d, "rogue")
+    shard_key, shard_cert = _signed(d, "shard", ca, "subjectAltName=DNS:localhost,IP:127.0.0.1")
+    client_key, client_cert = _signed(d, "coordinator", ca, "extendedKeyUsage=clientAuth")
+    tls = ("--tls-cert", str(shard_cert), "--tls-key", str(shard_key), "--tls-client-ca", str(ca[1]))
+    model = make_served_model("llama3", tmp_path / "llama3")
+    rendezvous = f"tcp://127.0.0.1:{free_port()}"
+    shards = [_start_shard(model, r, rendezvous, tmp_path / f"shard{r}.log", *tls) for r in range(2)]
+    listed = ",".join(a for _, a in shards)
+    client = ("--shard-tls-cert", str(client_cert), "--shard-tls-key", str(client_key))
+    server = None
+    try:
+        refused = {
+            "plaintext": _refused(model, listed),
+            "no client certificate": _refused(model, listed, "--shard-tls-ca", str(ca[1])),
+            "another CA": _refused(model, listed, "--shard-tls-ca", str(rogue[1]), *client),
+        }
+        lines = {name: _last_line(proc) for name, proc in refused.items()}
+        for name, needle in [
+            ("plaintext", "it serves TLS; give --shard-tls-ca"),
+            ("no client certificate", "asks for a client certificate"),
+            ("another CA", "does not verify against --shard-tls-ca"),
+        ]:
+            code, line = lines[name]
+            assert code == 2 and line.startswith("lightllm-grpc serve: shard 0 at 127.0.0.1:"), (name, line)
+            assert needle in line, (name, line)
+        assert all(p.poll() is None for p, _ in shards)  # refused coordinators never opened a stream
+
+        server = ServerProcess(
+            model, tmp_path / "server.log", "--shards", listed, "--max-prefill-tokens", "24",
+            "--shard-tls-ca", str(ca[1]), *client,
+        )  # fmt: skip
+        assert "(mutual TLS)" in server.log()
+        ((ref, scores),) = reference_greedy(model, [PROMPTS[2]], NEW_TOKENS)
+        resp = server.stub.Generate(greedy_request(PROMPTS[2], NEW_TOKENS))
+        assert_greedy_equal("over mutual TLS", list(resp.token_ids), ref, scores)
+    finally:
+        if server is not None:
+            server.stop()
+        for proc, _ in shards:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+def test_tls_refusals_are_named_from_grpc_errors() -> None:
+    verify = "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: ...:CERTIFICATE_VERIFY_FAILED: x"
+    assert "does not verify" in tls_refusal(verify, True, 0.0)
+    plain = "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: ...:WRONG_VERSION_NUMBER: x"
+    assert "does not serve TLS" in tls_refusal(plain, True, 0.0)
+    closed = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed"
+    assert tls_refusal(closed, False, 0.5) is None  # a restarting shard may close one connection
+    assert "give --shard-tls-ca" in tls_refusal(closed, False, 2.5)
+    assert "client certificate" in tls_refusal(closed, True, 2.5)
+    assert tls_refusal("Failed to connect to remote host: Connection refused", False, 9.0) is None
+
+
+def test_tls_and_all_reduce_flags_reach_the_configs(tmp_path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("-")
+    model = make_served_model("llama3", tmp_path / "llama3")
+    base = ["shard", "--model", str(model), "--rank", "0", "--world-size", "1", "--listen", "127.0.0.1:1"]
+    args = build_parser().parse_args([*base, "--disable-custom-all-reduce"])
+    assert shard_config(args).custom_all_reduce is False
+    with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
+        shard_config(build_parser().parse_args([*base, "--tls-cert", str(pem)]))
+    unix = [*base[:-1], "unix:///tmp/s.sock", "--tls-cert", str(pem), "--tls-key", str(pem)]
+    with pytest.raises(ValueError, match="TCP --listen"):
+        shard_config(build_parser().parse_args(unix))
+    serve = ["serve", "--model", str(model), "--shards", "a:1,b:2"]
+    cfg = server_config(build_parser().parse_args([*serve, "--shard-tls-ca", str(pem)]))
+    assert cfg.shard_tls_ca == pem and cfg.shard.custom_all_reduce is True
+    with pytest.raises(ValueError, match="needs --shard-tls-ca"):
+        server_config(
+            build_parser().parse_args([*serve, "--shard-tls-cert", str(pem), "--shard-tls-key", str(pem)])
+        )
+    with pytest.raises(ValueError, match="attached with --shards"):
+        server_config(build_parser().parse_args(["serve", "--model", str(model), "--shard-tls-ca", str(pem)]))
+
+
+def test_custom_all_reduce_path_depends_on_bytes_only() -> None:
+    """One-shot up to 512 KiB, two-shot up to the buffer, NCCL beyond it or for what the
+    kernels cannot take (another dtype, a size not in 4-byte words, a strided view)."""
+    ar = CustomAllReduce(torch.empty(1 << 20, dtype=torch.bfloat16), "g")  # a 2 MiB buffer
+    bf16 = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16)  # noqa: E731
+    assert ar.path(bf16(1, 4096)) == "one_shot"
+    assert ar.path(bf16(64, 4096)) == "one_shot"  # 512 KiB: decode at batch 64 of an 8B model
+    assert ar.path(bf16(65, 4096)) == "two_shot"
+    assert ar.path(bf16(256, 4096)) == "two_shot"
+    assert ar.path(bf16(257, 4096)) == "nccl"
+    assert ar.path(torch.empty(1, 4096)) == "nccl"  # float32 beside a bfloat16 buffer
+    assert ar.path(bf16(3)) == "nccl"
+    assert ar.path(bf16(8, 4096).t()) == "nccl"
