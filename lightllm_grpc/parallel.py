@@ -57,6 +57,8 @@ class CustomAllReduce:
         self.group_name = group_name
         self.one_shot_max = one_shot_max
         self.max_bytes = buffer.numel() * buffer.element_size()
+        # torch builds that have it fold the copy into the buffer into the one-shot kernel.
+        self.fused_copy = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
 
     def path(self, x: torch.Tensor) -> str:
         """``one_shot``, ``two_shot`` or ``nccl`` for this message."""
@@ -74,6 +76,10 @@ class CustomAllReduce:
             return x
         flat = x.view(-1)
         buf = self.buffer[: flat.numel()]
+        if path == "one_shot" and self.fused_copy:
+            # One kernel: copy x into this rank's buffer, barrier, read every peer's, add into x.
+            torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf, flat, "sum", self.group_name, flat)
+            return x
         buf.copy_(flat)
         if path == "one_shot":
             torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", self.group_name, flat)
@@ -153,6 +159,11 @@ def set_custom_all_reduce(custom: CustomAllReduce | None) -> None:
     """Route small all-reduces through ``custom`` (None: NCCL or gloo for every size)."""
     global _custom
     _custom = custom
+
+
+def custom_all_reduce() -> CustomAllReduce | None:
+    """The P2P all-reduce in use, if any (benchmarks swap it for NCCL and back)."""
+    return _custom
 
 
 def tp_rank() -> int:
