@@ -63,8 +63,10 @@ class CustomAllReduce:
     def path(self, x: torch.Tensor) -> str:
         """``one_shot``, ``two_shot`` or ``nccl`` for this message."""
         nbytes = x.numel() * x.element_size()
-        # The kernels need sizes in whole 4-byte words and a contiguous input.
-        if x.dtype != self.buffer.dtype or nbytes > self.max_bytes or nbytes % 4 or not x.is_contiguous():
+        # The kernels need a contiguous input in whole 4-byte words, and they write 16-byte
+        # vectors into it: a view must start 16 bytes into its (aligned) allocation.
+        misaligned = nbytes % 4 or x.storage_offset() * x.element_size() % 16
+        if x.dtype != self.buffer.dtype or nbytes > self.max_bytes or misaligned or not x.is_contiguous():
             return "nccl"
         return "one_shot" if nbytes <= self.one_shot_max else "two_shot"
 

@@ -19,6 +19,7 @@ import grpc
 import pytest
 import torch
 
+from lightllm_grpc.bench.allreduce import run_group
 from lightllm_grpc.bench.server import free_port
 from lightllm_grpc.cli import build_parser, server_config, shard_config
 from lightllm_grpc.parallel import CustomAllReduce
@@ -287,3 +288,35 @@ def test_custom_all_reduce_path_depends_on_bytes_only() -> None:
     assert ar.path(torch.empty(1, 4096)) == "nccl"  # float32 beside a bfloat16 buffer
     assert ar.path(bf16(3)) == "nccl"
     assert ar.path(bf16(8, 4096).t()) == "nccl"
+    assert ar.path(bf16(4096 * 2 + 8)[8:]) == "one_shot"  # a view 16 bytes in: aligned
+    assert ar.path(bf16(4096 * 2 + 8)[7:-1]) == "nccl"  # 14 bytes in
+
+
+_RANK_MODULE = """
+import argparse, json, sys, time
+p = argparse.ArgumentParser()
+for flag in ("--rank", "--world-size"):
+    p.add_argument(flag, type=int)
+p.add_argument("--dist-init")
+p.add_argument("--result")
+p.add_argument("--fail", type=int, default=-1)
+a = p.parse_args()
+if a.rank == a.fail:
+    sys.exit(3)
+if a.fail >= 0:
+    time.sleep(60)  # a rank left alone waits in a collective that never completes
+if a.rank == 0:
+    open(a.result, "w").write(json.dumps({"world": a.world_size}))
+"""
+
+
+def test_rank_launcher_returns_rank0_result_and_kills_the_rest_when_one_fails(tmp_path, monkeypatch) -> None:
+    """The GPU tests' and benchmarks' launcher (bench/allreduce.py ``run_group``): one failed
+    rank must end the group at once, not leave the others waiting for it."""
+    (tmp_path / "fake_rank.py").write_text(_RANK_MODULE)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    assert run_group("fake_rank", 2, [], timeout=60) == {"world": 2}
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"ranks exited with \[-9, 3\]"):
+        run_group("fake_rank", 2, ["--fail", "1"], timeout=60)
+    assert time.monotonic() - started < 20

@@ -63,8 +63,9 @@ def run_group(module: str, world_size: int, args: list[str], timeout: float) -> 
     ]
     deadline = time.monotonic() + timeout
     try:
-        while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+        while True:
+            codes = [p.poll() for p in procs]  # every one polled: any() would stop at the first
+            if None not in codes or any(codes) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     finally:
@@ -82,7 +83,7 @@ def init_rank(rank: int, world_size: int, init: str) -> torch.device:
     os.environ.update(NO_MULTICAST_ENV)
     torch.cuda.set_device(rank % torch.cuda.device_count())
     device = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world_size)
+    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world_size, device_id=device)
     set_parallel_state(ParallelState(rank, world_size))
     return device
 
@@ -207,10 +208,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = init_rank(args.rank, args.world_size, args.dist_init)
     result = check(device) if args.check else timing(device)
-    dist.barrier()
     if args.rank == 0:
         args.result.write_text(json.dumps(result))
-    dist.destroy_process_group()
+    dist.barrier()
+    os._exit(0)  # no teardown of NCCL and the symmetric buffers: the process ends
 
 
 if __name__ == "__main__":

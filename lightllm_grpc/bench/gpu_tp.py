@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -125,7 +127,7 @@ def _serve(model_dir: Path, out: Path, name: str, tp: int, extra: tuple[str, ...
         model_dir, log,
         "--load-format", "dummy", "--dtype", "bfloat16", "--device", "cuda",
         "--max-running-requests", str(args.max_running), "--tp-size", str(tp), *extra,
-        start_timeout=600,
+        start_timeout=300,
     )  # fmt: skip
     try:
         w1 = [run(run_load(server.address, Workload(1, 128, 256, 1, VOCAB, seed=s))) for s in range(3)]
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rank is not None:
+        logging.basicConfig(level=logging.INFO, format=f"rank {args.rank} %(name)s: %(message)s")
         res = breakdown_rank(args.rank, args.world_size, args.dist_init, args.model_dir)
         if args.rank == 0:
             args.result.write_text(json.dumps(res))
@@ -240,23 +243,30 @@ def main(argv: list[str] | None = None) -> None:
             import torch.distributed as dist
 
             dist.barrier()
-            dist.destroy_process_group()
-        os._exit(0)  # skip tearing down CUDA graphs and the symmetric buffer one by one
+        os._exit(0)  # no teardown of graphs, NCCL and the symmetric buffer: the process ends
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(args.out)
     result: dict = {"environment": environment(), "w2_requests": args.w2_requests}
+    started = time.monotonic()
+
+    def progress(what: str) -> None:
+        print(f"[gpu_tp {time.monotonic() - started:5.0f}s] {what}", flush=True)
+
     if not args.skip_decode:
+        progress("all-reduce microbenchmark (2 ranks)")
         result["allreduce"] = allreduce.run_group(allreduce.MODULE, 2, ["--time"], timeout=240)
         result["environment"]["card"] = result["allreduce"]["card"]
         decode: dict = {}
         for tp in (1, 2):
+            progress(f"decode step without the server, TP={tp}")
             decode.update(allreduce.run_group(MODULE, tp, ["--model-dir", str(model_dir)], timeout=300))
         result["decode"] = decode
-    result["serve"] = {
-        "tp1": _serve(model_dir, args.out, "tp1", 1, (), args),
-        "tp2": _serve(model_dir, args.out, "tp2", 2, (), args),
-        "tp2-nccl": _serve(model_dir, args.out, "tp2-nccl", 2, ("--disable-custom-all-reduce",), args),
-    }
+    servers = [("tp1", 1, ()), ("tp2", 2, ()), ("tp2-nccl", 2, ("--disable-custom-all-reduce",))]
+    result["serve"] = {}
+    for name, tp, extra in servers:
+        progress(f"server {name}: W1" + ("" if name == "tp2-nccl" else " and W2"))
+        result["serve"][name] = _serve(model_dir, args.out, name, tp, extra, args)
+    progress("done")
     result["environment"].setdefault("card", "GPU")
     (args.out / "bench-gpu-tp.json").write_text(json.dumps(result, indent=2))
     md = render(result)
