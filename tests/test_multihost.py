@@ -18,14 +18,17 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from lightllm_grpc.bench.allreduce import run_group
 from lightllm_grpc.bench.server import free_port
 from lightllm_grpc.cli import build_parser, server_config, shard_config
-from lightllm_grpc.parallel import CustomAllReduce
+from lightllm_grpc.parallel import CustomAllReduce, set_custom_all_reduce
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.remote_shards import LivenessProbe, ShardMismatch, check_agreement
 from lightllm_grpc.scheduler.shard_client import tls_refusal
+from tests.model_factory import greedy_logits, make_tiny_model
 from tests.reference import assert_greedy_equal, reference_greedy
 from tests.server_harness import ServerProcess, greedy_request, make_served_model
 from tests.test_security import _ca, _signed
@@ -320,3 +323,79 @@ def test_rank_launcher_returns_rank0_result_and_kills_the_rest_when_one_fails(tm
     with pytest.raises(RuntimeError, match=r"ranks exited with \[-9, 3\]"):
         run_group("fake_rank", 2, ["--fail", "1"], timeout=60)
     assert time.monotonic() - started < 20
+
+
+def _gloo_symm_mem_ops(calls: dict[str, int]) -> torch.library.Library:
+    """CPU stand-ins for the symmetric-memory kernels (CUDA only): the same contracts (which
+    tensor is read, which is written, in place or not) with gloo doing the sum."""
+    lib = torch.library.Library("symm_mem", "IMPL")
+
+    def summed(buf: torch.Tensor) -> torch.Tensor:
+        total = buf.clone()
+        dist.all_reduce(total)
+        return total
+
+    def copy_out(buf, local, op, group, out):
+        calls["one_shot"] += 1
+        buf[: local.numel()].copy_(local.view(-1))
+        return out.copy_(summed(buf).view_as(out))
+
+    def one_shot_out(buf, op, group, out):
+        calls["one_shot"] += 1
+        return out.copy_(summed(buf))
+
+    def two_shot_(buf, op, group):
+        calls["two_shot"] += 1
+        return buf.copy_(summed(buf))
+
+    lib.impl("one_shot_all_reduce_copy_out", copy_out, "CPU")
+    lib.impl("one_shot_all_reduce_out", one_shot_out, "CPU")
+    lib.impl("two_shot_all_reduce_", two_shot_, "CPU")
+    return lib
+
+
+def _custom_all_reduce_worker(rank: int, init_file: str, model_dir: Path, prompts, out_file: str) -> None:
+    from lightllm_grpc.parallel import ParallelState, set_parallel_state
+
+    set_parallel_state(ParallelState(rank, 2))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    calls = {"one_shot": 0, "two_shot": 0}
+    lib = _gloo_symm_mem_ops(calls)
+    row = 64 * 4  # the tiny model's hidden size, fp32
+    try:
+        results = {}
+        # Decode (3 rows) one-shot, then two-shot; the 20-token prefill above the buffer: gloo.
+        for name, one_shot_max, fused in [("one_shot", 3 * row, True), ("unfused", 3 * row, False),
+                                          ("two_shot", 0, True)]:  # fmt: skip
+            custom = CustomAllReduce(torch.zeros(8 * 64), "0", one_shot_max=one_shot_max)
+            custom.fused_copy = fused
+            set_custom_all_reduce(custom)
+            before = dict(calls)
+            results[name] = (greedy_logits(model_dir, prompts, 4), {k: calls[k] - before[k] for k in calls})
+        torch.save(results, f"{out_file}.{rank}")
+    finally:
+        set_custom_all_reduce(None)
+        del lib
+        dist.destroy_process_group()
+
+
+def test_custom_all_reduce_in_the_tp_layers_matches_plain_all_reduce(tmp_path) -> None:
+    """Two gloo ranks with the kernels stood in for (they need CUDA): the P2P path's
+    dispatch inside the real layers (views, in place, the value returned) keeps TP=2 logits
+    equal to TP=1's, whichever path each message takes."""
+    model_dir = make_tiny_model("llama3", tmp_path / "m", vocab_size=512)
+    prompts = [[5, 9, 200, 17, 3, 8, 90], [44, 2], [7] * 11]
+    expected = greedy_logits(model_dir, prompts, 4)
+    out = str(tmp_path / "logits")
+    mp.spawn(_custom_all_reduce_worker, (str(tmp_path / "init"), model_dir, prompts, out), nprocs=2)
+    for rank in range(2):
+        results = torch.load(f"{out}.{rank}")
+        for name, (logits, calls) in results.items():
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0, msg=name)
+            layers = 2 * 2 + 1  # two per decoder layer and the embedding's
+            want = (
+                {"one_shot": 4 * layers, "two_shot": 0}
+                if name != "two_shot"
+                else {"one_shot": 0, "two_shot": 4 * layers}
+            )
+            assert calls == want, (name, calls)
