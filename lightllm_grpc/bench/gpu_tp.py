@@ -6,8 +6,8 @@ the all-reduce costs (8B Llama-3 shape, bf16, random weights via ``--load-format
      batch 1 and 64 (context 128), and the all-reduce kernels' share of the replay's kernel
      time (torch.profiler); at TP=2 with the P2P all-reduce, then recaptured with NCCL
   3. through the gRPC API: W1 (batch-1 decode, in 128 / out 256, best of 3 runs) and W2
-     (1,000 x in 256 / out 256, all at once) at TP=1 and TP=2, and W1 at TP=2 with
-     --disable-custom-all-reduce
+     (1,000 x in 256 / out 256, all at once) at TP=1, at TP=2, and at TP=2 with
+     --disable-custom-all-reduce (W2 there tells whether two-shot beats NCCL at big batches)
 
 About 6 minutes on 2x H100. Writes ``bench-gpu-tp.json`` and ``bench-gpu-tp.md`` into ``--out``.
 """
@@ -133,9 +133,8 @@ def _serve(model_dir: Path, out: Path, name: str, tp: int, extra: tuple[str, ...
         w1 = [run(run_load(server.address, Workload(1, 128, 256, 1, VOCAB, seed=s))) for s in range(3)]
         res: dict = {"w1": min((r.as_dict() for r in w1), key=lambda d: d["tpot_p50_ms"])}
         res["w1_runs_tpot_ms"] = [r.tpot_p50_ms for r in w1]
-        if name != "tp2-nccl":
-            n = args.w2_requests
-            res["w2"] = run(run_load(server.address, Workload(n, 256, 256, n, VOCAB))).as_dict()
+        n = args.w2_requests
+        res["w2"] = run(run_load(server.address, Workload(n, 256, 256, n, VOCAB))).as_dict()
     finally:
         server.stop()
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if "all-reduce:" in ln]
@@ -264,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     servers = [("tp1", 1, ()), ("tp2", 2, ()), ("tp2-nccl", 2, ("--disable-custom-all-reduce",))]
     result["serve"] = {}
     for name, tp, extra in servers:
-        progress(f"server {name}: W1" + ("" if name == "tp2-nccl" else " and W2"))
+        progress(f"server {name}: W1 and W2")
         result["serve"][name] = _serve(model_dir, args.out, name, tp, extra, args)
     progress("done")
     result["environment"].setdefault("card", "GPU")
