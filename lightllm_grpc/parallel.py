@@ -103,48 +103,58 @@ def build_custom_all_reduce(
     if dtype not in CUSTOM_DTYPES:
         return None, f"all-reduce: NCCL ({dtype} has no P2P all-reduce kernel)"
     group = dist.group.WORLD
-    peers: list[object] = [None] * dist.get_world_size()
+    peers: list = [None] * dist.get_world_size()
     dist.all_gather_object(peers, (socket.gethostname(), device.index))
     if len({host for host, _ in peers}) > 1:
         return None, "all-reduce: NCCL (ranks on several hosts: no P2P memory between them)"
     # One size on every rank (shards started by hand may differ in --max-running-requests).
     size = torch.tensor([min(max_bytes, MAX_BUFFER_BYTES)], dtype=torch.int64, device=device)
     dist.all_reduce(size, op=dist.ReduceOp.MIN)
-    custom, why = None, ""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    # Two steps, each followed by a vote, so no rank enters the collective rendezvous while
+    # another has already given up (it would wait there for ever).
+    buffer, why = _attempt(lambda: _allocate(int(size.item()), dtype, device, [d for _, d in peers]))
+    if _all_agree(buffer is not None, device):
+        _, why = _attempt(lambda: symm_mem.rendezvous(buffer, group.group_name))
+        if _all_agree(not why, device):
+            custom = CustomAllReduce(buffer, group.group_name)
+            return custom, (
+                f"all-reduce: P2P over symmetric memory (one-shot <= {custom.one_shot_max >> 10} KiB, "
+                f"two-shot <= {custom.max_bytes >> 10} KiB, NCCL above; no multicast)"
+            )
+    return None, f"all-reduce: NCCL (P2P symmetric memory unavailable on some rank: {why or 'a peer failed'})"
+
+
+def _attempt(fn):
+    """``(fn(), "")``, or ``(None, why)`` if it raised: a failed mapping must not stop the
+    shard, since NCCL still works."""
     try:
-        custom = _rendezvous(int(size.item()), dtype, device, group, [d for _, d in peers])
-    except Exception as exc:  # a failed mapping must not stop the shard: NCCL still works
-        why = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    ok = torch.tensor([custom is not None], dtype=torch.int32, device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not ok.item():
-        return (
-            None,
-            f"all-reduce: NCCL (P2P symmetric memory unavailable on some rank: {why or 'a peer failed'})",
-        )
-    assert custom is not None
-    return custom, (
-        f"all-reduce: P2P over symmetric memory (one-shot <= {custom.one_shot_max >> 10} KiB, two-shot <= "
-        f"{custom.max_bytes >> 10} KiB, NCCL above; no multicast)"
-    )
+        return fn(), ""
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
-def _rendezvous(
-    nbytes: int, dtype: torch.dtype, device: torch.device, group, devices: list[int]
-) -> CustomAllReduce:
+def _all_agree(ok: bool, device: torch.device) -> bool:
+    vote = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+    return bool(vote.item())
+
+
+def _allocate(nbytes: int, dtype: torch.dtype, device: torch.device, devices: list[int]) -> torch.Tensor:
+    """This rank's symmetric buffer, after checking it can reach the other ranks' cards."""
     import torch.distributed._symmetric_memory as symm_mem
 
     me = device.index
     for d in devices:  # indices of this host's devices, as every rank sees all of them
         if d != me and not torch.cuda.can_device_access_peer(me, d):
             raise RuntimeError(f"cuda:{me} cannot access cuda:{d} peer to peer")
-    if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch; a no-op warning since
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):
+        # Older torch needs it before a rendezvous; newer torch calls it itself (idempotent).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            symm_mem.enable_symm_mem_for_group(group.group_name)
-    buffer = symm_mem.empty(nbytes // dtype.itemsize, dtype=dtype, device=device)
-    symm_mem.rendezvous(buffer, group.group_name)
-    return CustomAllReduce(buffer, group.group_name)
+            symm_mem.enable_symm_mem_for_group(dist.group.WORLD.group_name)
+    return symm_mem.empty(nbytes // dtype.itemsize, dtype=dtype, device=device)
 
 
 _state = ParallelState()

@@ -399,3 +399,66 @@ def test_custom_all_reduce_in_the_tp_layers_matches_plain_all_reduce(tmp_path) -
                 else {"one_shot": 0, "two_shot": 4 * layers}
             )
             assert calls == want, (name, calls)
+
+
+def _vote_worker(rank: int, init_file: str, out_file: str) -> None:
+    """Each scenario: which step fails on which rank; every rank must reach the same answer."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from lightllm_grpc import parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    real_allocate, real_rendezvous = parallel._allocate, symm_mem.rendezvous
+    answers = {}
+    try:
+        for name, bad_allocate, bad_rendezvous in [
+            ("ok", (), ()),
+            ("allocate fails on rank 0", (0,), ()),
+            ("rendezvous fails on rank 1", (), (1,)),
+        ]:
+
+            def allocate(nbytes, dtype, device, devices, bad=bad_allocate):
+                if rank in bad:
+                    raise RuntimeError("no P2P here")
+                return torch.empty(nbytes // dtype.itemsize, dtype=dtype)
+
+            def rendezvous(buffer, group, bad=bad_rendezvous):
+                if rank in bad:
+                    raise RuntimeError("cannot map the peer")
+
+            parallel._allocate, symm_mem.rendezvous = allocate, rendezvous
+            custom, line = parallel.build_custom_all_reduce(1 << 20, torch.bfloat16, torch.device("cpu"))
+            answers[name] = (custom is not None, line)
+        parallel._allocate, symm_mem.rendezvous = real_allocate, real_rendezvous
+        # Unpatched on CPU: symmetric memory is CUDA-only, so every rank keeps the plain path.
+        answers["real, on CPU"] = parallel.build_custom_all_reduce(
+            1 << 20, torch.bfloat16, torch.device("cpu")
+        )
+        answers["real, on CPU"] = (answers["real, on CPU"][0] is not None, answers["real, on CPU"][1])
+        answers["float16"] = parallel.build_custom_all_reduce(1 << 20, torch.float16, torch.device("cpu"))[1]
+        torch.save(answers, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_all_reduce_path_when_one_rank_cannot_map_peer_memory(tmp_path) -> None:
+    """A rank that cannot allocate or map the symmetric buffer makes every rank keep NCCL,
+    and none waits in a rendezvous the other gave up on (gloo ranks, the steps stood in for)."""
+    out = str(tmp_path / "answers")
+    mp.spawn(_vote_worker, (str(tmp_path / "init"), out), nprocs=2)
+    a0, a1 = (torch.load(f"{out}.{r}") for r in range(2))
+    decided = {name: (a0[name][0], a1[name][0]) for name in a0 if name != "float16"}
+    assert decided == {
+        "ok": (True, True),
+        "allocate fails on rank 0": (False, False),
+        "rendezvous fails on rank 1": (False, False),
+        "real, on CPU": (False, False),
+    }
+    assert a0["ok"][1].startswith(
+        "all-reduce: P2P over symmetric memory (one-shot <= 512 KiB, two-shot <= 1024 KiB"
+    )
+    # The rank that failed says why; the other, that a peer failed.
+    assert a0["allocate fails on rank 0"][1].endswith("RuntimeError: no P2P here)")
+    assert a1["allocate fails on rank 0"][1].endswith("a peer failed)")
+    assert a1["rendezvous fails on rank 1"][1].endswith("RuntimeError: cannot map the peer)")
+    assert a0["float16"] == "all-reduce: NCCL (torch.float16 has no P2P all-reduce kernel)"
