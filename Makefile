@@ -9,7 +9,7 @@ STUBS := lightllm_grpc/_proto/.generated
 ARGS ?=
 DURATION ?= 60
 
-.PHONY: venv proto serve test test-gpu lint format bench bench-gpu soak clean
+.PHONY: venv proto serve test test-gpu lint format bench bench-gpu bench-gpu-tp soak clean
 
 venv: $(STAMP)
 
@@ -68,6 +68,10 @@ soak: $(STUBS)
 # On a GPU machine whose image already has torch/triton/transformers/grpcio (no install).
 bench-gpu:
 	PYTHONPATH=.:kernels $(PYTHON) -m lightllm_grpc.bench.gpu $(ARGS)
+
+# Two GPUs: TP=1 against TP=2 (P2P all-reduce on and off) and the all-reduce's share of decode.
+bench-gpu-tp:
+	PYTHONPATH=.:kernels $(PYTHON) -m lightllm_grpc.bench.gpu_tp $(ARGS)
 
 clean:
 	rm -rf $(VENV) lightllm_grpc/_proto build *.egg-info

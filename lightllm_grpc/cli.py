@@ -17,6 +17,7 @@ from lightllm_grpc.config import (
     SchedulerConfig,
     ServerConfig,
     ShardConfig,
+    check_tls_flags,
 )
 
 AUTH_TOKEN_ENV = "LIGHTLLM_AUTH_TOKEN"
@@ -53,6 +54,23 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory for weights and KV"
     )
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
+    p.add_argument(
+        "--disable-custom-all-reduce",
+        action="store_true",
+        help="TP on GPU: NCCL for every all-reduce, not the P2P one-/two-shot kernels for small ones",
+    )
+
+
+def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+    """A TLS server's flags, the same for ``serve`` (clients) and ``shard`` (its coordinator)."""
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="PEM CA bundle: mutual TLS, clients must present a certificate it signed",
+    )
 
 
 def _engine_config(args: argparse.Namespace, model: Path, tp_size: int) -> ShardConfig:
@@ -67,6 +85,7 @@ def _engine_config(args: argparse.Namespace, model: Path, tp_size: int) -> Shard
         max_context=args.max_model_len,
         gpu_memory_fraction=args.gpu_memory_fraction,
         cuda_graphs=not args.no_cuda_graphs,
+        custom_all_reduce=not args.disable_custom_all_reduce,
         max_prefill_tokens=args.max_prefill_tokens,
     )
 
@@ -186,14 +205,21 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="export a span per request (queue, prefill, decode) over OTLP/gRPC to this host:port, "
         "under the caller's W3C trace context; needs the tracing extra",
     )
-    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
-    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    _add_tls_flags(p)
     p.add_argument(
-        "--tls-client-ca",
+        "--shard-tls-ca",
         type=Path,
         default=None,
-        help="PEM CA bundle: mutual TLS, clients must present a certificate it signed",
+        help="with --shards: reach TCP shards over TLS, verifying their certificates against this "
+        "PEM CA bundle (shards started with --tls-cert)",
     )
+    p.add_argument(
+        "--shard-tls-cert",
+        type=Path,
+        default=None,
+        help="PEM client certificate shown to shards that ask for one (--tls-client-ca): mutual TLS",
+    )
+    p.add_argument("--shard-tls-key", type=Path, default=None, help="PEM private key of --shard-tls-cert")
     p.add_argument(
         "--auth-token-file",
         type=Path,
@@ -253,9 +279,11 @@ def _shard_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--listen",
         required=True,
-        help="where the coordinator reaches this shard: HOST:PORT or unix:///path. The shard "
-        "protocol has no authentication: listen on a private network only",
+        help="where the coordinator reaches this shard: HOST:PORT or unix:///path. Without "
+        "--tls-cert the shard protocol is plaintext and unauthenticated: listen on a private "
+        "network only; with --tls-client-ca only coordinators holding a certificate it signed get in",
     )
+    _add_tls_flags(p)  # TCP only: a unix socket is guarded by its file's permissions
     _add_engine_flags(p)  # a shard started by hand takes the coordinator's values for these
 
 
@@ -264,7 +292,21 @@ def shard_config(args: argparse.Namespace) -> ShardConfig:
         raise ValueError(f"--rank {args.rank} must be in [0, --world-size {args.world_size})")
     if args.world_size > 1 and not args.dist_init:
         raise ValueError("--world-size > 1 needs --dist-init tcp://HOST:PORT (rank 0's host)")
+    check_tls_flags(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if args.tls_cert is not None and args.listen.startswith("unix:"):
+        raise ValueError(
+            "--tls-cert is for a TCP --listen; a unix socket is guarded by its file's permissions"
+        )
     return _engine_config(args, args.model, args.world_size)
+
+
+def shard_credentials(args: argparse.Namespace):
+    """The shard's TLS server credentials (None: plaintext); flags already checked."""
+    if args.tls_cert is None:
+        return None
+    from lightllm_grpc.server.security import TlsFiles
+
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca).credentials()
 
 
 def _shard(args: argparse.Namespace) -> int:
@@ -274,10 +316,11 @@ def _shard(args: argparse.Namespace) -> int:
 
     try:
         cfg = shard_config(args)
-    except ValueError as exc:
+        credentials = shard_credentials(args)
+    except (ValueError, OSError) as exc:
         print(f"lightllm-grpc shard: {exc}", file=sys.stderr)
         return 2
-    run(serve_shard(cfg, args.listen, args.rank, args.world_size, args.dist_init))
+    run(serve_shard(cfg, args.listen, args.rank, args.world_size, args.dist_init, credentials))
     return 0
 
 
@@ -357,6 +400,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_connection_age_s=args.max_connection_age or None,
         max_connection_age_grace_s=args.max_connection_age_grace or None,
         shard_addresses=tuple(parse_addresses(args.shards)) if args.shards else (),
+        shard_tls_ca=args.shard_tls_ca,
+        shard_tls_cert=args.shard_tls_cert,
+        shard_tls_key=args.shard_tls_key,
     )
 
 

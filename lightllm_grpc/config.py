@@ -10,6 +10,26 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# Every shard process runs with these, set before CUDA or NCCL starts: no NVLink multicast
+# (NVLS) in NCCL nor in symmetric memory. The P2P all-reduce never uses it, and creating
+# multicast objects fails or hangs on some drivers and virtualised hosts (docs/multihost.md).
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+def check_tls_flags(cert: Path | None, key: Path | None, client_ca: Path | None) -> None:
+    """A TLS server's flags (``serve`` and ``shard``): cert and key together, a client CA only
+    beside them, every file present."""
+    if (cert is None) != (key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if client_ca is not None and cert is None:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    _check_files({"--tls-cert": cert, "--tls-key": key, "--tls-client-ca": client_ca})
+
+
+def _check_files(flags: dict[str, Path | None]) -> None:
+    for flag, path in flags.items():
+        if path is not None and not path.is_file():
+            raise ValueError(f"{flag} {path}: no such file")
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,8 @@ class ShardConfig:
     max_context: int | None = None  # None = the model's context length
     gpu_memory_fraction: float = 0.9
     cuda_graphs: bool = True
+    # TP > 1 on GPU: small all-reduces over P2P symmetric memory; False: NCCL for all sizes.
+    custom_all_reduce: bool = True
     # Largest prefill the coordinator sends; sizes the activation peak when profiling memory.
     max_prefill_tokens: int = 8192
 
@@ -129,6 +151,11 @@ class ServerConfig:
     max_connection_age_grace_s: float | None = None  # None: calls open at GOAWAY run to their end
     # Shards already running (``lightllm-grpc shard``), in rank order; empty: spawn tp_size here.
     shard_addresses: tuple[str, ...] = ()
+    # TLS to those shards (TCP ones): the CA that signed their certificates, and optionally
+    # a client certificate and key for shards that ask for one (mutual TLS).
+    shard_tls_ca: Path | None = None
+    shard_tls_cert: Path | None = None
+    shard_tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         if self.chat_content_special_tokens not in ("plain", "parse"):
@@ -150,14 +177,19 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")  # fmt: skip
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
-            path = getattr(self, name)
-            if path is not None and not path.is_file():
-                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+        check_tls_flags(self.tls_cert, self.tls_key, self.tls_client_ca)
+        if (self.shard_tls_cert is None) != (self.shard_tls_key is None):
+            raise ValueError("--shard-tls-cert and --shard-tls-key go together")
+        if self.shard_tls_cert is not None and self.shard_tls_ca is None:
+            raise ValueError("--shard-tls-cert (a client certificate for shards) needs --shard-tls-ca")
+        if self.shard_tls_ca is not None and not self.shard_addresses:
+            raise ValueError(
+                "--shard-tls-ca is for shards attached with --shards (spawned ones use unix sockets)"
+            )
+        _check_files(
+            {"--shard-tls-ca": self.shard_tls_ca, "--shard-tls-cert": self.shard_tls_cert,
+             "--shard-tls-key": self.shard_tls_key}
+        )  # fmt: skip
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.shard_addresses and self.shard.tp_size != 1:

@@ -1,11 +1,34 @@
-"""Tensor-parallel group state: rank, world size and the collectives layers call in forward."""
+"""Tensor-parallel group state: rank, world size and the collectives layers call in forward.
+
+All-reduce has two implementations on GPU. NCCL serves every size. For the small messages
+of decode (batch x hidden, a few hundred KB), ``CustomAllReduce`` sums over peer-to-peer
+device memory instead: each rank copies its partial sum into a buffer every rank of the
+host can read (``torch.distributed._symmetric_memory``), and one kernel reads the peers'
+buffers and adds. docs/multihost.md says why this wins at small sizes and why it never
+uses NVLink multicast.
+"""
 
 from __future__ import annotations
 
+import logging
+import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Up to this many bytes one kernel reads every peer's whole buffer (one-shot); above it,
+# up to the buffer's size, each rank reduces 1/N and gathers the rest (two-shot), which
+# moves less data per rank; above the buffer, NCCL.
+ONE_SHOT_MAX_BYTES = 512 * 1024
+# The buffer holds the largest decode message (max rows x hidden), capped here: larger
+# messages are prefill, where NCCL's bandwidth matters and its latency does not.
+MAX_BUFFER_BYTES = 8 * 1024 * 1024
+# The symmetric-memory kernels add these dtypes only; float16 models keep NCCL.
+CUSTOM_DTYPES = (torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -18,13 +41,141 @@ class ParallelState:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
 
 
+class CustomAllReduce:
+    """Sum across the group over a rendezvoused symmetric-memory buffer.
+
+    Contract: every rank builds it with a buffer of the same size and dtype, and calls it
+    on the same shapes in the same order (as tensor parallelism does). Which kernel runs
+    depends on the message's bytes alone, so every rank takes the same path, and a CUDA
+    graph captured at one batch size holds one fixed path. The buffer is reused by every
+    call: each kernel ends with a barrier across ranks, so no peer still reads it when the
+    next call overwrites it.
+    """
+
+    def __init__(self, buffer: torch.Tensor, group_name: str, one_shot_max: int = ONE_SHOT_MAX_BYTES) -> None:
+        self.buffer = buffer
+        self.group_name = group_name
+        self.one_shot_max = one_shot_max
+        self.max_bytes = buffer.numel() * buffer.element_size()
+        # torch builds that have it fold the copy into the buffer into the one-shot kernel.
+        self.fused_copy = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
+
+    def path(self, x: torch.Tensor) -> str:
+        """``one_shot``, ``two_shot`` or ``nccl`` for this message."""
+        nbytes = x.numel() * x.element_size()
+        # The kernels need a contiguous input in whole 4-byte words, and they write 16-byte
+        # vectors into it: a view must start 16 bytes into its (aligned) allocation.
+        misaligned = nbytes % 4 or x.storage_offset() * x.element_size() % 16
+        if x.dtype != self.buffer.dtype or nbytes > self.max_bytes or misaligned or not x.is_contiguous():
+            return "nccl"
+        return "one_shot" if nbytes <= self.one_shot_max else "two_shot"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` across ranks in place (as ``dist.all_reduce`` does) and return it."""
+        path = self.path(x)
+        if path == "nccl":
+            dist.all_reduce(x)
+            return x
+        flat = x.view(-1)
+        buf = self.buffer[: flat.numel()]
+        if path == "one_shot" and self.fused_copy:
+            # One kernel: copy x into this rank's buffer, barrier, read every peer's, add into x.
+            torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf, flat, "sum", self.group_name, flat)
+            return x
+        buf.copy_(flat)
+        if path == "one_shot":
+            torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", self.group_name, flat)
+        else:
+            torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", self.group_name)
+            flat.copy_(buf)
+        return x
+
+
+def build_custom_all_reduce(
+    max_bytes: int, dtype: torch.dtype, device: torch.device
+) -> tuple[CustomAllReduce | None, str]:
+    """Rendezvous a symmetric buffer across the group; every rank must call this.
+
+    Returns the all-reduce (None: keep NCCL) and a line for the start-up log saying which
+    path is in use and why. All ranks agree: if any rank cannot map its peers' memory
+    (no P2P between the cards, ranks on several hosts), all keep NCCL.
+    """
+    if dtype not in CUSTOM_DTYPES:
+        return None, f"all-reduce: NCCL ({dtype} has no P2P all-reduce kernel)"
+    group = dist.group.WORLD
+    peers: list = [None] * dist.get_world_size()
+    dist.all_gather_object(peers, (socket.gethostname(), device.index))
+    if len({host for host, _ in peers}) > 1:
+        return None, "all-reduce: NCCL (ranks on several hosts: no P2P memory between them)"
+    # One size on every rank (shards started by hand may differ in --max-running-requests).
+    size = torch.tensor([min(max_bytes, MAX_BUFFER_BYTES)], dtype=torch.int64, device=device)
+    dist.all_reduce(size, op=dist.ReduceOp.MIN)
+    import torch.distributed._symmetric_memory as symm_mem
+
+    # Two steps, each followed by a vote, so no rank enters the collective rendezvous while
+    # another has already given up (it would wait there for ever).
+    buffer, why = _attempt(lambda: _allocate(int(size.item()), dtype, device, [d for _, d in peers]))
+    if _all_agree(buffer is not None, device):
+        _, why = _attempt(lambda: symm_mem.rendezvous(buffer, group.group_name))
+        if _all_agree(not why, device):
+            custom = CustomAllReduce(buffer, group.group_name)
+            return custom, (
+                f"all-reduce: P2P over symmetric memory (one-shot <= {custom.one_shot_max >> 10} KiB, "
+                f"two-shot <= {custom.max_bytes >> 10} KiB, NCCL above; no multicast)"
+            )
+    return None, f"all-reduce: NCCL (P2P symmetric memory unavailable on some rank: {why or 'a peer failed'})"
+
+
+def _attempt(fn):
+    """``(fn(), "")``, or ``(None, why)`` if it raised: a failed mapping must not stop the
+    shard, since NCCL still works."""
+    try:
+        return fn(), ""
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _all_agree(ok: bool, device: torch.device) -> bool:
+    vote = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+    return bool(vote.item())
+
+
+def _allocate(nbytes: int, dtype: torch.dtype, device: torch.device, devices: list[int]) -> torch.Tensor:
+    """This rank's symmetric buffer, after checking it can reach the other ranks' cards."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    me = device.index
+    for d in devices:  # indices of this host's devices, as every rank sees all of them
+        if d != me and not torch.cuda.can_device_access_peer(me, d):
+            raise RuntimeError(f"cuda:{me} cannot access cuda:{d} peer to peer")
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):
+        # Older torch needs it before a rendezvous; newer torch calls it itself (idempotent).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(dist.group.WORLD.group_name)
+    return symm_mem.empty(nbytes // dtype.itemsize, dtype=dtype, device=device)
+
+
 _state = ParallelState()
+_custom: CustomAllReduce | None = None
 
 
 def set_parallel_state(state: ParallelState) -> None:
     """Record this process's rank; torch.distributed must already be initialised when world_size > 1."""
     global _state
     _state = state
+
+
+def set_custom_all_reduce(custom: CustomAllReduce | None) -> None:
+    """Route small all-reduces through ``custom`` (None: NCCL or gloo for every size)."""
+    global _custom
+    _custom = custom
+
+
+def custom_all_reduce() -> CustomAllReduce | None:
+    """The P2P all-reduce in use, if any (benchmarks swap it for NCCL and back)."""
+    return _custom
 
 
 def tp_rank() -> int:
@@ -36,8 +187,10 @@ def tp_size() -> int:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` across ranks in place; a no-op on one rank."""
+    """Sum ``x`` across ranks in place and return it; a no-op on one rank."""
     if _state.world_size > 1:
+        if _custom is not None:
+            return _custom(x)
         dist.all_reduce(x)
     return x
 

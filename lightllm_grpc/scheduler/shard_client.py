@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import grpc
 
-from lightllm_grpc.config import ShardConfig
+from lightllm_grpc.config import NO_MULTICAST_ENV, ShardConfig
 from lightllm_grpc.proto import shard_pb2, shard_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,35 @@ class ShardError(RuntimeError):
     def __init__(self, message: str, fatal: bool = True) -> None:
         super().__init__(message)
         self.fatal = fatal
+
+
+class ShardRefused(ShardError):
+    """A shard is up but its TLS and the coordinator's do not match; the message is one line."""
+
+
+# A TLS shard closes at once ("Socket closed") a plaintext connection, or a TLS one without
+# the client certificate it asks for; every attempt closed for this long is not a shard
+# that is merely restarting.
+CLOSED_FOR_S = 2.0
+
+
+def tls_refusal(details: str, tls: bool, closed_for: float) -> str | None:
+    """Why a failed connection means the TLS settings disagree (gRPC's error text), or None."""
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return (
+            "its TLS certificate does not verify against --shard-tls-ca (another CA, or it does not "
+            "name the host as --shards lists it)"
+        )
+    if "WRONG_VERSION_NUMBER" in details:
+        return "it does not serve TLS (started without --tls-cert); drop --shard-tls-ca or give it one"
+    at = details.lower().find("handshake failed")
+    if at >= 0:
+        return f"TLS {details[at:][:200]}"
+    if "Socket closed" not in details or closed_for < CLOSED_FOR_S:
+        return None
+    if tls:
+        return "it closes TLS connections at once: it asks for a client certificate (--shard-tls-cert/-key)"
+    return "it closes plaintext connections at once: it serves TLS; give --shard-tls-ca"
 
 
 def _free_port() -> int:
@@ -92,7 +121,7 @@ class ShardProcesses:
                 cmd += ["--dist-init", dist_init]
             # A session of its own: Ctrl-C in a terminal (SIGINT to the foreground process
             # group) reaches only the coordinator, which then stops its shards in order.
-            proc = subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
+            proc = subprocess.Popen(cmd, env={**os.environ, **NO_MULTICAST_ENV}, start_new_session=True)
             self.procs.append(proc)
 
     def check_alive(self) -> None:
@@ -116,23 +145,43 @@ class ShardProcesses:
 class ShardClient:
     """Sends every step to all shards at once and returns rank 0's result."""
 
-    def __init__(self, addresses: list[str], remote: bool = False) -> None:
+    def __init__(
+        self, addresses: list[str], remote: bool = False, tls: grpc.ChannelCredentials | None = None
+    ) -> None:
+        """``tls``: reach the TCP addresses over TLS with these credentials (unix sockets stay
+        plaintext: their file permissions guard them)."""
         options = _OPTIONS + REMOTE_KEEPALIVE if remote else _OPTIONS
         self.addresses = list(addresses)
-        self.channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
+        self.tls = tls
+        self.channels = [
+            grpc.aio.insecure_channel(a, options=options)
+            if tls is None or a.startswith("unix:")
+            else grpc.aio.secure_channel(a, tls, options=options)
+            for a in addresses
+        ]
         self.stubs = [shard_pb2_grpc.ShardStub(c) for c in self.channels]
         self._streams: list[grpc.aio.StreamStreamCall] = []
 
     async def wait_ready(self, procs: ShardProcesses | None, timeout: float) -> None:
+        """Wait until every shard answers Health; one still loading is waited for, one that
+        refuses this coordinator's TLS (or its lack of it) fails at once (``ShardRefused``)."""
         deadline = time.monotonic() + timeout
         for rank, stub in enumerate(self.stubs):
+            closed_since = None
             while True:
                 if procs is not None:
                     procs.check_alive()
                 try:
-                    await stub.Health(shard_pb2.HealthRequest(), timeout=2.0, wait_for_ready=True)
+                    # Not wait_for_ready: a failed handshake must surface, not be retried.
+                    await stub.Health(shard_pb2.HealthRequest(), timeout=2.0)
                     break
                 except grpc.aio.AioRpcError as exc:
+                    details = exc.details() or ""
+                    now = time.monotonic()
+                    closed_since = (closed_since or now) if "Socket closed" in details else None
+                    refusal = tls_refusal(details, self.tls is not None, now - (closed_since or now))
+                    if refusal is not None:
+                        raise ShardRefused(f"shard {rank} at {self.addresses[rank]}: {refusal}") from exc
                     if time.monotonic() > deadline:
                         raise ShardError(
                             f"shard {rank} not ready after {timeout:.0f}s: {exc.details()}"

@@ -29,11 +29,11 @@ from lightllm_grpc.scheduler.remote_shards import (
 )
 from lightllm_grpc.scheduler.sampling import SamplingOptions
 from lightllm_grpc.scheduler.scheduler import Scheduler
-from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError, ShardProcesses
+from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError, ShardProcesses, ShardRefused
 from lightllm_grpc.server.health import Health, enable_reflection
 from lightllm_grpc.server.metrics import MetricsCollector, MetricsServer, RequestMetrics, metrics_registry
 from lightllm_grpc.server.request_builder import Limits, RequestBuilder
-from lightllm_grpc.server.security import Authenticator, AuthInterceptor, TlsFiles
+from lightllm_grpc.server.security import Authenticator, AuthInterceptor, TlsFiles, shard_channel_credentials
 from lightllm_grpc.server.servicer import GenerationService, StaticInfo
 from lightllm_grpc.server.tokenizer import PromptTokenizer
 from lightllm_grpc.server.tracing import FanOut, Tracing
@@ -136,11 +136,22 @@ async def _start_shards(
     remote = bool(cfg.shard_addresses)
     procs = RemoteShards(list(cfg.shard_addresses)) if remote else ShardProcesses(cfg.shard)
     procs.start()
-    client = ShardClient(procs.addresses, remote=remote)
+    tls = None
+    if cfg.shard_tls_ca is not None:
+        tls = shard_channel_credentials(cfg.shard_tls_ca, cfg.shard_tls_cert, cfg.shard_tls_key)
+    client = ShardClient(procs.addresses, remote=remote, tls=tls)
     try:
         if remote:
-            log.info("attaching to %d shard(s): %s", len(procs.addresses), ", ".join(procs.addresses))
-        await client.wait_ready(procs if isinstance(procs, ShardProcesses) else None, SHARD_START_TIMEOUT_S)
+            how = ("mutual TLS" if cfg.shard_tls_cert else "TLS") if tls else "plaintext"
+            log.info(
+                "attaching to %d shard(s) (%s): %s", len(procs.addresses), how, ", ".join(procs.addresses)
+            )
+        try:
+            await client.wait_ready(
+                procs if isinstance(procs, ShardProcesses) else None, SHARD_START_TIMEOUT_S
+            )
+        except ShardRefused as exc:
+            raise StartupError(str(exc)) from exc
         infos = await client.info()
         if remote:
             _check_remote(cfg, procs.addresses, infos)

@@ -44,6 +44,14 @@ class TlsFiles:
         return ctx
 
 
+def shard_channel_credentials(ca: Path, cert: Path | None, key: Path | None) -> grpc.ChannelCredentials:
+    """The coordinator's side of TLS to shards: verify them against ``ca``; with ``cert`` and
+    ``key``, also present a client certificate (shards started with --tls-client-ca ask for one)."""
+    return grpc.ssl_channel_credentials(
+        ca.read_bytes(), key.read_bytes() if key else None, cert.read_bytes() if cert else None
+    )
+
+
 def load_tokens(path: Path | None, env_value: str | None) -> tuple[bytes, ...]:
     """Tokens from the file (one per line; blank lines and ``#`` comments skipped) and the env."""
     tokens: list[str] = []

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from lightllm_grpc.aio import run
-from lightllm_grpc.config import ShardConfig
+from lightllm_grpc.config import NO_MULTICAST_ENV, ShardConfig
 from lightllm_grpc.proto import shard_pb2_grpc
 from lightllm_grpc.shard.lifeline import die_with
 from lightllm_grpc.shard.service import ShardService
@@ -59,26 +59,37 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 async def serve_shard(
-    cfg: ShardConfig, address: str, rank: int, world_size: int, dist_init: str | None
+    cfg: ShardConfig,
+    address: str,
+    rank: int,
+    world_size: int,
+    dist_init: str | None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> None:
     """Load rank ``rank`` of ``cfg``'s model and serve it on ``address`` until the step stream ends.
 
     Spawned by a coordinator (``python -m lightllm_grpc.shard``) or started by hand
-    (``lightllm-grpc shard``, docs/multihost.md); the same code either way.
+    (``lightllm-grpc shard``, docs/multihost.md); the same code either way. With
+    ``credentials`` it serves TLS (mutual TLS when they ask for client certificates).
     """
+    os.environ.update(NO_MULTICAST_ENV)  # before CUDA and NCCL start, which read them once
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     # Bound before the model loads: a taken port fails at once, not after minutes of loading.
-    server.add_insecure_port(address)
+    if credentials is None:
+        server.add_insecure_port(address)
+    else:
+        server.add_secure_port(address, credentials)
     shard = build_shard(cfg, rank, world_size, dist_init)
     service = ShardService(shard)
     shard_pb2_grpc.add_ShardServicer_to_server(service, server)
     await server.start()
     log = logging.getLogger(__name__)
     log.info(
-        "shard %d/%d listening on %s (pid %d, host %s, device %s)",
+        "shard %d/%d listening on %s%s (pid %d, host %s, device %s)",
         rank,
         world_size,
         address,
+        " (TLS)" if credentials is not None else "",
         os.getpid(),
         socket.gethostname(),
         shard.device,

@@ -15,7 +15,12 @@ from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.llama import KVCacheSpec
 from lightllm_grpc.models.loader import load_model, resolve_dtype
-from lightllm_grpc.parallel import ParallelState, set_parallel_state
+from lightllm_grpc.parallel import (
+    ParallelState,
+    build_custom_all_reduce,
+    set_custom_all_reduce,
+    set_parallel_state,
+)
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard import memory
 from lightllm_grpc.shard.grammar import GrammarCompiler
@@ -57,6 +62,24 @@ def init_distributed(rank: int, world_size: int, init_method: str | None, device
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
 
 
+def setup_all_reduce(
+    cfg: ShardConfig, world_size: int, hidden: int, dtype: torch.dtype, device: torch.device
+) -> None:
+    """Pick the all-reduce path (collective: every rank calls it) and log it."""
+    if world_size == 1:
+        return
+    custom = None
+    if device.type != "cuda":
+        line = "all-reduce: gloo (CPU)"
+    elif not cfg.custom_all_reduce:
+        line = "all-reduce: NCCL (--disable-custom-all-reduce)"
+    else:
+        # The largest decode message: one hidden-state row per request.
+        custom, line = build_custom_all_reduce(cfg.max_rows * hidden * dtype.itemsize, dtype, device)
+    set_custom_all_reduce(custom)
+    log.info("%s", line)
+
+
 def prefill_step(row: int, num_tokens: int, capacity: int) -> shard_pb2.StepRequest:
     """A one-row prefill of ``num_tokens`` dummy tokens (warm-up and memory profiling)."""
     step = shard_pb2.StepRequest(step_id=0)
@@ -90,6 +113,8 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     init_distributed(rank, world_size, init_method, device)
     model_cfg = ModelConfig.from_pretrained(cfg.model)
     dtype = resolve_dtype(model_cfg, cfg.dtype, device)
+    # Before the KV pool is sized: the symmetric buffer's memory is then already counted.
+    setup_all_reduce(cfg, world_size, model_cfg.hidden_size, dtype, device)
     ops = Ops.for_device(device)  # Triton kernels on CUDA, torch on CPU: every layer and attention
     # + 1 row: the runner's padding row for CUDA-graph batches.
     backend = ops.attention(
