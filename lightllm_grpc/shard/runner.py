@@ -34,6 +34,7 @@ class ModelRunner:
         max_rows: int,
         max_context: int,
         device: torch.device,
+        sampler: Sampler | None = None,
     ) -> None:
         self.forward = forward
         self.kv = kv
@@ -45,7 +46,8 @@ class ModelRunner:
         self.req_to_token = torch.zeros((max_rows + 1, max_context), dtype=torch.int32, device=device)
         self.row_len = np.zeros(max_rows + 1, dtype=np.int64)
         self.last_token = torch.zeros(max_rows + 1, dtype=torch.int64, device=device)
-        self.sampler = Sampler(max_rows + 1, vocab_size, device)
+        # A shard builds its sampler first, so the memory profile sees its tables.
+        self.sampler = sampler or Sampler(max_rows + 1, vocab_size, device)
         # Decode may be replaced by a CUDA-graph runner with the same signature.
         self.decode_forward: ForwardFn = forward
         self._prompt_logprobs: torch.Tensor | None = None  # of the step being launched

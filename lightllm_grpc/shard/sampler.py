@@ -67,6 +67,7 @@ class Sampler:
         self.suppress: dict[int, np.ndarray] = {}
         self.bias: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # row -> (ids, values)
         self.has_bias = np.zeros(max_rows, dtype=bool)
+        self._neg_inf = torch.tensor(float("-inf"), device=device)
 
     def admit(self, s: shard_pb2.RowSampling) -> None:
         row = s.row
@@ -172,7 +173,7 @@ class Sampler:
         parts = [self.suppress[row] for row in rows[sel].tolist()]
         where = np.stack([np.repeat(sel, [ids.size for ids in parts]), np.concatenate(parts)])
         b, ids = torch.from_numpy(where).to(self.device, non_blocking=True).unbind(0)
-        logits.index_put_((b, ids), torch.tensor(float("-inf"), device=self.device))
+        logits.index_put_((b, ids), self._neg_inf)
 
     def _draw(self, logits: torch.Tensor, rows: np.ndarray, step: _Step) -> torch.Tensor:
         if self.kernels:
