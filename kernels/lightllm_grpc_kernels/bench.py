@@ -305,7 +305,8 @@ def bench_sampling(graph: bool) -> list[Result]:
             timed = []
             for kernels in (True, False):
                 sampler = Sampler(rows, VOCAB, torch.device(DEVICE), kernels=kernels)
-                base = dict(top_k=-1, top_p=1.0, repetition_penalty=1.0, penalty_prompt_ids=range(0, 4096, 7))
+                prompt = range(0, VOCAB, 31)  # ~4k distinct prompt tokens for the repetition penalty
+                base = dict(top_k=-1, top_p=1.0, repetition_penalty=1.0, penalty_prompt_ids=prompt)
                 for row in range(rows):
                     sampler.admit(shard_pb2.RowSampling(row=row, seed=row, **{**base, **fields}))
                 timed.append(lambda s=sampler, w=work, x=logits, b=batch: s.sample(w.copy_(x), b))

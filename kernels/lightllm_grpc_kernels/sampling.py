@@ -72,14 +72,18 @@ def _sample_kernel(
     top_p = tl.load(params_ptr + r * stride_p + 2)
     min_p = tl.load(params_ptr + r * stride_p + 3)
     cols = tl.arange(0, BLOCK)
-    answer = tl.full((), -1, tl.int32)
+    # Loops keep per-lane vectors and reduce once after the loop: no block-wide sync per iteration.
     if temp <= 0:  # greedy: the first index of the largest logit
-        best = tl.full((), float("-inf"), tl.float32)
+        best = tl.full((BLOCK,), float("-inf"), tl.float32)
+        best_i = tl.zeros((BLOCK,), tl.int32)
         for start in range(0, vocab, BLOCK):
             x = tl.load(row + start + cols, mask=start + cols < vocab, other=float("-inf"))
-            top = tl.max(x, 0)
-            answer = tl.where((top > best) | (answer < 0), start + tl.argmax(x, 0), answer)
-            best = tl.maximum(best, top)
+            better = x > best
+            best = tl.where(better, x, best)
+            best_i = tl.where(better, start + cols, best_i)
+        top = tl.max(best, 0)
+        answer = tl.min(tl.where(best == top, best_i, vocab), 0)
+        answer = tl.where(top == float("-inf"), 0, answer)
     else:
         # Pass 0: max and sum of exp per lane (online), then of the row; the lanes' maxima bound top-k.
         lanes = tl.full((BLOCK,), float("-inf"), tl.float32)
@@ -101,15 +105,16 @@ def _sample_kernel(
         else:
             base = tl.full((), 0, tl.uint64)
         # Rejection rounds. S = tokens with p >= lower ranked before the pivot (at first: all).
+        answer = tl.full((), -1, tl.int32)
         piv_i = tl.full((), -1, tl.int32)
         piv_p = tl.full((), -1.0, tl.float32)
         rounds = tl.full((), 0, tl.int32)
         while (answer < 0) & (rounds < MAX_ROUNDS):
-            count = tl.full((), 0, tl.int32)
-            mass = tl.full((), 0.0, tl.float32)
-            best = tl.full((), -1.0, tl.float32)
-            best_i = tl.full((), 0, tl.int32)
-            best_p = tl.full((), 0.0, tl.float32)
+            count = tl.zeros((BLOCK,), tl.int32)
+            mass = tl.zeros((BLOCK,), tl.float32)
+            best = tl.full((BLOCK,), -1.0, tl.float32)
+            best_i = tl.zeros((BLOCK,), tl.int32)
+            best_p = tl.zeros((BLOCK,), tl.float32)
             for start in range(0, vocab, BLOCK):
                 idx = start + cols
                 valid = idx < vocab
@@ -117,34 +122,35 @@ def _sample_kernel(
                 p = tl.exp(x - m) / s
                 before = (p > piv_p) | ((p == piv_p) & (idx < piv_i))
                 in_s = valid & (p >= lower) & before
-                n = tl.sum(in_s.to(tl.int32), 0)
-                count += n
-                mass += tl.sum(tl.where(in_s, p, 0.0), 0)
-                if n > 0:
-                    # p / -log(u): u from the hash stream of lightllm_grpc.shard.rng, or given (tests).
-                    if HASH:
-                        h = base + idx.to(tl.uint64) * 0x9E3779B97F4A7C15
-                        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9
-                        h = (h ^ (h >> 27)) * 0x94D049BB133111EB
-                        u = (((h ^ (h >> 31)) >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-                    else:
-                        u = tl.load(noise_row + idx, mask=valid, other=0.5)
-                    key = tl.where(in_s, p / -tl.log(u), -1.0)
-                    top = tl.max(key, 0)
-                    at = tl.argmax(key, 0)
-                    better = top > best
-                    best_i = tl.where(better, start + at, best_i)
-                    best_p = tl.where(better, tl.sum(tl.where(cols == at, p, 0.0), 0), best_p)
-                    best = tl.maximum(best, top)
-            # The pivot (last round's winner) has ``count`` tokens and ``mass`` ranked before it.
-            if (piv_i >= 0) & ((count == 0) | ((count < top_k) & ((top_p >= 1.0) | (mass < top_p)))):
+                count += in_s.to(tl.int32)
+                mass += tl.where(in_s, p, 0.0)
+                # p / -log(u): u from the hash stream of lightllm_grpc.shard.rng, or given (tests).
+                if HASH:
+                    h = base + idx.to(tl.uint64) * 0x9E3779B97F4A7C15
+                    h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9
+                    h = (h ^ (h >> 27)) * 0x94D049BB133111EB
+                    u = (((h ^ (h >> 31)) >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+                else:
+                    u = tl.load(noise_row + idx, mask=valid, other=0.5)
+                key = tl.where(in_s, p / -tl.log(u), -1.0)
+                better = key > best
+                best = tl.where(better, key, best)
+                best_i = tl.where(better, idx, best_i)
+                best_p = tl.where(better, p, best_p)
+            n = tl.sum(count, 0)
+            total = tl.sum(mass, 0)
+            top = tl.max(best, 0)
+            win = tl.min(tl.where(best == top, best_i, vocab), 0)  # the first index among equal keys
+            win_p = tl.max(tl.where((best == top) & (best_i == win), best_p, 0.0), 0)
+            # The pivot (last round's winner) has ``n`` tokens and ``total`` mass ranked before it.
+            if (piv_i >= 0) & ((n == 0) | ((n < top_k) & ((top_p >= 1.0) | (total < top_p)))):
                 answer = piv_i
             if answer < 0:
                 # This round's winner is kept for sure when all of S could rank before it.
-                if (count <= top_k) & ((top_p >= 1.0) | (mass - best_p < top_p)):
-                    answer = best_i
-                piv_i = best_i
-                piv_p = best_p
+                if (n <= top_k) & ((top_p >= 1.0) | (total - win_p < top_p)):
+                    answer = win
+                piv_i = win
+                piv_p = win_p
             rounds += 1
         answer = tl.where(answer < 0, piv_i, answer)
     tl.store(out_ptr + r, answer.to(tl.int64))
@@ -178,7 +184,7 @@ def sample(
     out = torch.empty(b, dtype=torch.int64, device=logits.device)
     if b == 0:
         return out
-    width = block_size or min(1024, block(vocab))
+    width = block_size or min(2048, block(vocab))
     noise = logits if uniform is None else uniform  # a valid pointer; unused when hashing
     _sample_kernel[(b,)](
         logits, params, seeds, counters, noise, out,
