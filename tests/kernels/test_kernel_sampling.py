@@ -204,3 +204,18 @@ def test_gpu_penalties_match_reference_at_full_vocab() -> None:
     torch.testing.assert_close(
         apply_penalties(logits.clone(), counts, rows, params), expected, rtol=0, atol=0
     )
+
+
+@GPU
+def test_gpu_sampler_paths_agree_at_full_vocab() -> None:
+    b, steps = 512, 3
+    device = torch.device("cuda")
+    samplers = [Sampler(b + 1, BIG_VOCAB, device, kernels=k) for k in (False, True)]
+    rows = np.random.default_rng(0).permutation(b + 1)[:b]
+    for s in samplers:
+        for i, row in enumerate(rows.tolist()):
+            _admit(s, row, **{**ROWS[i % len(ROWS)], "seed": 1000 + i})
+    for _ in range(steps):
+        logits = _big_logits(b, torch.bfloat16)
+        torch_path, kernel_path = (s.sample(logits.clone(), rows).tokens for s in samplers)
+        assert (torch_path != kernel_path).sum().item() <= 2
