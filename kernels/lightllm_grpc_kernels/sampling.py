@@ -124,19 +124,20 @@ def _sample_kernel(
                 in_s = valid & (p >= lower) & before
                 count += in_s.to(tl.int32)
                 mass += tl.where(in_s, p, 0.0)
-                # p / -log(u): u from the hash stream of lightllm_grpc.shard.rng, or given (tests).
-                if HASH:
-                    h = base + idx.to(tl.uint64) * 0x9E3779B97F4A7C15
-                    h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9
-                    h = (h ^ (h >> 27)) * 0x94D049BB133111EB
-                    u = (((h ^ (h >> 31)) >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-                else:
-                    u = tl.load(noise_row + idx, mask=valid, other=0.5)
-                key = tl.where(in_s, p / -tl.log(u), -1.0)
-                better = key > best
-                best = tl.where(better, key, best)
-                best_i = tl.where(better, idx, best_i)
-                best_p = tl.where(better, p, best_p)
+                if tl.max(in_s.to(tl.int32), 0) > 0:  # top-k leaves most blocks without S: no hashing there
+                    # p / -log(u): u from the hash stream of lightllm_grpc.shard.rng, or given (tests).
+                    if HASH:
+                        h = base + idx.to(tl.uint64) * 0x9E3779B97F4A7C15
+                        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9
+                        h = (h ^ (h >> 27)) * 0x94D049BB133111EB
+                        u = (((h ^ (h >> 31)) >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+                    else:
+                        u = tl.load(noise_row + idx, mask=valid, other=0.5)
+                    key = tl.where(in_s, p / -tl.log(u), -1.0)
+                    better = key > best
+                    best = tl.where(better, key, best)
+                    best_i = tl.where(better, idx, best_i)
+                    best_p = tl.where(better, p, best_p)
             n = tl.sum(count, 0)
             total = tl.sum(mass, 0)
             top = tl.max(best, 0)
