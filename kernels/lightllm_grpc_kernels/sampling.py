@@ -245,7 +245,7 @@ def _penalty_kernel(
         x = tl.load(logits_ptr + b * stride_l + cols, mask=mask)
         v = tl.load(counts_ptr + row * stride_c + cols, mask=mask, other=0)
         count = (v >> 1).to(tl.float32)
-        scaled = tl.where(x > 0, x / rep, x * rep)
+        scaled = tl.where(x > 0, tl.div_rn(x, rep), x * rep)  # IEEE division, as torch
         x = tl.where(v != 0, scaled, x)  # rep 1 scales by 1: exact
         x = x - frequency * count - presence * (count > 0).to(tl.float32)
         tl.store(logits_ptr + b * stride_l + cols, x, mask=mask)
