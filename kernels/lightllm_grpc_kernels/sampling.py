@@ -97,7 +97,9 @@ def _sample_kernel(
         m = tl.max(lanes, 0)
         s = tl.sum(sums * tl.exp(lanes - m), 0)
         kth = _kth_lane_bound(lanes, m, top_k, NPIV=8, ITERS=4)
-        lower = tl.maximum(tl.exp(kth - m) / s, min_p * (1.0 / s))
+        # A little under the k-th lane's p, in case a compiled exp is not monotone at the last ulp;
+        # the min-p threshold stays exact, since S then stands for min-p's kept set.
+        lower = tl.maximum(tl.exp(kth - m) / s * 0.999, min_p * (1.0 / s))
         if HASH:
             seed = tl.load(seed_ptr + r).to(tl.uint64, bitcast=True)
             counter = tl.load(counter_ptr + r).to(tl.uint64, bitcast=True)
