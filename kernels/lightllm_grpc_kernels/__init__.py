@@ -5,9 +5,11 @@ from lightllm_grpc_kernels.decode_attention import decode_attention, decode_num_
 from lightllm_grpc_kernels.prefill_attention import prefill_attention
 from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 from lightllm_grpc_kernels.rotary import apply_rotary
+from lightllm_grpc_kernels.sampling import apply_penalties, sample
 from lightllm_grpc_kernels.store_kv import store_kv
 
 __all__ = [
+    "apply_penalties",
     "apply_rotary",
     "decode_attention",
     "decode_num_splits",
@@ -15,6 +17,7 @@ __all__ = [
     "fused_add_rmsnorm",
     "prefill_attention",
     "rmsnorm",
+    "sample",
     "silu_and_mul",
     "store_kv",
 ]

@@ -47,7 +47,7 @@ class Result:
 
     def row(self) -> str:
         text = (
-            f"{self.name:<18} {self.shape:<28} {self.bytes_moved / 1e6:>9.2f} MB  "
+            f"{self.name:<28} {self.shape:<28} {self.bytes_moved / 1e6:>9.2f} MB  "
             f"triton {self.kernel_ms * 1e3:>9.1f} us {self._gbs(self.kernel_ms):>7.0f} GB/s  "
             f"torch {self.torch_ms * 1e3:>9.1f} us {self._gbs(self.torch_ms):>7.0f} GB/s  "
             f"x{self.torch_ms / self.kernel_ms:.2f}"
@@ -276,6 +276,46 @@ def bench_prefill_attention(graph: bool) -> list[Result]:
     return results
 
 
+VOCAB = 128256  # Llama-3
+SAMPLING_CASES = {  # name -> RowSampling fields
+    "greedy": dict(temperature=0.0),
+    "T0.8 k50 p0.9": dict(temperature=0.8, top_k=50, top_p=0.9),
+    "T0.8 k50 p0.9 pres0.5": dict(temperature=0.8, top_k=50, top_p=0.9, presence_penalty=0.5),
+    "T1 p0.95 rep1.1": dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1),
+}
+
+
+def bench_sampling(graph: bool) -> list[Result]:
+    """The shard's Sampler, kernel path vs torch path, on flat logits such as random weights give
+    (top-k binds, as in the sampled W2 benchmark). Each call also restores the logits that the
+    sampler penalises in place (2 x B x V x 4 bytes), in both columns alike."""
+    del graph  # the sampler gathers host-side row state each step: timed eagerly
+    import numpy as np
+
+    # The server's sampler itself (the one place this package looks up at the server's code).
+    from lightllm_grpc.proto import shard_pb2
+    from lightllm_grpc.shard.sampler import Sampler
+
+    results = []
+    for rows in (1, 64, 512):
+        logits = (torch.randn(rows, VOCAB, device=DEVICE) * 2).to(DTYPE).float()
+        work = torch.empty_like(logits)
+        batch = np.arange(rows)
+        for name, fields in SAMPLING_CASES.items():
+            timed = []
+            for kernels in (True, False):
+                sampler = Sampler(rows, VOCAB, torch.device(DEVICE), kernels=kernels)
+                prompt = range(0, VOCAB, 31)  # ~4k distinct prompt tokens for the repetition penalty
+                base = dict(top_k=-1, top_p=1.0, repetition_penalty=1.0, penalty_prompt_ids=prompt)
+                for row in range(rows):
+                    sampler.admit(shard_pb2.RowSampling(row=row, seed=row, **{**base, **fields}))
+                timed.append(lambda s=sampler, w=work, x=logits, b=batch: s.sample(w.copy_(x), b))
+            results.append(
+                _compare("sample " + name, f"B={rows} V={VOCAB}", _nbytes(logits), timed[0], timed[1], False)
+            )
+    return results
+
+
 BENCHES: dict[str, Callable[[bool], list[Result]]] = {
     "store_kv": bench_store_kv,
     "rmsnorm": bench_rmsnorm,
@@ -283,6 +323,7 @@ BENCHES: dict[str, Callable[[bool], list[Result]]] = {
     "silu_and_mul": bench_silu_and_mul,
     "decode_attention": bench_decode_attention,
     "prefill_attention": bench_prefill_attention,
+    "sampling": bench_sampling,
 }
 
 

@@ -16,7 +16,6 @@ import torch
 from lightllm_grpc.layers.attention.base import KVCache
 from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 from lightllm_grpc.proto import shard_pb2
-from lightllm_grpc.shard.grammar import GrammarCompiler, RowGrammars
 from lightllm_grpc.shard.sampler import SampleOutput, Sampler
 
 # (input_ids, batch) -> float32 logits [B, V]
@@ -35,7 +34,7 @@ class ModelRunner:
         max_rows: int,
         max_context: int,
         device: torch.device,
-        grammar_compiler: GrammarCompiler | None = None,
+        sampler: Sampler | None = None,
     ) -> None:
         self.forward = forward
         self.kv = kv
@@ -47,10 +46,8 @@ class ModelRunner:
         self.req_to_token = torch.zeros((max_rows + 1, max_context), dtype=torch.int32, device=device)
         self.row_len = np.zeros(max_rows + 1, dtype=np.int64)
         self.last_token = torch.zeros(max_rows + 1, dtype=torch.int64, device=device)
-        grammars = None
-        if grammar_compiler is not None:
-            grammars = RowGrammars(grammar_compiler, max_rows + 1, vocab_size, device)
-        self.sampler = Sampler(max_rows + 1, vocab_size, device, grammars)
+        # A shard builds its sampler first, so the memory profile sees its tables.
+        self.sampler = sampler or Sampler(max_rows + 1, vocab_size, device)
         # Decode may be replaced by a CUDA-graph runner with the same signature.
         self.decode_forward: ForwardFn = forward
         self._prompt_logprobs: torch.Tensor | None = None  # of the step being launched

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard.cuda_graph import CudaGraphDecoder
-from lightllm_grpc.shard.worker import Shard, prefill_step
+from lightllm_grpc.shard.worker import Shard, prefill_step, profile_row
 
 
 def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
@@ -20,7 +20,10 @@ def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
     batch = max(1, min(max_batch_size, runner.max_rows))
     decode = shard_pb2.StepRequest(step_id=0)
     for row in range(batch):
-        decode.admit.append(shard_pb2.RowSampling(row=row, top_k=-1, top_p=1.0, repetition_penalty=1.0))
+        if runner.sampler.kernels:  # compile the sampling kernels before the first request
+            decode.admit.append(profile_row(row))
+        else:
+            decode.admit.append(shard_pb2.RowSampling(row=row, top_k=-1, top_p=1.0, repetition_penalty=1.0))
     decode.decode.rows.extend(range(batch))
     decode.decode.slots.extend(i % capacity for i in range(batch))
     runner.step(decode)

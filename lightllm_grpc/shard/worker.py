@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -23,8 +24,9 @@ from lightllm_grpc.parallel import (
 )
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard import memory
-from lightllm_grpc.shard.grammar import GrammarCompiler
+from lightllm_grpc.shard.grammar import GrammarCompiler, RowGrammars
 from lightllm_grpc.shard.runner import ModelRunner
+from lightllm_grpc.shard.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,35 @@ def _profile_prefill(model, spec: KVCacheSpec, cfg: ShardConfig, max_context: in
     return run
 
 
+# The frontend's limit on top logprobs (server.request_builder.MAX_TOP_LOGPROBS).
+PROFILE_TOP_LOGPROBS = 20
+
+
+def profile_row(row: int) -> shard_pb2.RowSampling:
+    """A row with every sampling option on: what a step may cost the sampler at most."""
+    return shard_pb2.RowSampling(
+        row=row, temperature=1.0, top_k=50, top_p=0.9, min_p=0.05,
+        repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5, penalty_prompt_ids=[0],
+        min_new_tokens=1, suppress_ids=[1], logit_bias_ids=[2], logit_bias_values=[1.0],
+        logprobs=True, top_logprobs=PROFILE_TOP_LOGPROBS,
+    )  # fmt: skip
+
+
+def profile_sampling(
+    sampler: Sampler, rows: int, vocab: int, dtype: torch.dtype, device: torch.device
+) -> None:
+    """Sample a full decode batch with every option on, so its float32 logits (cast from the
+    model's dtype, as the LM head does) and the sampler's temporaries are in the profiled peak."""
+    batch = np.arange(rows)
+    for row in batch.tolist():
+        sampler.admit(profile_row(row))
+    logits = torch.randn(rows, vocab, device=device).to(dtype).float()
+    sampler.sample(logits, batch)
+    del logits
+    for row in batch.tolist():
+        sampler.release(row)
+
+
 def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str | None) -> Shard:
     started = time.perf_counter()
     device = pick_device(cfg.device, rank)
@@ -132,9 +163,18 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     max_context = min(cfg.max_context or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
     spec = model.kv_cache_spec
     bpt = spec.bytes_per_token(dtype)
-    profile = (
-        _profile_prefill(model, spec, cfg, max_context, dtype, device) if device.type == "cuda" else None
-    )
+    # Built before the pool is sized: its penalty-count table is memory the pool cannot use.
+    grammar = GrammarCompiler(cfg.model, model_cfg.vocab_size, tuple(model_cfg.eos_token_ids))
+    grammars = RowGrammars(grammar, cfg.max_rows + 1, model_cfg.vocab_size, device)
+    sampler = Sampler(cfg.max_rows + 1, model_cfg.vocab_size, device, grammars=grammars)
+    profile = None
+    if device.type == "cuda":
+        prefill = _profile_prefill(model, spec, cfg, max_context, dtype, device)
+
+        def profile() -> None:
+            prefill()
+            profile_sampling(sampler, cfg.max_rows, model_cfg.vocab_size, dtype, device)
+
     capacity = memory.kv_capacity(
         device, bpt, cfg.max_total_tokens, cfg.max_rows * max_context, cfg.gpu_memory_fraction, profile
     )
@@ -143,8 +183,7 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     def forward(ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return model(ids, batch, kv)
 
-    grammar = GrammarCompiler(cfg.model, model_cfg.vocab_size, tuple(model_cfg.eos_token_ids))
-    runner = ModelRunner(forward, kv, model_cfg.vocab_size, cfg.max_rows, max_context, device, grammar)
+    runner = ModelRunner(forward, kv, model_cfg.vocab_size, cfg.max_rows, max_context, device, sampler)
     log.info(
         "shard %d/%d ready in %.1fs: %s on %s (%s), KV pool %d tokens (%.1f GiB)",
         rank, world_size, time.perf_counter() - started, model_cfg.name, device, dtype,
