@@ -7,6 +7,8 @@ full checkpoint tensor. Collectives live inside ``forward``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,10 +41,14 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
 class LinearBase(nn.Module):
     """``y = x W^T + b`` with ``W`` of shape ``[out_per_rank, in_per_rank]``."""
 
+    weight_dtype: ClassVar[torch.dtype | None] = None  # None: the default dtype (the model's)
+
     def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(output_size, input_size, dtype=self.weight_dtype), requires_grad=False
+        )
         self.weight.weight_loader = self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
@@ -50,11 +56,19 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def output_rows(self, shard_id: ShardId = None) -> tuple[int, int]:
+        """``(offset, size)`` of this rank's output rows that checkpoint part ``shard_id`` fills."""
+        return 0, self.weight.shape[0]
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         copy_checked(param.data, loaded)
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x W^T + bias``; a quantized subclass replaces this (its weight is stored differently)."""
+        return linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -77,13 +91,16 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             _divide(part, tp_size(), "merged output part")
         super().__init__(input_size, sum(output_sizes), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+    def output_rows(self, shard_id: ShardId = None) -> tuple[int, int]:
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
             raise ValueError(
                 f"merged linear needs a part index below {len(self.output_sizes)}, got {shard_id!r}"
             )
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        size = self.output_sizes[shard_id] // self.tp_size
+        return offset, self.output_sizes[shard_id] // self.tp_size
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        offset, size = self.output_rows(shard_id)
         copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))
 
 
@@ -122,15 +139,18 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+    def output_rows(self, shard_id: ShardId = None) -> tuple[int, int]:
         if shard_id == "q":
-            offset, size, start = 0, self.q_size, self.tp_rank * self.q_size
-        elif shard_id == "k":
-            offset, size, start = self.q_size, self.kv_size, self.kv_head_start * self.head_dim
-        elif shard_id == "v":
-            offset, size, start = self.q_size + self.kv_size, self.kv_size, self.kv_head_start * self.head_dim
-        else:
-            raise ValueError(f"qkv shard id must be 'q', 'k' or 'v', got {shard_id!r}")
+            return 0, self.q_size
+        if shard_id == "k":
+            return self.q_size, self.kv_size
+        if shard_id == "v":
+            return self.q_size + self.kv_size, self.kv_size
+        raise ValueError(f"qkv shard id must be 'q', 'k' or 'v', got {shard_id!r}")
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        offset, size = self.output_rows(shard_id)
+        start = self.tp_rank * self.q_size if shard_id == "q" else self.kv_head_start * self.head_dim
         copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, start, size))
 
 
@@ -149,5 +169,5 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Only rank 0 adds the bias, so the all-reduce sums it exactly once.
-        y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = self.matmul(x, self.bias if self.tp_rank == 0 else None)
         return all_reduce(y) if self.tp_size > 1 else y

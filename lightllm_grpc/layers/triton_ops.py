@@ -67,8 +67,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 def tune_gemv(model: nn.Module, min_gain: float = 0.03) -> dict[tuple[int, int], object]:
     """For each weight shape of ``model``, time cuBLAS and the GEMV kernel at one token
     (inside CUDA graphs, as decode runs) and keep the kernel where it is faster by ``min_gain``."""
-    weights = {
-        tuple(p.shape): p for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name
+    weights = {  # FP8 weights go through their own matmul (layers/fp8.py), never the GEMV
+        tuple(p.shape): p
+        for name, p in model.named_parameters()
+        if p.dim() == 2 and "embed" not in name and p.element_size() > 1
     }
     for shape, w in sorted(weights.items()):
         cublas_ms, best_ms, best = _time_gemv(w)

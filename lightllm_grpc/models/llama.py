@@ -19,6 +19,7 @@ from lightllm_grpc.layers.embedding import ParallelLMHead, VocabParallelEmbeddin
 from lightllm_grpc.layers.forward_batch import ForwardBatch
 from lightllm_grpc.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from lightllm_grpc.layers.norm import RMSNorm
+from lightllm_grpc.layers.quantization import make_linear
 from lightllm_grpc.layers.rotary import RotaryEmbedding
 from lightllm_grpc.models.config import ModelConfig
 
@@ -46,10 +47,25 @@ class LlamaAttention(nn.Module):
         self.layer_id = layer_id
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, config.attention_bias
+        quant, prefix = config.quantization, f"model.layers.{layer_id}.self_attn"
+        self.qkv_proj = make_linear(
+            QKVParallelLinear,
+            quant,
+            [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"],
+            config.hidden_size,
+            config.head_dim,
+            config.num_heads,
+            config.num_kv_heads,
+            config.attention_bias,
         )
-        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, config.o_proj_bias)
+        self.o_proj = make_linear(
+            RowParallelLinear,
+            quant,
+            [f"{prefix}.o_proj"],
+            config.q_size,
+            config.hidden_size,
+            config.o_proj_bias,
+        )
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary_emb = rotary_emb  # one module shared by all layers
@@ -73,12 +89,21 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
-        inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], config.mlp_bias)
+        inter, quant, prefix = config.intermediate_size, config.quantization, f"model.layers.{layer_id}.mlp"
+        self.gate_up_proj = make_linear(
+            MergedColumnParallelLinear,
+            quant,
+            [f"{prefix}.gate_proj", f"{prefix}.up_proj"],
+            config.hidden_size,
+            [inter, inter],
+            config.mlp_bias,
+        )
         self.act_fn = SiluAndMul()
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias)
+        self.down_proj = make_linear(
+            RowParallelLinear, quant, [f"{prefix}.down_proj"], inter, config.hidden_size, config.mlp_bias
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -90,7 +115,7 @@ class LlamaDecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_id, rotary_emb, backend)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, layer_id)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
