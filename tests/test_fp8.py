@@ -337,7 +337,6 @@ def test_bf16_checkpoint_quantized_at_load(
     )
     reference = _logits_at_every_position(_load(bf16), prompts)
     rel, agree = _compare(reference, _logits_at_every_position(model, prompts))
-    print("bf16", rel, agree)
     assert rel < 0.06 and agree > 0.9, (rel, agree)
     assert _load(bf16).model.layers[0].mlp.down_proj.weight.dtype == torch.float32  # no flag: unquantized
 
@@ -394,7 +393,6 @@ def test_fp8_checkpoints_load_and_match(
         else:
             assert layer.input_scale is None
     rel, agree = _compare(reference_logits, _logits_at_every_position(model, prompts))
-    print(fmt, strategy, static, rel, agree)
     assert rel < 0.08 and agree > 0.9, (rel, agree)
 
 
@@ -430,6 +428,14 @@ def test_dummy_weights_with_fp8(tiny: Path, tmp_path: Path) -> None:
     layer = model.model.layers[0].self_attn.qkv_proj
     assert (layer.weight_scale > 0).all() and layer.weight.float().abs().max() == FP8_MAX
     assert torch.isfinite(_logits_at_every_position(model, _prompts([5, 3]))).all()
+    # The same seed without quantization: the FP8 dummy model is exactly its quantized version.
+    dense = _load(tmp_path, load_format="dummy")
+    assert torch.equal(model.model.embed_tokens.weight, dense.model.embed_tokens.weight)
+    assert torch.equal(model.lm_head.weight, dense.lm_head.weight)
+    for name, layer in _fp8_layers(model).items():
+        q, scale = quantize_weight(dense.get_submodule(name).weight)
+        assert torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8)), name
+        assert torch.equal(layer.weight_scale, scale), name
 
 
 def test_kv_cache_scales_are_skipped(tiny: Path, tmp_path: Path) -> None:
@@ -559,3 +565,12 @@ def test_tensor_parallel_fp8_matches_single_rank(strategy: str, tmp_path: Path) 
         logits = torch.load(f"{out_file}.{rank}")[0]
         rel = ((logits - expected).norm() / expected.norm()).item()
         assert rel < (1e-5 if static else 0.05), (rank, rel)
+
+
+def test_fp8_check_accuracy_runs_on_cpu(tiny: Path) -> None:
+    """The GPU script's accuracy measurement (bench/fp8_check.py), small, on the CPU in bf16."""
+    from lightllm_grpc.bench.fp8_check import accuracy
+
+    result = accuracy(tiny, "auto", sequences=2, length=32, backend=TorchAttentionBackend(), device="cpu")
+    assert result["positions"] == 64
+    assert 0.0 <= result["mean_kl"] < 0.05 and result["top1_agreement"] > 0.6, result

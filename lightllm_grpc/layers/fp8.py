@@ -138,6 +138,7 @@ class Fp8Linear(LinearBase):
         super().__init__(*args, **kwargs)
         out_features, in_features = self.weight.shape
         self.serialized = quant.serialized
+        self.dense_dtype = torch.get_default_dtype()  # the model's: what the weight would be unquantized
         scale = torch.ones(out_features, dtype=torch.float32)
         if quant.serialized:
             self.weight_scale = nn.Parameter(scale, requires_grad=False)

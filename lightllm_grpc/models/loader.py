@@ -149,7 +149,11 @@ def load_safetensors_weights(
 
 def init_dummy_weights(model: nn.Module, *, seed: int = 0, std: float = 0.02) -> None:
     """Random normal weights, zero biases and unit norms, generated on the parameters' device.
-    FP8 layers get random high-precision weights quantized in place, as a checkpoint would be."""
+
+    An FP8 layer's weight is drawn in the model dtype, in the same order and from the same
+    generator as unquantized, then quantized: an FP8 dummy model is exactly the quantized
+    version of the unquantized one with the same seed (what FP8 accuracy checks compare).
+    """
     generators: dict[torch.device, torch.Generator] = {}
 
     def generator(device: torch.device) -> torch.Generator:
@@ -157,19 +161,21 @@ def init_dummy_weights(model: nn.Module, *, seed: int = 0, std: float = 0.02) ->
             generators[device] = torch.Generator(device=device).manual_seed(seed)
         return generators[device]
 
+    fp8 = {id(m.weight): m for m in model.modules() if isinstance(m, Fp8Linear)}
+    scales = {id(p) for m in fp8.values() for p in (m.weight_scale, m.input_scale) if p is not None}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.zero_()
-            elif param.element_size() > 1:  # FP8 weights are filled below
+            elif id(param) in fp8:
+                layer = fp8[id(param)]
+                dense = torch.empty(param.shape, dtype=layer.dense_dtype, device=param.device)
+                layer.load_dense_(dense.normal_(0.0, std, generator=generator(param.device)))
+            elif id(param) not in scales:  # scales were set with their weight
                 param.normal_(0.0, std, generator=generator(param.device))
         for module in model.modules():
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
-            elif isinstance(module, Fp8Linear):
-                w = module.weight
-                dense = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-                module.load_dense_(dense.normal_(0.0, std, generator=generator(w.device)))
 
 
 @contextmanager
