@@ -3,6 +3,8 @@
 The members differ only in flags carried by ``ModelConfig``: q/k/v (and o) bias, per-head
 q/k RMSNorm, RoPE scaling and tied embeddings. Module names mirror transformers' so checkpoint
 names map one to one, except for the fused projections listed in ``packed_modules_mapping``.
+With ``config.quantization`` the decoder's projections are built FP8 by ``make_linear``;
+embeddings, LM head and norms stay in the model dtype (docs/quantization.md says why).
 """
 
 from __future__ import annotations
