@@ -574,3 +574,18 @@ def test_fp8_check_accuracy_runs_on_cpu(tiny: Path) -> None:
     result = accuracy(tiny, "auto", sequences=2, length=32, backend=TorchAttentionBackend(), device="cpu")
     assert result["positions"] == 64
     assert 0.0 <= result["mean_kl"] < 0.05 and result["top1_agreement"] > 0.6, result
+
+
+def test_server_serves_fp8(tmp_path: Path) -> None:
+    """``serve --quantization fp8`` end to end on the CPU; the shard logs that its layers are FP8."""
+    from tests.server_harness import ServerProcess, greedy_request, make_served_model
+
+    model_dir = make_served_model("llama3", tmp_path / "m", standard_init=True)
+    log = tmp_path / "server.log"
+    server = ServerProcess(model_dir, log, "--quantization", "fp8", "--max-total-tokens", "200")
+    try:
+        reply = server.stub.Generate(greedy_request([5, 6, 7, 8], 6), timeout=60)
+        assert len(reply.token_ids) == 6
+    finally:
+        server.stop()
+    assert "FP8 linear layers" in log.read_text()
