@@ -161,6 +161,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "Hugging Face. Text prompts always parse them",
     )
     p.add_argument(
+        "--json-whitespace",
+        choices=("any", "compact"),
+        default="any",
+        help="whitespace JSON constraints allow between elements: any (at most 32 characters "
+        "between two elements; default) or compact (only the separators ', ' and ': '), for "
+        "models that would otherwise pad their JSON with whitespace",
+    )
+    p.add_argument(
         "--step-timeout",
         type=float,
         default=600.0,
@@ -344,6 +352,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         served_model_name=args.served_model_name,
         step_timeout_s=args.step_timeout or None,
         chat_content_special_tokens=args.chat_content_special_tokens,
+        json_whitespace=args.json_whitespace,
         stall_timeout_s=args.stall_timeout or None,
         metrics_port=args.metrics_port,
         otlp_traces_endpoint=args.otlp_traces_endpoint,

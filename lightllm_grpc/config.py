@@ -109,6 +109,9 @@ class ServerConfig:
     # Special-token text in chat message content: "plain" characters or "parse"d as control
     # tokens (see server/tokenizer.py).
     chat_content_special_tokens: str = "plain"
+    # JSON constraints: "any" whitespace between elements (at most 32 characters), or
+    # "compact" (only the separators ", " and ": "), for models that pad with whitespace.
+    json_whitespace: str = "any"
     # Readiness turns NOT_SERVING when requests are pending and no step completed for this
     # long (long before step_timeout kills the server). None: never.
     stall_timeout_s: float | None = 60.0
@@ -136,6 +139,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.chat_content_special_tokens not in ("plain", "parse"):
             raise ValueError("chat_content_special_tokens must be 'plain' or 'parse'")
+        if self.json_whitespace not in ("any", "compact"):
+            raise ValueError("json_whitespace must be 'any' or 'compact'")
         for name in ("step_timeout_s", "stall_timeout_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:

@@ -3,6 +3,7 @@ sharding of weights and scales, and the numerics of the reference path against t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -19,18 +20,22 @@ from lightllm_grpc.layers.forward_batch import ForwardMode
 from lightllm_grpc.layers.fp8 import (
     FP8,
     FP8_MAX,
-    Fp8Linear,
+    Fp8LinearMethod,
+    Fp8Matmul,
     fp8_linear_ref,
+    is_fp8,
     quantize_activation,
     quantize_weight,
 )
 from lightllm_grpc.layers.linear import (
+    UNQUANTIZED,
     LinearBase,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
-from lightllm_grpc.layers.quantization import QuantConfig, make_linear
+from lightllm_grpc.layers.ops import Ops
+from lightllm_grpc.layers.quantization import QuantConfig
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.llama import LlamaForCausalLM
 from lightllm_grpc.models.loader import load_model
@@ -245,26 +250,43 @@ def test_reference_matmul_is_the_fp8_product() -> None:
     assert ((y - torch.nn.functional.linear(x, w, bias)).norm() / y.norm()).item() < 0.05
 
 
-# --- the factory --------------------------------------------------------------------------
+# --- the linear method and its selection --------------------------------------------------
 
 
-def test_factory_picks_fp8_per_layer_and_honours_ignore() -> None:
+def _fp8(quant: QuantConfig) -> Fp8LinearMethod:
+    return Fp8LinearMethod(serialized=quant.serialized, static_activations=quant.static_activations)
+
+
+def test_ops_pick_fp8_per_layer_and_honour_ignore() -> None:
+    """``Ops.linear`` by layer name; a fused layer is judged by its checkpoint modules."""
     quant = QuantConfig(source="compressed-tensors", ignore=("re:.*down_proj", "model.layers.1.self_attn"))
-    down = make_linear(RowParallelLinear, quant, ["model.layers.0.mlp.down_proj"], 32, 16)
-    o = make_linear(RowParallelLinear, quant, ["model.layers.0.self_attn.o_proj"], 32, 16)
-    o1 = make_linear(RowParallelLinear, quant, ["model.layers.1.self_attn.o_proj"], 32, 16)
-    assert type(down) is RowParallelLinear and type(o1) is RowParallelLinear
-    assert isinstance(o, Fp8Linear) and isinstance(o, RowParallelLinear) and o.weight.dtype == FP8
+    packed = LlamaForCausalLM.packed_modules_mapping
+    native = Ops.native()
+    assert native.with_quantization(None, packed) is native
+    linear = native.with_quantization(quant, packed).linear
+    assert linear("model.layers.0.mlp.down_proj") is UNQUANTIZED
+    assert linear("model.layers.1.self_attn.o_proj") is UNQUANTIZED
+    assert linear("model.layers.1.self_attn.qkv_proj") is UNQUANTIZED  # q/k/v_proj all ignored
+    method = linear("model.layers.0.self_attn.o_proj")
+    assert method == Fp8LinearMethod(serialized=True) and linear("model.layers.0.mlp.gate_up_proj") is method
+    o = RowParallelLinear(32, 16, method=method)
+    assert is_fp8(o) and o.weight.dtype == FP8 and isinstance(o.matmul, Fp8Matmul)
     assert isinstance(o.weight_scale, torch.nn.Parameter) and o.input_scale is None  # stored, dynamic
-    assert type(make_linear(RowParallelLinear, None, ["x"], 32, 16)) is RowParallelLinear
+    assert not is_fp8(RowParallelLinear(32, 16, method=UNQUANTIZED))
+    # Unquantized layers keep the method the ops had before.
+    custom = Fp8LinearMethod(serialized=True, static_activations=True)
+    fallback = dataclasses.replace(native, linear=lambda prefix: custom).with_quantization(quant, packed)
+    assert fallback.linear("model.layers.0.mlp.down_proj") is custom
+    partly = native.with_quantization(
+        QuantConfig(source="modelopt", static_activations=True, ignore=("*.up_proj",)), packed
+    )
     with pytest.raises(ValueError, match=r"some but not all of .*gate_proj, .*up_proj"):
-        make_linear(
-            MergedColumnParallelLinear,
-            QuantConfig(source="modelopt", static_activations=True, ignore=("*.up_proj",)),
-            ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
-            16,
-            [32, 32],
-        )
+        partly.linear("model.layers.0.mlp.gate_up_proj")
+
+
+def _put(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+    """Load a checkpoint tensor as the loader does: through the parameter's ``weight_loader``."""
+    param.weight_loader(param, loaded, shard_id)
 
 
 def test_fp8_weight_loaders_cut_rank_slices_and_scales() -> None:
@@ -273,30 +295,30 @@ def test_fp8_weight_loaders_cut_rank_slices_and_scales() -> None:
     gen = torch.Generator().manual_seed(0)
     try:
         set_parallel_state(ParallelState(rank=1, world_size=2))
-        qkv = make_linear(QKVParallelLinear, quant, ["q", "k", "v"], 16, 4, 4, 2, False)
+        qkv = QKVParallelLinear(16, 4, 4, 2, False, method=_fp8(quant))
         parts = {
             s: quantize_weight(torch.randn(n, 16, generator=gen)) for s, n in [("q", 16), ("k", 8), ("v", 8)]
         }
         for shard, (q, scale) in parts.items():
-            qkv.weight_loader(qkv.weight, q, shard)
-            qkv.weight_loader(qkv.weight_scale, scale.view(-1, 1), shard)  # per channel [N, 1]
-            qkv.weight_loader(qkv.input_scale, torch.tensor({"q": 0.5, "k": 2.0, "v": 1.0}[shard]), shard)
+            _put(qkv.weight, q, shard)
+            _put(qkv.weight_scale, scale.view(-1, 1), shard)  # per channel [N, 1]
+            _put(qkv.input_scale, torch.tensor({"q": 0.5, "k": 2.0, "v": 1.0}[shard]), shard)
         expected = torch.cat([parts["q"][0][8:], parts["k"][0][4:], parts["v"][0][4:]])
         assert torch.equal(qkv.weight.view(torch.uint8), expected.view(torch.uint8))
         assert torch.equal(
             qkv.weight_scale, torch.cat([parts["q"][1][8:], parts["k"][1][4:], parts["v"][1][4:]])
         )
         assert qkv.input_scale.item() == 2.0  # the fused parts' maximum
-        row = make_linear(RowParallelLinear, quant, ["o"], 16, 8)
+        row = RowParallelLinear(16, 8, method=_fp8(quant))
         wq, _ = _quantize_tensor(torch.randn(8, 16, generator=gen))
-        row.weight_loader(row.weight, wq)
-        row.weight_loader(row.weight_scale, torch.tensor(0.25))  # per tensor, shape []
+        _put(row.weight, wq)
+        _put(row.weight_scale, torch.tensor(0.25))  # per tensor, shape []
         assert torch.equal(row.weight.view(torch.uint8), wq[:, 8:].view(torch.uint8))
         assert torch.equal(row.weight_scale, torch.full((8,), 0.25))
-        gate_up = make_linear(MergedColumnParallelLinear, QuantConfig(), ["g", "u"], 16, [8, 8])
+        gate_up = MergedColumnParallelLinear(16, [8, 8], method=_fp8(QuantConfig()))
         dense = torch.randn(8, 16, generator=gen)
-        gate_up.weight_loader(gate_up.weight, dense, 0)  # quantized at load
-        gate_up.weight_loader(gate_up.weight, -dense, 1)
+        _put(gate_up.weight, dense, 0)  # quantized at load
+        _put(gate_up.weight, -dense, 1)
         q, scale = quantize_weight(dense)
         assert torch.equal(gate_up.weight[:4].view(torch.uint8), q[4:].view(torch.uint8))
         assert torch.equal(gate_up.weight_scale, torch.cat([scale[4:], scale[4:]]))
@@ -304,11 +326,37 @@ def test_fp8_weight_loaders_cut_rank_slices_and_scales() -> None:
         set_parallel_state(ParallelState())
 
 
+def test_gemv_tuning_skips_fp8_layers(tiny: Path) -> None:
+    """Warm-up's GEMV kernel binds into cuBLAS layers only: FP8 layers keep their FP8 matmul,
+    an ignored (high-precision) layer of a quantized model is tuned like any other."""
+    from lightllm_grpc_kernels.gemv import GEMV_CONFIGS
+
+    from lightllm_grpc.layers import triton_ops
+    from lightllm_grpc.models.loader import build_model
+
+    quant = QuantConfig(source="compressed-tensors", ignore=("re:.*down_proj",))
+    config = dataclasses.replace(ModelConfig.from_pretrained(tiny), quantization=quant)
+    model = build_model(config, device="cpu", dtype=torch.float32, attn_backend=TorchAttentionBackend())
+    gemv = GEMV_CONFIGS[0]
+    shapes = {tuple(p.shape): gemv for p in model.parameters() if p.dim() == 2}
+    before = {name: layer.matmul for name, layer in _fp8_layers(model).items()}
+    assert len(before) == 3 * config.num_layers
+    changed = triton_ops.use_gemv(model, shapes)
+    assert changed == config.num_layers + 1  # every down_proj and the LM head
+    assert all(layer.mlp.down_proj.matmul is triton_ops.gemv_matmul(gemv) for layer in model.model.layers)
+    assert all(layer.matmul is before[name] for name, layer in _fp8_layers(model).items())
+
+
 # --- checkpoints --------------------------------------------------------------------------
 
 
-def _fp8_layers(model: LlamaForCausalLM) -> dict[str, Fp8Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+def _fp8_layers(model: LlamaForCausalLM) -> dict[str, LinearBase]:
+    return {n: m for n, m in model.named_modules() if is_fp8(m)}
+
+
+def _dequantized(layer: torch.nn.Module) -> torch.Tensor:
+    assert isinstance(layer, LinearBase)
+    return Fp8LinearMethod.dequantized_weight(layer)
 
 
 def _check_high_precision_rest(model: LlamaForCausalLM) -> None:
@@ -333,7 +381,7 @@ def test_bf16_checkpoint_quantized_at_load(
     down = model.model.layers[1].mlp.down_proj
     saved = tensors["model.layers.1.mlp.down_proj.weight"].float()
     assert torch.equal(
-        down.dequantized_weight(), quantize_weight(saved)[0].float() * quantize_weight(saved)[1].view(-1, 1)
+        _dequantized(down), quantize_weight(saved)[0].float() * quantize_weight(saved)[1].view(-1, 1)
     )
     reference = _logits_at_every_position(_load(bf16), prompts)
     rel, agree = _compare(reference, _logits_at_every_position(model, prompts))
@@ -385,7 +433,7 @@ def test_fp8_checkpoints_load_and_match(
                 for p in parts
             ]
         )
-        assert torch.equal(layer.dequantized_weight(), expected), name
+        assert torch.equal(_dequantized(layer), expected), name
         assert layer.weight.dtype == FP8 and layer.weight_scale.dtype == torch.float32
         if static:
             amax = max(saved[f"{prefix}.{p}.input_scale"].item() for p in parts)
@@ -415,8 +463,8 @@ def test_ignored_modules_stay_high_precision(tiny: Path, tmp_path: Path, prompts
         tiny, tmp_path / "ct", fmt="compressed-tensors", ignore=("re:.*down_proj",)
     )
     model = _load(model_dir)
-    assert all(type(layer.mlp.down_proj) is RowParallelLinear for layer in model.model.layers)
-    assert isinstance(model.model.layers[0].mlp.gate_up_proj, Fp8Linear)
+    assert all(layer.mlp.down_proj.method is UNQUANTIZED for layer in model.model.layers)
+    assert is_fp8(model.model.layers[0].mlp.gate_up_proj)
     saved = load_file(model_dir / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, saved.float())
 

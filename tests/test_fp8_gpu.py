@@ -3,14 +3,14 @@ and a quantized model's agreement with its bf16 original."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightllm_grpc.layers.fp8 import fp8_linear_ref, fp8_linear_scaled_mm, quantize_weight
+from lightllm_grpc.layers.fp8 import Fp8LinearMethod, fp8_linear_ref, fp8_linear_scaled_mm, quantize_weight
 from lightllm_grpc.layers.linear import MergedColumnParallelLinear, RowParallelLinear
-from lightllm_grpc.layers.quantization import QuantConfig, make_linear
 from tests.model_factory import make_tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -45,13 +45,13 @@ def test_layers_pick_scaled_mm_and_capture_in_cuda_graphs() -> None:
     with torch.device("cuda"):
         torch.set_default_dtype(torch.bfloat16)
         try:
-            gate_up = make_linear(MergedColumnParallelLinear, QuantConfig(), ["g", "u"], 512, [1024, 1024])
-            down = make_linear(RowParallelLinear, QuantConfig(), ["d"], 2048, 512)
+            gate_up = MergedColumnParallelLinear(512, [1024, 1024], method=Fp8LinearMethod())
+            down = RowParallelLinear(2048, 512, method=Fp8LinearMethod())
         finally:
             torch.set_default_dtype(torch.float32)
-    assert gate_up.fp8_matmul is fp8_linear_scaled_mm and down.fp8_matmul is fp8_linear_scaled_mm
-    gate_up.load_dense_(torch.randn(2048, 512, device="cuda") * 0.02)
-    down.load_dense_(torch.randn(512, 2048, device="cuda") * 0.02)
+    assert gate_up.matmul.gemm is fp8_linear_scaled_mm and down.matmul.gemm is fp8_linear_scaled_mm
+    Fp8LinearMethod.load_dense_(gate_up, torch.randn(2048, 512, device="cuda") * 0.02)
+    Fp8LinearMethod.load_dense_(down, torch.randn(512, 2048, device="cuda") * 0.02)
     x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
     eager = down(gate_up(x))
     with torch.no_grad():
@@ -61,8 +61,8 @@ def test_layers_pick_scaled_mm_and_capture_in_cuda_graphs() -> None:
             out = down(gate_up(x))
     graph.replay()
     assert _rel(out, eager) < 1e-3  # the same kernels, replayed
-    down.fp8_matmul = fp8_linear_ref
-    gate_up.fp8_matmul = fp8_linear_ref
+    down.matmul = dataclasses.replace(down.matmul, gemm=fp8_linear_ref)
+    gate_up.matmul = dataclasses.replace(gate_up.matmul, gemm=fp8_linear_ref)
     assert _rel(eager, down(gate_up(x))) < 1e-2
 
 

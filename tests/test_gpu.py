@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from lightllm_grpc.layers import activation, linear, norm, rotary
 from lightllm_grpc.layers.forward_batch import ForwardMode
+from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.loader import load_model
 from tests.model_factory import build_batch, make_tiny_model
@@ -20,18 +20,10 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 
-@pytest.fixture
-def triton_ops():
-    """Yields the installer; the torch ops come back after the test (CPU references need them)."""
-    from lightllm_grpc.layers.triton_ops import install_triton_ops
-
-    saved = (norm.rms_norm, norm.add_rms_norm, activation.silu_and_mul, rotary.apply_rotary, linear.linear)
-    yield install_triton_ops
-    norm.rms_norm, norm.add_rms_norm, activation.silu_and_mul, rotary.apply_rotary, linear.linear = saved
-
-
-def _prefill_logits(model_dir, device: str, dtype: str, backend, prompts: list[list[int]]) -> torch.Tensor:
-    model = load_model(model_dir, device=device, dtype=dtype, attn_backend=backend)
+def _prefill_logits(model_dir, device: str, dtype: str, ops: Ops, prompts: list[list[int]]) -> torch.Tensor:
+    cfg = ModelConfig.from_pretrained(model_dir)
+    backend = ops.attention(8, cfg.num_heads, cfg.head_dim, torch.device(device), getattr(torch, dtype))
+    model = load_model(model_dir, device=device, dtype=dtype, attn_backend=backend, ops=ops)
     total = sum(map(len, prompts))
     kv = model.kv_cache_spec.make_cache(total + 1, model.lm_head.weight.dtype, device)
     width = max(map(len, prompts))
@@ -49,20 +41,15 @@ def _prefill_logits(model_dir, device: str, dtype: str, backend, prompts: list[l
         return model(ids.to(device), batch, kv).float().cpu()
 
 
-def _bf16_error(model_dir, triton_ops) -> tuple[float, float]:
-    """Relative error of our bf16 first-step logits, and of transformers' own bf16 ones, vs fp32."""
+def _bf16_error(model_dir) -> tuple[float, float]:
+    """Relative error of our bf16 first-step logits (Triton ops), and of transformers' own bf16
+    ones, vs our fp32 native ones."""
     from transformers import AutoModelForCausalLM
-
-    from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
-    from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
 
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(10, 512, (n,), generator=gen).tolist() for n in (1, 17, 64, 200)]
-    ref = _prefill_logits(model_dir, "cpu", "float32", TorchAttentionBackend(), prompts)
-    triton_ops()
-    cfg = ModelConfig.from_pretrained(model_dir)
-    backend = TritonAttentionBackend(8, cfg.num_heads, cfg.head_dim, torch.device("cuda"), torch.bfloat16)
-    ours = _prefill_logits(model_dir, "cuda", "bfloat16", backend, prompts)
+    ref = _prefill_logits(model_dir, "cpu", "float32", Ops.native(), prompts)
+    ours = _prefill_logits(model_dir, "cuda", "bfloat16", Ops.triton(), prompts)
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).cuda().eval()
     with torch.no_grad():
         theirs = torch.stack(
@@ -76,16 +63,16 @@ def _bf16_error(model_dir, triton_ops) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bf16_first_step_logits_close_to_fp32(arch: str, tmp_path, triton_ops) -> None:
+def test_bf16_first_step_logits_close_to_fp32(arch: str, tmp_path) -> None:
     """On a checkpoint with ordinary (small) weights, bf16 logits are within 1e-2 of fp32."""
-    ours, theirs = _bf16_error(make_tiny_model(arch, tmp_path / arch, standard_init=True), triton_ops)
+    ours, theirs = _bf16_error(make_tiny_model(arch, tmp_path / arch, standard_init=True))
     assert ours < 1e-2, f"{arch}: bf16 logits relative error {ours:.3g} (transformers bf16: {theirs:.3g})"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bf16_no_worse_than_transformers_on_large_weights(arch: str, tmp_path, triton_ops) -> None:
+def test_bf16_no_worse_than_transformers_on_large_weights(arch: str, tmp_path) -> None:
     """The parity models' enlarged weights amplify bf16 rounding; ours must stay near transformers'."""
-    ours, theirs = _bf16_error(make_tiny_model(arch, tmp_path / arch), triton_ops)
+    ours, theirs = _bf16_error(make_tiny_model(arch, tmp_path / arch))
     assert ours <= 1.5 * theirs + 2e-3, f"{arch}: ours {ours:.3g} vs transformers bf16 {theirs:.3g}"
 
 
@@ -146,3 +133,24 @@ def test_cascade_decode_graphs_keep_greedy_parity(tmp_path) -> None:
     assert info.num_cascade_decode_steps > 0
     for i, ((ref, scores), ours) in enumerate(zip(reference_greedy(model_dir, prompts, 8), outs)):
         assert_greedy_equal(f"prompt {i}", ours, ref, scores)
+
+
+def test_structured_output_on_gpu(tmp_path) -> None:
+    """Constrained rows on CUDA (pinned mask buffers, the token copy before each forward, the
+    Triton masking kernel, CUDA graphs), preempted and chunked in a small pool: every output
+    validates, and the unconstrained rows beside them decode as they do alone."""
+    from tests import test_structured_output as t
+
+    model_dir = make_served_model("llama", tmp_path / "llama")
+    server = ServerProcess(
+        model_dir,
+        tmp_path / "server.log",
+        *("--device", "cuda", "--dtype", "float32", "--json-whitespace", "compact"),
+        *("--max-total-tokens", "600", "--max-prefill-tokens", "16"),
+    )
+    try:
+        t.test_constrained_outputs_validate_and_leave_the_others_unchanged(server, model_dir)
+        t.test_n_completions_each_follow_the_constraint(server)
+        t.test_constraint_wins_over_min_new_tokens_and_logit_bias(server)
+    finally:
+        server.stop()

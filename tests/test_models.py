@@ -20,7 +20,12 @@ from lightllm_grpc.layers.attention.base import KVCache
 from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
 from lightllm_grpc.layers.embedding import VocabParallelEmbedding
 from lightllm_grpc.layers.forward_batch import ForwardMode
-from lightllm_grpc.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from lightllm_grpc.layers.linear import (
+    UNQUANTIZED,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from lightllm_grpc.layers.rotary import compute_inv_freq
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.llama import LlamaForCausalLM
@@ -388,18 +393,20 @@ def test_weight_loaders_cut_rank_slices() -> None:
     """Rank 1 of 4 takes its rows/columns; a single kv head is replicated on every rank."""
     try:
         set_parallel_state(ParallelState(rank=1, world_size=4))
-        qkv = QKVParallelLinear(hidden_size=3, head_dim=2, num_heads=8, num_kv_heads=1, bias=True)
+        qkv = QKVParallelLinear(
+            hidden_size=3, head_dim=2, num_heads=8, num_kv_heads=1, bias=True, method=UNQUANTIZED
+        )
         full_q, full_k = torch.arange(48.0).view(16, 3), torch.arange(6.0).view(2, 3) + 100
         qkv.weight_loader(qkv.weight, full_q, "q")
         qkv.weight_loader(qkv.weight, full_k, "k")
         qkv.weight_loader(qkv.weight, full_k + 100, "v")
         assert torch.equal(qkv.weight, torch.cat([full_q[4:8], full_k, full_k + 100]))
-        gate_up = MergedColumnParallelLinear(3, [8, 8])
+        gate_up = MergedColumnParallelLinear(3, [8, 8], method=UNQUANTIZED)
         gate_up.weight_loader(gate_up.weight, torch.arange(24.0).view(8, 3), 0)
         gate_up.weight_loader(gate_up.weight, -torch.arange(24.0).view(8, 3), 1)
         assert torch.equal(gate_up.weight[:2], torch.arange(24.0).view(8, 3)[2:4])
         assert torch.equal(gate_up.weight[2:], -torch.arange(24.0).view(8, 3)[2:4])
-        row = RowParallelLinear(8, 3)
+        row = RowParallelLinear(8, 3, method=UNQUANTIZED)
         row.weight_loader(row.weight, torch.arange(24.0).view(3, 8))
         assert torch.equal(row.weight, torch.arange(24.0).view(3, 8)[:, 2:4])
         embed = VocabParallelEmbedding(10, 2)  # 3 rows per rank; rank 1 owns ids 3..5

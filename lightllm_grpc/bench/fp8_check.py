@@ -30,7 +30,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightllm_grpc.config import ShardConfig
 from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 from lightllm_grpc.models.loader import load_model
 
@@ -109,13 +108,12 @@ def compare_logits(reference: torch.Tensor, quantized: torch.Tensor, decisive_si
 
 
 def _backend(model_dir: Path, device: torch.device, batch: int):
+    """The server's attention backend for ``device`` (Triton on CUDA), ``batch`` sequences at once."""
+    from lightllm_grpc.layers.ops import Ops
     from lightllm_grpc.models.config import ModelConfig
-    from lightllm_grpc.shard.worker import attention_backend
 
     cfg = ModelConfig.from_pretrained(model_dir)
-    return attention_backend(
-        device, ShardConfig(model=model_dir, max_rows=batch), cfg.num_heads, cfg.head_dim, torch.bfloat16
-    )
+    return Ops.for_device(device).attention(batch + 1, cfg.num_heads, cfg.head_dim, device, torch.bfloat16)
 
 
 def accuracy(
@@ -129,7 +127,8 @@ def accuracy(
 ) -> dict:
     """bf16 vs FP8 logits at every position of ``sequences`` random sequences. ``model_dir``
     must hold a high-precision checkpoint (or dummy config), quantized at load for the FP8 side.
-    ``backend``: the attention backend (default: the server's, which installs the Triton ops)."""
+    ``backend``: the attention backend (default: the server's); the layers' ops are
+    ``Ops.for_device(device)``, as the server's."""
     backend = backend or _backend(model_dir, torch.device(device), 4)
     common = dict(device=device, dtype="bfloat16", attn_backend=backend, load_format=load_format, seed=seed)
     ref_model = load_model(model_dir, **common)

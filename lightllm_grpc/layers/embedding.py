@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightllm_grpc.layers import linear as linear_ops
-from lightllm_grpc.layers.linear import ShardId, copy_checked
+from lightllm_grpc.layers.linear import Matmul, ShardId, copy_checked
 from lightllm_grpc.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_size
 
 
@@ -46,8 +45,16 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """``logits = hidden @ W^T`` over the full vocabulary; may share its weight with the embedding."""
+    """``logits = hidden @ W^T`` over the full vocabulary; may share its weight with the embedding.
+
+    Its matmul is cuBLAS (``F.linear``) under every ``Ops``; warm-up may swap it for a tuned
+    one-token kernel on this layer alone, as for the linear layers.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__(num_embeddings, embedding_dim)
+        self.matmul: Matmul = F.linear
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(linear_ops.linear(hidden, self.weight, None))  # swappable op
+        logits = all_gather_last_dim(self.matmul(hidden, self.weight, None))
         return logits[..., : self.num_embeddings]

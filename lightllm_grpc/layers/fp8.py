@@ -1,33 +1,26 @@
 """FP8 (e4m3) W8A8 linear layers: per-output-channel weight scales, per-token activation scales.
 
-Each tensor-parallel linear class has an FP8 counterpart (``fp8_class``) that stores its
-weight as ``float8_e4m3fn [out_per_rank, in_per_rank]`` with an fp32 ``weight_scale [out_per_rank]``
-and cuts its rank's slice exactly as the high-precision class does. The matmul is picked when
-the layer is built: ``torch._scaled_mm`` with row-wise scales on a Hopper GPU, otherwise
-``fp8_linear_ref``, which reproduces the same quantization error in fp32 (the CPU path and the
-reference the GPU path is tested against). docs/quantization.md has the formats and choices.
+``Fp8LinearMethod`` is a ``LinearMethod`` (layers/linear.py): any tensor-parallel linear class
+built with it stores its weight as ``float8_e4m3fn [out_per_rank, in_per_rank]`` with an fp32
+``weight_scale [out_per_rank]``, and cuts its rank's slice of both with the class's own
+sharding. The matmul is picked when the layer is built: ``torch._scaled_mm`` with row-wise
+scales on a Hopper GPU, otherwise ``fp8_linear_ref``, which reproduces the same quantization
+error in fp32 (the CPU path and the reference the GPU path is tested against).
+``layers/quantization.py`` decides which layers get it; docs/quantization.md has the formats
+and choices.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lightllm_grpc.layers.linear import (
-    ColumnParallelLinear,
-    LinearBase,
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-    ShardId,
-)
-
-if TYPE_CHECKING:
-    from lightllm_grpc.layers.quantization import QuantConfig
+from lightllm_grpc.layers.linear import LinearBase, LinearMethod, Matmul, ShardId
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +31,8 @@ MIN_SCALE = 1e-12  # an all-zero row still gets a finite, positive scale
 _SCALED_MM_ALIGN = 16
 _SCALED_MM_CAPABILITY = (9, 0)
 
-Fp8Matmul = Callable[
+# (x, weight e4m3, weight_scale, input_scale, bias) -> x W^T + b: fp8_linear_scaled_mm or _ref.
+Fp8Gemm = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor
 ]
 
@@ -109,7 +103,7 @@ def scaled_mm_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= _SCALED_MM_CAPABILITY
 
 
-def pick_fp8_matmul(device: torch.device, in_features: int, out_features: int) -> Fp8Matmul:
+def pick_fp8_gemm(device: torch.device, in_features: int, out_features: int) -> Fp8Gemm:
     """``torch._scaled_mm`` where it runs (Hopper, K and N multiples of 16), else the reference."""
     aligned = in_features % _SCALED_MM_ALIGN == 0 and out_features % _SCALED_MM_ALIGN == 0
     if scaled_mm_supported(device) and aligned:
@@ -123,101 +117,109 @@ def pick_fp8_matmul(device: torch.device, in_features: int, out_features: int) -
     return fp8_linear_ref
 
 
-class Fp8Linear(LinearBase):
-    """Mixed in before a tensor-parallel linear class; keeps its sharding, replaces its storage.
+@dataclass(frozen=True, eq=False)
+class Fp8Matmul:
+    """An FP8 layer's ``matmul(x, weight, bias)``: ``gemm`` with the layer's scales bound."""
 
-    Parameters: ``weight`` e4m3 ``[out, in]`` per rank; ``weight_scale`` fp32 ``[out]``, a
-    parameter loaded from the checkpoint when it stores FP8, else a buffer filled when the
-    high-precision weight is quantized at load; ``input_scale`` fp32 ``[1]`` only with static
-    activation scales (the maximum over the parts of a fused layer).
+    gemm: Fp8Gemm
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.gemm(x, weight, self.weight_scale, self.input_scale, bias)
+
+
+@dataclass(frozen=True)
+class Fp8LinearMethod(LinearMethod):
+    """W8A8 FP8 storage and matmul for any tensor-parallel linear layer.
+
+    Tensors it registers: ``weight`` e4m3 ``[out, in]`` per rank; ``weight_scale`` fp32
+    ``[out]``, a parameter loaded from the checkpoint when it stores FP8 (``serialized``), else
+    a buffer filled when the high-precision weight is quantized at load; ``input_scale`` fp32
+    ``[1]`` only with ``static_activations`` (the maximum over the parts of a fused layer);
+    ``bias`` in the model dtype. Their loaders wrap the layer's own sharding ``weight_loader``:
+    a per-tensor checkpoint scale fills exactly the rows of its part. The layer's ``matmul`` is an
+    ``Fp8Matmul`` bound to these tensors (loaders and dummy weights fill them in place).
     """
 
-    weight_dtype = FP8
+    serialized: bool = False  # the checkpoint stores e4m3 weights and their scales
+    static_activations: bool = False  # a per-tensor input_scale from the checkpoint, not per token
 
-    def __init__(self, *args: Any, quant: QuantConfig, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        out_features, in_features = self.weight.shape
-        self.serialized = quant.serialized
-        self.dense_dtype = torch.get_default_dtype()  # the model's: what the weight would be unquantized
-        scale = torch.ones(out_features, dtype=torch.float32)
-        if quant.serialized:
-            self.weight_scale = nn.Parameter(scale, requires_grad=False)
-            self.weight_scale.weight_loader = self.weight_loader
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, bias: bool) -> None:
+        assert isinstance(layer, LinearBase)
+        layer.dense_dtype = torch.get_default_dtype()  # the model's: what the weight would be unquantized
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=FP8), requires_grad=False)
+        layer.weight.weight_loader = functools.partial(self._load_weight, layer)
+        scale = torch.ones(output_size, dtype=torch.float32)
+        if self.serialized:
+            layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+            layer.weight_scale.weight_loader = functools.partial(self._load_weight_scale, layer)
         else:
-            self.register_buffer("weight_scale", scale)
-        if quant.static_activations:
-            self.input_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32), requires_grad=False)
-            self.input_scale.weight_loader = self.weight_loader
+            layer.register_buffer("weight_scale", scale)
+        if self.static_activations:
+            layer.input_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32), requires_grad=False)
+            layer.input_scale.weight_loader = self._load_input_scale
         else:
-            self.register_parameter("input_scale", None)
-        self.fp8_matmul: Fp8Matmul = pick_fp8_matmul(self.weight.device, in_features, out_features)
+            layer.register_parameter("input_scale", None)
+        if bias:  # sharded by the layer's own weight_loader
+            layer.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+        else:
+            layer.register_parameter("bias", None)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-        if param is self.weight and loaded.dtype != FP8:
-            # A high-precision checkpoint: quantize the whole tensor per output channel, then
-            # cut this rank's rows (or columns) of the weight and of the scales as usual.
-            if self.serialized:
+    def matmul(self, layer: nn.Module) -> Matmul:
+        out_features, in_features = layer.weight.shape
+        gemm = pick_fp8_gemm(layer.weight.device, in_features, out_features)
+        return Fp8Matmul(gemm, layer.weight_scale, layer.input_scale)
+
+    def _load_weight(
+        self, layer: LinearBase, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None
+    ) -> None:
+        if loaded.dtype == FP8:
+            if not self.serialized:
                 raise ValueError(
-                    f"a {loaded.dtype} weight where the checkpoint's quantization_config promises FP8"
+                    "the checkpoint stores FP8 weights but config.json has no quantization_config"
                 )
-            q, scale = quantize_weight(loaded.to(param.device))
-            super().weight_loader(param, q, shard_id)
-            super().weight_loader(self.weight_scale, scale, shard_id)
-        elif param is self.weight and not self.serialized:
-            raise ValueError("the checkpoint stores FP8 weights but config.json has no quantization_config")
-        elif param is self.weight_scale:
-            scale = loaded.to(torch.float32).reshape(-1)  # [], [1], [N] or [N, 1]
-            if scale.numel() == 1:  # per tensor: every row this part fills gets it, exactly
-                param.data.narrow(0, *self.output_rows(shard_id)).fill_(scale.item())
-            else:
-                super().weight_loader(param, scale, shard_id)
-        elif param is self.input_scale:
-            # Fused parts see the same input: the largest scale clips none of them.
-            param.data.copy_(torch.maximum(param.data, loaded.to(param.device, torch.float32).reshape(1)))
+            layer.weight_loader(param, loaded, shard_id)
+            return
+        if self.serialized:
+            raise ValueError(
+                f"a {loaded.dtype} weight where the checkpoint's quantization_config promises FP8"
+            )
+        # A high-precision checkpoint: quantize the whole tensor per output channel, then cut
+        # this rank's rows (or columns) of the weight and of the scales as usual.
+        q, scale = quantize_weight(loaded.to(param.device))
+        layer.weight_loader(param, q, shard_id)
+        layer.weight_loader(layer.weight_scale, scale, shard_id)
+
+    def _load_weight_scale(
+        self, layer: LinearBase, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None
+    ) -> None:
+        scale = loaded.to(torch.float32).reshape(-1)  # [], [1], [N] or [N, 1]
+        if scale.numel() == 1:  # per tensor: every row this part fills gets it, exactly
+            param.data.narrow(0, *layer.output_rows(shard_id)).fill_(scale.item())
         else:
-            super().weight_loader(param, loaded, shard_id)
+            layer.weight_loader(param, scale, shard_id)
 
-    def load_dense_(self, weight: torch.Tensor) -> None:
-        """Quantize this rank's high-precision ``weight [out, in]`` into place (dummy weights)."""
+    @staticmethod
+    def _load_input_scale(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        # Fused parts see the same input: the largest scale clips none of them.
+        param.data.copy_(torch.maximum(param.data, loaded.to(param.device, torch.float32).reshape(1)))
+
+    @staticmethod
+    def load_dense_(layer: LinearBase, weight: torch.Tensor) -> None:
+        """Quantize this rank's high-precision ``weight [out, in]`` into ``layer`` (dummy weights)."""
         q, scale = quantize_weight(weight)
-        self.weight.data.copy_(q)
-        self.weight_scale.data.copy_(scale)
-        if self.input_scale is not None:
-            self.input_scale.data.fill_(1.0)  # unit-RMS hidden states fit e4m3's range at scale 1
+        layer.weight.data.copy_(q)
+        layer.weight_scale.data.copy_(scale)
+        if layer.input_scale is not None:
+            layer.input_scale.data.fill_(1.0)  # unit-RMS hidden states fit e4m3's range at scale 1
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """fp32 ``weight * weight_scale`` (tests and checks)."""
-        return self.weight.float() * self.weight_scale.view(-1, 1)
-
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self.fp8_matmul(x, self.weight, self.weight_scale, self.input_scale, bias)
+    @staticmethod
+    def dequantized_weight(layer: LinearBase) -> torch.Tensor:
+        """fp32 ``weight * weight_scale`` of an FP8 ``layer`` (tests and checks)."""
+        return layer.weight.float() * layer.weight_scale.view(-1, 1)
 
 
-class Fp8ColumnParallelLinear(Fp8Linear, ColumnParallelLinear):
-    pass
-
-
-class Fp8MergedColumnParallelLinear(Fp8Linear, MergedColumnParallelLinear):
-    pass
-
-
-class Fp8QKVParallelLinear(Fp8Linear, QKVParallelLinear):
-    pass
-
-
-class Fp8RowParallelLinear(Fp8Linear, RowParallelLinear):
-    pass
-
-
-_FP8_CLASSES: dict[type[LinearBase], type[Fp8Linear]] = {
-    ColumnParallelLinear: Fp8ColumnParallelLinear,
-    MergedColumnParallelLinear: Fp8MergedColumnParallelLinear,
-    QKVParallelLinear: Fp8QKVParallelLinear,
-    RowParallelLinear: Fp8RowParallelLinear,
-}
-
-
-def fp8_class(cls: type[LinearBase]) -> type[Fp8Linear]:
-    if cls not in _FP8_CLASSES:
-        raise ValueError(f"no FP8 version of {cls.__name__}")
-    return _FP8_CLASSES[cls]
+def is_fp8(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a linear layer built with ``Fp8LinearMethod``."""
+    return isinstance(layer, LinearBase) and isinstance(layer.method, Fp8LinearMethod)

@@ -2,12 +2,14 @@
 
 Each parameter is allocated at its per-rank size and carries a
 ``weight_loader(param, loaded_tensor, shard_id=None)`` that cuts this rank's slice out of the
-full checkpoint tensor. Collectives live inside ``forward``.
+full checkpoint tensor. Collectives live inside ``forward``. How a layer stores its weight
+and multiplies by it is its ``LinearMethod``, chosen per layer when the model is built
+(``Ops.linear``).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +18,34 @@ from torch import nn
 from lightllm_grpc.parallel import all_reduce, tp_rank, tp_size
 
 ShardId = str | int | None  # which part of a fused parameter a checkpoint tensor fills
+# ``y = x W^T + b`` as a layer's forward calls it: ``matmul(x, weight, bias)``.
+Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The matmul every layer here calls; a GPU or quantized path may rebind this module attribute."""
-    return F.linear(x, weight, bias)
+class LinearMethod:
+    """How a linear layer holds its weight and multiplies by it; one is chosen per layer at build time.
+
+    This one keeps ``weight [out, in]`` (and ``bias [out]``) unquantized in the model dtype and
+    multiplies with ``F.linear`` (cuBLAS on GPU). Contract for a variant (e.g. FP8):
+    ``create_weights`` registers the layer's tensors, allocated at their per-rank size (the
+    layer then gives every parameter without one its own sharding ``weight_loader``);
+    ``matmul`` returns the callable the layer's forward calls as ``matmul(x, weight, bias)``
+    (it may close over other tensors it registered, such as scales). Both run once, in the
+    layer's constructor, so a forward pays no dispatch.
+    """
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, bias: bool) -> None:
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        if bias:
+            layer.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+        else:
+            layer.register_parameter("bias", None)
+
+    def matmul(self, layer: nn.Module) -> Matmul:
+        return F.linear
+
+
+UNQUANTIZED = LinearMethod()
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -39,22 +64,22 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
-    """``y = x W^T + b`` with ``W`` of shape ``[out_per_rank, in_per_rank]``."""
+    """``y = x W^T + b`` with ``W`` of shape ``[out_per_rank, in_per_rank]``.
 
-    weight_dtype: ClassVar[torch.dtype | None] = None  # None: the default dtype (the model's)
+    ``matmul`` is bound from ``method`` here; warm-up may swap it for a tuned one-token kernel
+    on this layer alone (``triton_ops.tune_gemv``). ``method`` stays on the layer, for what
+    asks how its weight is stored (dummy weights, tests).
+    """
 
-    def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
+    def __init__(self, input_size: int, output_size: int, bias: bool, method: LinearMethod) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
-        self.weight = nn.Parameter(
-            torch.empty(output_size, input_size, dtype=self.weight_dtype), requires_grad=False
-        )
-        self.weight.weight_loader = self.weight_loader
-        if bias:
-            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
-        else:
-            self.register_parameter("bias", None)
+        self.method = method
+        method.create_weights(self, input_size, output_size, bias)
+        for param in self.parameters(recurse=False):
+            if not hasattr(param, "weight_loader"):
+                param.weight_loader = self.weight_loader
+        self.matmul: Matmul = method.matmul(self)
 
     def output_rows(self, shard_id: ShardId = None) -> tuple[int, int]:
         """``(offset, size)`` of this rank's output rows that checkpoint part ``shard_id`` fills."""
@@ -63,19 +88,17 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         copy_checked(param.data, loaded)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x W^T + bias``; a quantized subclass replaces this (its weight is stored differently)."""
-        return linear(x, self.weight, bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
+        return self.matmul(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; each rank returns its slice, no collective."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__(input_size, _divide(output_size, tp_size(), "output size"), bias)
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, *, method: LinearMethod
+    ) -> None:
+        super().__init__(input_size, _divide(output_size, tp_size(), "output size"), bias, method)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         size = param.shape[0]
@@ -85,11 +108,13 @@ class ColumnParallelLinear(LinearBase):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections stored as one (gate_up); shard_id is the index of the part."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+    def __init__(
+        self, input_size: int, output_sizes: list[int], bias: bool = False, *, method: LinearMethod
+    ) -> None:
         self.output_sizes = list(output_sizes)
         for part in self.output_sizes:
             _divide(part, tp_size(), "merged output part")
-        super().__init__(input_size, sum(output_sizes), bias)
+        super().__init__(input_size, sum(output_sizes), bias, method=method)
 
     def output_rows(self, shard_id: ShardId = None) -> tuple[int, int]:
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
@@ -112,7 +137,14 @@ class QKVParallelLinear(ColumnParallelLinear):
     """
 
     def __init__(
-        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        *,
+        method: LinearMethod,
     ) -> None:
         size = tp_size()
         self.head_dim = head_dim
@@ -129,7 +161,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_heads = 1
             self.kv_head_start = tp_rank() // replicas
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        LinearBase.__init__(self, hidden_size, output_size, bias)
+        LinearBase.__init__(self, hidden_size, output_size, bias, method)
 
     @property
     def q_size(self) -> int:
@@ -157,8 +189,10 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial products are summed with an all-reduce in forward."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__(_divide(input_size, tp_size(), "input size"), output_size, bias)
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, *, method: LinearMethod
+    ) -> None:
+        super().__init__(_divide(input_size, tp_size(), "input size"), output_size, bias, method)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         if param.dim() == 1:  # the bias is not sharded
@@ -169,5 +203,5 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Only rank 0 adds the bias, so the all-reduce sums it exactly once.
-        y = self.matmul(x, self.bias if self.tp_rank == 0 else None)
+        y = self.matmul(x, self.weight, self.bias if self.tp_rank == 0 else None)
         return all_reduce(y) if self.tp_size > 1 else y

@@ -1,20 +1,22 @@
-"""Which linear layers are quantized, and the one place a layer's class is picked from that.
+"""Which linear layers are quantized, and the one place a layer's ``LinearMethod`` is picked from that.
 
-``QuantConfig`` is what the model is built with (parsed from a checkpoint's
-``quantization_config`` by ``models/quantization.py``, or asked for with ``--quantization``).
-The model builds every projection through ``make_linear``; that factory is the only
-integration point between a model and the quantized layers (docs/quantization.md).
+``QuantConfig`` is what the model is built with (``ModelConfig.quantization``: parsed from a
+checkpoint's ``quantization_config`` by ``models/quantization.py``, or asked for with
+``--quantization``). ``quantized_linear`` turns it into the ``Ops.linear`` factory
+(``Ops.with_quantization``) that hands each layer ``Fp8LinearMethod`` or the unquantized
+method, by the layer's name: the only integration point between a model and the quantized
+layers (docs/quantization.md).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatch
-from typing import Any, TypeVar
 
-from lightllm_grpc.layers.linear import LinearBase
+from lightllm_grpc.layers.fp8 import Fp8LinearMethod
+from lightllm_grpc.layers.linear import LinearMethod, ShardId
 
 QUANT_METHODS = ("fp8",)
 # Where the FP8 weights come from: quantized here from a bf16/fp16/fp32 checkpoint, or stored so.
@@ -63,27 +65,33 @@ def _matches(pattern: str, module: str) -> bool:
     return module == pattern or module.startswith(pattern + ".") or fnmatch(module, pattern)
 
 
-L = TypeVar("L", bound=LinearBase)
+def quantized_linear(
+    quant: QuantConfig,
+    packed_modules: Mapping[str, tuple[str, ShardId]],
+    fallback: Callable[[str], LinearMethod],
+) -> Callable[[str], LinearMethod]:
+    """An ``Ops.linear`` factory: ``Fp8LinearMethod`` for the layers ``quant`` covers, ``fallback``'s
+    method for the others.
 
-
-def make_linear(
-    cls: type[L], quant: QuantConfig | None, modules: Sequence[str], *args: Any, **kwargs: Any
-) -> LinearBase:
-    """Build ``cls(*args, **kwargs)``, or its FP8 counterpart when ``quant`` covers the layer.
-
-    ``modules`` are the checkpoint module names the layer is loaded from (several for a fused
-    layer: q/k/v, gate/up); they must all be quantized or none, since one matmul serves them.
+    A layer is named by its module in the model (``model.layers.0.self_attn.qkv_proj``); a fused
+    one is looked up by the checkpoint modules it is loaded from (``packed_modules``, the model's
+    ``packed_modules_mapping``: ``q_proj -> (qkv_proj, "q")``), which must all be quantized or
+    none, since one matmul serves them.
     """
-    if quant is None:
-        return cls(*args, **kwargs)
-    chosen = {quant.quantizes(m) for m in modules}
-    if len(chosen) > 1:
-        raise ValueError(
-            f"the quantization config's ignore list names some but not all of {', '.join(modules)}, "
-            "which are fused into one layer here"
-        )
-    if not chosen.pop():
-        return cls(*args, **kwargs)
-    from lightllm_grpc.layers.fp8 import fp8_class
+    method = Fp8LinearMethod(serialized=quant.serialized, static_activations=quant.static_activations)
+    sources: dict[str, list[str]] = {}
+    for source, (target, _) in packed_modules.items():
+        sources.setdefault(target, []).append(source)
 
-    return fp8_class(cls)(*args, quant=quant, **kwargs)
+    def linear(prefix: str) -> LinearMethod:
+        parent, _, name = prefix.rpartition(".")
+        modules = [f"{parent}.{part}" if parent else part for part in sources.get(name, [name])]
+        chosen = {quant.quantizes(m) for m in modules}
+        if len(chosen) > 1:
+            raise ValueError(
+                f"the quantization config's ignore list names some but not all of {', '.join(modules)}, "
+                "which are fused into one layer here"
+            )
+        return method if chosen.pop() else fallback(prefix)
+
+    return linear

@@ -10,10 +10,13 @@ frequencies exactly.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lightllm_grpc.layers.ops import Ops
 
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -109,7 +112,7 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q [T, H, D]`` and ``k [T, Hkv, D]`` at ``positions`` using ``[max_pos, D/2]`` caches.
 
-    Swappable for a kernel (which may rotate in place and return its inputs).
+    The native op; the Triton one (``Ops.triton``) rotates in place and returns its inputs.
     """
     cos = cos_cache[positions].unsqueeze(1).to(q.dtype)
     sin = sin_cache[positions].unsqueeze(1).to(q.dtype)
@@ -126,9 +129,15 @@ class RotaryEmbedding(nn.Module):
     """``cos``/``sin`` caches ``[max_position, head_dim/2]`` in fp32; indexing them needs no host sync."""
 
     def __init__(
-        self, head_dim: int, max_position: int, rope_theta: float, rope_scaling: dict[str, Any] | None
+        self,
+        head_dim: int,
+        max_position: int,
+        rope_theta: float,
+        rope_scaling: dict[str, Any] | None,
+        ops: Ops,
     ) -> None:
         super().__init__()
+        self._apply_rotary = ops.apply_rotary
         device = torch.get_default_device()  # the model is built under a target-device context
         with torch.device("cpu"):  # HF computes the frequencies on the CPU; do the same for exactness
             inv_freq, attention_scaling = compute_inv_freq(head_dim, rope_theta, rope_scaling)
@@ -140,4 +149,4 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rotary(positions, q, k, self.cos_cache, self.sin_cache)
+        return self._apply_rotary(positions, q, k, self.cos_cache, self.sin_cache)

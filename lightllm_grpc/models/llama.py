@@ -3,8 +3,9 @@
 The members differ only in flags carried by ``ModelConfig``: q/k/v (and o) bias, per-head
 q/k RMSNorm, RoPE scaling and tied embeddings. Module names mirror transformers' so checkpoint
 names map one to one, except for the fused projections listed in ``packed_modules_mapping``.
-With ``config.quantization`` the decoder's projections are built FP8 by ``make_linear``;
-embeddings, LM head and norms stay in the model dtype (docs/quantization.md says why).
+With ``config.quantization`` the decoder's projections get ``Fp8LinearMethod`` through
+``ops.linear`` (``Ops.with_quantization``); embeddings, LM head and norms stay in the model
+dtype (docs/quantization.md says why).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from lightllm_grpc.layers.embedding import ParallelLMHead, VocabParallelEmbeddin
 from lightllm_grpc.layers.forward_batch import ForwardBatch
 from lightllm_grpc.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from lightllm_grpc.layers.norm import RMSNorm
-from lightllm_grpc.layers.quantization import make_linear
+from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.layers.rotary import RotaryEmbedding
 from lightllm_grpc.models.config import ModelConfig
 
@@ -43,33 +44,31 @@ class KVCacheSpec:
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, config: ModelConfig, layer_id: int, rotary_emb: RotaryEmbedding, backend: AttentionBackend
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        rotary_emb: RotaryEmbedding,
+        backend: AttentionBackend,
+        ops: Ops,
+        prefix: str,
     ) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        quant, prefix = config.quantization, f"model.layers.{layer_id}.self_attn"
-        self.qkv_proj = make_linear(
-            QKVParallelLinear,
-            quant,
-            [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"],
+        self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             config.head_dim,
             config.num_heads,
             config.num_kv_heads,
             config.attention_bias,
+            method=ops.linear(f"{prefix}.qkv_proj"),
         )
-        self.o_proj = make_linear(
-            RowParallelLinear,
-            quant,
-            [f"{prefix}.o_proj"],
-            config.q_size,
-            config.hidden_size,
-            config.o_proj_bias,
+        self.o_proj = RowParallelLinear(
+            config.q_size, config.hidden_size, config.o_proj_bias, method=ops.linear(f"{prefix}.o_proj")
         )
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
         self.rotary_emb = rotary_emb  # one module shared by all layers
         self.backend = backend
 
@@ -91,20 +90,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, prefix: str) -> None:
         super().__init__()
-        inter, quant, prefix = config.intermediate_size, config.quantization, f"model.layers.{layer_id}.mlp"
-        self.gate_up_proj = make_linear(
-            MergedColumnParallelLinear,
-            quant,
-            [f"{prefix}.gate_proj", f"{prefix}.up_proj"],
-            config.hidden_size,
-            [inter, inter],
-            config.mlp_bias,
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [inter, inter], config.mlp_bias, method=ops.linear(f"{prefix}.gate_up_proj")
         )
-        self.act_fn = SiluAndMul()
-        self.down_proj = make_linear(
-            RowParallelLinear, quant, [f"{prefix}.down_proj"], inter, config.hidden_size, config.mlp_bias
+        self.act_fn = SiluAndMul(ops)
+        self.down_proj = RowParallelLinear(
+            inter, config.hidden_size, config.mlp_bias, method=ops.linear(f"{prefix}.down_proj")
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,13 +107,19 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, layer_id: int, rotary_emb: RotaryEmbedding, backend: AttentionBackend
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        rotary_emb: RotaryEmbedding,
+        backend: AttentionBackend,
+        ops: Ops,
+        prefix: str,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, rotary_emb, backend)
-        self.mlp = LlamaMLP(config, layer_id)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_id, rotary_emb, backend, ops, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, ops, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(
         self,
@@ -137,16 +137,17 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, ops: Ops, prefix: str) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary_emb = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling, ops
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary_emb, backend) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, rotary_emb, backend, ops, f"{prefix}.layers.{i}")
+            for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Final-norm hidden states ``[B, hidden]`` of the rows at ``batch.logits_indices`` only."""
@@ -159,7 +160,12 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """``forward(input_ids [T], batch, kv)`` -> fp32 logits ``[B, vocab]`` of each sequence's last token."""
+    """``forward(input_ids [T], batch, kv)`` -> fp32 logits ``[B, vocab]`` of each sequence's last token.
+
+    ``ops`` chooses every layer's implementation (native torch or Triton) once, here; layers
+    are named by their checkpoint prefix, which ``ops.linear`` sees. ``config.quantization``
+    is applied to ``ops`` first, so ``self.ops`` is what the layers were built with.
+    """
 
     # checkpoint module name -> (our fused module, shard id for its weight_loader)
     packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
@@ -172,10 +178,11 @@ class LlamaForCausalLM(nn.Module):
     # checkpoint tensors that are derived buffers, not weights
     ignored_weight_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
 
-    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend, ops: Ops) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, attn_backend)
+        self.ops = ops = ops.with_quantization(config.quantization, self.packed_modules_mapping)
+        self.model = LlamaModel(config, attn_backend, ops, "model")
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

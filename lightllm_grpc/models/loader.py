@@ -20,9 +20,10 @@ from torch import nn
 from tqdm import tqdm
 
 from lightllm_grpc.layers.attention.base import AttentionBackend
-from lightllm_grpc.layers.fp8 import Fp8Linear
+from lightllm_grpc.layers.fp8 import Fp8LinearMethod, is_fp8
 from lightllm_grpc.layers.linear import ShardId, copy_checked
 from lightllm_grpc.layers.norm import RMSNorm
+from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.llama import LlamaForCausalLM
 from lightllm_grpc.models.quantization import apply_quantization_flag
@@ -58,12 +59,15 @@ def load_model(
     device: torch.device | str,
     dtype: str | torch.dtype,
     attn_backend: AttentionBackend,
+    ops: Ops | None = None,
     load_format: LoadFormat = "auto",
     seed: int = 0,
     progress: bool = False,
     quantization: str | None = None,
 ) -> LlamaForCausalLM:
     """Build the model for ``model_dir``'s config.json on ``device`` and fill its weights.
+
+    ``ops`` chooses the layers' implementations (default: ``Ops.for_device(device)``).
 
     ``load_format="dummy"`` needs only config.json and fills random weights (seeded by ``seed``),
     for benchmarking a shape without a checkpoint. ``progress`` shows a bar on stderr while
@@ -77,7 +81,7 @@ def load_model(
     config = apply_quantization_flag(ModelConfig.from_pretrained(folder), quantization)
     files = [] if load_format == "dummy" else checkpoint_files(folder)  # fail before allocating
     torch_dtype = resolve_dtype(config, dtype, device)
-    model = build_model(config, device=device, dtype=torch_dtype, attn_backend=attn_backend)
+    model = build_model(config, device=device, dtype=torch_dtype, attn_backend=attn_backend, ops=ops)
     if load_format == "dummy":
         init_dummy_weights(model, seed=seed)
     else:
@@ -86,12 +90,19 @@ def load_model(
 
 
 def build_model(
-    config: ModelConfig, *, device: torch.device | str, dtype: torch.dtype, attn_backend: AttentionBackend
+    config: ModelConfig,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    attn_backend: AttentionBackend,
+    ops: Ops | None = None,
 ) -> LlamaForCausalLM:
-    """Allocate every parameter uninitialised (``torch.empty``) directly on ``device`` in ``dtype``."""
+    """Allocate every parameter uninitialised (``torch.empty``) directly on ``device`` in ``dtype``,
+    each layer with the implementation ``ops`` chooses (default: ``Ops.for_device(device)``)."""
     spec = get_model_spec(config.architecture)
+    ops = Ops.for_device(device) if ops is None else ops
     with _default_dtype(dtype), torch.device(device):
-        model = spec.model_class(config, attn_backend)
+        model = spec.model_class(config, attn_backend, ops)
     return model.eval()
 
 
@@ -161,7 +172,7 @@ def init_dummy_weights(model: nn.Module, *, seed: int = 0, std: float = 0.02) ->
             generators[device] = torch.Generator(device=device).manual_seed(seed)
         return generators[device]
 
-    fp8 = {id(m.weight): m for m in model.modules() if isinstance(m, Fp8Linear)}
+    fp8 = {id(m.weight): m for m in model.modules() if is_fp8(m)}
     scales = {id(p) for m in fp8.values() for p in (m.weight_scale, m.input_scale) if p is not None}
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -170,7 +181,7 @@ def init_dummy_weights(model: nn.Module, *, seed: int = 0, std: float = 0.02) ->
             elif id(param) in fp8:
                 layer = fp8[id(param)]
                 dense = torch.empty(param.shape, dtype=layer.dense_dtype, device=param.device)
-                layer.load_dense_(dense.normal_(0.0, std, generator=generator(param.device)))
+                Fp8LinearMethod.load_dense_(layer, dense.normal_(0.0, std, generator=generator(param.device)))
             elif id(param) not in scales:  # scales were set with their weight
                 param.normal_(0.0, std, generator=generator(param.device))
         for module in model.modules():

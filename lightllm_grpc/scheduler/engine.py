@@ -23,6 +23,8 @@ from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError
 log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2
 STATS_INTERVAL_S = 10.0
+# A JSON schema over a 128k vocabulary compiles in ~0.05-1 s; far longer means a pathological one.
+CONSTRAINT_COMPILE_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -108,6 +110,11 @@ class Engine:
             self.last_step_at = time.monotonic()  # an idle engine was not stalled
         self.scheduler.submit(req)
         self._wake.set()
+
+    async def compile_constraint(self, constraint: shard_pb2.Constraint) -> None:
+        """Compile ``constraint`` on the shards before its request is queued, so no step waits
+        for it. ValueError (the shards' message) when it is invalid."""
+        await self.shards.compile_constraint(constraint, timeout=CONSTRAINT_COMPILE_TIMEOUT_S)
 
     def abort(self, request_id: str) -> bool:
         """Abort every live completion of ``request_id``; False when there is none."""

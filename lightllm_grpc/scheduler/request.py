@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.radix_cache import Node
 from lightllm_grpc.scheduler.sampling import SamplingOptions
 from lightllm_grpc.text.detokenizer import DetokState
@@ -96,6 +97,8 @@ class Request:
     output: OutputOptions
     index: int = 0  # which of the request's n completions
     priority: int = 0  # lower runs first under the priority policy
+    # The output's constraint (structured output), compiled on the shards before submission.
+    constraint: shard_pb2.Constraint | None = None
     state: State = State.WAITING
     row: int = -1
     arrival: int = 0  # submission order, for FCFS and tie-breaks

@@ -467,4 +467,6 @@ def _row_sampling(req: Request, eos_ids: tuple[int, ...]) -> shard_pb2.RowSampli
     # A resumed request's output so far: the shard's counters (seeded noise, penalties,
     # min_new_tokens) continue from there, so sampling goes on exactly as if never stopped.
     msg.generated_ids.extend(req.output_ids)
+    if req.constraint is not None:
+        msg.constraint.CopyFrom(req.constraint)
     return msg

@@ -160,6 +160,19 @@ class ShardClient:
         results = await asyncio.gather(*(s.Warmup(req) for s in self.stubs))
         return max(r.seconds for r in results)
 
+    async def compile_constraint(self, constraint: shard_pb2.Constraint, timeout: float) -> None:
+        """Compile ``constraint`` on every shard; ValueError with the shard's message when invalid."""
+        calls = (s.CompileConstraint(constraint, timeout=timeout) for s in self.stubs)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for rank, res in enumerate(results):
+            if isinstance(res, grpc.aio.AioRpcError):
+                if res.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise ValueError(res.details())
+                why = f"{res.code().name}: {res.details()}"
+                raise ShardError(f"shard {rank} could not compile a constraint: {why}")
+            if isinstance(res, BaseException):
+                raise res
+
     async def send(self, msg: shard_pb2.StepRequest) -> None:
         """Send a step to every shard; its result comes from ``receive``, in order."""
         if not self._streams:

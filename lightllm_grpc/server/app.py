@@ -194,7 +194,7 @@ def _engine(
         sampling.model_defaults(cfg.shard.model),
     )
     engine = Engine(scheduler, outputs, client, step_timeout=cfg.step_timeout_s)
-    return engine, RequestBuilder(tok, limits)
+    return engine, RequestBuilder(tok, limits, compact_json=cfg.json_whitespace == "compact")
 
 
 class StartupError(RuntimeError):

@@ -13,6 +13,7 @@ import grpc
 from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.scheduler.request import OutputOptions, Request, StopOptions
 from lightllm_grpc.scheduler.sampling import SamplingOptions, resolve
+from lightllm_grpc.server.constraint import constraint
 from lightllm_grpc.server.errors import RequestError, invalid
 from lightllm_grpc.server.tokenizer import PromptTokenizer
 from lightllm_grpc.text.stop import StopStringMatcher
@@ -48,9 +49,10 @@ class Limits:
 
 
 class RequestBuilder:
-    def __init__(self, tokenizer: PromptTokenizer, limits: Limits) -> None:
+    def __init__(self, tokenizer: PromptTokenizer, limits: Limits, compact_json: bool = False) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
+        self.compact_json = compact_json  # --json-whitespace compact
 
     def build(self, msg: pb.GenerateRequest) -> list[Request]:
         """The request's completions: one ``Request`` each, sharing its id and prompt."""
@@ -61,6 +63,7 @@ class RequestBuilder:
         limits = self.limits
         sampling = _sampling(msg.sampling, limits.default_sampling, limits.vocab_size)
         output = _output(msg.response)
+        output_constraint = constraint(msg, self.compact_json)
         reqs = [
             Request(
                 request_id=request_id,
@@ -70,6 +73,7 @@ class RequestBuilder:
                 output=output,
                 index=i,
                 priority=msg.priority,
+                constraint=output_constraint,
             )
             for i in range(n)
         ]

@@ -13,10 +13,11 @@ import grpc
 
 from lightllm_grpc import __version__
 from lightllm_grpc.proto import generation_pb2 as pb
-from lightllm_grpc.proto import generation_pb2_grpc
+from lightllm_grpc.proto import generation_pb2_grpc, shard_pb2
 from lightllm_grpc.scheduler.engine import Engine
 from lightllm_grpc.scheduler.request import FinishReason, Request, RequestOutput, next_outputs
-from lightllm_grpc.server.errors import RequestError, stream_errors, unary_errors
+from lightllm_grpc.scheduler.shard_client import ShardError
+from lightllm_grpc.server.errors import RequestError, invalid, stream_errors, unary_errors
 from lightllm_grpc.server.request_builder import RequestBuilder
 
 T = TypeVar("T")
@@ -150,6 +151,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def _submit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> list[Request]:
         self._check_admissible()  # refuse before tokenizing when it is clear already
         reqs = await self._off_loop(self.builder.build, request)
+        if reqs[0].constraint is not None:
+            await self._compile(reqs[0].constraint)
         self._check_admissible()  # the engine or the queue may have changed meanwhile
         request_id = reqs[0].request_id
         if request_id in self.engine.scheduler.by_id:
@@ -163,6 +166,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         if self.on_submit is not None:
             self.on_submit(reqs)
         return reqs
+
+    async def _compile(self, constraint: shard_pb2.Constraint) -> None:
+        try:
+            await self.engine.compile_constraint(constraint)
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+        except ShardError as exc:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
     async def _outputs(self, reqs: list[Request]) -> AsyncIterator[RequestOutput]:
         """Yield the completions' deltas until all have finished; abort them all if the

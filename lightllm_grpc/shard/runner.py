@@ -16,6 +16,7 @@ import torch
 from lightllm_grpc.layers.attention.base import KVCache
 from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 from lightllm_grpc.proto import shard_pb2
+from lightllm_grpc.shard.grammar import GrammarCompiler, RowGrammars
 from lightllm_grpc.shard.sampler import SampleOutput, Sampler
 
 # (input_ids, batch) -> float32 logits [B, V]
@@ -34,6 +35,7 @@ class ModelRunner:
         max_rows: int,
         max_context: int,
         device: torch.device,
+        grammar_compiler: GrammarCompiler | None = None,
     ) -> None:
         self.forward = forward
         self.kv = kv
@@ -45,7 +47,10 @@ class ModelRunner:
         self.req_to_token = torch.zeros((max_rows + 1, max_context), dtype=torch.int32, device=device)
         self.row_len = np.zeros(max_rows + 1, dtype=np.int64)
         self.last_token = torch.zeros(max_rows + 1, dtype=torch.int64, device=device)
-        self.sampler = Sampler(max_rows + 1, vocab_size, device)
+        grammars = None
+        if grammar_compiler is not None:
+            grammars = RowGrammars(grammar_compiler, max_rows + 1, vocab_size, device)
+        self.sampler = Sampler(max_rows + 1, vocab_size, device, grammars)
         # Decode may be replaced by a CUDA-graph runner with the same signature.
         self.decode_forward: ForwardFn = forward
         self._prompt_logprobs: torch.Tensor | None = None  # of the step being launched
@@ -211,7 +216,15 @@ class ModelRunner:
                 raise ValueError("decode prefix groups must be aligned with the rows")
             groups = torch.tensor(np.stack([d.shared_lens, d.group_sizes]), dtype=torch.int32)
             batch.shared_lens, batch.group_sizes = groups.to(self.device, non_blocking=True).unbind(0)
-        logits = self.decode_forward(self.last_token[d_rows], batch)
+        grammars = self.sampler.grammars
+        # Constrained rows' previous tokens leave for the host before this forward is queued,
+        # so reading them below waits for the previous step only, not for this forward.
+        input_ids = self.last_token[d_rows]
+        pending = grammars.pending(rows, input_ids) if grammars is not None else None
+        logits = self.decode_forward(input_ids, batch)
+        if pending is not None:
+            assert grammars is not None
+            grammars.accept(pending)
         self.row_len[rows] += 1
         return self._sample(logits, rows, d_rows)
 

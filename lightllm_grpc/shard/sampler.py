@@ -13,6 +13,7 @@ import torch
 
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard import rng
+from lightllm_grpc.shard.grammar import RowGrammars
 
 
 @dataclass
@@ -33,8 +34,11 @@ class _Penalty:
 
 
 class Sampler:
-    def __init__(self, max_rows: int, vocab_size: int, device: torch.device) -> None:
+    def __init__(
+        self, max_rows: int, vocab_size: int, device: torch.device, grammars: RowGrammars | None = None
+    ) -> None:
         self.vocab = vocab_size
+        self.grammars = grammars  # None: this shard refuses constrained rows
         self.device = device
         # Host mirrors of per-row parameters; gathered per step into one small tensor.
         self.params = np.zeros((max_rows, 4), dtype=np.float32)  # temperature, top_k, top_p, min_p
@@ -62,6 +66,10 @@ class Sampler:
             ids = torch.tensor(list(s.logit_bias_ids), dtype=torch.int64, device=self.device)
             values = torch.tensor(list(s.logit_bias_values), dtype=torch.float32, device=self.device)
             self.bias[row] = (ids, values)
+        if s.HasField("constraint"):
+            if self.grammars is None:
+                raise ValueError("this shard has no grammar support; constrained rows are refused")
+            self.grammars.admit(row, s.constraint, list(s.generated_ids))
 
     def _penalty(self, s: shard_pb2.RowSampling) -> _Penalty:
         seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
@@ -77,6 +85,8 @@ class Sampler:
         self.penalties.pop(row, None)
         self.suppress.pop(row, None)
         self.bias.pop(row, None)
+        if self.grammars is not None:
+            self.grammars.release(row)
 
     def sample(self, logits: torch.Tensor, rows: np.ndarray) -> SampleOutput:
         """Sample one token per row from float32 ``logits`` [B, V]; rows index the per-row state."""
@@ -94,19 +104,37 @@ class Sampler:
         return _with_logprobs(tokens, logprobs_raw, k)
 
     def _process(self, logits: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        if not (self.penalties or self.suppress or self.bias):  # the common case: no per-row Python
-            return logits
-        for i, row in enumerate(rows.tolist()):
-            pen = self.penalties.get(row)
-            if pen is not None:
-                logits[i] = _apply_penalty(logits[i], pen)
-            bias = self.bias.get(row)
-            if bias is not None:
-                logits[i].index_add_(0, bias[0], bias[1])
-            sup = self.suppress.get(row)
-            if sup is not None and self.generated[row] < sup[0]:
-                logits[i, sup[1]] = float("-inf")
+        """Penalties and logit bias, then the constraint's mask, then min_new_tokens suppression."""
+        grammars = self.grammars
+        constrained = grammars.constrained(rows) if grammars is not None else np.empty(0, dtype=np.int64)
+        if not (self.penalties or self.suppress or self.bias or constrained.size):
+            return logits  # the common case: no per-row Python
+        if self.penalties or self.bias:
+            for i, row in enumerate(rows.tolist()):
+                pen = self.penalties.get(row)
+                if pen is not None:
+                    logits[i] = _apply_penalty(logits[i], pen)
+                bias = self.bias.get(row)
+                if bias is not None:
+                    logits[i].index_add_(0, bias[0], bias[1])
+        if constrained.size:
+            assert grammars is not None
+            grammars.apply(logits, rows, constrained)
+        if self.suppress:
+            self._suppress(logits, rows, set(rows[constrained].tolist()))
         return logits
+
+    def _suppress(self, logits: torch.Tensor, rows: np.ndarray, constrained: set[int]) -> None:
+        for i, row in enumerate(rows.tolist()):
+            sup = self.suppress.get(row)
+            if sup is None or self.generated[row] >= sup[0]:
+                continue
+            if row not in constrained:
+                logits[i, sup[1]] = float("-inf")
+                continue
+            # The constraint wins: when it allows only stop tokens, they stay (no host sync).
+            kept = logits[i].index_fill(0, sup[1], float("-inf"))
+            logits[i] = torch.where(torch.isfinite(kept).any(), kept, logits[i])
 
     def _draw(self, logits: torch.Tensor, rows: np.ndarray, params: np.ndarray) -> torch.Tensor:
         p = torch.from_numpy(params).to(self.device, non_blocking=True)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from lightllm_grpc.proto import shard_pb2, shard_pb2_grpc
+from lightllm_grpc.shard.grammar import ConstraintError
 from lightllm_grpc.shard.runner import PendingStep
 from lightllm_grpc.shard.warmup import warmup
 from lightllm_grpc.shard.worker import Shard
@@ -66,6 +67,19 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             )
         self.shard.runner.reset()
         return shard_pb2.ClearCacheResponse()
+
+    async def CompileConstraint(self, request: shard_pb2.Constraint, context: grpc.aio.ServicerContext):
+        compiler = self.shard.grammar
+        if compiler is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this shard has no grammar support")
+        start = time.perf_counter()
+        try:
+            # xgrammar releases the GIL while compiling, so steps keep running meanwhile.
+            await asyncio.to_thread(compiler.compile, request)
+        except ConstraintError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        seconds = time.perf_counter() - start
+        return shard_pb2.CompileConstraintResponse(seconds=seconds)
 
     async def Steps(
         self, requests: AsyncIterator[shard_pb2.StepRequest], context: grpc.aio.ServicerContext

@@ -26,10 +26,8 @@ def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
     runner.step(decode)
     runner.reset()
     if shard.cuda_graphs and not shard.graph_batch_sizes:
-        if shard.model is not None:
-            from lightllm_grpc.layers.triton_ops import tune_gemv
-
-            tune_gemv(shard.model)
+        if shard.model is not None and shard.ops.tune is not None:
+            shard.ops.tune(shard.model)  # Triton: one-token GEMV or cuBLAS, per layer, before capture
         graphs = CudaGraphDecoder(
             runner.forward, runner.req_to_token, runner.pad_row, runner.pad_slot, batch, runner.device
         )

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from lightllm_grpc.config import ShardConfig
-from lightllm_grpc.layers.attention.base import AttentionBackend
 from lightllm_grpc.layers.forward_batch import ForwardBatch
+from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.llama import KVCacheSpec
 from lightllm_grpc.models.loader import load_model, resolve_dtype
 from lightllm_grpc.parallel import ParallelState, set_parallel_state
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard import memory
+from lightllm_grpc.shard.grammar import GrammarCompiler
 from lightllm_grpc.shard.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class Shard:
     model: torch.nn.Module | None = None
     cuda_graphs: bool = False
     graph_batch_sizes: tuple[int, ...] = ()
+    grammar: GrammarCompiler | None = None
+    ops: Ops = field(default_factory=Ops.native)  # what the model was built with (its warm-up hook)
 
 
 def pick_device(requested: str, rank: int) -> torch.device:
@@ -52,20 +55,6 @@ def init_distributed(rank: int, world_size: int, init_method: str | None, device
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
-
-
-def attention_backend(
-    device: torch.device, cfg: ShardConfig, num_heads: int, head_dim: int, dtype: torch.dtype
-) -> AttentionBackend:
-    if device.type == "cuda":
-        from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
-        from lightllm_grpc.layers.triton_ops import install_triton_ops
-
-        install_triton_ops()
-        return TritonAttentionBackend(cfg.max_rows + 1, num_heads, head_dim, device, dtype)
-    from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
-
-    return TorchAttentionBackend()
 
 
 def prefill_step(row: int, num_tokens: int, capacity: int) -> shard_pb2.StepRequest:
@@ -101,12 +90,17 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     init_distributed(rank, world_size, init_method, device)
     model_cfg = ModelConfig.from_pretrained(cfg.model)
     dtype = resolve_dtype(model_cfg, cfg.dtype, device)
-    backend = attention_backend(device, cfg, model_cfg.num_heads // world_size, model_cfg.head_dim, dtype)
+    ops = Ops.for_device(device)  # Triton kernels on CUDA, torch on CPU: every layer and attention
+    # + 1 row: the runner's padding row for CUDA-graph batches.
+    backend = ops.attention(
+        cfg.max_rows + 1, model_cfg.num_heads // world_size, model_cfg.head_dim, device, dtype
+    )
     model = load_model(
         cfg.model,
         device=device,
         dtype=dtype,
         attn_backend=backend,
+        ops=ops,
         load_format=cfg.load_format,
         quantization=cfg.quantization,
         progress=rank == 0,  # one bar, not one per TP rank
@@ -125,11 +119,15 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     def forward(ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return model(ids, batch, kv)
 
-    runner = ModelRunner(forward, kv, model_cfg.vocab_size, cfg.max_rows, max_context, device)
+    grammar = GrammarCompiler(cfg.model, model_cfg.vocab_size, tuple(model_cfg.eos_token_ids))
+    runner = ModelRunner(forward, kv, model_cfg.vocab_size, cfg.max_rows, max_context, device, grammar)
     log.info(
         "shard %d/%d ready in %.1fs: %s on %s (%s%s), KV pool %d tokens (%.1f GiB)",
         rank, world_size, time.perf_counter() - started, model_cfg.name, device, dtype,
         ", FP8 linear layers" if model.config.quantization else "", capacity, capacity * bpt / 2**30,
     )  # fmt: skip
     use_graphs = cfg.cuda_graphs and device.type == "cuda"
-    return Shard(rank, world_size, device, dtype, model_cfg, runner, bpt, model=model, cuda_graphs=use_graphs)
+    return Shard(
+        rank, world_size, device, dtype, model_cfg, runner, bpt,
+        model=model, cuda_graphs=use_graphs, grammar=grammar, ops=model.ops,
+    )  # fmt: skip

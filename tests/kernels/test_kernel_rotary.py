@@ -62,10 +62,11 @@ def test_rotary_position_zero_is_identity(device: torch.device) -> None:
 )
 def test_rotary_matches_the_model_bit_for_bit(dtype: torch.dtype, device: torch.device) -> None:
     """16-bit products are rounded as the torch path (and HF) round them: no drift between backends."""
+    from lightllm_grpc.layers.ops import Ops
     from lightllm_grpc.layers.rotary import RotaryEmbedding
 
     with torch.device(device):
-        rope = RotaryEmbedding(64, 512, 500000.0, None)
+        rope = RotaryEmbedding(64, 512, 500000.0, None, Ops.native())
     q, k = (
         torch.randn(9, 4, 64, dtype=dtype, device=device),
         torch.randn(9, 2, 64, dtype=dtype, device=device),

@@ -12,7 +12,7 @@ from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 def store_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
 ) -> None:
-    """Write new K/V ``[T, Hkv, D]`` at pool rows ``slots``; a GPU path may rebind this to a kernel."""
+    """Write new K/V ``[T, Hkv, D]`` at pool rows ``slots`` (the Triton backend uses a kernel instead)."""
     k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
 

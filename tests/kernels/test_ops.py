@@ -1,0 +1,145 @@
+"""Op selection per model: a native (torch) model and a Triton-ops model side by side in one process.
+
+On CPU the Triton model runs in the interpreter (fp32, tiny shapes); on a GPU it runs compiled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightllm_grpc_kernels.gemv import GemvConfig
+
+from lightllm_grpc.layers import activation, norm, rotary, triton_ops
+from lightllm_grpc.layers.activation import SiluAndMul
+from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
+from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
+from lightllm_grpc.layers.embedding import ParallelLMHead
+from lightllm_grpc.layers.forward_batch import ForwardMode
+from lightllm_grpc.layers.linear import LinearBase
+from lightllm_grpc.layers.norm import RMSNorm
+from lightllm_grpc.layers.ops import Ops
+from lightllm_grpc.layers.rotary import RotaryEmbedding
+from lightllm_grpc.models.config import ModelConfig
+from lightllm_grpc.models.llama import LlamaForCausalLM
+from lightllm_grpc.models.loader import load_model
+from tests.model_factory import build_batch, make_tiny_model
+
+PROMPTS = [[5, 9, 100, 7, 42], [300, 2, 11, 11, 64, 90, 17, 3, 8]]
+DECODE = [[31, 400], [77, 12], [5, 250]]  # fixed decode inputs: both models see the same tokens
+
+
+def _load(model_dir: Path, ops: Ops, device: torch.device) -> LlamaForCausalLM:
+    cfg = ModelConfig.from_pretrained(model_dir)
+    backend = ops.attention(len(PROMPTS), cfg.num_heads, cfg.head_dim, device, torch.float32)
+    return load_model(model_dir, device=device, dtype="float32", attn_backend=backend, ops=ops)
+
+
+def _logits(model: LlamaForCausalLM, prompts: list[list[int]], decode: list[list[int]]) -> torch.Tensor:
+    """Packed prefill of ``prompts``, then one decode step per entry of ``decode``; ``[steps+1, B, V]``."""
+    device = model.lm_head.weight.device
+    max_len = max(map(len, prompts)) + len(decode)
+    kv = model.kv_cache_spec.make_cache(len(prompts) * max_len + 1, torch.float32, device)
+    table = torch.arange(len(prompts) * max_len, dtype=torch.int32).flip(0).view(len(prompts), max_len)
+    rows, lens, out = list(range(len(prompts))), [0] * len(prompts), []
+    steps = [(ForwardMode.PREFILL, prompts)] + [(ForwardMode.DECODE, [[t] for t in d]) for d in decode]
+    with torch.no_grad():
+        for mode, tokens in steps:
+            ids, batch = build_batch(mode, tokens, lens, rows, table)
+            fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
+            out.append(model(ids.to(device), type(batch)(**fields), kv).cpu())
+            lens = [n + len(t) for n, t in zip(lens, tokens, strict=True)]
+    return torch.stack(out)
+
+
+def _bound_ops(model: LlamaForCausalLM) -> set[object]:
+    """Every op callable the model's layers hold."""
+    found: set[object] = set()
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            found |= {m._rms_norm, m._add_rms_norm}
+        elif isinstance(m, SiluAndMul):
+            found.add(m._silu_and_mul)
+        elif isinstance(m, RotaryEmbedding):
+            found.add(m._apply_rotary)
+        elif isinstance(m, (LinearBase, ParallelLMHead)):
+            found.add(m.matmul)
+    return found
+
+
+NATIVE_OPS = {norm.rms_norm, norm.add_rms_norm, activation.silu_and_mul, rotary.apply_rotary, F.linear}
+TRITON_OPS = {
+    triton_ops.rms_norm,
+    triton_ops.add_rms_norm,
+    triton_ops.silu_and_mul,
+    triton_ops.apply_rotary,
+    F.linear,  # cuBLAS until warm-up tuning picks the GEMV kernel for a layer
+}
+
+
+def test_for_device_picks_triton_on_cuda_only() -> None:
+    assert Ops.for_device("cpu") == Ops.native()
+    assert Ops.for_device(torch.device("cuda", 0)) == Ops.triton()
+    assert Ops.native().tune is None and Ops.triton().tune is triton_ops.tune_gemv
+    assert isinstance(Ops.native().attention(1, 2, 16, "cpu", torch.float32), TorchAttentionBackend)
+
+
+def test_native_and_triton_models_agree_in_one_process(tmp_path: Path, device: torch.device) -> None:
+    """Same logits from both (fp32), each model holds only its own ops, and building or running
+    the Triton model leaves the native one bit-identical. qwen3 has every op: per-head q/k norms too."""
+    model_dir = make_tiny_model("qwen3", tmp_path / "qwen3", standard_init=True)
+    native = _load(model_dir, Ops.native(), torch.device("cpu"))
+    before = _logits(native, PROMPTS, DECODE)
+
+    fast = _load(model_dir, Ops.triton(), device)
+    assert isinstance(fast.model.layers[0].self_attn.backend, TritonAttentionBackend)
+    fast_logits = _logits(fast, PROMPTS, DECODE)
+
+    assert _bound_ops(native) == NATIVE_OPS
+    assert _bound_ops(fast) == TRITON_OPS
+    torch.testing.assert_close(fast_logits, before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logits(native, PROMPTS, DECODE), before, rtol=0, atol=0)
+
+
+def test_gemv_is_bound_per_layer(tmp_path: Path, device: torch.device) -> None:
+    """What warm-up tuning does when the GEMV kernel wins: only that model's layers of the chosen
+    shapes change, and one-token decode still matches the native model."""
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3", standard_init=True)
+    native = _load(model_dir, Ops.native(), torch.device("cpu"))
+    fast = _load(model_dir, Ops.triton(), device)
+    qkv_shape = tuple(fast.model.layers[0].self_attn.qkv_proj.weight.shape)
+    head_shape = tuple(fast.lm_head.weight.shape)
+    config = GemvConfig()
+
+    changed = triton_ops.use_gemv(fast, {qkv_shape: config, head_shape: config})
+
+    assert changed == len(fast.model.layers) + 1  # every qkv_proj and the (untied) head
+    gemv = triton_ops.gemv_matmul(config)
+    assert fast.lm_head.matmul is gemv and fast.model.layers[1].self_attn.qkv_proj.matmul is gemv
+    assert fast.model.layers[0].self_attn.o_proj.matmul is F.linear
+    assert _bound_ops(native) == NATIVE_OPS
+    one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
+    torch.testing.assert_close(_logits(fast, one, steps), _logits(native, one, steps), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_tune_gemv_binds_the_winners_in_its_own_model_only(tmp_path: Path) -> None:
+    """Warm-up tuning on the GPU: each layer ends with the GEMV kernel of its shape's winning config
+    or cuBLAS, a native model in the same process keeps cuBLAS, and one-token logits hold."""
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3", standard_init=True)
+    cuda = torch.device("cuda")
+    native = _load(model_dir, Ops.native(), cuda)
+    fast = _load(model_dir, Ops.triton(), cuda)
+    one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
+    before = _logits(fast, one, steps)
+
+    chosen = fast.ops.tune(fast)
+
+    for m in fast.modules():
+        if isinstance(m, (LinearBase, ParallelLMHead)):
+            config = chosen.get(tuple(m.weight.shape))
+            assert m.matmul is (F.linear if config is None else triton_ops.gemv_matmul(config))
+    assert _bound_ops(native) == NATIVE_OPS
+    torch.testing.assert_close(_logits(fast, one, steps), before, rtol=1e-4, atol=1e-4)
