@@ -13,6 +13,7 @@ from lightllm_grpc.config import (
     DEVICES,
     DTYPES,
     LOAD_FORMATS,
+    QUANTIZATIONS,
     SCHEDULING_POLICIES,
     SchedulerConfig,
     ServerConfig,
@@ -33,6 +34,13 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         choices=LOAD_FORMATS,
         default="auto",
         help="dummy: random weights from config.json alone (benchmarks)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="fp8: W8A8 FP8 linear layers, quantized at load (None: the checkpoint's own; "
+        "FP8 checkpoints are detected from config.json)",
     )
     p.add_argument(
         "--max-total-tokens",
@@ -79,6 +87,7 @@ def _engine_config(args: argparse.Namespace, model: Path, tp_size: int) -> Shard
         device=args.device,
         dtype=args.dtype,
         load_format=args.load_format,
+        quantization=args.quantization,
         tp_size=tp_size,
         max_total_tokens=args.max_total_tokens,
         max_rows=args.max_running_requests,

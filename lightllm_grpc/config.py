@@ -10,6 +10,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+QUANTIZATIONS = ("fp8",)
 # Every shard process runs with these, set before CUDA or NCCL starts: no NVLink multicast
 # (NVLS) in NCCL nor in symmetric memory. The P2P all-reduce never uses it, and creating
 # multicast objects fails or hangs on some drivers and virtualised hosts (docs/multihost.md).
@@ -85,6 +86,9 @@ class ShardConfig:
     device: str = "auto"
     dtype: str = "auto"
     load_format: str = "auto"
+    # "fp8": quantize a high-precision checkpoint's linear layers at load; None: the
+    # checkpoint's own (an FP8 checkpoint is recognized by its config.json).
+    quantization: str | None = None
     tp_size: int = 1
     max_total_tokens: int | None = None  # KV pool size in tokens; None = sized from memory
     max_rows: int = 256
@@ -103,6 +107,8 @@ class ShardConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.tp_size < 1:
             raise ValueError("tp_size must be >= 1")
         if self.max_total_tokens is not None and self.max_total_tokens < 16:

@@ -55,7 +55,8 @@ def prepare_model_dir(out: Path) -> Path:
     return model_dir
 
 
-def param_bytes(config: dict) -> int:
+def param_bytes(config: dict, fp8: bool = False) -> int:
+    """Bytes of weights read per decode step: bf16, or with FP8 (1-byte) decoder linear layers."""
     h, i, v, n = (
         config["hidden_size"],
         config["intermediate_size"],
@@ -64,8 +65,8 @@ def param_bytes(config: dict) -> int:
     )
     hd = h // config["num_attention_heads"]
     kv = config["num_key_value_heads"] * hd
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i + 2 * h
-    return 2 * (n * per_layer + 2 * v * h + h)
+    linear = h * (h + 2 * kv) + h * h + 3 * h * i
+    return n * ((1 if fp8 else 2) * linear + 2 * 2 * h) + 2 * (2 * v * h + h)
 
 
 def ours(model_dir: Path, out: Path, args: argparse.Namespace) -> dict:
@@ -80,6 +81,7 @@ def ours(model_dir: Path, out: Path, args: argparse.Namespace) -> dict:
         "cuda",
         "--max-running-requests",
         str(args.max_running),
+        *(["--quantization", args.quantization] if args.quantization else []),
         start_timeout=900,
     )
     vocab = 128256
@@ -97,7 +99,9 @@ def ours(model_dir: Path, out: Path, args: argparse.Namespace) -> dict:
     return results
 
 
-def decode_breakdown(model_dir: Path, context: int = 128, iters: int = 200) -> dict:
+def decode_breakdown(
+    model_dir: Path, context: int = 128, iters: int = 200, quantization: str | None = None
+) -> dict:
     """Batch-1 decode without the server: the CUDA graph alone, and the shard runner's whole step."""
     from lightllm_grpc.config import ShardConfig
     from lightllm_grpc.proto import shard_pb2
@@ -105,7 +109,7 @@ def decode_breakdown(model_dir: Path, context: int = 128, iters: int = 200) -> d
     from lightllm_grpc.shard.worker import build_shard, prefill_step
 
     cfg = ShardConfig(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy",
-                      max_total_tokens=8192, max_rows=4)  # fmt: skip
+                      quantization=quantization, max_total_tokens=8192, max_rows=4)  # fmt: skip
     shard = build_shard(cfg, 0, 1, None)
     warmup(shard, 256, 4)
     runner = shard.runner
@@ -230,19 +234,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--w2-requests", type=int, default=1000)
     p.add_argument("--max-running", type=int, default=512)
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--quantization", choices=("fp8",), default=None, help="serve with FP8 linear layers")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(args.out)
     config = json.loads((model_dir / "config.json").read_text())
     bw = copy_bandwidth()
-    weight_bytes = param_bytes(config)
+    weight_bytes = param_bytes(config, fp8=args.quantization == "fp8")
     result = {
         "environment": environment(),
         "copy_bandwidth_tb_s": bw / 1e12,
         "weight_gb": weight_bytes / 1e9,
         "roofline_tokens_per_s": bw / weight_bytes,
         "ours": ours(model_dir, args.out, args),
-        "decode_breakdown": decode_breakdown(model_dir),
+        "decode_breakdown": decode_breakdown(model_dir, quantization=args.quantization),
     }
     if not args.skip_transformers:
         result["transformers"] = transformers_baseline(model_dir)

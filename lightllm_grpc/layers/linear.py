@@ -67,17 +67,23 @@ class LinearBase(nn.Module):
     """``y = x W^T + b`` with ``W`` of shape ``[out_per_rank, in_per_rank]``.
 
     ``matmul`` is bound from ``method`` here; warm-up may swap it for a tuned one-token kernel
-    on this layer alone (``triton_ops.tune_gemv``).
+    on this layer alone (``triton_ops.tune_gemv``). ``method`` stays on the layer, for what
+    asks how its weight is stored (dummy weights, tests).
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool, method: LinearMethod) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        self.method = method
         method.create_weights(self, input_size, output_size, bias)
         for param in self.parameters(recurse=False):
             if not hasattr(param, "weight_loader"):
                 param.weight_loader = self.weight_loader
         self.matmul: Matmul = method.matmul(self)
+
+    def output_rows(self, shard_id: ShardId = None) -> tuple[int, int]:
+        """``(offset, size)`` of this rank's output rows that checkpoint part ``shard_id`` fills."""
+        return 0, self.weight.shape[0]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         copy_checked(param.data, loaded)
@@ -110,13 +116,16 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             _divide(part, tp_size(), "merged output part")
         super().__init__(input_size, sum(output_sizes), bias, method=method)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+    def output_rows(self, shard_id: ShardId = None) -> tuple[int, int]:
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
             raise ValueError(
                 f"merged linear needs a part index below {len(self.output_sizes)}, got {shard_id!r}"
             )
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        size = self.output_sizes[shard_id] // self.tp_size
+        return offset, self.output_sizes[shard_id] // self.tp_size
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        offset, size = self.output_rows(shard_id)
         copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))
 
 
@@ -162,15 +171,18 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+    def output_rows(self, shard_id: ShardId = None) -> tuple[int, int]:
         if shard_id == "q":
-            offset, size, start = 0, self.q_size, self.tp_rank * self.q_size
-        elif shard_id == "k":
-            offset, size, start = self.q_size, self.kv_size, self.kv_head_start * self.head_dim
-        elif shard_id == "v":
-            offset, size, start = self.q_size + self.kv_size, self.kv_size, self.kv_head_start * self.head_dim
-        else:
-            raise ValueError(f"qkv shard id must be 'q', 'k' or 'v', got {shard_id!r}")
+            return 0, self.q_size
+        if shard_id == "k":
+            return self.q_size, self.kv_size
+        if shard_id == "v":
+            return self.q_size + self.kv_size, self.kv_size
+        raise ValueError(f"qkv shard id must be 'q', 'k' or 'v', got {shard_id!r}")
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        offset, size = self.output_rows(shard_id)
+        start = self.tp_rank * self.q_size if shard_id == "q" else self.kv_head_start * self.head_dim
         copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, start, size))
 
 

@@ -8,19 +8,23 @@ needs as attributes when it is constructed, so a forward pays no lookup or branc
 models built with different ``Ops`` live side by side in one process.
 
 Linear layers get their ``LinearMethod`` per layer from ``linear(prefix)``, the place a
-quantized variant (FP8) plugs in: ``dataclasses.replace(ops, linear=...)``.
+quantized variant plugs in: ``with_quantization`` (called by the model with its config's
+``quantization``) returns these ops with a ``linear`` that hands the layers the config covers
+``Fp8LinearMethod`` (layers/quantization.py, layers/fp8.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from lightllm_grpc.layers import activation, norm, rotary
-from lightllm_grpc.layers.linear import UNQUANTIZED, LinearMethod
+from lightllm_grpc.layers.linear import UNQUANTIZED, LinearMethod, ShardId
+from lightllm_grpc.layers.quantization import QuantConfig, quantized_linear
 
 if TYPE_CHECKING:
     from torch import nn
@@ -103,3 +107,13 @@ class Ops:
     def for_device(cls, device: torch.device | str) -> Ops:
         """Triton kernels on CUDA, torch elsewhere."""
         return cls.triton() if torch.device(device).type == "cuda" else cls.native()
+
+    def with_quantization(
+        self, quant: QuantConfig | None, packed_modules: Mapping[str, tuple[str, ShardId]]
+    ) -> Ops:
+        """These ops with the linear layers ``quant`` covers FP8; the others keep ``self.linear``'s
+        method. ``packed_modules`` (the model's ``packed_modules_mapping``) names the checkpoint
+        modules a fused layer is loaded from, which ``quant``'s ignore list is written against."""
+        if quant is None:
+            return self
+        return dataclasses.replace(self, linear=quantized_linear(quant, packed_modules, self.linear))

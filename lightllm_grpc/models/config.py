@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from lightllm_grpc.layers.quantization import QuantConfig
+from lightllm_grpc.models.quantization import parse_quantization
+
 # transformers' config-class defaults for keys a config.json may leave out, per architecture
 _ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "LlamaForCausalLM": {"max_position_embeddings": 2048},
@@ -73,6 +76,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     dtype: torch.dtype = torch.float32  # the checkpoint's dtype
     sliding_window: int | None = None  # informational; already folded into max_position_embeddings
+    quantization: QuantConfig | None = None  # FP8 linear layers (docs/quantization.md); None: none
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -101,7 +105,8 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
-        """Read ``config.json`` (and ``generation_config.json`` for extra EOS ids) from an HF folder."""
+        """Read ``config.json`` (and ``generation_config.json`` for extra EOS ids, ModelOpt's
+        ``hf_quant_config.json`` for its quantization) from an HF folder."""
         folder = Path(path)
         config_file = folder / "config.json"
         if not config_file.is_file():
@@ -109,11 +114,20 @@ class ModelConfig:
         hf = json.loads(config_file.read_text())
         gen_file = folder / "generation_config.json"
         generation = json.loads(gen_file.read_text()) if gen_file.is_file() else None
-        return cls.from_dict(hf, name=folder.resolve().name, generation_config=generation)
+        quant_file = folder / "hf_quant_config.json"
+        hf_quant = json.loads(quant_file.read_text()) if quant_file.is_file() else None
+        return cls.from_dict(
+            hf, name=folder.resolve().name, generation_config=generation, hf_quant_config=hf_quant
+        )
 
     @classmethod
     def from_dict(
-        cls, hf: dict[str, Any], *, name: str, generation_config: dict[str, Any] | None = None
+        cls,
+        hf: dict[str, Any],
+        *,
+        name: str,
+        generation_config: dict[str, Any] | None = None,
+        hf_quant_config: dict[str, Any] | None = None,
     ) -> ModelConfig:
         """Convert a parsed HF ``config.json`` dict; raises ``ValueError`` for what we cannot serve."""
         architecture = _architecture(hf)
@@ -151,6 +165,7 @@ class ModelConfig:
             bos_token_id=_first_id(hf.get("bos_token_id"), generation.get("bos_token_id")),
             dtype=_dtype(hf.get("dtype") or hf.get("torch_dtype")),
             sliding_window=window,
+            quantization=parse_quantization(hf.get("quantization_config"), hf_quant_config),
         )
 
 

@@ -3,6 +3,9 @@
 The members differ only in flags carried by ``ModelConfig``: q/k/v (and o) bias, per-head
 q/k RMSNorm, RoPE scaling and tied embeddings. Module names mirror transformers' so checkpoint
 names map one to one, except for the fused projections listed in ``packed_modules_mapping``.
+With ``config.quantization`` the decoder's projections get ``Fp8LinearMethod`` through
+``ops.linear`` (``Ops.with_quantization``); embeddings, LM head and norms stay in the model
+dtype (docs/quantization.md says why).
 """
 
 from __future__ import annotations
@@ -160,7 +163,8 @@ class LlamaForCausalLM(nn.Module):
     """``forward(input_ids [T], batch, kv)`` -> fp32 logits ``[B, vocab]`` of each sequence's last token.
 
     ``ops`` chooses every layer's implementation (native torch or Triton) once, here; layers
-    are named by their checkpoint prefix, which ``ops.linear`` sees.
+    are named by their checkpoint prefix, which ``ops.linear`` sees. ``config.quantization``
+    is applied to ``ops`` first, so ``self.ops`` is what the layers were built with.
     """
 
     # checkpoint module name -> (our fused module, shard id for its weight_loader)
@@ -177,7 +181,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend, ops: Ops) -> None:
         super().__init__()
         self.config = config
-        self.ops = ops
+        self.ops = ops = ops.with_quantization(config.quantization, self.packed_modules_mapping)
         self.model = LlamaModel(config, attn_backend, ops, "model")
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:

@@ -20,16 +20,20 @@ from torch import nn
 from tqdm import tqdm
 
 from lightllm_grpc.layers.attention.base import AttentionBackend
+from lightllm_grpc.layers.fp8 import Fp8LinearMethod, is_fp8
 from lightllm_grpc.layers.linear import ShardId, copy_checked
 from lightllm_grpc.layers.norm import RMSNorm
 from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.llama import LlamaForCausalLM
+from lightllm_grpc.models.quantization import apply_quantization_flag
 from lightllm_grpc.models.registry import ModelSpec, get_model_spec
 
 LoadFormat = Literal["auto", "safetensors", "dummy"]
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _INDEX_FILE = "model.safetensors.index.json"
+# FP8 KV-cache scales of quantized checkpoints: not applied (the KV cache keeps the model dtype).
+_KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")
 
 
 def resolve_dtype(
@@ -59,6 +63,7 @@ def load_model(
     load_format: LoadFormat = "auto",
     seed: int = 0,
     progress: bool = False,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
     """Build the model for ``model_dir``'s config.json on ``device`` and fill its weights.
 
@@ -66,12 +71,14 @@ def load_model(
 
     ``load_format="dummy"`` needs only config.json and fills random weights (seeded by ``seed``),
     for benchmarking a shape without a checkpoint. ``progress`` shows a bar on stderr while
-    weights load (an 8B checkpoint takes a while).
+    weights load (an 8B checkpoint takes a while). ``quantization="fp8"`` quantizes a
+    high-precision checkpoint's linear layers at load; an FP8 checkpoint is served as stored
+    whatever this says (docs/quantization.md).
     """
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
     folder = Path(model_dir)
-    config = ModelConfig.from_pretrained(folder)
+    config = apply_quantization_flag(ModelConfig.from_pretrained(folder), quantization)
     files = [] if load_format == "dummy" else checkpoint_files(folder)  # fail before allocating
     torch_dtype = resolve_dtype(config, dtype, device)
     model = build_model(config, device=device, dtype=torch_dtype, attn_backend=attn_backend, ops=ops)
@@ -119,7 +126,9 @@ def load_safetensors_weights(
 ) -> None:
     """Stream every tensor of ``files`` into ``model``; ``ValueError`` listing missing/unexpected names."""
     params = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
-    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    model_config = getattr(model, "config", None)
+    tied = bool(getattr(model_config, "tie_word_embeddings", False))
+    quantized = getattr(model_config, "quantization", None) is not None
     expected = _expected_checkpoint_names(params, spec)
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -135,6 +144,9 @@ def load_safetensors_weights(
         for name, tensor in tensors:
             if name.endswith(spec.ignored_weight_suffixes) or (tied and name == "lm_head.weight"):
                 continue  # derived buffers; a tied head reuses the embedding, as transformers does
+            if quantized and name.endswith(_KV_SCALE_SUFFIXES):
+                continue
+            name = _canonical_name(name)
             param_name, shard_id = _map_name(name, spec)
             if param_name not in params:
                 unexpected.append(name)
@@ -147,16 +159,31 @@ def load_safetensors_weights(
 
 
 def init_dummy_weights(model: nn.Module, *, seed: int = 0, std: float = 0.02) -> None:
-    """Random normal weights, zero biases and unit norms, generated on the parameters' device."""
+    """Random normal weights, zero biases and unit norms, generated on the parameters' device.
+
+    An FP8 layer's weight is drawn in the model dtype, in the same order and from the same
+    generator as unquantized, then quantized: an FP8 dummy model is exactly the quantized
+    version of the unquantized one with the same seed (what FP8 accuracy checks compare).
+    """
     generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(device: torch.device) -> torch.Generator:
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(seed)
+        return generators[device]
+
+    fp8 = {id(m.weight): m for m in model.modules() if is_fp8(m)}
+    scales = {id(p) for m in fp8.values() for p in (m.weight_scale, m.input_scale) if p is not None}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.zero_()
-                continue
-            if param.device not in generators:
-                generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-            param.normal_(0.0, std, generator=generators[param.device])
+            elif id(param) in fp8:
+                layer = fp8[id(param)]
+                dense = torch.empty(param.shape, dtype=layer.dense_dtype, device=param.device)
+                Fp8LinearMethod.load_dense_(layer, dense.normal_(0.0, std, generator=generator(param.device)))
+            elif id(param) not in scales:  # scales were set with their weight
+                param.normal_(0.0, std, generator=generator(param.device))
         for module in model.modules():
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
@@ -186,6 +213,11 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 yield name, handle.get_tensor(name)
+
+
+def _canonical_name(name: str) -> str:
+    """The ``fp8`` method's ``weight_scale_inv`` multiplies the weight as ``weight_scale`` does."""
+    return name.removesuffix("_inv") if name.endswith(".weight_scale_inv") else name
 
 
 def _map_name(name: str, spec: ModelSpec) -> tuple[str, ShardId]:

@@ -158,6 +158,7 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
         attn_backend=backend,
         ops=ops,
         load_format=cfg.load_format,
+        quantization=cfg.quantization,
         progress=rank == 0,  # one bar, not one per TP rank
     )
     max_context = min(cfg.max_context or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
@@ -185,12 +186,12 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
 
     runner = ModelRunner(forward, kv, model_cfg.vocab_size, cfg.max_rows, max_context, device, sampler)
     log.info(
-        "shard %d/%d ready in %.1fs: %s on %s (%s), KV pool %d tokens (%.1f GiB)",
+        "shard %d/%d ready in %.1fs: %s on %s (%s%s), KV pool %d tokens (%.1f GiB)",
         rank, world_size, time.perf_counter() - started, model_cfg.name, device, dtype,
-        capacity, capacity * bpt / 2**30,
+        ", FP8 linear layers" if model.config.quantization else "", capacity, capacity * bpt / 2**30,
     )  # fmt: skip
     use_graphs = cfg.cuda_graphs and device.type == "cuda"
     return Shard(
         rank, world_size, device, dtype, model_cfg, runner, bpt,
-        model=model, cuda_graphs=use_graphs, grammar=grammar, ops=ops,
+        model=model, cuda_graphs=use_graphs, grammar=grammar, ops=model.ops,
     )  # fmt: skip
