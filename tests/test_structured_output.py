@@ -100,6 +100,10 @@ def _request(i: int, sampled: bool, max_new: int = 160) -> pb.GenerateRequest:
 
 def _constrained(i: int, sampled: bool) -> tuple[pb.GenerateRequest, tuple[str, object]]:
     req = _request(i, sampled)
+    if i % 5 == 0:  # penalties compose with the mask (applied before it)
+        req.sampling.presence_penalty, req.sampling.frequency_penalty = 0.5, 0.3
+    if i % 7 == 0:
+        req.sampling.repetition_penalty = 1.3
     pick = i % 8
     if pick < 4:
         req.json_schema = json.dumps(SCHEMAS[pick])
