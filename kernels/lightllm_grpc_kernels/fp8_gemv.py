@@ -4,10 +4,11 @@ At a few tokens a matmul is a read of its weight. This kernel streams the ``floa
 weight (half of bf16's bytes) once and multiplies the activations as they are (bf16 / fp16,
 not quantized), then applies the per-output-channel weight scale and the bias in fp32 and
 writes the activations' dtype. It has the structure of ``gemv.py``: each program owns a slab
-of ``BLOCK_N`` weight rows and loops over K (no split-K). One token (``BLOCK_M = 1``) is
-gemv.py's loop, the weight converted to fp32 in registers; more tokens go through ``tl.dot``
-on tiles of 16 rows, the weight converted to the activations' dtype, which holds every e4m3
-value exactly, so the products are exact there too and only the fp32 summation order differs.
+of ``BLOCK_N`` weight rows and loops over K (no split-K), here with the loads pipelined. One
+token (``BLOCK_M = 1``) is gemv.py's loop, the weight converted to fp32 in registers; more
+tokens go through ``tl.dot`` on tiles of 16 rows, the weight converted to the activations'
+dtype, which holds every e4m3 value exactly, so the products are exact there too and only the
+fp32 summation order differs.
 """
 
 from __future__ import annotations
@@ -29,16 +30,21 @@ class Fp8GemvConfig:
     block_n: int = 16  # >= 16 (tl.dot's smallest tile)
     block_k: int = 512  # 512 e4m3 bytes per row per step: gemv.py's 256 bf16 ones
     num_warps: int = 4
+    # K-loop software pipelining (cp.async): tiles in flight per program, so that a shape with
+    # few programs per SM (N = 4096: 256 programs of 16 rows) still keeps HBM busy. 1: none,
+    # as gemv.py (whose loop Triton does not pipeline).
+    num_stages: int = 3
 
 
-# Candidates the benchmark times (bench/fp8_check.py); the layers use the default.
+# Candidates the benchmark times (bench/fp8_check.py); the layers use the default (the first).
 FP8_GEMV_CONFIGS = (
-    Fp8GemvConfig(16, 512, 4),
-    Fp8GemvConfig(16, 256, 4),
-    Fp8GemvConfig(32, 256, 4),
-    Fp8GemvConfig(32, 512, 8),
-    Fp8GemvConfig(16, 1024, 8),
-    Fp8GemvConfig(64, 128, 4),
+    Fp8GemvConfig(16, 512, 4, 3),
+    Fp8GemvConfig(16, 512, 4, 1),
+    Fp8GemvConfig(16, 256, 4, 4),
+    Fp8GemvConfig(32, 256, 4, 3),
+    Fp8GemvConfig(32, 512, 8, 3),
+    Fp8GemvConfig(16, 1024, 8, 2),
+    Fp8GemvConfig(64, 128, 4, 4),
 )
 
 
@@ -60,6 +66,7 @@ def _fp8_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels: weight rows
     tokens = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -70,7 +77,7 @@ def _fp8_gemv_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for start in range(0, k, BLOCK_K):
+    for start in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
         cols = start + tl.arange(0, BLOCK_K)
         col_mask = cols < k
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
@@ -121,7 +128,7 @@ def fp8_gemv(
     _fp8_gemv_kernel[grid](
         x, w, scale, scale if bias is None else bias, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps,
+        DOT_PRECISION=dot_precision(x.dtype), NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )  # fmt: skip
     return y
 
