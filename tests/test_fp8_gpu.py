@@ -1,15 +1,22 @@
-"""FP8 on a GPU (marked gpu): torch._scaled_mm against the reference path, in CUDA graphs too,
-and a quantized model's agreement with its bf16 original."""
+"""FP8 on a GPU (marked gpu): torch._scaled_mm against the reference path, the W8A16 path of a
+few tokens against the dequantized weight, both in CUDA graphs, and a quantized model's agreement
+with its bf16 original."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightllm_grpc.layers.fp8 import Fp8LinearMethod, fp8_linear_ref, fp8_linear_scaled_mm, quantize_weight
+from lightllm_grpc.layers.fp8 import (
+    W8A16_MAX_M,
+    Fp8LinearMethod,
+    fp8_linear_cuda,
+    fp8_linear_ref,
+    fp8_linear_scaled_mm,
+    quantize_weight,
+)
 from lightllm_grpc.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from tests.model_factory import make_tiny_model
 
@@ -41,29 +48,42 @@ def test_scaled_mm_matches_reference(m: int, dtype: torch.dtype, static: bool) -
     assert _rel(y, torch.nn.functional.linear(x.float(), w, bias.float())) < 0.06
 
 
-def test_layers_pick_scaled_mm_and_capture_in_cuda_graphs() -> None:
+def _fp8_mlp() -> tuple[MergedColumnParallelLinear, RowParallelLinear]:
     with torch.device("cuda"):
         torch.set_default_dtype(torch.bfloat16)
         try:
-            gate_up = MergedColumnParallelLinear(512, [1024, 1024], method=Fp8LinearMethod())
+            gate_up = MergedColumnParallelLinear(512, [1024, 1024], bias=True, method=Fp8LinearMethod())
             down = RowParallelLinear(2048, 512, method=Fp8LinearMethod())
         finally:
             torch.set_default_dtype(torch.float32)
-    assert gate_up.matmul.gemm is fp8_linear_scaled_mm and down.matmul.gemm is fp8_linear_scaled_mm
     Fp8LinearMethod.load_dense_(gate_up, torch.randn(2048, 512, device="cuda") * 0.02)
     Fp8LinearMethod.load_dense_(down, torch.randn(512, 2048, device="cuda") * 0.02)
-    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
-    eager = down(gate_up(x))
+    gate_up.bias.data.normal_()
+    return gate_up, down
+
+
+@pytest.mark.parametrize("m", [1, 8, 16, 17])
+def test_layers_dispatch_on_m_and_capture_in_cuda_graphs(m: int) -> None:
+    gate_up, down = _fp8_mlp()
+    assert gate_up.matmul.gemm is fp8_linear_cuda and down.matmul.gemm is fp8_linear_cuda
+    x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        down(gate_up(x))  # warm the kernels up outside the capture
+        eager = down(gate_up(x))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = down(gate_up(x))
     graph.replay()
+    assert out.shape == (m, 512)
     assert _rel(out, eager) < 1e-3  # the same kernels, replayed
-    down.matmul = dataclasses.replace(down.matmul, gemm=fp8_linear_ref)
-    gate_up.matmul = dataclasses.replace(gate_up.matmul, gemm=fp8_linear_ref)
-    assert _rel(eager, down(gate_up(x))) < 1e-2
+    # Up to W8A16_MAX_M tokens x is not quantized: the dequantized weight times x; above, W8A8.
+    h = gate_up(x)
+    if m <= W8A16_MAX_M:
+        dense = Fp8LinearMethod.dequantized_weight(gate_up)
+        expected = (x.float() @ dense.T + gate_up.bias.float()).to(torch.bfloat16)
+        torch.testing.assert_close(h, expected, rtol=1.6e-2, atol=1e-3)  # bf16 rounding
+    else:
+        expected = fp8_linear_ref(x, gate_up.weight, gate_up.weight_scale, None, gate_up.bias)
+        assert _rel(h, expected) < 1e-2
 
 
 def test_fp8_model_agrees_with_bf16(tmp_path: Path) -> None:

@@ -11,7 +11,9 @@
    models have nearly tied logits, so their overall agreement is far below a trained model's;
    the decisive-margin agreement and the KL are the numbers to read there.
 2. GEMM time per 8B linear shape at M = 1, 16, 256, 4096: bf16 ``F.linear`` vs per-token
-   quantization + ``torch._scaled_mm`` (CUDA graphs, weights rotated out of L2).
+   quantization + ``torch._scaled_mm`` (W8A8), and at M <= 16 the W8A16 kernel the FP8 layers
+   run there (its default config, and the best of ``FP8_GEMV_CONFIGS``) (CUDA graphs, weights
+   rotated out of L2).
 3. Batch-1 decode through the shard runner (CUDA graphs) on the 8B dummy shape, bf16 vs FP8.
 
 Writes ``fp8-check.json`` and prints a summary. gRPC-level numbers: ``python -m
@@ -145,10 +147,11 @@ def accuracy(
 
 
 def gemm_timings(ms: tuple[int, ...] = (1, 16, 256, 4096)) -> dict:
-    """Microseconds per matmul of each 8B linear shape: bf16 vs FP8 (quantize x + _scaled_mm)."""
+    """Microseconds per matmul of each 8B linear shape: bf16 vs FP8 W8A8 (quantize x + _scaled_mm),
+    and up to ``W8A16_MAX_M`` tokens the W8A16 kernel (default config and best candidate)."""
     import triton.testing
 
-    from lightllm_grpc.layers.fp8 import fp8_linear_scaled_mm, quantize_weight
+    from lightllm_grpc.layers.fp8 import W8A16_MAX_M, fp8_linear_scaled_mm, quantize_weight
 
     out: dict[str, Any] = {}
     for name, (n, k) in EIGHT_B_LINEARS.items():
@@ -166,12 +169,42 @@ def gemm_timings(ms: tuple[int, ...] = (1, 16, 256, 4096)) -> dict:
                 q, s = fp8[next(turn) % len(fp8)]
                 fp8_linear_scaled_mm(x, q, s, None, None)
 
-            t_bf16 = triton.testing.do_bench_cudagraph(bf16) * 1e3
-            t_fp8 = triton.testing.do_bench_cudagraph(f8) * 1e3
-            out[f"{name} [{n}x{k}] M={m}"] = {"bf16_us": t_bf16, "fp8_us": t_fp8, "speedup": t_bf16 / t_fp8}
+            t = {"bf16_us": triton.testing.do_bench_cudagraph(bf16) * 1e3}
+            t["fp8_us"] = triton.testing.do_bench_cudagraph(f8) * 1e3
+            t["speedup"] = t["bf16_us"] / t["fp8_us"]
+            if m <= W8A16_MAX_M:
+                t.update(_w8a16_timings(x, fp8, t["bf16_us"]))
+            out[f"{name} [{n}x{k}] M={m}"] = t
         del dense, fp8
         _free()
     return out
+
+
+def _w8a16_timings(x: torch.Tensor, fp8: list[tuple[torch.Tensor, torch.Tensor]], bf16_us: float) -> dict:
+    """The W8A16 kernel on ``x`` with the rotated e4m3 weights: its default config (what the
+    layers run) and the fastest of ``FP8_GEMV_CONFIGS``."""
+    import triton.testing
+    from lightllm_grpc_kernels.fp8_gemv import FP8_GEMV_CONFIGS, Fp8GemvConfig, fp8_gemv
+
+    turn = iter(range(1 << 30))
+
+    def run(config: Fp8GemvConfig) -> None:
+        q, s = fp8[next(turn) % len(fp8)]
+        fp8_gemv(x, q, s, None, config)
+
+    timed = {c: triton.testing.do_bench_cudagraph(lambda c=c: run(c)) * 1e3 for c in FP8_GEMV_CONFIGS}
+    default, best = timed[Fp8GemvConfig()], min(timed, key=timed.get)
+    n, k = fp8[0][0].shape
+    return {"w8a16_us": default, "w8a16_speedup": bf16_us / default, "w8a16_tb_per_s": n * k / default / 1e6,
+            "w8a16_best_us": timed[best], "w8a16_best_config": str(best)}  # fmt: skip
+
+
+def _gemm_line(shape: str, t: dict) -> str:
+    line = f"GEMM {shape}: bf16 {t['bf16_us']:.1f} us, W8A8 {t['fp8_us']:.1f} us ({t['speedup']:.2f}x)"
+    if "w8a16_us" in t:
+        line += f", W8A16 {t['w8a16_us']:.1f} us ({t['w8a16_speedup']:.2f}x, {t['w8a16_tb_per_s']:.2f} TB/s"
+        line += f"; best {t['w8a16_best_us']:.1f} us with {t['w8a16_best_config']})"
+    return line
 
 
 def decode_speed(model_dir: Path) -> dict:
@@ -237,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_speed:
         result["gemm_us"] = gemm_timings()
         for shape, t in result["gemm_us"].items():
-            print(f"GEMM {shape}: bf16 {t['bf16_us']:.1f} us, fp8 {t['fp8_us']:.1f} us ({t['speedup']:.2f}x)")
+            print(_gemm_line(shape, t))
         result["decode_batch1"] = decode_speed(eight_b)
         d = result["decode_batch1"]
         print(

@@ -3,9 +3,11 @@
 ``Fp8LinearMethod`` is a ``LinearMethod`` (layers/linear.py): any tensor-parallel linear class
 built with it stores its weight as ``float8_e4m3fn [out_per_rank, in_per_rank]`` with an fp32
 ``weight_scale [out_per_rank]``, and cuts its rank's slice of both with the class's own
-sharding. The matmul is picked when the layer is built: ``torch._scaled_mm`` with row-wise
-scales on a Hopper GPU, otherwise ``fp8_linear_ref``, which reproduces the same quantization
-error in fp32 (the CPU path and the reference the GPU path is tested against).
+sharding. The matmul is picked when the layer is built: on a Hopper GPU ``fp8_linear_cuda``,
+which runs up to ``W8A16_MAX_M`` tokens weight-only (a Triton kernel multiplies the e4m3 weight
+by the unquantized activations) and more through ``torch._scaled_mm`` with row-wise scales;
+otherwise ``fp8_linear_ref``, which reproduces W8A8's quantization error in fp32 (the CPU path
+and the reference the ``_scaled_mm`` path is tested against).
 ``layers/quantization.py`` decides which layers get it; docs/quantization.md has the formats
 and choices.
 """
@@ -30,8 +32,13 @@ MIN_SCALE = 1e-12  # an all-zero row still gets a finite, positive scale
 # torch._scaled_mm: K and N multiples of 16; row-wise scales need compute capability 9.0.
 _SCALED_MM_ALIGN = 16
 _SCALED_MM_CAPABILITY = (9, 0)
+# Up to this many tokens an FP8 matmul is weight-only (W8A16): a decode-sized matmul is a read
+# of its weight, and the W8A16 kernel reads each weight byte once for up to 16 tokens (its
+# tl.dot tile), with no activation-quantization launch, where _scaled_mm measured slower than
+# bf16 (H200, M = 1 and 16). W8A8 _scaled_mm takes over above, where it won from M ~ 256.
+W8A16_MAX_M = 16
 
-# (x, weight e4m3, weight_scale, input_scale, bias) -> x W^T + b: fp8_linear_scaled_mm or _ref.
+# (x, weight e4m3, weight_scale, input_scale, bias) -> x W^T + b: fp8_linear_cuda or _ref.
 Fp8Gemm = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor
 ]
@@ -99,15 +106,44 @@ def fp8_linear_scaled_mm(
     return y.view(*x.shape[:-1], -1)
 
 
+def fp8_linear_w8a16(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Weight-only: the Triton kernel streams the e4m3 weight once and multiplies ``x`` as it is
+    (no activation quantization, so ``input_scale`` is unused), scale and bias fused; writes x's dtype."""
+    from lightllm_grpc_kernels.fp8_gemv import fp8_gemv
+
+    rows = x.reshape(-1, x.shape[-1])
+    y = fp8_gemv(rows if rows.stride(-1) == 1 else rows.contiguous(), weight, weight_scale, bias)
+    return y.view(*x.shape[:-1], -1)
+
+
+def fp8_linear_cuda(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The Hopper path: W8A16 up to ``W8A16_MAX_M`` tokens, W8A8 ``_scaled_mm`` above. Chosen by
+    the token count alone, so each decode CUDA graph (one per batch size) captures one path."""
+    gemm = fp8_linear_w8a16 if x.shape[:-1].numel() <= W8A16_MAX_M else fp8_linear_scaled_mm
+    return gemm(x, weight, weight_scale, input_scale, bias)
+
+
 def scaled_mm_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= _SCALED_MM_CAPABILITY
 
 
 def pick_fp8_gemm(device: torch.device, in_features: int, out_features: int) -> Fp8Gemm:
-    """``torch._scaled_mm`` where it runs (Hopper, K and N multiples of 16), else the reference."""
+    """``fp8_linear_cuda`` where ``_scaled_mm`` runs (Hopper, K and N multiples of 16), else the reference."""
     aligned = in_features % _SCALED_MM_ALIGN == 0 and out_features % _SCALED_MM_ALIGN == 0
     if scaled_mm_supported(device) and aligned:
-        return fp8_linear_scaled_mm
+        return fp8_linear_cuda
     if device.type == "cuda":
         log.warning(
             "FP8 layer [%d x %d] on %s runs the slow reference matmul (needs compute capability "
@@ -131,7 +167,7 @@ class Fp8Matmul:
 
 @dataclass(frozen=True)
 class Fp8LinearMethod(LinearMethod):
-    """W8A8 FP8 storage and matmul for any tensor-parallel linear layer.
+    """FP8 storage and matmul for any tensor-parallel linear layer (W8A8; W8A16 for a few tokens on GPU).
 
     Tensors it registers: ``weight`` e4m3 ``[out, in]`` per rank; ``weight_scale`` fp32
     ``[out]``, a parameter loaded from the checkpoint when it stores FP8 (``serialized``), else

@@ -1,0 +1,92 @@
+"""W8A16 FP8 GEMV kernel against its torch reference. Triton's interpreter loads e4m3 and converts
+it to fp32 / fp16 exactly (all 254 finite codes), so the kernel logic runs on the CPU too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightllm_grpc_kernels.fp8_gemv import FP8, FP8_GEMV_CONFIGS, fp8_gemv, fp8_gemv_ref
+
+
+def _inputs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, bias: bool):
+    x = torch.randn(m, k + 5, device=device).to(dtype)[:, :k]  # a row stride past the width
+    w = (torch.randn(n, k, device=device) * 100).clamp(-448, 448).to(FP8)
+    scale = torch.rand(n, device=device) * 1e-3 + 1e-5
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    return x, w, scale, b
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    tol = 1e-4 if ref.dtype == torch.float32 else 1e-2
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < tol, rel
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    ("m", "n", "k"), [(1, 1, 1), (1, 37, 100), (3, 64, 300), (16, 130, 257), (20, 24, 40)]
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_gemv_matches_reference_interpreter(
+    m: int, n: int, k: int, dtype: torch.dtype, bias: bool, device: torch.device
+) -> None:
+    x, w, scale, b = _inputs(m, n, k, dtype, device, bias)
+    _check(fp8_gemv(x, w, scale, b), fp8_gemv_ref(x, w, scale, b))
+
+
+def test_fp8_gemv_checks_its_inputs(device: torch.device) -> None:
+    x, w, scale, _ = _inputs(2, 32, 64, torch.float16, device, False)
+    with pytest.raises(AssertionError, match="w: expected"):
+        fp8_gemv(x, w.half(), scale)
+    with pytest.raises(AssertionError, match="does not match"):
+        fp8_gemv(x[:, :48], w, scale)
+    with pytest.raises(AssertionError, match="scale"):
+        fp8_gemv(x, w, scale.half())
+    with pytest.raises(AssertionError, match="bias"):
+        fp8_gemv(x, w, scale, torch.zeros(32, device=device))  # fp32 bias for fp16 x
+    assert fp8_gemv(x[:0], w, scale).shape == (0, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (1000, 333), (48, 4100)])
+def test_fp8_gemv_gpu(n: int, k: int, m: int, dtype: torch.dtype, bias: bool, device: torch.device) -> None:
+    x, w, scale, b = _inputs(m, n, k, dtype, device, bias)
+    _check(fp8_gemv(x, w, scale, b), fp8_gemv_ref(x, w, scale, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", FP8_GEMV_CONFIGS)
+@pytest.mark.parametrize("m", [1, 16])
+def test_fp8_gemv_configs_gpu(m: int, config, device: torch.device) -> None:
+    x, w, scale, b = _inputs(m, 4096, 14336, torch.bfloat16, device, True)
+    _check(fp8_gemv(x, w, scale, b, config), fp8_gemv_ref(x, w, scale, b))
+
+
+def test_fp8_layers_dispatch_on_token_count(monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
+    """``fp8_linear_cuda`` (the Hopper choice): W8A16 up to W8A16_MAX_M tokens, counted over the
+    leading dims, ``_scaled_mm`` above; run here with the kernel in the interpreter."""
+    from lightllm_grpc.layers import fp8
+    from lightllm_grpc.layers.linear import RowParallelLinear
+
+    large_calls = []
+    monkeypatch.setattr(fp8, "fp8_linear_scaled_mm", lambda x, *args: large_calls.append(x.shape) or x)
+    layer = RowParallelLinear(96, 40, bias=True, method=fp8.Fp8LinearMethod())
+    fp8.Fp8LinearMethod.load_dense_(layer, torch.randn(40, 96) * 0.02)
+    layer.bias.data.normal_()
+    layer = layer.to(device)
+    dense = fp8.Fp8LinearMethod.dequantized_weight(layer)
+    for shape in [(1, 96), (16, 96), (2, 8, 96)]:
+        x = torch.randn(shape, device=device)
+        y = fp8.fp8_linear_cuda(x, layer.weight, layer.weight_scale, None, layer.bias)
+        assert y.shape == (*shape[:-1], 40)
+        torch.testing.assert_close(y, x @ dense.T + layer.bias, rtol=1e-4, atol=1e-5)  # x not quantized
+    assert not large_calls
+    for shape in [(17, 96), (3, 6, 96)]:
+        fp8.fp8_linear_cuda(torch.randn(shape, device=device), layer.weight, layer.weight_scale, None, None)
+    assert large_calls == [(17, 96), (3, 6, 96)]
+    assert fp8.W8A16_MAX_M == 16
