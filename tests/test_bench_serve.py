@@ -17,6 +17,7 @@ from lightllm_grpc.bench.datasets import (
     multi_turn_conversations,
     random_requests,
     shared_prefix_requests,
+    uniform_requests,
 )
 from lightllm_grpc.bench.metrics import Chunk, Distribution, RequestOutcome, summarize
 from lightllm_grpc.bench.report import format_summary
@@ -49,6 +50,21 @@ def test_random_requests_lengths_ids_and_seed() -> None:
     assert random_requests(200, 40, 10, 0.25, VOCAB, seed=4) != reqs
     fixed = random_requests(5, 16, 8, 0.0, VOCAB, seed=0)
     assert all(len(r.prompt) == 16 and r.output_len == 8 for r in fixed)
+
+
+def test_uniform_requests_cover_inclusive_ranges() -> None:
+    reqs = uniform_requests(400, (64, 80), (3, 5), VOCAB, seed=2)
+    assert {len(r.prompt) for r in reqs} == set(range(64, 81))  # both ends reached
+    assert {r.output_len for r in reqs} == {3, 4, 5}
+    assert uniform_requests(400, (64, 80), (3, 5), VOCAB, seed=2) == reqs
+    # the random dataset is this with bounds from the range ratio: same seed, same prompts
+    assert random_requests(50, 40, 10, 0.25, VOCAB, seed=3) == uniform_requests(
+        50, length_range(40, 0.25), length_range(10, 0.25), VOCAB, seed=3
+    )
+    with pytest.raises(ValueError):
+        uniform_requests(1, (10, 9), (1, 1), VOCAB, seed=0)
+    with pytest.raises(ValueError):
+        uniform_requests(1, (0, 9), (1, 1), VOCAB, seed=0)
 
 
 def test_shared_prefix_groups_share_prefixes_and_interleave() -> None:

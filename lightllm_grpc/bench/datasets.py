@@ -88,12 +88,28 @@ def random_requests(
 ) -> list[BenchRequest]:
     """Independent random prompts; input and output lengths uniform within the range ratio."""
     _check_positive(num_prompts=num_prompts, input_len=input_len, output_len=output_len)
+    return uniform_requests(
+        num_prompts, length_range(input_len, range_ratio), length_range(output_len, range_ratio), vocab, seed
+    )
+
+
+def uniform_requests(
+    num_prompts: int,
+    input_range: tuple[int, int],
+    output_range: tuple[int, int],
+    vocab: Vocab,
+    seed: int,
+) -> list[BenchRequest]:
+    """Independent random prompts; input and output lengths each uniform over the whole
+    numbers of an inclusive ``(low, high)`` range (e.g. inputs 64-1,024, outputs 32-512)."""
+    _check_positive(num_prompts=num_prompts, input_min=input_range[0], output_min=output_range[0])
+    for name, (lo, hi) in (("input", input_range), ("output", output_range)):
+        if hi < lo:
+            raise ValueError(f"{name} range is empty: ({lo}, {hi})")
     rng = random.Random(seed)
-    in_lo, in_hi = length_range(input_len, range_ratio)
-    out_lo, out_hi = length_range(output_len, range_ratio)
     out = []
     for _ in range(num_prompts):
-        n_in, n_out = rng.randint(in_lo, in_hi), rng.randint(out_lo, out_hi)
+        n_in, n_out = rng.randint(*input_range), rng.randint(*output_range)
         out.append(BenchRequest(tuple(vocab.draw(rng, n_in)), n_out))
     return out
 

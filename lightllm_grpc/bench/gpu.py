@@ -1,29 +1,52 @@
 """``make bench-gpu``: our server, a transformers baseline and the hardware floor, in one run.
 
-Workloads (8B Llama-3 shape, bf16, random weights via ``--load-format dummy``):
-  W1  batch-1 decode, in 128 / out 256, through the gRPC API (ms per token, tokens/s)
-  W2  1,000 requests of in 256 / out 256 with ignore_eos, all submitted at once (output tokens/s)
-  B128 128 requests of in 512 / out 256 at once, against transformers at batch 128
+Workloads (8B Llama-3 shape, random weights via ``--load-format dummy``), chosen with ``--only``:
+  w1        batch-1 decode, in 128 / out 256, through the gRPC API (ms per token, tokens/s)
+  ttft      batch-1 time to first token: 20 prompts of 128 tokens, one at a time, one token each
+  b128      128 requests of in 512 / out 256 at once, against transformers at batch 128
+  w2        1,000 requests of in 256 / out 256 with ignore_eos, all submitted at once (output tokens/s)
+  sampled   W2 sampled: temperature 0.8, top-p 0.9, top-k 50, presence penalty 0.5
+  w3        online: Poisson arrivals at each ``--w3-rates``, in U[64, 1024] / out U[32, 512]
+            (TTFT, TPOT and ITL p50/p99, output tokens/s), through ``bench serve``'s driver
+  breakdown batch-1 decode without the server (CUDA graph replay, shard runner step)
+  transformers  the eager transformers baseline (bf16) at batch 1 and 128
+``--variants bf16,fp8`` serves each variant in turn (fp8: ``--quantization fp8``); the first
+runs every chosen workload, later ones only w1, ttft, w2 and breakdown.
 The floor: weight bytes over the measured device-copy bandwidth (batch-1 roofline).
-Writes ``bench-gpu.json`` and ``bench-gpu.md`` into ``--out``.
+Writes ``bench-gpu.json`` (after every phase) and ``bench-gpu.md`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from lightllm_grpc.aio import run
+from lightllm_grpc.bench.datasets import Vocab, random_requests, uniform_requests
 from lightllm_grpc.bench.load import Workload, run_load
+from lightllm_grpc.bench.metrics import summarize
+from lightllm_grpc.bench.serve import Traffic, as_conversations, drive, open_stubs, serve_benchmark
 from lightllm_grpc.bench.server import LocalServer
 from lightllm_grpc.models.tiny_tokenizer import save_tokenizer
+from lightllm_grpc.proto import generation_pb2 as pb
+
+WORKLOADS = ("w1", "ttft", "b128", "w2", "sampled", "w3", "breakdown", "transformers")
+# What a variant after the first is measured on: the rows the FP8 comparison needs.
+LATER_VARIANT_WORKLOADS = frozenset({"w1", "ttft", "w2", "breakdown"})
+VARIANT_FLAGS = {"bf16": (), "fp8": ("--quantization", "fp8")}
+SAMPLED = {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "presence_penalty": 0.5}
+# Prompt seeds of their own, so no workload's prompts share a prefix with another's
+# (the prefix cache stays at 0% hits between workloads and between W3 rates).
+TTFT_SEED, W3_SEED = 1000, 2000
 
 
 def copy_bandwidth(nbytes: int = 4 << 30, iters: int = 20) -> float:
@@ -69,34 +92,116 @@ def param_bytes(config: dict, fp8: bool = False) -> int:
     return n * ((1 if fp8 else 2) * linear + 2 * 2 * h) + 2 * (2 * v * h + h)
 
 
-def ours(model_dir: Path, out: Path, args: argparse.Namespace) -> dict:
-    server = LocalServer(
-        model_dir,
-        out / "server.log",
-        "--load-format",
-        "dummy",
-        "--dtype",
-        "bfloat16",
-        "--device",
-        "cuda",
-        "--max-running-requests",
-        str(args.max_running),
-        *(["--quantization", args.quantization] if args.quantization else []),
-        start_timeout=900,
-    )
-    vocab = 128256
-    try:
-        results: dict = {"server_info": str(server.info()).replace("\n", "; ")}
-        w1 = [run(run_load(server.address, Workload(1, 128, 256, 1, vocab, seed=s))) for s in range(3)]
-        results["w1"] = min((r.as_dict() for r in w1), key=lambda d: d["tpot_p50_ms"])
-        results["w1_runs_tpot_ms"] = [r.tpot_p50_ms for r in w1]
-        results["b128"] = run(run_load(server.address, Workload(128, 512, 256, 128, vocab))).as_dict()
-        results["w2"] = run(
-            run_load(server.address, Workload(args.w2_requests, 256, 256, args.w2_requests, vocab))
-        ).as_dict()
-    finally:
-        server.stop()
-    return results
+def w1(address: str, vocab: int) -> dict:
+    """Batch-1 decode, three runs: the best median time per output token, and all three."""
+    runs = [run(run_load(address, Workload(1, 128, 256, 1, vocab, seed=s))) for s in range(3)]
+    best = min((r.as_dict() for r in runs), key=lambda d: d["tpot_p50_ms"])
+    return {"w1": best, "w1_runs_tpot_ms": [r.tpot_p50_ms for r in runs]}
+
+
+def sampled_w2(address: str, requests: int, vocab: int) -> dict:
+    """W2 with sampling (T 0.8, top-p 0.9, top-k 50, presence 0.5), all at once; fails loudly
+    if any request fails (issue 11's check)."""
+    return run(run_load(address, Workload(requests, 256, 256, requests, vocab, **SAMPLED))).as_dict()
+
+
+async def _ttft(address: str, requests: int, input_len: int, seed: int) -> dict:
+    async with open_stubs([address]) as stubs:
+        info = await stubs[0].GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        vocab = Vocab.of_model(info.vocab_size, tuple(info.eos_token_ids))
+        prompts = as_conversations(random_requests(requests + 1, input_len, 1, 0.0, vocab, seed))
+        traffic = Traffic(max_concurrency=1, ignore_eos=True, progress=False)
+        outcomes, duration = await drive(stubs, prompts, traffic)
+    # One at a time, so outcomes are in send order; the first only warmed the channel.
+    return {"input_len": input_len, **summarize(outcomes[1:], duration).as_dict()}
+
+
+def ttft(address: str, requests: int = 20, input_len: int = 128, seed: int = TTFT_SEED) -> dict:
+    """Batch-1 time to first token: ``requests`` prompts of ``input_len`` tokens, sent one after
+    another (after one warm-up), each asking for one token; ``bench serve``'s figures."""
+    return run(_ttft(address, requests, input_len, seed))
+
+
+def online(
+    address: str,
+    rate: float,
+    requests: int,
+    input_range: tuple[int, int],
+    output_range: tuple[int, int],
+    seed: int,
+) -> dict:
+    """W3 at one rate: ``requests`` Poisson arrivals of ``rate`` per second, lengths uniform over
+    the inclusive ranges, greedy with ``ignore_eos``; ``bench serve``'s figures."""
+
+    def build(info: pb.ModelInfo) -> list:
+        vocab = Vocab.of_model(info.vocab_size, tuple(info.eos_token_ids))
+        return as_conversations(uniform_requests(requests, input_range, output_range, vocab, seed))
+
+    traffic = Traffic(request_rate=rate, ignore_eos=True, seed=seed, progress=False)
+    summary, _ = run(serve_benchmark([address], build, traffic))
+    ranges = {"input_range": list(input_range), "output_range": list(output_range)}
+    return {"request_rate": rate, **ranges, **summary.as_dict()}
+
+
+class Bench:
+    """One run: its flags, its result tree (saved after every phase, so a run cut short by a
+    time limit keeps what it measured) and a clock that stamps each phase."""
+
+    def __init__(self, args: argparse.Namespace, model_dir: Path, vocab: int) -> None:
+        self.args, self.model_dir, self.vocab = args, model_dir, vocab
+        self.result: dict = {"phase_seconds": {}}
+        self.t0 = time.monotonic()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        print(f"[{dt.datetime.now():%H:%M:%S} +{start - self.t0:.0f}s] {name}", flush=True)
+        try:
+            yield
+        finally:
+            took = time.monotonic() - start
+            self.result["phase_seconds"][name] = took
+            stamp = f"[{dt.datetime.now():%H:%M:%S} +{time.monotonic() - self.t0:.0f}s]"
+            print(f"{stamp} {name}: {took:.1f}s", flush=True)
+            self.save()
+
+    def save(self) -> None:
+        (self.args.out / "bench-gpu.json").write_text(json.dumps(self.result, indent=2))
+
+    def serve(self, variant: str, todo: set[str], into: dict) -> None:
+        """Start the variant's server and run the chosen server workloads, filling ``into``."""
+        args, vocab, n_w2 = self.args, self.vocab, self.args.w2_requests
+        steps: dict[str, Callable[[str], dict]] = {
+            "w1": lambda a: w1(a, vocab),
+            "ttft": lambda a: {"ttft": ttft(a, args.ttft_requests)},
+            "b128": lambda a: {"b128": run(run_load(a, Workload(128, 512, 256, 128, vocab))).as_dict()},
+            "w2": lambda a: {"w2": run(run_load(a, Workload(n_w2, 256, 256, n_w2, vocab))).as_dict()},
+            "sampled": lambda a: {"sampled": sampled_w2(a, args.sampled_requests, vocab)},
+        }
+        if not todo & {*steps, "w3"}:
+            return
+        with self.phase(f"{variant}: server start"):
+            server = LocalServer(
+                self.model_dir,
+                args.out / f"server-{variant}.log",
+                *("--load-format", "dummy", "--dtype", "bfloat16", "--device", "cuda"),
+                *("--max-running-requests", str(args.max_running), *VARIANT_FLAGS[variant]),
+                start_timeout=900,
+            )
+        try:
+            into["server_info"] = str(server.info()).replace("\n", "; ")
+            for name, step in steps.items():
+                if name in todo:
+                    with self.phase(f"{variant}: {name}"):
+                        into.update(step(server.address))
+            if "w3" in todo:
+                into["w3"] = []
+                for i, rate in enumerate(args.w3_rates):
+                    with self.phase(f"{variant}: w3 at {rate:g} req/s"):
+                        shape = (args.w3_requests, args.w3_input, args.w3_output)
+                        into["w3"].append(online(server.address, rate, *shape, seed=W3_SEED + i))
+        finally:
+            server.stop()
 
 
 def decode_breakdown(
@@ -179,80 +284,221 @@ def environment() -> dict:
     }
 
 
+def _cell(value: float | None, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def _ratio(a: float | None, b: float | None, fmt: str, missing: str = "—") -> str:
+    return missing if a is None or not b else fmt.format(a / b)
+
+
+def _variants(r: dict) -> dict:
+    # Results of the older layout have one variant, in the top-level fields.
+    return r.get("variants") or {"bf16": r}
+
+
+def _rows(r: dict) -> list[tuple[str, str, str, str]]:
+    """The main table: per workload, one row per variant that measured it (bf16 first)."""
+    hf = r.get("transformers", {})
+    variants = _variants(r)
+    base_name, base = next((name, v["ours"]) for name, v in variants.items())
+    vs_base = f"; {{:.2f}}x {base_name}"
+
+    def each(key: str):
+        for name, v in variants.items():
+            if key in v["ours"]:
+                tag = "" if name == "bf16" else f", {name.upper()}"
+                yield name, tag, v, v["ours"]
+
+    def tps(o: dict) -> float | None:
+        return 1e3 / o["w1"]["tpot_p50_ms"] if "w1" in o else None
+
+    def w2(o: dict) -> float | None:
+        return o["w2"]["output_tokens_per_s"] if "w2" in o else None
+
+    rows = []
+    for _, tag, v, o in each("w1"):
+        roof = v["roofline_tokens_per_s"]
+        roof_name = f"{tag[2:]} roofline".lstrip()
+        vs = "" if o is base else _ratio(tps(o), tps(base), vs_base, "")
+        rows.append((
+            f"W1 batch-1 decode (in 128 / out 256){tag}",
+            f"{o['w1']['tpot_p50_ms']:.2f} ms/token = {tps(o):.1f} tok/s",
+            _cell(hf.get("w1_tokens_per_s"), "{:.1f} tok/s"),
+            f"{tps(o) / roof:.0%} of {roof_name} {roof:.0f} tok/s{vs}",
+        ))  # fmt: skip
+    for _, tag, v, o in each("ttft"):
+        t, floor, n = o["ttft"]["ttft_ms"], v["weight_read_ms"], o["ttft"]["completed"]
+        rows.append((
+            f"TTFT batch 1 (in {o['ttft']['input_len']}, {n} requests one at a time){tag}",
+            f"p50 {t['median']:.1f} ms / p99 {t['p99']:.1f} ms",
+            "—",
+            f"p50 {t['median'] / floor:.1f}x the weight-read floor {floor:.2f} ms",
+        ))  # fmt: skip
+    for _, tag, _, o in each("w2"):
+        vs = "" if o is base else _ratio(w2(o), w2(base), vs_base, "")
+        rows.append((
+            f"W2 {o['w2']['workload']['num_requests']} x (in 256 / out 256), all at once{tag}",
+            f"{w2(o):.0f} out tok/s",
+            _cell(hf.get("w2_batch128_tokens_per_s"), "{:.0f} tok/s (batch 128)"),
+            _ratio(w2(o), hf.get("w2_batch128_tokens_per_s"), "{:.1f}x transformers") + vs,
+        ))  # fmt: skip
+    for _, tag, _, o in each("sampled"):
+        sampled = o["sampled"]["output_tokens_per_s"]
+        rows.append((
+            f"W2 sampled {o['sampled']['workload']['num_requests']} x (in 256 / out 256): "
+            f"T 0.8, top-p 0.9, top-k 50, presence 0.5{tag}",
+            f"{sampled:.0f} out tok/s",
+            "—",
+            _ratio(sampled, w2(o), "{:.2f}x greedy W2"),
+        ))  # fmt: skip
+    for _, tag, _, o in each("b128"):
+        b128 = o["b128"]["output_tokens_per_s"]
+        rows.append((
+            f"B128 128 x (in 512 / out 256){tag}",
+            f"{b128:.0f} out tok/s",
+            _cell(hf.get("b128_tokens_per_s"), "{:.0f} tok/s"),
+            _ratio(b128, hf.get("b128_tokens_per_s"), "{:.1f}x transformers"),
+        ))  # fmt: skip
+    return rows
+
+
+def _w3_table(r: dict) -> str:
+    lines = []
+    for name, v in _variants(r).items():
+        for w in v["ours"].get("w3", []):
+            if not lines:
+                (in_lo, in_hi), (out_lo, out_hi) = w["input_range"], w["output_range"]
+                lines += [
+                    f"\nOnline W3: {w['completed'] + sum(w['failed'].values())} requests per rate, Poisson "
+                    f"arrivals, in U[{in_lo}, {in_hi}] / out U[{out_lo}, {out_hi}], greedy, ignore_eos "
+                    "(output tok/s over the whole run, arrival gaps included).\n",
+                    "| rate | variant | completed (failed) | output tok/s | TTFT p50 / p99 ms "
+                    "| TPOT p50 / p99 ms | ITL p50 / p99 ms |",
+                    "| --- | --- | --- | --- | --- | --- | --- |",
+                ]
+            pct = [f"{w[k]['median']:.1f} / {w[k]['p99']:.1f}" for k in ("ttft_ms", "tpot_ms", "itl_ms")]
+            lines.append(
+                f"| {w['request_rate']:g} req/s | {name} | {w['completed']} ({sum(w['failed'].values())}) "
+                f"| {w['output_token_throughput']:.0f} | {' | '.join(pct)} |"
+            )
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def render(r: dict) -> str:
-    w1, w2, b128 = r["ours"]["w1"], r["ours"]["w2"], r["ours"]["b128"]
-    hf = {
-        "w1_tokens_per_s": float("nan"),
-        "w2_batch128_tokens_per_s": float("nan"),
-        "b128_tokens_per_s": float("nan"),
-    }
-    hf.update(r.get("transformers", {}))
-    roof = r["roofline_tokens_per_s"]
-    w1_tps = 1e3 / w1["tpot_p50_ms"]
-    rows = [
-        (
-            "W1 batch-1 decode (in 128 / out 256)",
-            f"{w1['tpot_p50_ms']:.2f} ms/token = {w1_tps:.1f} tok/s",
-            f"{hf['w1_tokens_per_s']:.1f} tok/s",
-            f"{w1_tps / roof:.0%} of roofline {roof:.0f} tok/s",
-        ),
-        (
-            f"W2 {w2['workload']['num_requests']} x (in 256 / out 256), all at once",
-            f"{w2['output_tokens_per_s']:.0f} out tok/s",
-            f"{hf['w2_batch128_tokens_per_s']:.0f} tok/s (batch 128)",
-            f"{w2['output_tokens_per_s'] / hf['w2_batch128_tokens_per_s']:.1f}x transformers",
-        ),
-        (
-            "B128 128 x (in 512 / out 256)",
-            f"{b128['output_tokens_per_s']:.0f} out tok/s",
-            f"{hf['b128_tokens_per_s']:.0f} tok/s",
-            f"{b128['output_tokens_per_s'] / hf['b128_tokens_per_s']:.1f}x transformers",
-        ),
-    ]
-    env = r["environment"]
+    """The Markdown report; also renders a result of the older one-variant layout."""
+    env, variants = r["environment"], _variants(r)
+    first = next(iter(variants.values()))
+    others = "".join(
+        f"; {name.upper()} weights {v['weight_gb']:.2f} GB, roofline {v['roofline_tokens_per_s']:.0f} tok/s"
+        for name, v in list(variants.items())[1:]
+    )
     head = (
         f"Card: {env['card']} | date {env['date']} | torch {env['torch']} | triton {env['triton']} | "
         f"transformers {env['transformers']} | grpcio {env['grpcio']}\n"
-        f"Copy bandwidth {r['copy_bandwidth_tb_s']:.2f} TB/s (read+write); weights {r['weight_gb']:.2f} GB; "
-        f"batch-1 roofline {roof:.0f} tok/s\n\n"
+        f"Copy bandwidth {r['copy_bandwidth_tb_s']:.2f} TB/s (read+write); "
+        f"weights {first['weight_gb']:.2f} GB; "
+        f"batch-1 roofline {first['roofline_tokens_per_s']:.0f} tok/s{others}\n\n"
     )
     table = "| workload | lightllm-grpc | transformers (same run) | ratio |\n| --- | --- | --- | --- |\n"
-    table += "".join(f"| {a} | {b} | {c} | {d} |\n" for a, b, c, d in rows)
-    d = r.get("decode_breakdown")
-    if d:
-        table += (
-            f"\nBatch-1 decode without the server (context 128): "
-            f"CUDA graph replay {d['graph_replay_ms']:.2f} ms, "
-            f"shard runner step (inputs, graph, sampling, copy back) {d['runner_step_ms']:.2f} ms.\n"
-        )
+    table += "".join(f"| {a} | {b} | {c} | {d} |\n" for a, b, c, d in _rows(r))
+    table += _w3_table(r)
+    for name, v in variants.items():
+        d = v.get("decode_breakdown")
+        if d:
+            tag = "" if name == "bf16" else f", {name.upper()}"
+            table += (
+                f"\nBatch-1 decode without the server (context 128{tag}): "
+                f"CUDA graph replay {d['graph_replay_ms']:.2f} ms, "
+                f"shard runner step (inputs, graph, sampling, copy back) {d['runner_step_ms']:.2f} ms.\n"
+            )
+    phases = r.get("phase_seconds", {})
+    if phases:
+        table += "\nPhases (s): " + ", ".join(f"{k} {t:.0f}" for k, t in phases.items()) + "\n"
     return head + table
+
+
+def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"{unknown or text!r}: choose from {', '.join(allowed)}")
+        return list(dict.fromkeys(names))
+
+    return parse
+
+
+def _rates(text: str) -> list[float]:
+    rates = [float(x) for x in text.split(",") if x.strip()]
+    if not rates or any(not x > 0 for x in rates):
+        raise argparse.ArgumentTypeError(f"rates must be positive numbers (got {text!r})")
+    return rates
+
+
+def _length_range(text: str) -> tuple[int, int]:
+    lo, hi = (int(x) for x in text.split(","))
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"need 1 <= low <= high (got {text!r})")
+    return lo, hi
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
+    p.add_argument("--only", type=_names(WORKLOADS), default=list(WORKLOADS), help="workloads, e.g. w1,ttft")
+    p.add_argument("--variants", type=_names(tuple(VARIANT_FLAGS)), default=["bf16", "fp8"])
+    p.add_argument("--quantization", choices=("fp8",), default=None, help="same as --variants fp8")
     p.add_argument("--w2-requests", type=int, default=1000)
+    p.add_argument("--sampled-requests", type=int, default=1000)
+    p.add_argument("--ttft-requests", type=int, default=20)
+    p.add_argument("--w3-rates", type=_rates, default=[24.0, 48.0], help="req/s, comma-separated")
+    p.add_argument("--w3-requests", type=int, default=600, help="per rate")
+    p.add_argument("--w3-input", type=_length_range, default=(64, 1024), help="low,high prompt tokens")
+    p.add_argument("--w3-output", type=_length_range, default=(32, 512), help="low,high output tokens")
     p.add_argument("--max-running", type=int, default=512)
-    p.add_argument("--skip-transformers", action="store_true")
-    p.add_argument("--quantization", choices=("fp8",), default=None, help="serve with FP8 linear layers")
+    p.add_argument("--skip-transformers", action="store_true", help="same as leaving it out of --only")
     args = p.parse_args(argv)
+    if args.quantization:
+        args.variants = [args.quantization]
+    if args.skip_transformers:
+        args.only = [w for w in args.only if w != "transformers"]
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(args.out)
     config = json.loads((model_dir / "config.json").read_text())
-    bw = copy_bandwidth()
-    weight_bytes = param_bytes(config, fp8=args.quantization == "fp8")
-    result = {
-        "environment": environment(),
-        "copy_bandwidth_tb_s": bw / 1e12,
-        "weight_gb": weight_bytes / 1e9,
-        "roofline_tokens_per_s": bw / weight_bytes,
-        "ours": ours(model_dir, args.out, args),
-        "decode_breakdown": decode_breakdown(model_dir, quantization=args.quantization),
-    }
-    if not args.skip_transformers:
-        result["transformers"] = transformers_baseline(model_dir)
-    (args.out / "bench-gpu.json").write_text(json.dumps(result, indent=2))
-    md = render(result)
+    bench = Bench(args, model_dir, config["vocab_size"])
+    r = bench.result
+    r["environment"] = environment()
+    with bench.phase("copy bandwidth"):
+        bw = copy_bandwidth()
+    r["copy_bandwidth_tb_s"] = bw / 1e12
+    r["variants"] = {}
+    todo = {}
+    for i, name in enumerate(args.variants):
+        weight_bytes = param_bytes(config, fp8=name == "fp8")
+        v = r["variants"][name] = {
+            "weight_gb": weight_bytes / 1e9,
+            "roofline_tokens_per_s": bw / weight_bytes,
+            "weight_read_ms": weight_bytes / bw * 1e3,
+            "ours": {},
+        }
+        if i == 0:  # the top-level fields of older runs: the first variant's
+            r.update({k: v[k] for k in ("weight_gb", "roofline_tokens_per_s", "ours")})
+        todo[name] = set(args.only) if i == 0 else set(args.only) & LATER_VARIANT_WORKLOADS
+        bench.serve(name, todo[name], v["ours"])
+    # In-process GPU work only after every server has run, so each server found the card empty.
+    for i, name in enumerate(args.variants):
+        if "breakdown" in todo[name]:
+            v, quantization = r["variants"][name], None if name == "bf16" else name
+            with bench.phase(f"{name}: breakdown"):
+                v["decode_breakdown"] = decode_breakdown(model_dir, quantization=quantization)
+            if i == 0:
+                r["decode_breakdown"] = v["decode_breakdown"]
+    if "transformers" in args.only:
+        with bench.phase("transformers"):
+            r["transformers"] = transformers_baseline(model_dir)
+    bench.save()
+    md = render(r)
     (args.out / "bench-gpu.md").write_text(md)
     print(md)
 

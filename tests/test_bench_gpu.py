@@ -1,0 +1,141 @@
+"""``make bench-gpu``'s TTFT and online W3 paths, run tiny against the CPU server, and its
+report: the new rows per variant, and the older layout unchanged."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from lightllm_grpc.bench import gpu
+from lightllm_grpc.bench.datasets import Vocab, uniform_requests
+from lightllm_grpc.bench.server import LocalServer
+from lightllm_grpc.proto import generation_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    srv = LocalServer(None, tmp_path_factory.mktemp("bench-gpu") / "log", "--max-total-tokens", "4096")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def measured(server: LocalServer) -> dict:
+    return {
+        "ttft": gpu.ttft(server.address, requests=5, input_len=16),
+        "w3": [gpu.online(server.address, 50.0, 6, (8, 32), (2, 6), seed=gpu.W3_SEED)],
+    }
+
+
+def _check_distribution(d: dict) -> None:
+    assert 0 < d["median"] <= d["p99"]
+
+
+def test_ttft_batch1_figures(measured: dict) -> None:
+    t = measured["ttft"]
+    assert t["completed"] == 5 and t["failed"] == {}  # the warm-up request is not counted
+    assert (t["input_len"], t["total_input_tokens"], t["total_output_tokens"]) == (16, 80, 5)
+    _check_distribution(t["ttft_ms"])
+    assert t["tpot_ms"]["median"] == 0  # one token each: no TPOT
+
+
+def test_online_w3_figures(server: LocalServer, measured: dict) -> None:
+    (w,) = measured["w3"]
+    info = server.stub.GetModelInfo(pb.GetModelInfoRequest())
+    reqs = uniform_requests(6, (8, 32), (2, 6), Vocab.of_model(info.vocab_size, tuple(info.eos_token_ids)),
+                            gpu.W3_SEED)  # fmt: skip
+    assert w["completed"] == 6 and w["failed"] == {}
+    assert w["total_input_tokens"] == sum(len(r.prompt) for r in reqs)
+    assert w["total_output_tokens"] == sum(r.output_len for r in reqs)  # ignore_eos held the lengths
+    assert (w["request_rate"], w["input_range"], w["output_range"]) == (50.0, [8, 32], [2, 6])
+    for key in ("ttft_ms", "tpot_ms", "itl_ms"):
+        _check_distribution(w[key])
+    assert w["output_token_throughput"] > 0
+
+
+def _variant(roofline: float, tpot_ms: float, w2: float, **ours) -> dict:
+    w2_result = {"workload": {"num_requests": 1000}, "output_tokens_per_s": w2}
+    return {
+        "weight_gb": 3e3 / roofline,
+        "roofline_tokens_per_s": roofline,
+        "weight_read_ms": 1e3 / roofline,
+        "ours": {"w1": {"tpot_p50_ms": tpot_ms}, "w2": w2_result, **ours},
+    }
+
+
+def test_render_two_variants_with_the_new_rows(measured: dict) -> None:
+    env = dict.fromkeys(("card", "date", "torch", "triton", "transformers", "grpcio"), "x")
+    sampled = {"workload": {"num_requests": 1000}, "output_tokens_per_s": 4000.0}
+    result = {
+        "environment": env,
+        "copy_bandwidth_tb_s": 3.0,
+        "variants": {
+            "bf16": _variant(187.0, 6.0, 15000.0, sampled=sampled, **measured),
+            "fp8": _variant(330.0, 4.0, 16500.0, ttft=measured["ttft"]),
+        },
+        "transformers": {"w1_tokens_per_s": 18.0, "w2_batch128_tokens_per_s": 2000.0},
+        "phase_seconds": {"bf16: server start": 60.0},
+    }
+    md = gpu.render(result)
+    assert "FP8 weights" in md and "| 76% of FP8 roofline 330 tok/s; 1.50x bf16 |" in md
+    assert "| W2 1000 x (in 256 / out 256), all at once, FP8 | 16500 out tok/s |" in md
+    assert md.count("TTFT batch 1 (in 16, 5 requests one at a time)") == 2
+    assert "weight-read floor 5.35 ms" in md and "0.27x greedy W2" in md
+    assert "Online W3: 6 requests per rate" in md and "| 50 req/s | bf16 | 6 (0) |" in md
+    assert "B128" not in md and "Phases (s): bf16: server start 60" in md
+
+
+def test_render_keeps_the_older_layout() -> None:
+    md = gpu.render(json.loads((ROOT / "docs/bench-gpu-2026-11-26-h100.json").read_text()))
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(rows) == 5 and all(row in benchmarks for row in rows)
+
+
+def test_main_runs_the_chosen_workloads_per_variant(
+    server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole run without a GPU: the CPU server stands in for each variant's server."""
+    started: list[tuple[str, ...]] = []
+
+    class StandIn:
+        def __init__(self, model_dir: Path, log: Path, *flags: str, **kw) -> None:
+            started.append(flags)
+            self.address, self.info = server.address, server.info
+
+        def stop(self) -> None:
+            pass
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model/config.json").write_text('{"vocab_size": 512}')
+    monkeypatch.setattr(gpu, "LocalServer", StandIn)
+    monkeypatch.setattr(gpu, "copy_bandwidth", lambda: 3e12)
+    monkeypatch.setattr(gpu, "param_bytes", lambda config, fp8=False: 8e9 if fp8 else 16e9)
+    monkeypatch.setattr(gpu, "prepare_model_dir", lambda out: tmp_path / "model")
+    env = dict.fromkeys(("card", "date", "torch", "triton", "transformers", "grpcio"), "x")
+    monkeypatch.setattr(gpu, "environment", lambda: env)
+    flags = ["--out", str(tmp_path), "--only", "ttft,w3,transformers", "--skip-transformers"]
+    flags += ["--ttft-requests", "2", "--w3-rates", "100,200", "--w3-requests", "3"]
+    gpu.main([*flags, "--w3-input", "4,8", "--w3-output", "2,3"])
+    r = json.loads((tmp_path / "bench-gpu.json").read_text())
+    bf16_flags, fp8_flags = started
+    assert "--quantization" not in bf16_flags and fp8_flags[-2:] == ("--quantization", "fp8")
+    bf16, fp8 = r["variants"]["bf16"]["ours"], r["variants"]["fp8"]["ours"]
+    assert r["ours"] == bf16 and r["roofline_tokens_per_s"] == 3e12 / 16e9
+    assert [w["request_rate"] for w in bf16["w3"]] == [100, 200] and "w3" not in fp8  # W3: first only
+    assert bf16["ttft"]["completed"] == fp8["ttft"]["completed"] == 2
+    assert "transformers" not in r and "fp8: ttft" in r["phase_seconds"]
+    assert "| 200 req/s | bf16 | 3 (0) |" in (tmp_path / "bench-gpu.md").read_text()
+
+
+def test_workload_flags() -> None:
+    assert gpu._names(gpu.WORKLOADS)("w3, ttft,w3") == ["w3", "ttft"]
+    assert gpu._rates("24,48") == [24.0, 48.0] and gpu._length_range("64,1024") == (64, 1024)
+    for parse, text in ((gpu._names(gpu.WORKLOADS), "w4"), (gpu._rates, "0"), (gpu._length_range, "9,8")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
