@@ -45,7 +45,7 @@ class SchedulerConfig:
     # prefill tokens a learned step-time model says fit within this many ms (at least
     # min_prefill_tokens when prompts wait; never more than max_prefill_tokens).
     # 0: off, every step takes up to max_prefill_tokens.
-    step_time_budget_ms: float = 40.0
+    step_time_budget_ms: float = 50.0
     min_prefill_tokens: int = 512
     default_max_new_tokens: int = 256
     # Stream messages sent per step, at most about: past it, each stream's tokens are
