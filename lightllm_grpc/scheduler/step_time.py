@@ -10,9 +10,10 @@ prefill tokens fit beside a step's decode rows within ``--step-time-budget-ms``
 The fit is least squares over the last ``window`` steps, pulled toward a prior (ridge, in
 units where every feature's typical value is 1, worth ``prior_weight`` samples), with
 outliers (relative residual beyond 3 robust standard deviations and 10%: a GC pause, a
-first-step compile) dropped and refitted, and no negative coefficient. Until ``min_samples`` steps were seen
-it predicts with the prior alone. A refit costs ~0.1 ms and runs every ``refit_every``
-samples; ``observe`` and ``prefill_room`` are a few float operations.
+first-step compile) dropped and refitted, and no negative coefficient. Until
+``min_samples`` steps were seen it predicts with the prior alone. A refit costs ~0.5 ms (on
+a 2-core CI-like CPU) and runs every ``refit_every`` samples; ``observe`` and
+``prefill_room`` are a few float operations.
 """
 
 from __future__ import annotations
