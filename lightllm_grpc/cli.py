@@ -126,6 +126,20 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--max-waiting-requests", type=int, default=4096, help="queue bound; past it RESOURCE_EXHAUSTED"
     )
     p.add_argument(
+        "--step-time-budget-ms",
+        type=float,
+        default=SchedulerConfig.step_time_budget_ms,
+        help="a step with running requests takes only the prefill tokens a step-time model, learned "
+        "from measured steps, says fit in this many ms (bounds TPOT; docs/scheduling.md); "
+        "0: off, every step prefills up to --max-prefill-tokens",
+    )
+    p.add_argument(
+        "--min-prefill-tokens",
+        type=int,
+        default=SchedulerConfig.min_prefill_tokens,
+        help="with --step-time-budget-ms: prompt tokens a step prefills at least while prompts wait",
+    )
+    p.add_argument(
         "--default-max-new-tokens", type=int, default=256, help="when a request sets no max_new_tokens"
     )
     p.add_argument(
@@ -378,6 +392,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_running_requests=args.max_running_requests,
         max_waiting_requests=args.max_waiting_requests,
         max_prefill_tokens=args.max_prefill_tokens,
+        step_time_budget_ms=args.step_time_budget_ms,
+        min_prefill_tokens=args.min_prefill_tokens,
         default_max_new_tokens=args.default_max_new_tokens,
         max_messages_per_step=args.max_stream_messages_per_step,
         prefix_cache=not args.no_prefix_cache,

@@ -41,6 +41,12 @@ class SchedulerConfig:
     max_waiting_requests: int = 4096
     # Most prompt tokens prefilled in one step; longer prompts are split into chunks.
     max_prefill_tokens: int = 8192
+    # Per-step time budget (docs/scheduling.md): a step with decode rows takes only the
+    # prefill tokens a learned step-time model says fit within this many ms (at least
+    # min_prefill_tokens when prompts wait; never more than max_prefill_tokens).
+    # 0: off, every step takes up to max_prefill_tokens.
+    step_time_budget_ms: float = 50.0
+    min_prefill_tokens: int = 512
     default_max_new_tokens: int = 256
     # Stream messages sent per step, at most about: past it, each stream's tokens are
     # coalesced into fewer, larger messages (gRPC's per-message cost bounds throughput).
@@ -72,6 +78,10 @@ class SchedulerConfig:
         for name in ("max_running_requests", "max_waiting_requests", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not self.step_time_budget_ms >= 0:
+            raise ValueError("step_time_budget_ms must be >= 0 (0: off)")
+        if self.min_prefill_tokens < 1:
+            raise ValueError("min_prefill_tokens must be >= 1")
         if self.default_max_new_tokens < 1:
             raise ValueError("default_max_new_tokens must be >= 1")
         if self.max_messages_per_step < 1:

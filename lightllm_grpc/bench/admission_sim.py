@@ -1,4 +1,7 @@
-"""Admission by simulation: the real ``Scheduler`` against a fake shard and a step-time model.
+"""Scheduling by simulation: the real ``Scheduler`` against a fake shard and a step-time model.
+
+It compares admission rules (KV use, preemptions, throughput) and per-step prefill policies
+(TTFT, TPOT and inter-token latency under Poisson arrivals; docs/scheduling.md).
 
 No GPU, no engine, no asyncio. The loop is the engine's (``scheduler/engine.py``): up to
 ``PIPELINE_DEPTH`` steps in flight, the next step built before the previous one's tokens
@@ -10,8 +13,10 @@ row's KV length minus the prompt when the step was built) and answers with a tok
 a function of the request and that position. Delivery asserts that position equals the
 request's output length, so a lost or duplicated token under preemption fails at once.
 
-Simulated time is a step-time model (``StepCost``); output lengths are drawn in advance
-from a long-tailed distribution and play the role of EOS.
+Simulated time is a step-time model (``StepCost``, optionally with multiplicative noise),
+and each step's simulated duration is fed back to the scheduler as the engine feeds the
+measured one; output lengths are drawn in advance (long-tailed, or uniform) and play the
+role of EOS.
 """
 
 from __future__ import annotations
@@ -41,24 +46,28 @@ VOCAB = 32_000
 
 @dataclass(frozen=True)
 class StepCost:
-    """Milliseconds one step takes on the GPU: ``a + b*rows + c*prefill + d*context``.
+    """Milliseconds one step takes on the GPU: ``a + e*[prefill > 0] + b*rows + c*prefill + d*context``.
 
     Defaults approximate an 8B Llama-3 on one H100 (BENCHMARKS.md): ``a`` the weight read of a
     decode step (batch-1 graph 6.07 ms), ``b`` per decode row (GEMM compute and sampling),
     ``c`` per prefill token (~16 GFLOP/token at ~270 TFLOP/s; pessimistic for short prompts,
     so recompute after preemption is not undercharged), ``d`` per token of context a decode
     row attends over (128 KiB of K/V per token at ~3.3 TB/s): without it a bigger batch would
-    look free of the KV reads it brings.
+    look free of the KV reads it brings. ``e`` is the fixed cost of a step that prefills at
+    all (the runner's separate prefill forward reads every weight again); 0 by default, so
+    the admission figures in BENCHMARKS.md stay reproducible.
     """
 
     a_ms: float = 6.0
     b_ms_per_row: float = 0.03
     c_ms_per_prefill_token: float = 0.06
     d_ms_per_context_token: float = 0.00004
+    e_ms_per_prefill_step: float = 0.0
 
     def seconds(self, rows: int, prefill_tokens: int, context_tokens: int) -> float:
         ms = (
             self.a_ms
+            + (self.e_ms_per_prefill_step if prefill_tokens else 0.0)
             + self.b_ms_per_row * rows
             + self.c_ms_per_prefill_token * prefill_tokens
             + self.d_ms_per_context_token * context_tokens
@@ -69,7 +78,11 @@ class StepCost:
 @dataclass(frozen=True)
 class Workload:
     """Prompts ~U[prompt_min, prompt_max]; output lengths lognormal with the given median and
-    p99, clipped to [1, max_new_tokens]; arrivals all at once or Poisson at ``request_rate``."""
+    p99, clipped to [1, max_new_tokens]; arrivals all at once or Poisson at ``request_rate``.
+
+    With ``output_max`` set, output lengths are ~U[output_min, output_max] instead and each is
+    also the request's ``max_new_tokens`` (as ``bench serve --ignore-eos`` sends them).
+    """
 
     requests: int = 2000
     prompt_min: int = 128
@@ -79,6 +92,8 @@ class Workload:
     max_new_tokens: int = 4096
     request_rate: float = math.inf
     seed: int = 0
+    output_min: int = 0
+    output_max: int = 0
 
     def __post_init__(self) -> None:
         if self.requests < 1 or not 1 <= self.prompt_min <= self.prompt_max:
@@ -87,6 +102,8 @@ class Workload:
             raise ValueError("need 0 < output_median < output_p99")
         if self.max_new_tokens < 1 or self.request_rate <= 0:
             raise ValueError("need max_new_tokens >= 1 and request_rate > 0")
+        if self.output_max and not 1 <= self.output_min <= self.output_max <= self.max_new_tokens:
+            raise ValueError("need 1 <= output_min <= output_max <= max_new_tokens")
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,7 @@ class SimRequest:
     prompt_ids: list[int]
     output_len: int  # where this request stops (its EOS), at most max_new_tokens
     arrival_s: float
+    max_new_tokens: int = 0  # 0: the workload's
 
 
 def sample_workload(w: Workload) -> list[SimRequest]:
@@ -102,13 +120,15 @@ def sample_workload(w: Workload) -> list[SimRequest]:
     outs = rng.lognormal(math.log(w.output_median), sigma, w.requests)
     outs = np.clip(np.rint(outs), 1, w.max_new_tokens).astype(int)
     lens = rng.integers(w.prompt_min, w.prompt_max + 1, w.requests)
+    if w.output_max:
+        outs = rng.integers(w.output_min, w.output_max + 1, w.requests)
     if math.isinf(w.request_rate):
         arrivals = np.zeros(w.requests)
     else:
         arrivals = np.cumsum(rng.exponential(1.0 / w.request_rate, w.requests))
     # Random token ids: prompts share at most a few leading tokens, as unrelated prompts do.
     return [
-        SimRequest(rng.integers(0, VOCAB, int(n)).tolist(), int(o), float(t))
+        SimRequest(rng.integers(0, VOCAB, int(n)).tolist(), int(o), float(t), int(o) if w.output_max else 0)
         for n, o, t in zip(lens, outs, arrivals)
     ]
 
@@ -122,11 +142,18 @@ class SimConfig:
     admission_quantile: float = 0.6
     prefix_cache: bool = True
     cost: StepCost = field(default_factory=StepCost)
+    step_time_budget_ms: float = SchedulerConfig.step_time_budget_ms  # 0: fixed token budget
+    min_prefill_tokens: int = SchedulerConfig.min_prefill_tokens
+    # Each step's simulated time is multiplied by exp(N(0, cost_noise)): the learned model
+    # sees noisy samples, as the engine does.
+    cost_noise: float = 0.0
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(
             max_running_requests=self.max_running_requests,
             max_prefill_tokens=self.max_prefill_tokens,
+            step_time_budget_ms=self.step_time_budget_ms,
+            min_prefill_tokens=self.min_prefill_tokens,
             prefix_cache=self.prefix_cache,
             admission=self.admission,
             admission_quantile=self.admission_quantile,
@@ -137,6 +164,13 @@ class SimConfig:
         if self.admission == "conservative":
             return "conservative"
         return f"past-future q={self.admission_quantile:g}"
+
+    @property
+    def prefill_policy(self) -> str:
+        if not self.step_time_budget_ms:
+            return f"fixed {self.max_prefill_tokens} tokens"
+        lo, hi = self.min_prefill_tokens, self.max_prefill_tokens
+        return f"{self.step_time_budget_ms:g} ms budget (min {lo}, max {hi})"
 
 
 @dataclass
@@ -155,6 +189,17 @@ class SimResult:
     void_tokens: int  # sampled by steps sent before their request ended or was preempted
     schedule_ms_mean: float  # wall time of Scheduler.schedule() on this machine
     schedule_ms_at_full: float  # same, over steps with >= 90% of the rows decoding
+    prefill_policy: str = ""
+    # Latencies in simulated ms (bench/metrics.py's definitions): TTFT from arrival to the
+    # step that delivers the first token; TPOT (last - first token) / (tokens - 1) per
+    # request; ITL every gap between a request's tokens; step: each step's simulated time.
+    ttft_ms_p50: float = 0.0
+    ttft_ms_p99: float = 0.0
+    tpot_ms_p50: float = 0.0
+    tpot_ms_p99: float = 0.0
+    itl_ms_p99: float = 0.0
+    step_ms_p99: float = 0.0
+    budget_limited_steps: int = 0
 
     @property
     def throughput(self) -> float:
@@ -202,6 +247,11 @@ class _Simulation:
         self.steps = self.max_batch = self.max_used = self.prefill = self.void = self.delivered = 0
         self.sched_wall: list[float] = []
         self.sched_wall_full: list[float] = []
+        self.noise = np.random.default_rng(1)
+        self.first_at = [math.nan] * len(reqs)  # simulated time of each request's first token
+        self.last_at = [math.nan] * len(reqs)
+        self.itl: list[float] = []
+        self.step_s: list[float] = []
 
     def run(self) -> SimResult:
         while True:
@@ -216,6 +266,7 @@ class _Simulation:
                 break
             sent = self.inflight.popleft()
             self.clock += sent.seconds  # the GPU ran it while the next one was being built
+            self.sched.observe_step(sent.plan, sent.seconds)  # as the engine does, before the next build
             self._arrive()
             self._fill()  # keep the pipeline full before delivering, as the engine does
             self._deliver(sent)
@@ -243,6 +294,9 @@ class _Simulation:
         decodes = plan.requests[len(plan.requests) - rows :] if rows else []
         context = sum(r.num_kv for r in decodes)
         seconds = self.cfg.cost.seconds(rows, prefill, context)
+        if self.cfg.cost_noise:
+            seconds *= float(np.exp(self.noise.normal(0.0, self.cfg.cost_noise)))
+        self.step_s.append(seconds)
         # What the shard's row holds when it runs this step: K/V of prompt + output so far.
         positions = [r.num_kv - r.prompt_len for r in plan.sampled]
         self.steps += 1
@@ -271,6 +325,11 @@ class _Simulation:
                 )
             req.output_ids.append(output_token(i, pos))
             self.delivered += 1
+            if pos == 0:
+                self.first_at[i] = self.clock
+            else:
+                self.itl.append(self.clock - self.last_at[i])
+            self.last_at[i] = self.clock
             n = len(req.output_ids)
             if n > req.stopping.max_new_tokens:
                 raise InvariantError(f"{req.request_id} got more than max_new_tokens")
@@ -300,6 +359,20 @@ class _Simulation:
             if req.output_ids != [output_token(i, p) for p in range(spec.output_len)]:
                 raise InvariantError(f"{req.request_id}: output differs from its predetermined tokens")
 
+    def _latencies(self) -> dict[str, float]:
+        ttft = [f - s.arrival_s for f, s in zip(self.first_at, self.specs)]
+        tpot = [
+            (last - first) / (s.output_len - 1)
+            for first, last, s in zip(self.first_at, self.last_at, self.specs)
+            if s.output_len > 1
+        ]
+        p = lambda v, q: float(np.percentile(np.asarray(v) * 1e3, q)) if v else 0.0  # noqa: E731
+        return {
+            "ttft_ms_p50": p(ttft, 50), "ttft_ms_p99": p(ttft, 99),
+            "tpot_ms_p50": p(tpot, 50), "tpot_ms_p99": p(tpot, 99),
+            "itl_ms_p99": p(self.itl, 99), "step_ms_p99": p(self.step_s, 99),
+        }  # fmt: skip
+
     def _result(self) -> SimResult:
         walls, full = self.sched_wall, self.sched_wall_full
         return SimResult(
@@ -317,6 +390,9 @@ class _Simulation:
             void_tokens=self.void,
             schedule_ms_mean=1e3 * sum(walls) / len(walls) if walls else 0.0,
             schedule_ms_at_full=1e3 * sum(full) / len(full) if full else math.nan,
+            prefill_policy=self.cfg.prefill_policy,
+            budget_limited_steps=self.sched.counters.budget_limited_steps,
+            **self._latencies(),
         )
 
 
@@ -325,7 +401,7 @@ def _request(i: int, spec: SimRequest, max_new_tokens: int) -> Request:
         request_id=f"r{i}",
         prompt_ids=spec.prompt_ids,
         sampling=SamplingOptions(temperature=0.0),
-        stopping=StopOptions(max_new_tokens=max_new_tokens, ignore_eos=True),
+        stopping=StopOptions(max_new_tokens=spec.max_new_tokens or max_new_tokens, ignore_eos=True),
         output=OutputOptions(),
     )
 
@@ -347,6 +423,21 @@ def format_table(results: list[SimResult]) -> str:
             f"| {r.throughput:,.0f} | {r.preemptions} | {100 * r.preempted_share:.1f}% "
             f"| {r.max_kv_used:,} | {r.prefill_tokens:,} "
             f"| {r.schedule_ms_mean:.2f} / {_ms(r.schedule_ms_at_full)} |"
+        )
+    return "\n".join(lines)
+
+
+def format_latency_table(results: list[SimResult]) -> str:
+    head = (
+        "| admission | prefill per step | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p99 (ms) "
+        "| step p99 (ms) | output tok/s | mean batch | steps the budget held prompts back |"
+    )
+    lines = [head, "|" + " --- |" * 9]
+    for r in results:
+        lines.append(
+            f"| {r.label} | {r.prefill_policy} | {r.ttft_ms_p50:.0f} / {r.ttft_ms_p99:.0f} "
+            f"| {r.tpot_ms_p50:.1f} / {r.tpot_ms_p99:.1f} | {r.itl_ms_p99:.1f} | {r.step_ms_p99:.1f} "
+            f"| {r.throughput:,.0f} | {r.mean_batch:.1f} | {r.budget_limited_steps:,} / {r.steps:,} |"
         )
     return "\n".join(lines)
 

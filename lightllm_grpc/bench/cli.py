@@ -90,9 +90,10 @@ def _add_sim_parser(bsub: argparse._SubParsersAction) -> None:
     w, c = sim.Workload(), sim.StepCost()
     p = bsub.add_parser(
         "sim",
-        help="compare admission rules by simulating the real scheduler on the CPU",
+        help="compare admission rules and per-step prefill policies by simulating the real scheduler",
         description="Drives the real Scheduler with a fake shard and a step-time model "
-        "(BENCHMARKS.md, 'Admission by simulation'); prints a Markdown table.",
+        "(BENCHMARKS.md, 'Admission by simulation'; docs/scheduling.md, 'Per-step time budget'); "
+        "prints Markdown tables: KV and throughput, then latencies in simulated time.",
     )
     p.add_argument("--requests", type=int, default=w.requests)
     p.add_argument("--kv-tokens", type=int, default=200_000, help="KV pool size in tokens")
@@ -108,6 +109,17 @@ def _add_sim_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-p99", type=float, default=w.output_p99)
     p.add_argument("--max-new-tokens", type=int, default=w.max_new_tokens)
     p.add_argument(
+        "--output-min", type=int, default=0, help="with --output-max: output lengths uniform, not lognormal"
+    )
+    p.add_argument("--output-max", type=int, default=0)
+    p.add_argument(
+        "--step-time-budgets",
+        default=f"{SchedulerConfig.step_time_budget_ms:g}",
+        help="comma-separated --step-time-budget-ms values to compare (0: fixed --max-prefill-tokens)",
+    )
+    p.add_argument("--min-prefill-tokens", type=int, default=SchedulerConfig.min_prefill_tokens)
+    p.add_argument("--cost-noise", type=float, default=0.0, help="step times multiplied by exp(N(0, this))")
+    p.add_argument(
         "--request-rate", type=float, default=math.inf, help="Poisson arrivals per second; inf: all at once"
     )
     p.add_argument("--no-prefix-cache", action="store_true")
@@ -115,6 +127,9 @@ def _add_sim_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--row-ms", type=float, default=c.b_ms_per_row, help="per decode row")
     p.add_argument("--prefill-token-ms", type=float, default=c.c_ms_per_prefill_token)
     p.add_argument("--context-token-ms", type=float, default=c.d_ms_per_context_token)
+    p.add_argument(
+        "--prefill-step-ms", type=float, default=c.e_ms_per_prefill_step, help="extra when a step prefills"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", type=Path, default=None, help="write the figures here")
 
@@ -215,21 +230,26 @@ def serve_main(args: argparse.Namespace) -> int:
 def _sim_configs(args: argparse.Namespace, cost: sim.StepCost) -> list[sim.SimConfig]:
     rules = [r.strip() for r in args.admission.split(",") if r.strip()]
     quantiles = [float(q) for q in args.quantiles.split(",") if q.strip()]
+    budgets = [float(b) for b in args.step_time_budgets.split(",") if b.strip()]
     configs = []
     for rule in rules:
         # The quantile only matters to past-future: conservative runs once.
         for q in quantiles if rule == "past-future" else [SchedulerConfig.admission_quantile]:
-            configs.append(
-                sim.SimConfig(
-                    kv_tokens=args.kv_tokens,
-                    max_running_requests=args.max_running_requests,
-                    max_prefill_tokens=args.max_prefill_tokens,
-                    admission=rule,
-                    admission_quantile=q,
-                    prefix_cache=not args.no_prefix_cache,
-                    cost=cost,
+            for budget in budgets:
+                configs.append(
+                    sim.SimConfig(
+                        kv_tokens=args.kv_tokens,
+                        max_running_requests=args.max_running_requests,
+                        max_prefill_tokens=args.max_prefill_tokens,
+                        admission=rule,
+                        admission_quantile=q,
+                        prefix_cache=not args.no_prefix_cache,
+                        cost=cost,
+                        step_time_budget_ms=budget,
+                        min_prefill_tokens=args.min_prefill_tokens,
+                        cost_noise=args.cost_noise,
+                    )
                 )
-            )
     return configs
 
 
@@ -244,8 +264,12 @@ def sim_main(args: argparse.Namespace) -> int:
             args.max_new_tokens,
             args.request_rate,
             args.seed,
+            args.output_min,
+            args.output_max,
         )
-        cost = sim.StepCost(args.step_ms, args.row_ms, args.prefill_token_ms, args.context_token_ms)
+        cost = sim.StepCost(
+            args.step_ms, args.row_ms, args.prefill_token_ms, args.context_token_ms, args.prefill_step_ms
+        )
         configs = _sim_configs(args, cost)
         for cfg in configs:
             cfg.scheduler_config()  # validates the rule and quantile before any run
@@ -256,8 +280,10 @@ def sim_main(args: argparse.Namespace) -> int:
     results = []
     for cfg in configs:
         results.append(sim.simulate(reqs, cfg, workload.max_new_tokens))
-        print(f"{cfg.label}: done ({results[-1].steps} steps)", file=sys.stderr)
+        print(f"{cfg.label}, {cfg.prefill_policy}: done ({results[-1].steps} steps)", file=sys.stderr)
     print(sim.format_table(results))
+    print()
+    print(sim.format_latency_table(results))
     if args.json_path is not None:
         flags = {k: _jsonable(v) for k, v in vars(args).items() if k not in ("command", "bench_command")}
         record = {"args": flags, "results": [r.as_dict() for r in results]}

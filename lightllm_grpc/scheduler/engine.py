@@ -167,12 +167,12 @@ class Engine:
                 self._fail(plan, exc)
                 continue
             self._inflight.popleft()
+            self._observe_step(plan, result)  # before the next schedule(), which the time informs
             try:
                 await self._fill()  # keep the GPU busy while this step's tokens are processed
             except ShardError as exc:
                 self._fail(None, exc)
             delivered = time.perf_counter()
-            self._observe_step(plan)
             self._deliver(plan, result)
             self._account(result, waited, delivered)
             await asyncio.sleep(0)  # let handlers stream what was just delivered
@@ -186,13 +186,20 @@ class Engine:
             plan.sent_at = time.monotonic()
             await self.shards.send(plan.message)
 
-    def _observe_step(self, plan: StepPlan) -> None:
+    def _observe_step(self, plan: StepPlan, result: shard_pb2.StepResult) -> None:
         """Step time: from when the shards could start on it (sent, or the previous result
-        came back, whichever is later) to its result: the period that sets decode speed."""
+        came back, whichever is later) to its result: the period that sets decode speed.
+
+        The step-time model gets the smaller of that and the shard's own launch-to-result
+        time: the period includes the round trip when the pipeline ran dry, the shard's
+        time includes waiting behind the previous step when it did not."""
         now = time.monotonic()
+        period = now - max(plan.sent_at, self._last_result_at)
         if self.observer is not None:
-            self.observer.on_step(now - max(plan.sent_at, self._last_result_at))
+            self.observer.on_step(period)
         self._last_result_at = now
+        shard = result.forward_seconds
+        self.scheduler.observe_step(plan, min(period, shard) if shard > 0 else period)
 
     def _account(self, result: shard_pb2.StepResult, waited: float, delivered: float) -> None:
         self.last_step_at = time.monotonic()
@@ -205,6 +212,8 @@ class Engine:
         st.shard_s += result.forward_seconds
         if st.due(now):
             st.log(now)
+            if self.scheduler.step_time is not None:
+                log.info("step time model: %s", self.scheduler.step_time.describe())
             self.stats = LoopStats(since=now)
 
     def _deliver(self, plan: StepPlan, result: shard_pb2.StepResult) -> None:

@@ -2,7 +2,10 @@
 
 The scheduler owns every KV slot and req_to_token row. Each step it builds one
 ``StepRequest`` for the shards: rows to release, new rows with their sampling state,
-prefill chunks (within a token budget) and one decode entry per running request.
+prefill chunks (within a token budget) and one decode entry per running request. When
+decode rows run, the token budget is what a learned step-time model says fits in
+``step_time_budget_ms`` beside them (``step_time.py``), so long prompts arriving together do
+not make every running request's next token late.
 
 KV slots are allocated token by token. A new request first takes the longest cached
 prefix of its tokens from the radix cache and prefills only the rest; its prompt is
@@ -37,6 +40,7 @@ from lightllm_grpc.scheduler.admission import Admission, KVNeed, OutputLengths
 from lightllm_grpc.scheduler.allocator import IdAllocator
 from lightllm_grpc.scheduler.radix_cache import Match, RadixCache
 from lightllm_grpc.scheduler.request import FinishReason, Request, State
+from lightllm_grpc.scheduler.step_time import StepTimeModel
 
 EVICT_AT_LEAST = 256  # tokens
 # A request whose prefix is being prefilled by this very step waits a step to share it when
@@ -46,6 +50,10 @@ DEFER_FOR_TOKENS = 32
 # group holds at most this many rows (the kernel's MAX_GROUP_ROWS; shard.proto says so too).
 CASCADE_MIN_PREFIX = 64
 CASCADE_GROUP_ROWS = 16
+# Time budget: a step prefills at least this share of the prompt tokens waiting, so a backlog
+# drains within about this many steps even when the budget leaves less room (TTFT stays
+# bounded at loads the GPU can carry; docs/scheduling.md).
+DRAIN_STEPS = 8
 
 
 @dataclass
@@ -66,6 +74,10 @@ class StepPlan:
     # in the order of the shard's StepResult.prompt_logprobs.
     prompt_lp: list[tuple[Request, int, int, int]] = field(default_factory=list)
     sent_at: float = 0.0  # time.monotonic() when the engine sent it (step metrics)
+    # What the step-time model sees: decode rows, prefill tokens, K/V tokens the rows read.
+    decode_rows: int = 0
+    prefill_tokens: int = 0
+    context_tokens: int = 0
 
     def add_sampled(self, req: Request) -> None:
         self.sampled.append(req)
@@ -93,6 +105,7 @@ class Counters:
     prefix_hit_tokens: int = 0  # of those, served from it
     preemptions: int = 0
     partial_prefills: int = 0  # prefill chunks that did not finish their prompt
+    budget_limited_steps: int = 0  # steps where the time budget, not the cap, held prompts back
     cascade_steps: int = 0  # decode steps sent with prefix groups (cascade attention)
 
 
@@ -106,6 +119,8 @@ class Scheduler:
         self.cache = RadixCache(self.slots.free) if config.prefix_cache else None
         self.rows = IdAllocator(min(max_rows, config.max_running_requests))
         self.admission = Admission(config.admission, OutputLengths(quantile=config.admission_quantile))
+        # None: the policy is off and every step may prefill max_prefill_tokens.
+        self.step_time = StepTimeModel() if config.step_time_budget_ms > 0 else None
         self.waiting: list[Request] = []  # in queue order (see _queue_key)
         self.prefilling: list[Request] = []
         self.decoding: list[Request] = []
@@ -176,8 +191,11 @@ class Scheduler:
         plan = StepPlan(msg)
         # Decode entries first, so a request whose prompt ends in this step gets none yet.
         decodes = self._decode(msg.decode)
-        budget = self._continue_prefills(plan, self.config.max_prefill_tokens, step_id)
-        self._admit(plan, budget, step_id)
+        budget = self._prefill_budget(plan, decodes)
+        left = self._admit(plan, self._continue_prefills(plan, budget, step_id), step_id)
+        plan.prefill_tokens = len(msg.prefill.token_ids)
+        if budget < self.config.max_prefill_tokens and left <= 0 and (self.waiting or self.prefilling):
+            self.counters.budget_limited_steps += 1  # the time budget, not the cap, held prompts back
         plan.requests.extend(decodes)
         plan.sampled.extend(decodes)  # the shard answers prefill rows first, then decode rows
         plan.epochs.extend([r.epoch for r in decodes])
@@ -188,6 +206,39 @@ class Scheduler:
         msg.release_rows.extend(self._release)
         self._release.clear()
         return plan
+
+    def observe_step(self, plan: StepPlan, seconds: float) -> None:
+        """``plan`` took ``seconds`` on the shards: a sample for the step-time model."""
+        if self.step_time is not None:
+            self.step_time.observe(plan.decode_rows, plan.prefill_tokens, plan.context_tokens, seconds)
+
+    def _prefill_budget(self, plan: StepPlan, decodes: list[Request]) -> int:
+        """Prompt tokens this step may prefill: ``max_prefill_tokens``, or with the time budget
+        on and decode rows in the step, what the model says fits beside them (at least
+        ``min_prefill_tokens``, so waiting prompts always progress)."""
+        cap = self.config.max_prefill_tokens
+        if self.step_time is None or not decodes:
+            return cap  # off, or no running request whose next token a long step would delay
+        plan.decode_rows = len(decodes)
+        plan.context_tokens = context = sum(r.num_kv for r in decodes)
+        if not (self.waiting or self.prefilling):
+            return cap
+        room = self.step_time.prefill_room(len(decodes), context, self.config.step_time_budget_ms * 1e-3)
+        if room >= cap:
+            return cap
+        floor = max(self.config.min_prefill_tokens, self._backlog(cap * DRAIN_STEPS) // DRAIN_STEPS)
+        return min(cap, max(floor, int(room)))
+
+    def _backlog(self, enough: int) -> int:
+        """Prompt tokens still to prefill (cached prefixes not yet subtracted), counted up to
+        ``enough``: one addition per waiting request, only in steps the budget binds."""
+        total = 0
+        for group in (self.prefilling, self.waiting):
+            for req in group:
+                total += len(req.fill_ids) - req.prefilled
+                if total >= enough:
+                    return total
+        return total
 
     def _decode(self, dec: shard_pb2.DecodeBatch) -> list[Request]:
         while True:
@@ -249,7 +300,7 @@ class Scheduler:
             budget -= self._add_chunk(plan, req, budget, step_id)
         return budget
 
-    def _admit(self, plan: StepPlan, budget: int, step_id: int) -> None:
+    def _admit(self, plan: StepPlan, budget: int, step_id: int) -> int:
         needs: list[KVNeed] | None = None  # the running batch's, once a candidate needs them
         i = 0
         while i < len(self.waiting) and budget > 0 and self.rows.num_free > 0:
@@ -267,6 +318,7 @@ class Scheduler:
             self._start(plan, req, match)
             needs.append(need)
             budget -= self._add_chunk(plan, req, budget, step_id)
+        return budget
 
     def _match(self, req: Request, step_id: int) -> Match | None:
         if self.cache is None or req.wants_prompt_logprobs:
