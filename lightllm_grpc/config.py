@@ -44,8 +44,8 @@ class SchedulerConfig:
     # Per-step time budget (docs/scheduling.md): a step with decode rows takes only the
     # prefill tokens a learned step-time model says fit within this many ms (at least
     # min_prefill_tokens when prompts wait; never more than max_prefill_tokens).
-    # 0: off, every step takes up to max_prefill_tokens.
-    step_time_budget_ms: float = 50.0
+    # 0: off, every step takes up to max_prefill_tokens. Off by default until measured on a GPU.
+    step_time_budget_ms: float = 0.0
     min_prefill_tokens: int = 512
     default_max_new_tokens: int = 256
     # Stream messages sent per step, at most about: past it, each stream's tokens are
