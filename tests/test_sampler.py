@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from lightllm_grpc_kernels.sampling import filter_ref as _filter
 
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard import rng
-from lightllm_grpc.shard.sampler import Sampler, _filter
+from lightllm_grpc.shard.sampler import Sampler
 
 V = 50
 

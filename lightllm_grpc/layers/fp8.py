@@ -75,11 +75,7 @@ def fp8_linear_ref(
     values exactly in fp32, then apply both scales. Works on any device."""
     rows = x.reshape(-1, x.shape[-1])
     xq, x_scale = quantize_activation(rows, input_scale)
-    y = (xq.float() @ weight.float().t()) * x_scale * weight_scale.view(1, -1)
-    y = y.to(x.dtype)
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], -1)
+    return _output((xq.float() @ weight.float().t()) * x_scale * weight_scale.view(1, -1), x, bias)
 
 
 def fp8_linear_scaled_mm(
@@ -99,8 +95,12 @@ def fp8_linear_scaled_mm(
     y = torch._scaled_mm(
         xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16
     )
-    if y.dtype != x.dtype:  # row-wise scaling writes bf16 only; an fp16 model pays one cast
-        y = y.to(x.dtype)
+    return _output(y, x, bias)  # row-wise scaling writes bf16 only; an fp16 model pays one cast
+
+
+def _output(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """GEMM rows ``y`` [M, N] in ``x``'s dtype, plus ``bias``, shaped like ``x`` but for the last dim."""
+    y = y.to(x.dtype)
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], -1)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from lightllm_grpc_kernels.sampling import filter_ref  # the kernel's reference: one definition
 
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard import rng
@@ -219,7 +220,7 @@ class Sampler:
             or (params[:, TOP_P] < 1).any()
             or (params[:, MIN_P] > 0).any()
         ):
-            probs = _filter(probs, top_k, top_p, min_p)
+            probs = filter_ref(probs, top_k, top_p, min_p)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p exactly.
         race = probs / -torch.log(rng.uniform(step.seeds, step.counters, probs.shape[1]))
         return torch.where(greedy, logits.argmax(dim=-1), race.argmax(dim=-1))
@@ -242,21 +243,6 @@ def _penalize(logits: torch.Tensor, counts: torch.Tensor, params: torch.Tensor) 
     scaled = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where((counts != 0) & (rep != 1), scaled, logits)
     return logits - frequency * generated - presence * (generated > 0).float()
-
-
-def _filter(
-    probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
-) -> torch.Tensor:
-    # A stable sort ranks tied tokens by id, so the kept set is defined (and the kernel's).
-    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(probs.shape[1], device=probs.device)[None, :]
-    drop = rank >= top_k[:, None]
-    # Keep the smallest prefix whose mass reaches top_p (the top token always stays); top_p 1 is off.
-    drop |= ((sorted_p.cumsum(dim=-1) - sorted_p) >= top_p[:, None]) & (top_p < 1)[:, None]
-    drop |= sorted_p < (min_p * sorted_p[:, 0])[:, None]
-    drop[:, 0] = False
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    return torch.zeros_like(probs).scatter_(1, order, sorted_p)
 
 
 def _with_logprobs(tokens: torch.Tensor, logprobs: torch.Tensor | None, k: int) -> SampleOutput:
