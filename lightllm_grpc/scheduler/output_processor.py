@@ -77,7 +77,10 @@ class OutputProcessor:
 
     def _token_stop(self, req: Request, token: int) -> str:
         stop = req.stopping
-        if len(req.output_ids) < stop.min_new_tokens:
+        # A constrained row samples EOS only once its sentence is complete (the shard keeps EOS
+        # suppressed until then, unless nothing else can follow): the constraint ends it.
+        complete = req.constraint is not None and token in self._eos
+        if len(req.output_ids) < stop.min_new_tokens and not complete:
             return ""
         if token in stop.stop_token_ids or (token in self._eos and not stop.ignore_eos):
             return str(token)
