@@ -99,9 +99,6 @@ class GrammarCompiler:
             raise ConstraintError(f"{_KIND_NAMES.get(c.kind, 'constraint')}: {_clean(exc)}") from None
         raise ConstraintError(f"unknown constraint kind {c.kind}")
 
-    def cache_bytes(self) -> int:
-        return self._compiler.get_cache_size_bytes() if self._compiler is not None else 0
-
 
 # Schema keys whose values are data, not subschemas, and keys whose values map names to subschemas.
 _DATA_KEYS = frozenset({"enum", "const", "default", "examples"})
@@ -242,7 +239,7 @@ class RowGrammars:
         import xgrammar as xgr
 
         n = int(positions.max()) + 1
-        host, dev = self._buffers(n, logits.shape[1])
+        host, dev = self._buffers(n)
         live, done = [], []
         for i in positions.tolist():
             matcher = self.matchers[int(rows[i])]
@@ -257,23 +254,23 @@ class RowGrammars:
         if dev.is_cuda:
             # Pinned sources and non-blocking copies: queued behind the forward, never waiting
             # for it. The caching host allocator keeps each pinned block until its copy ran.
-            dev[:n].copy_(host, non_blocking=True)
+            dev.copy_(host, non_blocking=True)
             index = index.pin_memory().to(self.device, non_blocking=True)
-        xgr.apply_token_bitmask_inplace(logits, dev[:n], vocab_size=self.vocab, indices=index)
+        xgr.apply_token_bitmask_inplace(logits, dev, vocab_size=self.vocab, indices=index)
         self.unaccepted[rows[positions]] = True
 
-    def _buffers(self, n: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A host mask for ``n`` rows and the device buffer it goes to."""
+    def _buffers(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A host mask for ``n`` rows and the device rows it goes to (the same on CPU)."""
         import xgrammar as xgr
 
-        shape = xgr.get_bitmask_shape(self.max_rows, vocab)
+        shape = xgr.get_bitmask_shape(self.max_rows, self.vocab)
         if self.device.type != "cuda":
             if self._host_mask is None:
                 self._host_mask = torch.zeros(shape, dtype=torch.int32)
             return self._host_mask[:n], self._host_mask[:n]
         if self._dev_mask is None:
             self._dev_mask = torch.zeros(shape, dtype=torch.int32, device=self.device)
-        return torch.empty((n, shape[1]), dtype=torch.int32, pin_memory=True), self._dev_mask
+        return torch.empty((n, shape[1]), dtype=torch.int32, pin_memory=True), self._dev_mask[:n]
 
     def _batch_matcher(self) -> xgrammar.BatchGrammarMatcher:
         if self._batch is None:
