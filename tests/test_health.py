@@ -82,7 +82,9 @@ def _generate_through_reflection_alone(channel: grpc.Channel, pool: DescriptorPo
     request_cls = message_factory.GetMessageClass(method.input_type)
     response_cls = message_factory.GetMessageClass(method.output_type)
     request = json_format.ParseDict(
-        {"tokenIds": {"ids": [1, 2, 3]}, "stopping": {"maxNewTokens": 4}}, request_cls()
+        # ignore_eos: the default sampling draws unseeded, and an early EOS would end it with STOP.
+        {"tokenIds": {"ids": [1, 2, 3]}, "stopping": {"maxNewTokens": 4, "ignoreEos": True}},
+        request_cls(),
     )
     call = channel.unary_stream(
         f"/{READINESS}/GenerateStream",
