@@ -27,6 +27,13 @@ def test_uniform_is_deterministic_and_in_range() -> None:
     assert not torch.equal(u[0], u[1])
 
 
+def test_unit_noise_never_reaches_one() -> None:
+    # -log(1.0) = 0 made the race divide by zero: torch's argmax then took a filtered token (NaN).
+    extremes = rng.to_unit(torch.tensor([0, (1 << rng.UNIT_BITS) - 1]))
+    assert (extremes > 0).all() and (extremes < 1).all()
+    assert (-torch.log(extremes) > 0).all()
+
+
 def test_seeded_rows_sample_the_same_alone_or_batched() -> None:
     torch.manual_seed(0)
     logits = torch.randn(3, V)

@@ -132,7 +132,8 @@ def _sample_kernel(
                         h = base + idx.to(tl.uint64) * 0x9E3779B97F4A7C15
                         h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9
                         h = (h ^ (h >> 27)) * 0x94D049BB133111EB
-                        u = (((h ^ (h >> 31)) >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+                        # 23 bits, as rng.to_unit: with 24, the largest value rounds to 1.0.
+                        u = (((h ^ (h >> 31)) >> 41).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
                     else:
                         u = tl.load(noise_row + idx, mask=valid, other=0.5)
                     key = tl.where(in_s, p / -tl.log(u), -1.0)

@@ -76,11 +76,18 @@ def _measure(runner, world_size: int) -> dict:
         total = sum(e.device_time for e in kernels) / 20 / 1e3
         names = ("allreduce", "all_reduce")
         ar = sum(e.device_time for e in kernels if any(n in e.name.lower() for n in names)) / 20 / 1e3
+        per_name: dict[str, list[float]] = {}
+        for e in kernels:
+            per_name.setdefault(e.name[:80], []).append(e.device_time / 1e3)
+        table = sorted(((n, sum(t) / 20, len(t) // 20) for n, t in per_name.items()), key=lambda r: -r[1])
         out[str(batch)] = {
             "graph_replay_ms": start.elapsed_time(end) / 100,
             "kernels_ms": total,
             "all_reduce_ms": ar,
             "all_reduce_share": ar / total if total else None,  # None: the profiler saw no kernels
+            "kernel_count": sum(n for _, _, n in table),
+            # where a step's kernel time goes: (name, ms per step, launches per step), largest first
+            "top_kernels": [(n, round(t, 4), c) for n, t, c in table[:20]],
         }
     return out
 
@@ -158,11 +165,13 @@ def render(r: dict) -> str:
     dec_key = {"tp1": "tp1", "tp2": "p2p", "tp2-nccl": "nccl"}
 
     def w1(name: str) -> str:
+        if name not in serve:
+            return "-"
         ms = serve[name]["w1"]["tpot_p50_ms"]
         return f"{ms:.2f} ms ({1e3 / ms:.0f} tok/s)"
 
     def w2(name: str) -> str:
-        return f"{serve[name]['w2']['output_tokens_per_s']:.0f}" if "w2" in serve[name] else "-"
+        return f"{serve[name]['w2']['output_tokens_per_s']:.0f}" if "w2" in serve.get(name, {}) else "-"
 
     def decode(name: str, field: str, fmt: str) -> str:
         d = dec.get(dec_key[name])
@@ -196,7 +205,7 @@ def render(r: dict) -> str:
     )
     table = "| | " + " | ".join(c for _, c in cols) + " |\n| --- |" + " --- |" * len(cols) + "\n"
     table += "".join(f"| {label} | " + " | ".join(f(n) for n, _ in cols) + " |\n" for label, f in rows)
-    paths = "".join(f"- {c}: {serve[n]['all_reduce_log']}\n" for n, c in cols[1:])
+    paths = "".join(f"- {c}: {serve[n]['all_reduce_log']}\n" for n, c in cols[1:] if n in serve)
     return (
         head
         + table
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--w2-requests", type=int, default=1000)
     p.add_argument("--max-running", type=int, default=512)
     p.add_argument("--skip-decode", action="store_true", help="skip steps 1 and 2 (server runs only)")
+    p.add_argument("--skip-serve", action="store_true", help="skip step 3 (no server runs)")
     # One rank of step 2 (set by the launcher).
     p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--world-size", type=int, default=2, help=argparse.SUPPRESS)
@@ -261,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
             decode.update(allreduce.run_group(MODULE, tp, ["--model-dir", str(model_dir)], timeout=300))
         result["decode"] = decode
     servers = [("tp1", 1, ()), ("tp2", 2, ()), ("tp2-nccl", 2, ("--disable-custom-all-reduce",))]
+    if args.skip_serve:
+        servers = []
     result["serve"] = {}
     for name, tp, extra in servers:
         progress(f"server {name}: W1 and W2")

@@ -42,5 +42,15 @@ def uniform(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Te
     """Noise in (0, 1) of shape [B, vocab] from int64 seeds [B] and counters [B]."""
     base = _splitmix(seeds * _GOLDEN + counters * _STEP)
     cols = torch.arange(vocab, device=seeds.device, dtype=torch.int64) * _GOLDEN
-    bits = _shr(_splitmix(base[:, None] + cols[None, :]), 40)  # top 24 bits
-    return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return to_unit(_shr(_splitmix(base[:, None] + cols[None, :]), 64 - UNIT_BITS))
+
+
+# Bits of the hash that make one uniform. Not 24: (2**24 - 1 + 0.5) / 2**24 rounds to 1.0 in
+# float32, where -log(u) is 0 and the exponential race divides by zero (a filtered token's
+# 0 / 0 = NaN won torch's argmax). With 23 bits every value is exact and in [2**-24, 1 - 2**-24].
+UNIT_BITS = 23
+
+
+def to_unit(bits: torch.Tensor) -> torch.Tensor:
+    """The top ``UNIT_BITS`` bits of a hash (int64, non-negative) as a float32 strictly in (0, 1)."""
+    return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << UNIT_BITS))
