@@ -27,7 +27,7 @@ DOT_ROWS = 16  # tl.dot's smallest M tile: 2..16 tokens cost one pass over the w
 
 @dataclass(frozen=True)
 class Fp8GemvConfig:
-    block_n: int = 16  # >= 16 (tl.dot's smallest tile)
+    block_n: int = 16  # >= 16 for more than one token (tl.dot's smallest tile)
     block_k: int = 512  # 512 e4m3 bytes per row per step: gemv.py's 256 bf16 ones
     num_warps: int = 4
     # K-loop software pipelining (cp.async): tiles in flight per program, so that a shape with
@@ -36,7 +36,8 @@ class Fp8GemvConfig:
     num_stages: int = 3
 
 
-# Candidates the benchmark times (bench/fp8_check.py); the layers use the default (the first).
+# Candidates the warm-up times per weight shape (layers/triton_ops.py tune_fp8_gemv) and the
+# benchmark reports (bench/fp8_check.py); untuned layers use the default (the first).
 FP8_GEMV_CONFIGS = (
     Fp8GemvConfig(16, 512, 4, 3),
     Fp8GemvConfig(16, 512, 4, 1),
@@ -45,6 +46,16 @@ FP8_GEMV_CONFIGS = (
     Fp8GemvConfig(32, 512, 8, 3),
     Fp8GemvConfig(16, 1024, 8, 2),
     Fp8GemvConfig(64, 128, 4, 4),
+    Fp8GemvConfig(16, 1024, 4, 3),
+    Fp8GemvConfig(32, 1024, 8, 3),
+)
+# One token needs no tl.dot tile: these narrower slabs give N = 2048..4096 more programs.
+FP8_GEMV_CONFIGS_ONE_TOKEN = (
+    *FP8_GEMV_CONFIGS,
+    Fp8GemvConfig(8, 512, 4, 3),
+    Fp8GemvConfig(8, 1024, 4, 3),
+    Fp8GemvConfig(4, 1024, 4, 3),
+    Fp8GemvConfig(4, 2048, 8, 2),
 )
 
 
@@ -119,7 +130,7 @@ def fp8_gemv(
     if not on_gpu(x):  # the interpreter wants few, large programs
         cfg = Fp8GemvConfig(block_n=max(16, min(64, triton.next_power_of_2(n))),
                             block_k=max(16, min(256, triton.next_power_of_2(k))))  # fmt: skip
-    assert cfg.block_n >= DOT_ROWS, f"block_n must be >= {DOT_ROWS} for tl.dot, got {cfg}"
+    assert m == 1 or cfg.block_n >= DOT_ROWS, f"block_n must be >= {DOT_ROWS} for tl.dot, got {cfg}"
     y = x.new_empty((m, n))
     if m == 0:
         return y

@@ -22,6 +22,7 @@ class GemvConfig:
     block_n: int = 16
     block_k: int = 256
     num_warps: int = 4
+    num_stages: int = 1  # K-loop tiles in flight (cp.async pipelining); 1: none
 
 
 # Candidates tried per weight shape when the serving path tunes itself.
@@ -31,16 +32,25 @@ GEMV_CONFIGS = (
     GemvConfig(8, 512, 4),
     GemvConfig(16, 512, 8),
     GemvConfig(4, 1024, 4),
+    # Pipelined: for shapes with few programs per SM (N = 2048..4096 at TP=1 and 2).
+    GemvConfig(16, 256, 4, 3),
+    GemvConfig(8, 512, 4, 3),
+    GemvConfig(4, 1024, 4, 2),
+    GemvConfig(8, 1024, 8, 2),
+    GemvConfig(2, 2048, 4, 2),
 )
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, n, k, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(
+    x_ptr, w_ptr, y_ptr, n, k, stride_w,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for start in range(0, k, BLOCK_K):
+    for start in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
         cols = start + tl.arange(0, BLOCK_K)
         col_mask = cols < k
         x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -64,7 +74,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> 
     y = x.new_empty((1, n))
     grid = (triton.cdiv(n, cfg.block_n),)
     _gemv_kernel[grid](x, w, y, n, k, w.stride(0), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                       num_warps=cfg.num_warps)  # fmt: skip
+                       NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)  # fmt: skip
     return y
 
 

@@ -18,11 +18,15 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lightllm_grpc.layers.linear import LinearBase, LinearMethod, Matmul, ShardId
+
+if TYPE_CHECKING:  # the kernels are imported only where they run
+    from lightllm_grpc_kernels.fp8_gemv import Fp8GemvConfig
 
 log = logging.getLogger(__name__)
 
@@ -112,27 +116,41 @@ def fp8_linear_w8a16(
     weight_scale: torch.Tensor,
     input_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
+    config: Fp8GemvConfig | None = None,
 ) -> torch.Tensor:
     """Weight-only: the Triton kernel streams the e4m3 weight once and multiplies ``x`` as it is
-    (no activation quantization, so ``input_scale`` is unused), scale and bias fused; writes x's dtype."""
+    (no activation quantization, so ``input_scale`` is unused), scale and bias fused; writes x's
+    dtype. ``config``: the kernel's tiles (None: its default)."""
     from lightllm_grpc_kernels.fp8_gemv import fp8_gemv
 
     rows = x.reshape(-1, x.shape[-1])
-    y = fp8_gemv(rows if rows.stride(-1) == 1 else rows.contiguous(), weight, weight_scale, bias)
+    y = fp8_gemv(rows if rows.stride(-1) == 1 else rows.contiguous(), weight, weight_scale, bias, config)
     return y.view(*x.shape[:-1], -1)
 
 
-def fp8_linear_cuda(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    input_scale: torch.Tensor | None,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """The Hopper path: W8A16 up to ``W8A16_MAX_M`` tokens, W8A8 ``_scaled_mm`` above. Chosen by
-    the token count alone, so each decode CUDA graph (one per batch size) captures one path."""
-    gemm = fp8_linear_w8a16 if x.shape[:-1].numel() <= W8A16_MAX_M else fp8_linear_scaled_mm
-    return gemm(x, weight, weight_scale, input_scale, bias)
+@functools.cache
+def fp8_cuda_gemm(one: Fp8GemvConfig | None = None, few: Fp8GemvConfig | None = None) -> Fp8Gemm:
+    """The Hopper path: W8A16 up to ``W8A16_MAX_M`` tokens (kernel tiles ``one`` for a single
+    token, ``few`` for 2..16; None: the default), W8A8 ``_scaled_mm`` above. Chosen by the token
+    count alone, so each decode CUDA graph (one per batch size) captures one path. One function
+    per pair of configs, shared by the layers that chose it (``triton_ops.tune_fp8_gemv``)."""
+
+    def gemm(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        input_scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        m = x.shape[:-1].numel()
+        if m > W8A16_MAX_M:
+            return fp8_linear_scaled_mm(x, weight, weight_scale, input_scale, bias)
+        return fp8_linear_w8a16(x, weight, weight_scale, input_scale, bias, one if m == 1 else few)
+
+    return gemm
+
+
+fp8_linear_cuda = fp8_cuda_gemm()  # untuned: the kernel's default tiles
 
 
 def scaled_mm_supported(device: torch.device) -> bool:

@@ -64,7 +64,8 @@ class Ops:
 
     ``tune`` is a warm-up hook, run once on the loaded model before CUDA graphs are
     captured: the Triton ops time, per weight shape, a one-token GEMV kernel against cuBLAS
-    and swap the winners into those layers (``triton_ops.tune_gemv``); natively there is none.
+    and the FP8 kernel's tiles, and swap the winners into those layers
+    (``triton_ops.tune_matmuls``); natively there is none.
     """
 
     name: str
@@ -100,7 +101,7 @@ class Ops:
             silu_and_mul=triton_ops.silu_and_mul,
             apply_rotary=triton_ops.apply_rotary,
             attention=triton_ops.attention_backend,
-            tune=triton_ops.tune_gemv,
+            tune=triton_ops.tune_matmuls,
         )
 
     @classmethod

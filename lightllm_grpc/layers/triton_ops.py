@@ -1,19 +1,28 @@
 """The layers' ops as Triton kernels (``Ops.triton``), and the warm-up choice of one-token matmuls.
 
 The kernels whose signature matches the native op's are used as they are; ``rms_norm`` and
-``add_rms_norm`` adapt shapes and return values. ``tune_gemv`` picks, per weight shape, the
-GEMV kernel or cuBLAS for one-token inputs by timing both, and binds the winner into each
-layer of that shape.
+``add_rms_norm`` adapt shapes and return values. ``tune_matmuls`` (the warm-up hook) times the
+decode-sized matmuls per weight shape and binds the winners into each layer of that shape:
+``tune_gemv`` the GEMV kernel or cuBLAS for one-token inputs of unquantized layers,
+``tune_fp8_gemv`` the W8A16 kernel's tiles (for one token and for 2..16) of FP8 layers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from lightllm_grpc_kernels.activation import silu_and_mul
+from lightllm_grpc_kernels.fp8_gemv import (
+    FP8_GEMV_CONFIGS,
+    FP8_GEMV_CONFIGS_ONE_TOKEN,
+    Fp8GemvConfig,
+    fp8_gemv,
+)
 from lightllm_grpc_kernels.gemv import GEMV_CONFIGS, GemvConfig, gemv
 from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 from lightllm_grpc_kernels.rotary import apply_rotary
@@ -22,6 +31,7 @@ from torch import nn
 from lightllm_grpc.layers.attention.base import AttentionBackend
 from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
 from lightllm_grpc.layers.embedding import ParallelLMHead
+from lightllm_grpc.layers.fp8 import W8A16_MAX_M, Fp8Matmul, fp8_cuda_gemm, fp8_linear_cuda, is_fp8
 from lightllm_grpc.layers.linear import LinearBase, Matmul
 
 __all__ = [
@@ -31,7 +41,9 @@ __all__ = [
     "gemv_matmul",
     "rms_norm",
     "silu_and_mul",
+    "tune_fp8_gemv",
     "tune_gemv",
+    "tune_matmuls",
     "use_gemv",
 ]
 log = logging.getLogger(__name__)
@@ -113,22 +125,79 @@ def use_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig]) -> in
     return changed
 
 
+def tune_matmuls(model: nn.Module) -> None:
+    """The warm-up hook of the Triton ops: ``tune_gemv``, then ``tune_fp8_gemv``."""
+    tune_gemv(model)
+    tune_fp8_gemv(model)
+
+
+def _rotating(w: torch.Tensor) -> Callable[[Callable[[torch.Tensor], object]], Callable[[], object]]:
+    """``rotating(fn)``: a no-argument call of ``fn`` on the next of several copies of ``w``.
+
+    In decode each weight is read once per step, from HBM: rotating among enough copies keeps
+    the timed calls from being served from L2 (a weight smaller than L2 would look faster)."""
+    nbytes = w.numel() * w.element_size()
+    copies = [w] + [w.clone() for _ in range(min(7, (256 << 20) // nbytes))]
+    turn = iter(range(1 << 30))
+
+    def rotating(fn: Callable[[torch.Tensor], object]) -> Callable[[], object]:
+        return lambda: fn(copies[next(turn) % len(copies)])
+
+    return rotating
+
+
 def _time_gemv(w: torch.Tensor) -> tuple[float, float, GemvConfig]:
     import triton.testing
 
-    # In decode each weight is read once per step, from HBM: rotate among enough copies that
-    # the timed calls cannot be served from L2 (a weight smaller than L2 would look faster).
-    nbytes = w.numel() * w.element_size()
-    copies = [w] + [w.clone() for _ in range(min(7, (256 << 20) // nbytes))]
+    rotating = _rotating(w)
     x = torch.randn(1, w.shape[1], device=w.device, dtype=w.dtype)
-    turn = iter(range(1 << 30))
-
-    def rotating(fn):
-        return lambda: fn(copies[next(turn) % len(copies)])
-
     cublas = triton.testing.do_bench_cudagraph(rotating(lambda m: F.linear(x, m)))
     timed = [
         (triton.testing.do_bench_cudagraph(rotating(lambda m, c=c: gemv(x, m, c))), c) for c in GEMV_CONFIGS
     ]
     best_ms, best = min(timed, key=lambda t: t[0])
     return cublas, best_ms, best
+
+
+def tune_fp8_gemv(model: nn.Module) -> dict[tuple[int, int], tuple[Fp8GemvConfig, Fp8GemvConfig]]:
+    """For each weight shape of ``model``'s FP8 layers on the Hopper path, time the W8A16
+    kernel's tile configs at one token and at ``W8A16_MAX_M`` tokens (inside CUDA graphs) and
+    bind the fastest of each into every layer of that shape. Returns the choices by shape."""
+    layers = [m for m in model.modules() if is_fp8(m) and _untuned_fp8(m.matmul)]
+    weights = {tuple(m.weight.shape): (m.weight, m.weight_scale) for m in layers}
+    chosen: dict[tuple[int, int], tuple[Fp8GemvConfig, Fp8GemvConfig]] = {}
+    for shape, (w, scale) in sorted(weights.items()):
+        (one_ms, one), (few_ms, few) = (_time_fp8_gemv(w, scale, m) for m in (1, W8A16_MAX_M))
+        default_ms = _time_fp8_gemv(w, scale, 1, (FP8_GEMV_CONFIGS[0],))[0]
+        chosen[shape] = (one, few)
+        log.info(
+            "FP8 weight %s: one token %.1f us (%.2f TB/s; default tiles %.1f us) with %s; "
+            "%d tokens %.1f us with %s",
+            shape, one_ms * 1e3, w.numel() / one_ms / 1e9, default_ms * 1e3, one,
+            W8A16_MAX_M, few_ms * 1e3, few,
+        )  # fmt: skip
+    for m in layers:
+        one, few = chosen[tuple(m.weight.shape)]
+        m.matmul = dataclasses.replace(m.matmul, gemm=fp8_cuda_gemm(one, few))
+    torch.cuda.empty_cache()
+    return chosen
+
+
+def _untuned_fp8(matmul: object) -> bool:
+    return isinstance(matmul, Fp8Matmul) and matmul.gemm is fp8_linear_cuda
+
+
+def _time_fp8_gemv(
+    w: torch.Tensor, scale: torch.Tensor, tokens: int, configs: tuple[Fp8GemvConfig, ...] | None = None
+) -> tuple[float, Fp8GemvConfig]:
+    import triton.testing
+
+    if configs is None:
+        configs = FP8_GEMV_CONFIGS_ONE_TOKEN if tokens == 1 else FP8_GEMV_CONFIGS
+    rotating = _rotating(w)
+    x = torch.randn(tokens, w.shape[1], device=w.device, dtype=torch.bfloat16)
+    timed = [
+        (triton.testing.do_bench_cudagraph(rotating(lambda m, c=c: fp8_gemv(x, m, scale, None, c))), c)
+        for c in configs
+    ]
+    return min(timed, key=lambda t: t[0])

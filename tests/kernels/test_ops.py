@@ -82,7 +82,7 @@ TRITON_OPS = {
 def test_for_device_picks_triton_on_cuda_only() -> None:
     assert Ops.for_device("cpu") == Ops.native()
     assert Ops.for_device(torch.device("cuda", 0)) == Ops.triton()
-    assert Ops.native().tune is None and Ops.triton().tune is triton_ops.tune_gemv
+    assert Ops.native().tune is None and Ops.triton().tune is triton_ops.tune_matmuls
     assert isinstance(Ops.native().attention(1, 2, 16, "cpu", torch.float32), TorchAttentionBackend)
 
 
@@ -135,7 +135,7 @@ def test_tune_gemv_binds_the_winners_in_its_own_model_only(tmp_path: Path) -> No
     one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
     before = _logits(fast, one, steps)
 
-    chosen = fast.ops.tune(fast)
+    chosen = triton_ops.tune_gemv(fast)
 
     for m in fast.modules():
         if isinstance(m, (LinearBase, ParallelLMHead)):
