@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import shlex
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -186,6 +187,7 @@ class Bench:
                 args.out / f"server-{variant}.log",
                 *("--load-format", "dummy", "--dtype", "bfloat16", "--device", "cuda"),
                 *("--max-running-requests", str(args.max_running), *VARIANT_FLAGS[variant]),
+                *shlex.split(args.server_args),
                 start_timeout=900,
             )
         try:
@@ -398,7 +400,9 @@ def render(r: dict) -> str:
         f"transformers {env['transformers']} | grpcio {env['grpcio']}\n"
         f"Copy bandwidth {r['copy_bandwidth_tb_s']:.2f} TB/s (read+write); "
         f"weights {first['weight_gb']:.2f} GB; "
-        f"batch-1 roofline {first['roofline_tokens_per_s']:.0f} tok/s{others}\n\n"
+        f"batch-1 roofline {first['roofline_tokens_per_s']:.0f} tok/s{others}\n"
+        + (f"Server flags added: `{r['server_args']}`\n" if r.get("server_args") else "")
+        + "\n"
     )
     table = "| workload | lightllm-grpc | transformers (same run) | ratio |\n| --- | --- | --- | --- |\n"
     table += "".join(f"| {a} | {b} | {c} | {d} |\n" for a, b, c, d in _rows(r))
@@ -458,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--w3-output", type=_length_range, default=(32, 512), help="low,high output tokens")
     p.add_argument("--max-running", type=int, default=512)
     p.add_argument("--skip-transformers", action="store_true", help="same as leaving it out of --only")
+    p.add_argument("--server-args", default="", help='more serve flags, e.g. "--step-time-budget-ms 50"')
     args = p.parse_args(argv)
     if args.quantization:
         args.variants = [args.quantization]
@@ -469,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(args, model_dir, config["vocab_size"])
     r = bench.result
     r["environment"] = environment()
+    r["server_args"] = args.server_args
     with bench.phase("copy bandwidth"):
         bw = copy_bandwidth()
     r["copy_bandwidth_tb_s"] = bw / 1e12
