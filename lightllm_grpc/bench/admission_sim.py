@@ -54,7 +54,8 @@ class StepCost:
     so recompute after preemption is not undercharged), ``d`` per token of context a decode
     row attends over (128 KiB of K/V per token at ~3.3 TB/s): without it a bigger batch would
     look free of the KV reads it brings. ``e`` is the fixed cost of a step that prefills at
-    all (the runner's separate prefill forward reads every weight again); 0 by default, so
+    all (its eager launch; it was a second read of every weight before a step's prefill and
+    decode rows shared one forward pass); 0 by default, so
     the admission figures in BENCHMARKS.md stay reproducible.
     """
 

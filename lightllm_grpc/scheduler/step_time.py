@@ -2,10 +2,11 @@
 
 ``t ≈ a + e·[prefill_tokens > 0] + b·decode_rows + c·prefill_tokens + d·context_tokens``
 (seconds), where ``context_tokens`` is the K/V the decode rows attend over and ``e`` the
-fixed cost of a step that prefills at all (the shard runs prefill as a second forward
-pass: one more read of every weight, launched eagerly). The scheduler asks it how many
-prefill tokens fit beside a step's decode rows within ``--step-time-budget-ms``
-(docs/scheduling.md, "Per-step time budget").
+fixed cost of a step that prefills at all (it runs eagerly, where a decode-only step replays a
+CUDA graph; before prefill and decode rows shared one forward pass it also read every weight
+a second time, which the prior still assumes: pessimistic, so a cold model errs short). The
+scheduler asks it how many prefill tokens fit beside a step's decode rows within
+``--step-time-budget-ms`` (docs/scheduling.md, "Per-step time budget").
 
 The fit is least squares over the last ``window`` steps, pulled toward a prior (ridge, in
 units where every feature's typical value is 1, worth ``prior_weight`` samples), with

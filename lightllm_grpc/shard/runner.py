@@ -78,13 +78,14 @@ class ModelRunner:
             self.sampler.release(row)
         for s in msg.admit:
             self.sampler.admit(s)
-        outs: list[tuple[np.ndarray, SampleOutput]] = []
         self._prompt_logprobs = None
-        if msg.prefill.rows:
-            outs.append(self._prefill(msg.prefill))
-        if msg.decode.rows:
-            outs.append(self._decode(msg.decode))
-        step = PendingStep.start(msg.step_id, [o for o in outs if o[0].size], start)
+        if msg.prefill.rows:  # with decode rows too: one forward pass over both (a mixed step)
+            out = self._prefill(msg.prefill, msg.decode if msg.decode.rows else None)
+        elif msg.decode.rows:
+            out = self._decode(msg.decode)
+        else:
+            out = None
+        step = PendingStep.start(msg.step_id, [out] if out is not None and out[0].size else [], start)
         lp = self._prompt_logprobs
         if lp is not None:
             step.prompt_logprobs = _to_host(lp, lp.is_cuda)
@@ -93,60 +94,70 @@ class ModelRunner:
                 step.event.record()
         return step
 
-    def _prefill(self, p: shard_pb2.PrefillBatch) -> tuple[np.ndarray, SampleOutput]:
-        rows = np.asarray(p.rows, dtype=np.int64)
-        starts = np.asarray(p.starts, dtype=np.int64)
-        lens = np.asarray(p.lens, dtype=np.int64)
-        offsets = np.cumsum(lens) - lens
-        positions = np.repeat(starts - offsets, lens) + np.arange(int(lens.sum()))
-        self._write_prefix(rows, p)
-        seq_lens = starts + lens
-        if int(seq_lens.max()) > self.max_context:
+    def _prefill(
+        self, p: shard_pb2.PrefillBatch, d: shard_pb2.DecodeBatch | None = None
+    ) -> tuple[np.ndarray, SampleOutput]:
+        """A prefill step or, with ``d``, a mixed step: the decode rows follow the prefill
+        entries as one-token sequences in the same forward pass (MIXED), so every weight is
+        read once per step, and all rows that sample share one sampler call (prefill entries
+        that sample, then the decode rows: the order the coordinator expects)."""
+        self._write_prefix(np.asarray(p.rows, dtype=np.int64), p)
+        s = _Packed.build(p, d, self.row_len)
+        if int(s.seq_lens.max()) > self.max_context:
             raise ValueError(f"sequence longer than the shard's max context {self.max_context}")
-        host = np.concatenate(
-            [
-                p.token_ids,
-                positions,
-                p.slots,
-                np.repeat(rows, lens),
-                rows,
-                seq_lens,
-                offsets,
-                lens,
-                offsets + lens - 1,
-            ]
-        ).astype(np.int64)
-        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
-        t, b = positions.size, rows.size
-        ids, pos, slots, tok_rows = dev[: 4 * t].view(4, t)
-        self.req_to_token[tok_rows, pos] = slots.to(torch.int32)
-        b_rows, b_seq, b_off, b_len, b_last = dev[4 * t :].view(5, b)
-        batch = ForwardBatch(
-            mode=ForwardMode.PREFILL,
-            positions=pos,
-            out_slots=slots,
-            req_rows=b_rows.to(torch.int32),
-            seq_lens=b_seq.to(torch.int32),
-            q_starts=b_off.to(torch.int32),
-            q_lens=b_len.to(torch.int32),
-            req_to_token=self.req_to_token,
-            logits_indices=b_last,
-            max_q_len=int(lens.max()),
-            max_seq_len=int(seq_lens.max()),
-        )
-        want = np.asarray(p.prompt_logprobs, dtype=bool) if len(p.prompt_logprobs) else None
-        if want is not None and want.any():
-            logits = self._forward_with_prompt_logprobs(ids, batch, p, want, offsets, lens)
+        ids, batch, dev_rows = self._upload(s, mixed=d is not None)
+        pending = None
+        if d is not None:
+            input_ids = self.last_token[dev_rows[s.num_prefill :]]
+            grammars = self.sampler.grammars
+            # As in _decode: constrained rows' previous tokens leave before the forward is queued.
+            pending = grammars.pending(s.rows[s.num_prefill :], input_ids) if grammars is not None else None
+            ids[s.num_prefill_tokens :] = input_ids
+        if s.want is not None and s.want.any():
+            logits = self._forward_with_prompt_logprobs(ids, batch, p, s.want, s.offsets, s.lens)
         else:
             logits = self.forward(ids, batch)
-        self.row_len[rows] = seq_lens
-        sample = np.asarray(p.sample, dtype=bool)
-        if not sample.any():
-            return rows[:0], SampleOutput(torch.empty(0, dtype=torch.int64), None, None, None)
-        if sample.all():
-            return self._sample(logits, rows, b_rows)
-        keep = torch.from_numpy(np.flatnonzero(sample)).to(self.device)
-        return self._sample(logits.index_select(0, keep), rows[sample], b_rows.index_select(0, keep))
+        if pending is not None:
+            assert self.sampler.grammars is not None
+            self.sampler.grammars.accept(pending)
+        self.row_len[s.rows] = s.seq_lens
+        if not s.sample.any():
+            return s.rows[:0], SampleOutput(torch.empty(0, dtype=torch.int64), None, None, None)
+        if s.sample.all():
+            return self._sample(logits, s.rows, dev_rows)
+        keep = torch.from_numpy(np.flatnonzero(s.sample)).to(self.device)
+        return self._sample(logits.index_select(0, keep), s.rows[s.sample], dev_rows.index_select(0, keep))
+
+    def _upload(self, s: _Packed, mixed: bool) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
+        """One host-to-device copy of the packed step; writes its slots into req_to_token.
+        Returns the token ids (decode rows' still 0), the batch and the rows (int64)."""
+        host = np.concatenate(
+            [s.token_ids, s.positions, s.slots, np.repeat(s.rows, s.lens), s.rows, s.seq_lens, s.offsets,
+             s.lens, s.offsets + s.lens - 1, *s.groups]
+        ).astype(np.int64)  # fmt: skip
+        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+        t, b = s.positions.size, s.rows.size
+        ids, pos, slots, tok_rows = dev[: 4 * t].view(4, t)
+        self.req_to_token[tok_rows, pos] = slots.to(torch.int32)
+        rows, seq_lens, offsets, lens, last = dev[4 * t : 4 * t + 5 * b].view(5, b)
+        batch = ForwardBatch(
+            mode=ForwardMode.MIXED if mixed else ForwardMode.PREFILL,
+            positions=pos,
+            out_slots=slots,
+            req_rows=rows.to(torch.int32),
+            seq_lens=seq_lens.to(torch.int32),
+            q_starts=offsets.to(torch.int32),
+            q_lens=lens.to(torch.int32),
+            req_to_token=self.req_to_token,
+            logits_indices=last,
+            max_q_len=int(s.lens.max()),
+            max_seq_len=int(s.seq_lens.max()),
+            num_prefill=s.num_prefill if mixed else 0,
+            num_prefill_tokens=s.num_prefill_tokens if mixed else 0,
+        )
+        if s.groups:
+            batch.shared_lens, batch.group_sizes = dev[4 * t + 5 * b :].to(torch.int32).view(2, -1)
+        return ids, batch, rows
 
     def _forward_with_prompt_logprobs(
         self,
@@ -208,11 +219,10 @@ class ModelRunner:
             max_q_len=1,
             max_seq_len=int(positions.max()) + 1,
         )
-        if d.group_sizes:
-            if len(d.group_sizes) != b or len(d.shared_lens) != b:
-                raise ValueError("decode prefix groups must be aligned with the rows")
-            groups = torch.tensor(np.stack([d.shared_lens, d.group_sizes]), dtype=torch.int32)
-            batch.shared_lens, batch.group_sizes = groups.to(self.device, non_blocking=True).unbind(0)
+        groups = _groups(d, b)
+        if groups:
+            host_groups = torch.from_numpy(np.stack(groups).astype(np.int32))
+            batch.shared_lens, batch.group_sizes = host_groups.to(self.device, non_blocking=True).unbind(0)
         grammars = self.sampler.grammars
         # Constrained rows' previous tokens leave for the host before this forward is queued,
         # so reading them below waits for the previous step only, not for this forward.
@@ -231,6 +241,78 @@ class ModelRunner:
         out = self.sampler.sample(logits, rows)
         self.last_token[dev_rows] = out.tokens
         return rows, out
+
+
+@dataclass
+class _Packed:
+    """A prefill or mixed step's sequences on the host, packed as ``ForwardBatch`` packs them:
+    the prefill entries, then any decode rows as one-token sequences (decode row r's token is
+    at position ``row_len[r]``; its id is the row's last sampled token, on the device, so
+    ``token_ids`` holds 0 there)."""
+
+    rows: np.ndarray  # [B] int64
+    starts: np.ndarray  # [B] int64: K/V tokens before each sequence's new ones
+    lens: np.ndarray  # [B] int64: new tokens
+    slots: np.ndarray  # [T] int64
+    token_ids: np.ndarray  # [T] int64
+    sample: np.ndarray  # [B] bool
+    want: np.ndarray | None  # [B] bool: prompt logprobs asked (None: by no entry)
+    groups: list[np.ndarray]  # decode rows' [shared_lens, group_sizes], or empty
+    num_prefill: int
+    num_prefill_tokens: int
+
+    @classmethod
+    def build(
+        cls, p: shard_pb2.PrefillBatch, d: shard_pb2.DecodeBatch | None, row_len: np.ndarray
+    ) -> _Packed:
+        want = np.asarray(p.prompt_logprobs, dtype=bool) if len(p.prompt_logprobs) else None
+        s = cls(
+            rows=np.asarray(p.rows, dtype=np.int64),
+            starts=np.asarray(p.starts, dtype=np.int64),
+            lens=np.asarray(p.lens, dtype=np.int64),
+            slots=np.asarray(p.slots, dtype=np.int64),
+            token_ids=np.asarray(p.token_ids, dtype=np.int64),
+            sample=np.asarray(p.sample, dtype=bool),
+            want=want,
+            groups=[],
+            num_prefill=len(p.rows),
+            num_prefill_tokens=len(p.token_ids),
+        )
+        if d is None:
+            return s
+        rows = np.asarray(d.rows, dtype=np.int64)
+        n = rows.size
+        s.rows = np.concatenate([s.rows, rows])
+        s.starts = np.concatenate([s.starts, row_len[rows]])
+        s.lens = np.concatenate([s.lens, np.ones(n, dtype=np.int64)])
+        s.slots = np.concatenate([s.slots, np.asarray(d.slots, dtype=np.int64)])
+        s.token_ids = np.concatenate([s.token_ids, np.zeros(n, dtype=np.int64)])
+        s.sample = np.concatenate([s.sample, np.ones(n, dtype=bool)])
+        if want is not None:
+            s.want = np.concatenate([want, np.zeros(n, dtype=bool)])
+        s.groups = _groups(d, n)
+        return s
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.cumsum(self.lens) - self.lens
+
+    @property
+    def seq_lens(self) -> np.ndarray:
+        return self.starts + self.lens
+
+    @property
+    def positions(self) -> np.ndarray:
+        return np.repeat(self.starts - self.offsets, self.lens) + np.arange(self.token_ids.size)
+
+
+def _groups(d: shard_pb2.DecodeBatch, n: int) -> list[np.ndarray]:
+    """The decode rows' prefix groups as host arrays ``[shared_lens, group_sizes]``, or none."""
+    if not d.group_sizes:
+        return []
+    if len(d.group_sizes) != n or len(d.shared_lens) != n:
+        raise ValueError("decode prefix groups must be aligned with the rows")
+    return [np.asarray(d.shared_lens, dtype=np.int64), np.asarray(d.group_sizes, dtype=np.int64)]
 
 
 @dataclass

@@ -82,8 +82,9 @@ def setup_all_reduce(
     log.info("%s", line)
 
 
-def prefill_step(row: int, num_tokens: int, capacity: int) -> shard_pb2.StepRequest:
-    """A one-row prefill of ``num_tokens`` dummy tokens (warm-up and memory profiling)."""
+def prefill_step(row: int, num_tokens: int, capacity: int, first_slot: int = 0) -> shard_pb2.StepRequest:
+    """A one-row prefill of ``num_tokens`` dummy tokens (warm-up and memory profiling), at slots
+    from ``first_slot`` on (modulo ``capacity``)."""
     step = shard_pb2.StepRequest(step_id=0)
     step.admit.append(shard_pb2.RowSampling(row=row, top_k=-1, top_p=1.0, repetition_penalty=1.0))
     p = step.prefill
@@ -91,20 +92,32 @@ def prefill_step(row: int, num_tokens: int, capacity: int) -> shard_pb2.StepRequ
     p.starts.append(0)
     p.lens.append(num_tokens)
     p.token_ids.extend([0] * num_tokens)
-    p.slots.extend(i % capacity for i in range(num_tokens))
+    p.slots.extend((first_slot + i) % capacity for i in range(num_tokens))
     p.prefix_lens.append(0)
     p.sample.append(True)
     return step
 
 
 def _profile_prefill(model, spec: KVCacheSpec, cfg: ShardConfig, max_context: int, dtype, device):
-    """Run the largest prefill on a scratch pool so its activation peak is measured."""
+    """Run the largest forward pass on a scratch pool so its activation peak is measured.
+
+    That is a mixed step: ``max_prefill_tokens`` prompt tokens beside a decode token for every
+    row, in one pass. It is profiled as a prefill of as many tokens (the layers see the same
+    ``[T, hidden]`` activations), cut into prompts no longer than the context allows.
+    """
 
     def run() -> None:
-        n = max(1, min(cfg.max_prefill_tokens, max_context - 1))
-        kv = spec.make_cache(n + 1, dtype, device)
-        runner = ModelRunner(lambda ids, b: model(ids, b, kv), kv, model.config.vocab_size, 1, n + 1, device)
-        runner.step(prefill_step(0, n, n))  # the scratch pool is freed when this returns
+        total = cfg.max_prefill_tokens + cfg.max_rows
+        chunk = max(1, min(total, max_context - 1))
+        rows = -(-total // chunk)
+        kv = spec.make_cache(total + 1, dtype, device)
+        runner = ModelRunner(
+            lambda ids, b: model(ids, b, kv), kv, model.config.vocab_size, rows, chunk, device
+        )
+        step = shard_pb2.StepRequest(step_id=0)
+        for row in range(rows):
+            step.MergeFrom(prefill_step(row, min(chunk, total - row * chunk), total, first_slot=row * chunk))
+        runner.step(step)  # the scratch pool is freed when this returns
 
     return run
 

@@ -24,17 +24,30 @@ def _setup(
     dtype: torch.dtype,
     device: torch.device,
     paged_kv: Callable[..., PagedKV],
+    num_prefill: int | None = None,
+    groups: list[tuple[int, int]] | None = None,
 ) -> tuple[KVCache, ForwardBatch]:
-    """A two-layer pool whose layer LAYER holds the prefixes; the new tokens' slots hold NaN."""
+    """A two-layer pool whose layer LAYER holds the prefixes; the new tokens' slots hold NaN.
+
+    With ``num_prefill`` the batch is MIXED: its first ``num_prefill`` sequences are prefill
+    entries, the rest decode rows (q_len 1). ``groups`` gives the decode rows' (shared_len,
+    group_size): each group's rows are pointed at its first row's slots for the shared positions.
+    """
     paged = paged_kv(prefix_lens, q_lens, num_kv_heads, head_dim, dtype, device)
+    first = 0 if num_prefill is None else num_prefill
+    for i, (shared, size) in enumerate(groups or []):
+        lead = paged.req_rows[first + i].long()
+        for m in range(first + i + 1, first + i + size):
+            paged.req_to_token[paged.req_rows[m].long(), :shared] = paged.req_to_token[lead, :shared]
     cache = KVCache(2, paged.k_buf.shape[0], num_kv_heads, head_dim, dtype, device)
     cache.k[LAYER].copy_(paged.k_buf)
     cache.v[LAYER].copy_(paged.v_buf)
     cache.k[LAYER][paged.out_slots] = float("nan")
     cache.v[LAYER][paged.out_slots] = float("nan")
     decode = all(q == 1 for q in q_lens)
+    mode = ForwardMode.DECODE if decode else ForwardMode.PREFILL
     batch = ForwardBatch(
-        mode=ForwardMode.DECODE if decode else ForwardMode.PREFILL,
+        mode=mode if num_prefill is None else ForwardMode.MIXED,
         positions=paged.positions,
         out_slots=paged.out_slots,
         req_rows=paged.req_rows,
@@ -45,7 +58,13 @@ def _setup(
         logits_indices=(paged.q_starts + paged.q_lens - 1).to(torch.int64),
         max_q_len=paged.max_q_len,
         max_seq_len=paged.max_seq_len,
+        num_prefill=num_prefill or 0,
+        num_prefill_tokens=sum(q_lens[:num_prefill]) if num_prefill else 0,
     )
+    if groups is not None:
+        shared, sizes = zip(*groups)
+        batch.shared_lens = torch.tensor(shared, dtype=torch.int32, device=device)
+        batch.group_sizes = torch.tensor(sizes, dtype=torch.int32, device=device)
     return cache, batch
 
 
@@ -80,9 +99,13 @@ def _check(
     dtype: torch.dtype,
     device: torch.device,
     paged_kv: Callable[..., PagedKV],
+    num_prefill: int | None = None,
+    groups: list[tuple[int, int]] | None = None,
 ) -> None:
     head_dim, num_heads = backend.head_dim, backend.num_heads
-    cache, batch = _setup(prefix_lens, q_lens, num_kv_heads, head_dim, dtype, device, paged_kv)
+    cache, batch = _setup(
+        prefix_lens, q_lens, num_kv_heads, head_dim, dtype, device, paged_kv, num_prefill, groups
+    )
     num_tokens, scale = sum(q_lens), head_dim**-0.5
     q = torch.randn(num_tokens, num_heads, head_dim, dtype=dtype, device=device)
     k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
@@ -113,6 +136,18 @@ def test_backend_decode_batches_share_workspace(
     backend = TritonAttentionBackend(5, 4, 128, device, torch.float16, num_splits=num_splits)
     _check(backend, [20, 0, 47, 6, 1], [1] * 5, 1, torch.float16, device, paged_kv)
     _check(backend, [70], [1], 4, torch.float16, device, paged_kv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_backend_mixed_prefill_and_decode_rows(
+    dtype: torch.dtype, grouped: bool, device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    """One output: prefill entries (a cached prefix, a one-token chunk) then decode rows of
+    different lengths, with or without a prefix group (cascade decode) among the decode rows."""
+    backend = TritonAttentionBackend(4, 8, 32, device, dtype)
+    groups = [(16, 2), (16, 0), (0, 0)] if grouped else None
+    _check(backend, [0, 13, 4, 20, 30, 6], [9, 4, 1, 1, 1, 1], 2, dtype, device, paged_kv, 3, groups)
 
 
 def test_backend_rejects_batch_above_max(device: torch.device, paged_kv: Callable[..., PagedKV]) -> None:

@@ -45,6 +45,9 @@ class AttentionBackend(ABC):
     sequence's keys at positions ``<=`` its own (read through ``batch.req_to_token``).
     ``H`` is a multiple of ``Hkv`` (grouped-query attention). The backend must not
     synchronise with the host in DECODE mode, so that decode can be captured in a CUDA graph.
+    In MIXED mode it stores all T tokens' K/V first, then attends the prefill part
+    (``batch.split()``) as in PREFILL mode and the decode rows as in DECODE mode, writing
+    rows ``[0, num_prefill_tokens)`` and ``[num_prefill_tokens, T)`` of the one output.
     """
 
     @abstractmethod

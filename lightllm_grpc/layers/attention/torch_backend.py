@@ -35,7 +35,8 @@ def attend(
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Prefill loops over sequences on the host; decode is one batched, padded, sync-free call."""
+    """Prefill loops over sequences on the host; decode is one batched, padded, sync-free call;
+    a mixed batch runs its prefill part and its decode part each that way."""
 
     def forward(
         self,
@@ -50,6 +51,13 @@ class TorchAttentionBackend(AttentionBackend):
         store_kv(kv.k[layer], kv.v[layer], k, v, batch.out_slots)
         if batch.mode is ForwardMode.DECODE:
             return self._decode(q, kv.k[layer], kv.v[layer], batch, scale)
+        if batch.mode is ForwardMode.MIXED:
+            prefill, decode = batch.split()
+            tp = batch.num_prefill_tokens
+            out = torch.empty_like(q)
+            out[:tp] = self._prefill(q[:tp], kv.k[layer], kv.v[layer], prefill, scale)
+            out[tp:] = self._decode(q[tp:], kv.k[layer], kv.v[layer], decode, scale)
+            return out
         return self._prefill(q, kv.k[layer], kv.v[layer], batch, scale)
 
     @staticmethod

@@ -17,7 +17,8 @@ from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 
 
 class TritonAttentionBackend(AttentionBackend):
-    """Stores K/V with one scatter kernel, then runs prefill or flash-decoding attention.
+    """Stores K/V with one scatter kernel, then runs prefill or flash-decoding attention; a
+    mixed batch runs both, each writing its part of one output.
 
     The decode workspace (partial outputs and log-sum-exps of every split) is allocated once
     here for ``max_batch_size`` and shared by all layers, which run one after another; decode
@@ -63,6 +64,24 @@ class TritonAttentionBackend(AttentionBackend):
         store_kv(k_buf, v_buf, k, v, batch.out_slots)
         if batch.mode is ForwardMode.DECODE:
             return self._decode(q, k_buf, v_buf, batch, scale)
+        if batch.mode is ForwardMode.PREFILL:
+            return self._prefill(q, k_buf, v_buf, batch, scale)
+        prefill, decode = batch.split()
+        tp = batch.num_prefill_tokens
+        out = torch.empty_like(q)
+        self._prefill(q[:tp], k_buf, v_buf, prefill, scale, out=out[:tp])
+        self._decode(q[tp:], k_buf, v_buf, decode, scale, out=out[tp:])
+        return out
+
+    @staticmethod
+    def _prefill(
+        q: torch.Tensor,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return prefill_attention(
             q,
             k_buf,
@@ -74,10 +93,17 @@ class TritonAttentionBackend(AttentionBackend):
             batch.q_lens,
             batch.max_q_len,
             scale,
+            out=out,
         )
 
     def _decode(
-        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, batch: ForwardBatch, scale: float
+        self,
+        q: torch.Tensor,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         size = batch.batch_size
         assert size <= self.max_batch_size, f"decode batch {size} > max_batch_size {self.max_batch_size}"
@@ -91,6 +117,7 @@ class TritonAttentionBackend(AttentionBackend):
             return cascade_decode_attention(
                 q, k_buf, v_buf, batch.req_to_token, batch.req_rows, batch.seq_lens,
                 batch.shared_lens, batch.group_sizes, scale, num_splits=splits, mid_o=mid_o, mid_lse=mid_lse,
+                out=out,
             )  # fmt: skip
         rows = size * self.num_heads * splits
         # Views of the preallocated buffers: same addresses on every call of a given size.
@@ -107,4 +134,5 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits=splits,
             mid_o=mid_o,
             mid_lse=mid_lse,
+            out=out,
         )
