@@ -7,8 +7,8 @@ largest down, in the decode graphs' memory pool; a prefill of T new tokens of on
 (after any cached prefix) replays the smallest bucket of at least T tokens.
 
 Padding: the T real tokens come first, then ``size - T`` padding tokens, which form a second
-sequence on ``pad_row``, as decode's padding rows do. Every column of that row holds
-``pad_slot``, which no request uses: padding tokens write their K/V there and attend only
+sequence on ``pad_row``, as decode's padding rows do. That row's columns hold ``pad_slot``,
+which no request uses: padding tokens write their K/V there and attend only
 to it, so the real sequence (whose device-side ``q_lens`` is T; attention masks by
 ``q_lens``/``seq_lens``, and its grid, sized by the host bound ``max_q_len`` = the bucket,
 has the programs past a sequence's tokens return at once) never sees them, and every other
@@ -36,9 +36,9 @@ MIN_BUCKET = 16
 def prefill_graph_sizes(max_tokens: int) -> list[int]:
     """Token-count buckets up to ``max_tokens``, which is always the last (none for 0).
 
-    Powers of two from 16 and 1.5 times each from 32 (16, 32, 48, 64, 96, 128, 192, ...): past
-    32 tokens, where compute starts to count beside reading the weights, a prefill is padded by
-    at most half its size.
+    Powers of two from 16 and 1.5 times each from 32 (16, 32, 48, 64, 96, 128, 192, ...): a
+    prefill of more than 32 tokens is padded by at most half its size (below that, reading the
+    weights dominates and padding costs little).
     """
     if max_tokens <= 0:
         return []
