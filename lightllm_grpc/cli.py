@@ -61,7 +61,16 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory for weights and KV"
     )
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on GPU")
+    p.add_argument(
+        "--no-cuda-graphs", action="store_true", help="run decode (and small prefills) eagerly on GPU"
+    )
+    p.add_argument(
+        "--cuda-graph-max-prefill-tokens",
+        type=int,
+        default=ShardConfig.cuda_graph_max_prefill_tokens,
+        help="one-prompt prefills of up to this many new tokens replay CUDA graphs captured per "
+        "token-count bucket (shorter time to first token); 0: prefill always runs eagerly",
+    )
     p.add_argument(
         "--disable-custom-all-reduce",
         action="store_true",
@@ -94,6 +103,7 @@ def _engine_config(args: argparse.Namespace, model: Path, tp_size: int) -> Shard
         max_context=args.max_model_len,
         gpu_memory_fraction=args.gpu_memory_fraction,
         cuda_graphs=not args.no_cuda_graphs,
+        cuda_graph_max_prefill_tokens=args.cuda_graph_max_prefill_tokens,
         custom_all_reduce=not args.disable_custom_all_reduce,
         max_prefill_tokens=args.max_prefill_tokens,
     )

@@ -105,6 +105,9 @@ class ShardConfig:
     max_context: int | None = None  # None = the model's context length
     gpu_memory_fraction: float = 0.9
     cuda_graphs: bool = True
+    # One-sequence prefills of up to this many new tokens replay CUDA graphs captured per
+    # token-count bucket (shard/prefill_graph.py); 0: every prefill runs eagerly. Needs cuda_graphs.
+    cuda_graph_max_prefill_tokens: int = 512
     # TP > 1 on GPU: small all-reduces over P2P symmetric memory; False: NCCL for all sizes.
     custom_all_reduce: bool = True
     # Largest prefill the coordinator sends; sizes the activation peak when profiling memory.
@@ -125,6 +128,8 @@ class ShardConfig:
             raise ValueError("max_total_tokens must be >= 16")
         if not 0.05 <= self.gpu_memory_fraction <= 0.99:
             raise ValueError("gpu_memory_fraction must be in [0.05, 0.99]")
+        if self.cuda_graph_max_prefill_tokens < 0:
+            raise ValueError("cuda_graph_max_prefill_tokens must be >= 0 (0: off)")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,9 +77,120 @@ def test_bf16_no_worse_than_transformers_on_large_weights(arch: str, tmp_path) -
     assert ours <= 1.5 * theirs + 2e-3, f"{arch}: ours {ours:.3g} vs transformers bf16 {theirs:.3g}"
 
 
+@pytest.mark.parametrize("prefill_graph_tokens", ["512", "0"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fp32_greedy_parity_on_gpu_with_cuda_graphs(arch: str, tmp_path) -> None:
-    check_parity(arch, tmp_path, ["--device", "cuda", "--dtype", "float32"])
+def test_fp32_greedy_parity_on_gpu_with_cuda_graphs(arch: str, prefill_graph_tokens: str, tmp_path) -> None:
+    """Decode graphs, and prefill graphs (512: the default) or eager prefill (0)."""
+    flags = ["--device", "cuda", "--dtype", "float32"]
+    check_parity(arch, tmp_path, [*flags, "--cuda-graph-max-prefill-tokens", prefill_graph_tokens])
+
+
+def _graphed_shard(model_dir, dtype: str, graph_tokens: int = 48):
+    """A CUDA shard of ``model_dir`` as ``serve`` builds and warms it (decode and prefill graphs),
+    sized for ``tests.test_prefill_graph``'s step script."""
+    from lightllm_grpc.config import ShardConfig
+    from lightllm_grpc.shard.warmup import warmup
+    from lightllm_grpc.shard.worker import build_shard
+    from tests.test_prefill_graph import CONTEXT, ROWS
+
+    cfg = ShardConfig(
+        model=model_dir, device="cuda", dtype=dtype, max_total_tokens=ROWS * CONTEXT, max_rows=ROWS,
+        max_context=CONTEXT, max_prefill_tokens=64, cuda_graph_max_prefill_tokens=graph_tokens,
+    )  # fmt: skip
+    shard = build_shard(cfg, 0, 1, None)
+    warmup(shard, cfg.max_prefill_tokens, ROWS)
+    return shard
+
+
+def test_prefill_graphs_give_the_eager_tokens(tmp_path) -> None:
+    """fp32: the step script of tests/test_prefill_graph.py (padded prompts, a cached prefix, a
+    chunked prompt, decodes between; two-prompt and prompt-logprobs steps stay eager) gives
+    the same tokens and logprobs through the captured prefill graphs as with eager prefill."""
+    from lightllm_grpc.shard.prefill_graph import CudaGraphPrefill
+    from tests.test_prefill_graph import VOCAB, _script
+
+    shard = _graphed_shard(make_tiny_model("llama3", tmp_path / "llama3", vocab_size=VOCAB), "float32")
+    runner = shard.runner
+    graphs = runner.prefill_forward
+    assert isinstance(graphs, CudaGraphPrefill) and shard.prefill_graph_sizes == (16, 32, 48)
+    graphed = [runner.step(s) for s in _script()]
+    assert graphs.replays == 5  # every one-prompt prefill: all fit 48 tokens
+    runner.reset()
+    runner.prefill_forward = runner.forward
+    eager = [runner.step(s) for s in _script()]
+    for ours, ref in zip(graphed, eager, strict=True):
+        assert list(ours.token_ids) == list(ref.token_ids), f"step {ref.step_id}"
+        np.testing.assert_allclose(ours.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(ours.prompt_logprobs, ref.prompt_logprobs, rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_graph_logits_match_eager_in_bf16(tmp_path) -> None:
+    """bf16 logits of graphed prefills of several lengths, at bucket edges and after cached
+    prefixes, against the unpadded eager forward; and the replay against an eager run of the
+    same padded buffers (which shows nothing a graph holds went stale)."""
+    from tests.test_prefill_graph import CONTEXT, VOCAB
+
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3", vocab_size=VOCAB, standard_init=True)
+    shard = _graphed_shard(model_dir, "bfloat16")
+    runner, graphs = shard.runner, shard.runner.prefill_forward
+    gen = torch.Generator().manual_seed(5)
+    row = 2
+    table = torch.zeros(row + 1, CONTEXT, dtype=torch.int32)
+    table[row] = torch.randperm(CONTEXT, generator=gen).int() + row * CONTEXT  # scattered slots
+    runner.req_to_token[row] = table[row].cuda()
+
+    def batch_of(tokens: list[int], prefix: int):
+        ids, batch = build_batch(ForwardMode.PREFILL, [tokens], [prefix], [row], table)
+        fields = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
+        fields["req_to_token"] = runner.req_to_token
+        return ids.cuda(), type(batch)(**fields)
+
+    with torch.inference_mode():
+        for prefix, n in [(0, 1), (0, 15), (0, 16), (0, 17), (0, 48), (23, 9), (40, 8), (7, 32)]:
+            tokens = torch.randint(3, VOCAB, (prefix + n,), generator=gen).tolist()
+            if prefix:
+                runner.forward(*batch_of(tokens[:prefix], 0))
+            ids, batch = batch_of(tokens[prefix:], prefix)
+            ref = runner.forward(ids, batch).clone()
+            size = graphs.pad(ids, batch)
+            padded = graphs.run(size).clone()
+            before = graphs.replays
+            out = graphs(ids, batch).clone()
+            assert graphs.replays == before + 1
+            where = f"prefix {prefix}, {n} tokens (bucket {size})"
+            torch.testing.assert_close(out, padded, rtol=2e-2, atol=2e-2, msg=lambda m, w=where: f"{w}: {m}")
+            rel = ((out - ref).norm() / ref.norm()).item()
+            assert rel < 1e-2, f"{where}: graph vs eager relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen2"])
+def test_fp32_greedy_parity_with_prefill_graphs_one_prompt_at_a_time(arch: str, tmp_path) -> None:
+    """Prompts sent one after another, so each prefill step holds one prompt and replays a
+    prefill graph (llama3: chunked by --max-prefill-tokens 24, each chunk after the last; the
+    last prompt repeats an earlier one's first 40 tokens, a cached prefix): fp32 greedy tokens
+    equal transformers'."""
+    from tests.reference import assert_greedy_equal, reference_greedy
+    from tests.test_parity import NEW_TOKENS, _prompts
+
+    model_dir = make_served_model(arch, tmp_path / arch)
+    prompts = _prompts(512)
+    prompts.append(prompts[-1][:40] + prompts[-2][:9])
+    chunked = ["--max-prefill-tokens", "24"] if arch == "llama3" else []
+    buckets = "16,24" if chunked else "16,32,48"  # no graph above what a step may prefill
+    server = ServerProcess(
+        model_dir, tmp_path / "server.log", "--device", "cuda", "--dtype", "float32", *chunked,
+        "--cuda-graph-max-prefill-tokens", "48",
+    )  # fmt: skip
+    try:
+        outs = [list(server.stub.Generate(greedy_request(p, NEW_TOKENS)).token_ids) for p in prompts]
+        info = server.wait_idle()
+        log = server.log()
+    finally:
+        server.stop()
+    assert f"captured {buckets.count(',') + 1} prefill graphs ({buckets} tokens)" in log
+    assert info.kv_used_tokens == 0
+    for i, (ours, (ref, scores)) in enumerate(zip(outs, reference_greedy(model_dir, prompts, NEW_TOKENS))):
+        assert_greedy_equal(f"{arch} prompt {i} (len {len(prompts[i])})", ours, ref, scores)
 
 
 def test_prefix_cache_n_and_preemption_on_gpu(tmp_path) -> None:

@@ -2,8 +2,9 @@
 
 At batch 1 a decode step is hundreds of small kernels; launching them one by one costs
 milliseconds of CPU time per token. Replaying a captured graph launches them all at once.
-Graphs are captured from the largest batch down, sharing one memory pool; a batch is
-padded up to the next captured size with a dummy row whose K/V goes to a dummy slot.
+Graphs are captured from the largest batch down, sharing one memory pool (which the prefill
+graphs of shard/prefill_graph.py then share too); a batch is padded up to the next captured
+size with a dummy row whose K/V goes to a dummy slot.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class CudaGraphDecoder:
         self.outputs: dict[int, torch.Tensor] = {}
         self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.cascade_outputs: dict[int, torch.Tensor] = {}
+        self.pool = None  # the graphs' memory pool, once captured
 
     def _batch(self, bs: int, cascade: bool = False) -> ForwardBatch:
         batch = ForwardBatch(
@@ -87,6 +89,7 @@ class CudaGraphDecoder:
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info()[0]
         self.req_to_token[self.pad_row, 0] = self.pad_slot
         pool = None
         stream = torch.cuda.Stream()
@@ -106,12 +109,15 @@ class CudaGraphDecoder:
                 )
                 graphs[bs], outputs[bs] = graph, output
         torch.cuda.synchronize()
+        self.pool = pool
         log.info(
-            "captured %d decode graphs (batch 1..%d) and %d with cascade attention in %.1fs",
+            "captured %d decode graphs (batch 1..%d) and %d with cascade attention in %.1fs, "
+            "%.0f MiB of GPU memory",
             len(self.sizes),
             self.sizes[-1],
             len(self.cascade_graphs),
             time.perf_counter() - start,
+            (free_before - torch.cuda.mem_get_info()[0]) / 2**20,
         )
 
     def __call__(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 # costs start-up time and memory.
 CPU_MEMORY_FRACTION = 0.1
 CPU_MAX_BYTES = 1 << 30
-# Left free on GPU for CUDA graphs' memory pool, kernel workspaces and fragmentation.
+# Left free on GPU for the decode CUDA graphs' memory pool, kernel workspaces and fragmentation
+# (the prefill graphs' share of the pool is measured: ``graph_profile``).
 GPU_SLACK_BYTES = 1 << 30
 
 
@@ -37,17 +38,20 @@ def kv_capacity(
     upper_bound: int,
     gpu_memory_fraction: float,
     profile: Callable[[], None] | None = None,
+    graph_profile: Callable[[], None] | None = None,
 ) -> int:
     """Tokens the pool should hold: ``requested`` if given, else what memory allows.
 
     ``upper_bound`` (rows x context) caps the automatic size: more slots than every row
     could ever address would be dead weight. ``profile`` runs a largest-size forward
     pass on GPU so the peak activation memory is known before the pool is sized.
+    ``graph_profile`` runs the largest graphed prefill eagerly: its activation peak is what
+    the prefill CUDA graphs' pool keeps for good, beside (not inside) that peak.
     """
     if requested is not None:
         return requested
     if device.type == "cuda":
-        budget = _cuda_budget(device, gpu_memory_fraction, profile)
+        budget = _cuda_budget(device, gpu_memory_fraction, profile, graph_profile)
     else:
         budget = min(int(available_host_bytes() * CPU_MEMORY_FRACTION), CPU_MAX_BYTES)
     tokens = min(upper_bound, budget // bytes_per_token)
@@ -59,24 +63,39 @@ def kv_capacity(
     return tokens
 
 
-def _cuda_budget(device: torch.device, fraction: float, profile: Callable[[], None] | None) -> int:
+def _peak_extra(device: torch.device, run: Callable[[], None] | None) -> int:
+    """Bytes ``run`` allocated at its peak beyond what was allocated before and after it."""
+    if run is None:
+        return 0
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    if profile is not None:
-        profile()
+    run()
     torch.cuda.synchronize(device)
-    # Activations at the profiled peak must fit beside the pool, plus some slack for
-    # CUDA graphs and the allocator's fragmentation.
-    peak_extra = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+
+
+def _cuda_budget(
+    device: torch.device,
+    fraction: float,
+    profile: Callable[[], None] | None,
+    graph_profile: Callable[[], None] | None = None,
+) -> int:
+    # Activations at the profiled peak must fit beside the pool, and so must the prefill
+    # graphs' pool (its own memory: eager forwards cannot reuse it), plus some slack for the
+    # decode graphs and the allocator's fragmentation.
+    peak_extra = _peak_extra(device, profile)
+    graph_bytes = _peak_extra(device, graph_profile)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = total - free
-    budget = int(total * fraction) - used_by_others - peak_extra - GPU_SLACK_BYTES
+    budget = int(total * fraction) - used_by_others - peak_extra - graph_bytes - GPU_SLACK_BYTES
     log.info(
-        "GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> KV budget %.1f GiB",
+        "GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB, prefill graphs "
+        "%.2f GiB -> KV budget %.1f GiB",
         total / 2**30,
         used_by_others / 2**30,
         peak_extra / 2**30,
+        graph_bytes / 2**30,
         budget / 2**30,
     )
     return max(budget, 0)

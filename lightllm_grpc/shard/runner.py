@@ -48,8 +48,10 @@ class ModelRunner:
         self.last_token = torch.zeros(max_rows + 1, dtype=torch.int64, device=device)
         # A shard builds its sampler first, so the memory profile sees its tables.
         self.sampler = sampler or Sampler(max_rows + 1, vocab_size, device)
-        # Decode may be replaced by a CUDA-graph runner with the same signature.
+        # Decode and prefill may be replaced by CUDA-graph runners with the same signature
+        # (shard/cuda_graph.py, shard/prefill_graph.py), which run what they cannot replay eagerly.
         self.decode_forward: ForwardFn = forward
+        self.prefill_forward: ForwardFn = forward
         self._prompt_logprobs: torch.Tensor | None = None  # of the step being launched
 
     def reset(self) -> None:
@@ -116,7 +118,8 @@ class ModelRunner:
         if s.want is not None and s.want.any():
             logits = self._forward_with_prompt_logprobs(ids, batch, p, s.want, s.offsets, s.lens)
         else:
-            logits = self.forward(ids, batch)
+            # A one-prompt prefill may replay a CUDA graph (prefill_graph.py); mixed steps run eager.
+            logits = self.prefill_forward(ids, batch) if d is None else self.forward(ids, batch)
         if pending is not None:
             assert self.sampler.grammars is not None
             self.sampler.grammars.accept(pending)

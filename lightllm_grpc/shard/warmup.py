@@ -1,13 +1,15 @@
 """Start-up forward passes at the largest shapes the coordinator will send.
 
 They compile kernels and fill the allocator's pools, then (on GPU) capture the decode
-CUDA graphs, so the first real request pays for none of that.
+CUDA graphs and, in their memory pool, the prefill ones, so the first real request pays for
+none of that. Every TP rank runs the same passes and captures in the same order.
 """
 
 from __future__ import annotations
 
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard.cuda_graph import CudaGraphDecoder
+from lightllm_grpc.shard.prefill_graph import CudaGraphPrefill
 from lightllm_grpc.shard.worker import Shard, prefill_step, profile_row
 
 
@@ -37,3 +39,11 @@ def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
         graphs.capture()
         runner.decode_forward = graphs
         shard.graph_batch_sizes = tuple(graphs.sizes)
+        tokens = min(shard.prefill_graph_tokens, max_prefill_tokens)
+        if tokens > 0:
+            prefill = CudaGraphPrefill(
+                runner.forward, runner.req_to_token, runner.pad_row, runner.pad_slot, tokens, runner.device
+            )
+            prefill.capture(graphs.pool)
+            runner.prefill_forward = prefill
+            shard.prefill_graph_sizes = tuple(prefill.sizes)

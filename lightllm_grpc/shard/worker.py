@@ -43,6 +43,8 @@ class Shard:
     model: torch.nn.Module | None = None
     cuda_graphs: bool = False
     graph_batch_sizes: tuple[int, ...] = ()
+    prefill_graph_tokens: int = 0  # largest one-sequence prefill replayed from a CUDA graph (0: none)
+    prefill_graph_sizes: tuple[int, ...] = ()
     grammar: GrammarCompiler | None = None
     ops: Ops = field(default_factory=Ops.native)  # what the model was built with (its warm-up hook)
 
@@ -65,9 +67,10 @@ def init_distributed(rank: int, world_size: int, init_method: str | None, device
 
 
 def setup_all_reduce(
-    cfg: ShardConfig, world_size: int, hidden: int, dtype: torch.dtype, device: torch.device
+    cfg: ShardConfig, world_size: int, hidden: int, dtype: torch.dtype, device: torch.device, rows: int
 ) -> None:
-    """Pick the all-reduce path (collective: every rank calls it) and log it."""
+    """Pick the all-reduce path (collective: every rank calls it) and log it. ``rows``: the most
+    tokens of a forward the P2P kernels should serve (decode batch, graphed prefill)."""
     if world_size == 1:
         return
     custom = None
@@ -76,8 +79,8 @@ def setup_all_reduce(
     elif not cfg.custom_all_reduce:
         line = "all-reduce: NCCL (--disable-custom-all-reduce)"
     else:
-        # The largest decode message: one hidden-state row per request.
-        custom, line = build_custom_all_reduce(cfg.max_rows * hidden * dtype.itemsize, dtype, device)
+        # The largest decode or graphed-prefill message: one hidden-state row per token.
+        custom, line = build_custom_all_reduce(rows * hidden * dtype.itemsize, dtype, device)
     set_custom_all_reduce(custom)
     log.info("%s", line)
 
@@ -96,6 +99,14 @@ def prefill_step(row: int, num_tokens: int, capacity: int, first_slot: int = 0) 
     p.prefix_lens.append(0)
     p.sample.append(True)
     return step
+
+
+def prefill_graph_tokens(cfg: ShardConfig, max_context: int, device: torch.device) -> int:
+    """The largest one-sequence prefill replayed from a CUDA graph; 0: none. The same on every
+    rank (config only), as the ranks must capture the same graphs."""
+    if not (cfg.cuda_graphs and device.type == "cuda"):
+        return 0
+    return min(cfg.cuda_graph_max_prefill_tokens, cfg.max_prefill_tokens, max_context)
 
 
 def _profile_prefill(model, spec: KVCacheSpec, cfg: ShardConfig, max_context: int, dtype, device):
@@ -118,6 +129,20 @@ def _profile_prefill(model, spec: KVCacheSpec, cfg: ShardConfig, max_context: in
         for row in range(rows):
             step.MergeFrom(prefill_step(row, min(chunk, total - row * chunk), total, first_slot=row * chunk))
         runner.step(step)  # the scratch pool is freed when this returns
+
+    return run
+
+
+def _profile_one_prefill(model, spec: KVCacheSpec, num_tokens: int, num_slots: int, dtype, device):
+    """Run a ``num_tokens`` prefill on a scratch pool of ``num_slots`` slots (tokens share them
+    when fewer) so its activation peak is measured."""
+
+    def run() -> None:
+        kv = spec.make_cache(num_slots, dtype, device)
+        runner = ModelRunner(
+            lambda ids, b: model(ids, b, kv), kv, model.config.vocab_size, 1, num_tokens + 1, device
+        )
+        runner.step(prefill_step(0, num_tokens, num_slots - 1))  # the scratch pool is freed on return
 
     return run
 
@@ -157,8 +182,10 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     init_distributed(rank, world_size, init_method, device)
     model_cfg = ModelConfig.from_pretrained(cfg.model)
     dtype = resolve_dtype(model_cfg, cfg.dtype, device)
+    max_context = min(cfg.max_context or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
+    graph_tokens = prefill_graph_tokens(cfg, max_context, device)
     # Before the KV pool is sized: the symmetric buffer's memory is then already counted.
-    setup_all_reduce(cfg, world_size, model_cfg.hidden_size, dtype, device)
+    setup_all_reduce(cfg, world_size, model_cfg.hidden_size, dtype, device, max(cfg.max_rows, graph_tokens))
     ops = Ops.for_device(device)  # Triton kernels on CUDA, torch on CPU: every layer and attention
     # + 1 row: the runner's padding row for CUDA-graph batches.
     backend = ops.attention(
@@ -174,14 +201,13 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
         quantization=cfg.quantization,
         progress=rank == 0,  # one bar, not one per TP rank
     )
-    max_context = min(cfg.max_context or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
     spec = model.kv_cache_spec
     bpt = spec.bytes_per_token(dtype)
     # Built before the pool is sized: its penalty-count table is memory the pool cannot use.
     grammar = GrammarCompiler(cfg.model, model_cfg.vocab_size, tuple(model_cfg.eos_token_ids))
     grammars = RowGrammars(grammar, cfg.max_rows + 1, model_cfg.vocab_size, device)
     sampler = Sampler(cfg.max_rows + 1, model_cfg.vocab_size, device, grammars=grammars)
-    profile = None
+    profile = graph_profile = None
     if device.type == "cuda":
         prefill = _profile_prefill(model, spec, cfg, max_context, dtype, device)
 
@@ -189,9 +215,13 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
             prefill()
             profile_sampling(sampler, cfg.max_rows, model_cfg.vocab_size, dtype, device)
 
+        if graph_tokens:  # what the prefill graphs' pool will hold: the largest bucket's activations
+            graph_profile = _profile_one_prefill(model, spec, graph_tokens, 2, dtype, device)
+
     capacity = memory.kv_capacity(
-        device, bpt, cfg.max_total_tokens, cfg.max_rows * max_context, cfg.gpu_memory_fraction, profile
-    )
+        device, bpt, cfg.max_total_tokens, cfg.max_rows * max_context, cfg.gpu_memory_fraction, profile,
+        graph_profile,
+    )  # fmt: skip
     kv = spec.make_cache(capacity + 1, dtype, device)  # + the padding slot
 
     def forward(ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -207,4 +237,5 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     return Shard(
         rank, world_size, device, dtype, model_cfg, runner, bpt,
         model=model, cuda_graphs=use_graphs, grammar=grammar, ops=model.ops,
+        prefill_graph_tokens=graph_tokens,
     )  # fmt: skip
