@@ -40,11 +40,17 @@ class Shard:
     model_config: ModelConfig
     runner: ModelRunner
     kv_bytes_per_token: int
+    kv_cache_dtype: str  # what the pool stores: "fp8_e4m3" or the model dtype's name
     model: torch.nn.Module | None = None
     cuda_graphs: bool = False
     graph_batch_sizes: tuple[int, ...] = ()
     grammar: GrammarCompiler | None = None
     ops: Ops = field(default_factory=Ops.native)  # what the model was built with (its warm-up hook)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, as Info reports dtypes."""
+    return str(dtype).removeprefix("torch.")
 
 
 def pick_device(requested: str, rank: int) -> torch.device:
@@ -159,11 +165,13 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
         ops=ops,
         load_format=cfg.load_format,
         quantization=cfg.quantization,
+        kv_cache_dtype=cfg.kv_cache_dtype,
         progress=rank == 0,  # one bar, not one per TP rank
     )
     max_context = min(cfg.max_context or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
     spec = model.kv_cache_spec
-    bpt = spec.bytes_per_token(dtype)
+    bpt = spec.bytes_per_token(dtype)  # 1 byte an element with an FP8 cache: twice the tokens
+    kv_dtype = "fp8_e4m3" if spec.fp8 else dtype_name(dtype)
     # Built before the pool is sized: its penalty-count table is memory the pool cannot use.
     grammar = GrammarCompiler(cfg.model, model_cfg.vocab_size, tuple(model_cfg.eos_token_ids))
     grammars = RowGrammars(grammar, cfg.max_rows + 1, model_cfg.vocab_size, device)
@@ -186,12 +194,13 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
 
     runner = ModelRunner(forward, kv, model_cfg.vocab_size, cfg.max_rows, max_context, device, sampler)
     log.info(
-        "shard %d/%d ready in %.1fs: %s on %s (%s%s), KV pool %d tokens (%.1f GiB)",
+        "shard %d/%d ready in %.1fs: %s on %s (%s%s), KV pool %d tokens (%.1f GiB, %s)",
         rank, world_size, time.perf_counter() - started, model_cfg.name, device, dtype,
         ", FP8 linear layers" if model.config.quantization else "", capacity, capacity * bpt / 2**30,
+        kv_dtype,
     )  # fmt: skip
     use_graphs = cfg.cuda_graphs and device.type == "cuda"
     return Shard(
-        rank, world_size, device, dtype, model_cfg, runner, bpt,
+        rank, world_size, device, dtype, model_cfg, runner, bpt, kv_dtype,
         model=model, cuda_graphs=use_graphs, grammar=grammar, ops=model.ops,
     )  # fmt: skip

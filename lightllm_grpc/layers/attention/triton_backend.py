@@ -60,9 +60,10 @@ class TritonAttentionBackend(AttentionBackend):
         assert q.dtype == self.dtype, f"q is {q.dtype}, backend built for {self.dtype}"
         assert q.shape[1:] == (self.num_heads, self.head_dim), f"q {tuple(q.shape)} vs backend heads"
         k_buf, v_buf = kv.k[layer], kv.v[layer]
-        store_kv(k_buf, v_buf, k, v, batch.out_slots)
+        k_scale, v_scale = kv.scales(layer)  # None unless the pool is FP8
+        store_kv(k_buf, v_buf, k, v, batch.out_slots, k_scale, v_scale)
         if batch.mode is ForwardMode.DECODE:
-            return self._decode(q, k_buf, v_buf, batch, scale)
+            return self._decode(q, k_buf, v_buf, batch, scale, k_scale, v_scale)
         return prefill_attention(
             q,
             k_buf,
@@ -74,10 +75,19 @@ class TritonAttentionBackend(AttentionBackend):
             batch.q_lens,
             batch.max_q_len,
             scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
     def _decode(
-        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, batch: ForwardBatch, scale: float
+        self,
+        q: torch.Tensor,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         size = batch.batch_size
         assert size <= self.max_batch_size, f"decode batch {size} > max_batch_size {self.max_batch_size}"
@@ -91,6 +101,7 @@ class TritonAttentionBackend(AttentionBackend):
             return cascade_decode_attention(
                 q, k_buf, v_buf, batch.req_to_token, batch.req_rows, batch.seq_lens,
                 batch.shared_lens, batch.group_sizes, scale, num_splits=splits, mid_o=mid_o, mid_lse=mid_lse,
+                k_scale=k_scale, v_scale=v_scale,
             )  # fmt: skip
         rows = size * self.num_heads * splits
         # Views of the preallocated buffers: same addresses on every call of a given size.
@@ -107,4 +118,6 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits=splits,
             mid_o=mid_o,
             mid_lse=mid_lse,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
