@@ -365,6 +365,17 @@ def test_tensor_parallel_ranks_share_the_scales(tiny: Path, tmp_path: Path) -> N
         assert rel < 1e-3, (rank, rel)  # a rank without the scales is ~1e-2 off
 
 
+def test_fp8_check_measures_the_kv_cache_on_cpu(tiny: Path) -> None:
+    """The GPU script's accuracy check (bench/fp8_check.py --checks kv), small, on the CPU in bf16:
+    the same weights, the cache in bf16 vs e4m3."""
+    from lightllm_grpc.bench.fp8_check import accuracy
+
+    kw = dict(sequences=2, length=32, backend=TorchAttentionBackend(), device="cpu")
+    result = accuracy(tiny, "auto", variant="fp8-kv", **kw)
+    assert result["positions"] == 64
+    assert 0.0 < result["mean_kl"] < 1e-3 and result["top1_agreement"] > 0.8, result
+
+
 # --- the flag, the shard's reports and the server -----------------------------------------
 
 
@@ -389,6 +400,20 @@ def test_flag_reaches_the_shard_config(tiny: Path) -> None:
         dataclasses.replace(ModelConfig.from_pretrained(tiny), kv_cache_dtype="fp8")
 
 
+def test_gpus_without_e4m3_conversions_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightllm_grpc.shard.worker import check_kv_cache_dtype
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(RuntimeError, match=r"compute capability 8\.9 or newer; NVIDIA A100 is 8\.0"):
+        check_kv_cache_dtype("fp8_e4m3", gpu)
+    check_kv_cache_dtype("auto", gpu)
+    check_kv_cache_dtype("fp8_e4m3", torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_kv_cache_dtype("fp8_e4m3", gpu)
+
+
 def _info(rank: int, **kw: Any) -> shard_pb2.InfoResponse:
     fields = dict(model_name="m", architecture="LlamaForCausalLM", dtype="bfloat16", vocab_size=512,
                   max_context=64, kv_cache_dtype="fp8_e4m3")  # fmt: skip
@@ -404,20 +429,26 @@ def test_hand_started_shards_must_agree_on_the_kv_cache_dtype() -> None:
     assert "kv_cache_dtype=fp8_e4m3 kv_capacity_tokens=9" in describe(["a:1"], [_info(0, kv_capacity=9)])[0]
 
 
-def test_server_generates_with_an_fp8_kv_cache(tiny: Path, tmp_path: Path) -> None:
-    """``serve --kv-cache-dtype fp8_e4m3`` end to end on the CPU, eight prompts at once (shared
-    prefill and decode batches). Every generated token is what our model with an FP8 cache
-    predicts there (teacher-forced along the server's own output; a near-tie may go either way),
-    and those predictions agree with the full-precision cache's at most positions."""
+def test_server_generates_with_an_fp8_kv_cache(tmp_path: Path) -> None:
+    """``serve --kv-cache-dtype fp8_e4m3`` end to end on the CPU (see ``check_fp8_kv_server``)."""
+    check_fp8_kv_server(tmp_path)
+
+
+def check_fp8_kv_server(tmp_path: Path, *server_args: str) -> None:
+    """Eight prompts at once (shared prefill and decode batches) through a server with an FP8
+    KV cache. Every generated token is what our model with an FP8 cache predicts there on the
+    CPU (teacher-forced along the server's own output; a near-tie may go either way), and those
+    predictions agree with the full-precision cache's at most positions."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tests.server_harness import ServerProcess, greedy_request, make_served_model
 
     model_dir = make_served_model("llama3", tmp_path / "m", standard_init=True)
     prompts, new_tokens = _prompts([1, 3, 7, 12, 20, 33, 50, 64], seed=7), 24
     log = tmp_path / "server.log"
-    server = ServerProcess(model_dir, log, "--kv-cache-dtype", "fp8_e4m3", "--max-total-tokens", "1024")
+    args = ("--kv-cache-dtype", "fp8_e4m3", "--max-total-tokens", "1024", *server_args)
+    server = ServerProcess(model_dir, log, *args)
     try:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(len(prompts)) as pool:
             replies = list(pool.map(lambda p: server.stub.Generate(greedy_request(p, new_tokens)), prompts))
         info, model_info = server.wait_idle(), server.stub.GetModelInfo(pb.GetModelInfoRequest())
@@ -431,17 +462,14 @@ def test_server_generates_with_an_fp8_kv_cache(tiny: Path, tmp_path: Path) -> No
     assert all(len(r.token_ids) == new_tokens for r in replies)
     fp8 = _all_logits(_load(model_dir, "fp8_e4m3"), sequences)
     full = _all_logits(_load(model_dir), sequences)
-    picked, starts = [], 0
+    picked, start = [], 0
     for p, seq in zip(prompts, sequences):
-        rows = torch.arange(
-            starts + len(p) - 1, starts + len(seq) - 1
-        )  # the logits that chose each new token
+        rows = torch.arange(start + len(p) - 1, start + len(seq) - 1)  # the logits that chose each new token
         chosen = torch.tensor(seq[len(p) :])
-        best = fp8[rows].max(-1).values
-        gap = best - fp8[rows].gather(1, chosen[:, None])[:, 0]
+        gap = fp8[rows].max(-1).values - fp8[rows].gather(1, chosen[:, None])[:, 0]
         assert (gap < 1e-3).all(), f"server tokens are not the FP8 model's argmax: gaps {gap.tolist()}"
         picked.append(rows)
-        starts += len(seq)
+        start += len(seq)
     rows = torch.cat(picked)
     agree, kl = _compare(full[rows], fp8[rows])
     assert agree > 0.9 and kl < 1e-4, (agree, kl)

@@ -62,6 +62,19 @@ def pick_device(requested: str, rank: int) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def check_kv_cache_dtype(kv_cache_dtype: str, device: torch.device) -> None:
+    """Triton converts to and from e4m3 on compute capability 8.9 (Ada, Hopper) and newer only."""
+    if kv_cache_dtype != "fp8_e4m3" or device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise RuntimeError(
+            f"--kv-cache-dtype fp8_e4m3 needs a GPU of compute capability 8.9 or newer; {name} is "
+            f"{capability[0]}.{capability[1]}"
+        )
+
+
 def init_distributed(rank: int, world_size: int, init_method: str | None, device: torch.device) -> None:
     set_parallel_state(ParallelState(rank, world_size))
     if world_size == 1:
@@ -147,6 +160,7 @@ def profile_sampling(
 def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str | None) -> Shard:
     started = time.perf_counter()
     device = pick_device(cfg.device, rank)
+    check_kv_cache_dtype(cfg.kv_cache_dtype, device)
     init_distributed(rank, world_size, init_method, device)
     model_cfg = ModelConfig.from_pretrained(cfg.model)
     dtype = resolve_dtype(model_cfg, cfg.dtype, device)
