@@ -438,12 +438,14 @@ def check_fp8_kv_server(tmp_path: Path, *server_args: str) -> None:
     """Eight prompts at once (shared prefill and decode batches) through a server with an FP8
     KV cache. Every generated token is what our model with an FP8 cache predicts there on the
     CPU (teacher-forced along the server's own output; a near-tie may go either way), and those
-    predictions agree with the full-precision cache's at most positions."""
+    predictions agree with the full-precision cache's at most positions. The checkpoint carries
+    calibrated scales (about amax / 448 of this model's K and V), which the shard loads."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tests.server_harness import ServerProcess, greedy_request, make_served_model
 
     model_dir = make_served_model("llama3", tmp_path / "m", standard_init=True)
+    _add_tensors(model_dir, _per_layer(("k_scale", "v_scale"), ((0.0013, 0.0015), (0.0015, 0.0013)), ()))
     prompts, new_tokens = _prompts([1, 3, 7, 12, 20, 33, 50, 64], seed=7), 24
     log = tmp_path / "server.log"
     args = ("--kv-cache-dtype", "fp8_e4m3", "--max-total-tokens", "1024", *server_args)
@@ -457,6 +459,7 @@ def check_fp8_kv_server(tmp_path: Path, *server_args: str) -> None:
     assert info.kv_cache_dtype == model_info.kv_cache_dtype == "fp8_e4m3" and info.kv_total_tokens == 1024
     text = log.read_text()
     assert "kv_cache_dtype=fp8_e4m3" in text and "1024 tokens" in text and "fp8_e4m3)" in text
+    assert "FP8 KV cache: 4 per-layer scales from the checkpoint (0.0013 .. 0.0015)" in text
 
     sequences = [p + list(r.token_ids) for p, r in zip(prompts, replies)]
     assert all(len(r.token_ids) == new_tokens for r in replies)
