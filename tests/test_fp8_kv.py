@@ -396,6 +396,10 @@ def test_flag_reaches_the_shard_config(tiny: Path) -> None:
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         ShardConfig(model=tiny, kv_cache_dtype="int8")
     assert base.KV_CACHE_DTYPES == KV_CACHE_DTYPES  # the layers' list and the CLI's agree
+    from lightllm_grpc.bench import gpu  # the GPU benchmark's variant serves with the flag
+
+    assert gpu.VARIANT_FLAGS["fp8-kv"] == ("--kv-cache-dtype", "fp8_e4m3")
+    assert gpu.BREAKDOWN_ARGS["fp8-kv"] == {"kv_cache_dtype": "fp8_e4m3"}
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         dataclasses.replace(ModelConfig.from_pretrained(tiny), kv_cache_dtype="fp8")
 
