@@ -12,6 +12,7 @@ from lightllm_grpc.config import (
     ADMISSION_RULES,
     DEVICES,
     DTYPES,
+    KV_CACHE_DTYPES,
     LOAD_FORMATS,
     QUANTIZATIONS,
     SCHEDULING_POLICIES,
@@ -41,6 +42,13 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="fp8: W8A8 FP8 linear layers, quantized at load (None: the checkpoint's own; "
         "FP8 checkpoints are detected from config.json)",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default="auto",
+        help="auto: the model dtype; fp8_e4m3: e4m3 K/V with per-layer scales from the checkpoint "
+        "(1.0 without), twice the tokens in the same memory (docs/quantization.md)",
     )
     p.add_argument(
         "--max-total-tokens",
@@ -97,6 +105,7 @@ def _engine_config(args: argparse.Namespace, model: Path, tp_size: int) -> Shard
         dtype=args.dtype,
         load_format=args.load_format,
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         tp_size=tp_size,
         max_total_tokens=args.max_total_tokens,
         max_rows=args.max_running_requests,

@@ -11,6 +11,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 QUANTIZATIONS = ("fp8",)
+# --kv-cache-dtype: auto = the model dtype; fp8_e4m3 = e4m3 with per-layer scales (half the bytes).
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 # Every shard process runs with these, set before CUDA or NCCL starts: no NVLink multicast
 # (NVLS) in NCCL nor in symmetric memory. The P2P all-reduce never uses it, and creating
 # multicast objects fails or hangs on some drivers and virtualised hosts (docs/multihost.md).
@@ -99,6 +101,9 @@ class ShardConfig:
     # "fp8": quantize a high-precision checkpoint's linear layers at load; None: the
     # checkpoint's own (an FP8 checkpoint is recognized by its config.json).
     quantization: str | None = None
+    # "fp8_e4m3": the KV pool in e4m3 with per-layer scales from the checkpoint (1.0 without),
+    # twice the tokens in the same memory; "auto": the model dtype (docs/quantization.md).
+    kv_cache_dtype: str = "auto"
     tp_size: int = 1
     max_total_tokens: int | None = None  # KV pool size in tokens; None = sized from memory
     max_rows: int = 256
@@ -122,6 +127,8 @@ class ShardConfig:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.tp_size < 1:
             raise ValueError("tp_size must be >= 1")
         if self.max_total_tokens is not None and self.max_total_tokens < 16:

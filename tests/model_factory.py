@@ -177,12 +177,20 @@ def build_batch(
     return input_ids, batch
 
 
-def greedy_logits(model_dir: Path, prompts: list[list[int]], steps: int) -> torch.Tensor:
+def greedy_logits(
+    model_dir: Path, prompts: list[list[int]], steps: int, kv_cache_dtype: str = "auto"
+) -> torch.Tensor:
     """Load ``model_dir`` on CPU (fp32, torch backend), prefill ``prompts`` packed, decode ``steps`` tokens.
 
     Returns the logits ``[steps + 1, B, V]``. Under tensor parallelism every rank returns the full logits.
     """
-    model = load_model(model_dir, device="cpu", dtype="float32", attn_backend=TorchAttentionBackend())
+    model = load_model(
+        model_dir,
+        device="cpu",
+        dtype="float32",
+        attn_backend=TorchAttentionBackend(),
+        kv_cache_dtype=kv_cache_dtype,
+    )
     max_len = max(map(len, prompts)) + steps
     kv = model.kv_cache_spec.make_cache(len(prompts) * max_len, torch.float32, "cpu")
     req_to_token = torch.arange(len(prompts) * max_len, dtype=torch.int32).view(len(prompts), max_len)
@@ -206,12 +214,13 @@ def tp_worker(
     prompts: list[list[int]],
     steps: int,
     out_file: str,
+    kv_cache_dtype: str = "auto",
 ) -> None:
     """``torch.multiprocessing.spawn`` target: rank ``rank`` of a gloo group runs ``greedy_logits``."""
     set_parallel_state(ParallelState(rank, world_size))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        logits = greedy_logits(model_dir, prompts, steps)
+        logits = greedy_logits(model_dir, prompts, steps, kv_cache_dtype)
         torch.save(logits, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()

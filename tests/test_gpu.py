@@ -266,3 +266,33 @@ def test_structured_output_on_gpu(tmp_path) -> None:
         t.test_constraint_wins_over_min_new_tokens_and_logit_bias(server)
     finally:
         server.stop()
+
+
+def test_fp8_kv_cache_agrees_with_bf16(tmp_path) -> None:
+    """bf16 weights on the GPU (Triton kernels), the KV cache in bf16 vs e4m3 (scale 1.0: the
+    checkpoint has none), 4,096 positions whose attention reads every key and value back from
+    the pool. An ordinary-init (std 0.02) model's logits are nearly tied, so as for FP8 weights
+    (test_fp8_gpu.py) the >= 99% criterion is taken where bf16's top-1 margin is decisive (>= 0.5
+    std of its logits). This shape on the CPU (torch backend, bf16): 91.4% top-1 agreement over
+    all positions, 100% over the 605 decisive ones, mean KL 1.7e-4."""
+    from lightllm_grpc.bench.fp8_check import accuracy
+
+    shape = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                 head_dim=64, num_key_value_heads=2)  # fmt: skip
+    model_dir = make_tiny_model("llama3", tmp_path / "m", vocab_size=8192, standard_init=True, **shape)
+    result = accuracy(model_dir, "auto", sequences=16, length=256, variant="fp8-kv")  # Triton backend
+    print("fp8 KV cache vs bf16:", result)
+    assert result["positions"] == 4096
+    assert result["decisive_positions"] >= 400, result
+    assert result["decisive_top1_agreement"] >= 0.99, result
+    assert result["mean_kl"] < 1e-3, result
+    assert result["top1_agreement"] >= 0.8, result
+
+
+def test_fp8_kv_cache_server_on_gpu(tmp_path) -> None:
+    """The CPU end-to-end check (tests/test_fp8_kv.py) with the server on the GPU: Triton store,
+    prefill and decode on an e4m3 pool, decode in CUDA graphs; fp32 weights so that the CPU
+    reference differs only in rounding."""
+    from tests.test_fp8_kv import check_fp8_kv_server
+
+    check_fp8_kv_server(tmp_path, "--device", "cuda", "--dtype", "float32")

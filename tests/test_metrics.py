@@ -24,7 +24,7 @@ HISTOGRAMS = (
     "request_prefill_time_seconds",
     "step_duration_seconds",
 )
-GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "kv_cache_capacity_tokens")
 COUNTERS = (
     "prompt_tokens",
     "generation_tokens",
@@ -78,6 +78,8 @@ def test_every_metric_is_exported_with_the_model_name(server) -> None:
         assert all(dict(labels)["model_name"] == MODEL for _, labels in m[name]), name
     le = [dict(labels)["le"] for s, labels in m["step_duration_seconds"] if s.endswith("_bucket")]
     assert le[-1] == "+Inf"
+    # The pool's size, labelled with its storage (a CPU server's fp32 model: float32).
+    assert value(m, "kv_cache_capacity_tokens", kv_cache_dtype="float32") == server.info().kv_total_tokens
 
 
 def test_metrics_move_the_right_way_after_known_traffic(server) -> None:

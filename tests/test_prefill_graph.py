@@ -8,6 +8,7 @@ The graphs themselves are checked on a GPU (tests/test_gpu.py).
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -93,9 +94,9 @@ def test_only_one_sequence_prefills_up_to_the_maximum_fit() -> None:
 
 
 def _kv_copy(kv: KVCache) -> KVCache:
-    copy = KVCache.__new__(KVCache)
-    copy.k, copy.v, copy.num_slots = [t.clone() for t in kv.k], [t.clone() for t in kv.v], kv.num_slots
-    return copy
+    clone = copy.copy(kv)  # the same dtype and scales, its own K/V tensors
+    clone.k, clone.v = [t.clone() for t in kv.k], [t.clone() for t in kv.v]
+    return clone
 
 
 def check_padding(model: torch.nn.Module, cases: list[tuple[int, int, int]], max_tokens: int) -> None:

@@ -263,8 +263,10 @@ def test_chat_tokenize_and_info(server, tokenizer) -> None:
     info = server.stub.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.architecture, info.vocab_size, info.context_length) == ("LlamaForCausalLM", 512, 512)
     assert info.tp_size == 1 and info.dtype == "float32" and info.has_chat_template
+    assert info.kv_cache_dtype == "float32"  # --kv-cache-dtype auto: the model dtype
     sinfo = server.info()
     assert sinfo.kv_total_tokens == KV_TOKENS and sinfo.max_running_requests == 256
+    assert sinfo.kv_cache_dtype == "float32"
 
 
 def test_full_queue_is_resource_exhausted_and_leaves_nothing_behind(server) -> None:

@@ -34,3 +34,43 @@ def block(n: int) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: exact IEEE for fp32 inputs; the TF32 setting is moot for 16-bit inputs."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# An FP8 KV cache stores e4m3 (``torch.float8_e4m3fn``) with one fp32 scale per layer for K
+# and one for V: stored = clamp(x / scale, -448, 448), read = stored * scale.
+FP8_KV = torch.float8_e4m3fn
+FP8_KV_MAX = float(torch.finfo(FP8_KV).max)  # 448
+
+
+def check_kv_cache(
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    dtype: torch.dtype,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> bool:
+    """Asserts a contiguous K/V pool pair ``[S, Hkv, D]`` in ``dtype``, or in e4m3 with both
+    scales given (one fp32 element each, on the pool's device); returns whether it is FP8."""
+    fp8 = k_buf.dtype == FP8_KV
+    for name, buf in (("k_buf", k_buf), ("v_buf", v_buf)):
+        check_rows(buf, name, 3, FP8_KV if fp8 else dtype)
+        assert buf.is_contiguous(), f"{name} must be contiguous"
+    assert k_buf.shape == v_buf.shape, f"k_buf {tuple(k_buf.shape)} != v_buf {tuple(v_buf.shape)}"
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not fp8:
+            assert scale is None, f"{name} is for an FP8 ({FP8_KV}) cache; this one is {k_buf.dtype}"
+            continue
+        assert scale is not None, f"an FP8 cache needs {name}"
+        assert scale.dtype == torch.float32 and scale.numel() == 1, f"{name}: one fp32 element"
+        assert scale.device == k_buf.device, f"{name} on {scale.device}, cache on {k_buf.device}"
+    return fp8
+
+
+def quantize_kv_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Torch reference of the FP8 store: ``x / scale`` in fp32, clamped to ±448, rounded to e4m3."""
+    return (x.float() / scale.float()).clamp(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV)
+
+
+def dequantize_kv_ref(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A cache's rows in fp32: FP8 ones times their scale (``scale`` None: as stored)."""
+    return x.float() if scale is None else x.float() * scale.float()

@@ -6,6 +6,10 @@ at once, writing a normalised partial output and its log-sum-exp. Stage 2 merges
 With a single split (large batches) stage 1 writes the output itself and stage 2 is skipped.
 Every program derives its chunk from the seq_len it loads, so the grid depends only on the
 batch size, the head counts and the split count: no host sync, safe to capture in a CUDA graph.
+
+An FP8 (e4m3) pool is read as it is stored: each tile converts to the queries' dtype (exact),
+the K scale is folded into the softmax scale and the V scale multiplies the partial output,
+both loaded from device memory (one fp32 element each).
 """
 
 from __future__ import annotations
@@ -14,7 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from lightllm_grpc_kernels._launch import block, check_index, check_rows, dot_precision, on_gpu
+from lightllm_grpc_kernels._launch import (
+    block,
+    check_index,
+    check_kv_cache,
+    check_rows,
+    dequantize_kv_ref,
+    dot_precision,
+    on_gpu,
+)
 
 _LOG2E = 1.4426950408889634
 # Most rows of one shared-prefix group (the coordinator cuts larger groups to this size):
@@ -68,7 +80,9 @@ def _attend(
     DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax of the ROWS queries in ``q`` over the keys at positions [start, end) of
-    one req_to_token row (``slot_row``): the running max, sum and unnormalised output."""
+    one req_to_token row (``slot_row``): the running max, sum and unnormalised output. K/V
+    tiles are converted to q's dtype (a no-op but for an FP8 pool, whose scales the callers
+    apply)."""
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
@@ -78,7 +92,7 @@ def _attend(
         slots = tl.load(slot_row + offs_n, mask=n_mask, other=0).to(tl.int64)
         kv_offs = slots[:, None] * stride_bs + kv_head * stride_bh + offs_d[None, :]
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
+        k = tl.load(k_buf_ptr + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         # Scores in log2 units for exp2; every tile holds at least one key, so m_new is finite.
         qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
@@ -86,7 +100,7 @@ def _attend(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_buf_ptr + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return m_i, l_i, acc
@@ -104,6 +118,8 @@ def _decode_stage1_kernel(
     mid_o_ptr,
     mid_lse_ptr,
     out_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -117,6 +133,7 @@ def _decode_stage1_kernel(
     GROUP: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
+    KV_FP8: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -163,10 +180,14 @@ def _decode_stage1_kernel(
         other=0.0,
     )
 
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     m_i, l_i, acc = _attend(
         q, k_buf_ptr, v_buf_ptr, slot_row, kv_head, start, end, qk_scale, stride_bs, stride_bh,
         offs_d, d_mask, BLOCK_G, BLOCK_N, BLOCK_D, DOT_PRECISION,
     )  # fmt: skip
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr)
 
     if NUM_SPLITS == 1 and not HAS_PREFIX:
         # The split is the whole sequence: this is the output, and stage 2 is skipped.
@@ -187,6 +208,8 @@ def _shared_prefix_kernel(
     group_sizes_ptr,
     mid_o_ptr,
     mid_lse_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -197,6 +220,7 @@ def _shared_prefix_kernel(
     head_dim,
     GROUP: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    KV_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -224,10 +248,14 @@ def _shared_prefix_kernel(
         other=0.0,
     )
     slot_row = req_to_token_ptr + tl.load(req_rows_ptr + b).to(tl.int64) * stride_rt
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     m_i, l_i, acc = _attend(
         q, k_buf_ptr, v_buf_ptr, slot_row, kv_head, 0, length, qk_scale, stride_bs, stride_bh,
         offs_d, d_mask, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
     )  # fmt: skip
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr)
     mid_rows = (rows * num_heads + heads) * (NUM_SPLITS + 1) + NUM_SPLITS
     tl.store(mid_o_ptr + mid_rows[:, None] * head_dim + offs_d[None, :], acc / l_i[:, None], mask=md_mask)
     tl.store(mid_lse_ptr + mid_rows, m_i + tl.log2(l_i), mask=m_mask)
@@ -277,18 +305,19 @@ def _check_inputs(
     req_to_token: torch.Tensor,
     req_rows: torch.Tensor,
     seq_lens: torch.Tensor,
-) -> None:
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> bool:
+    """Asserts the inputs' shapes and dtypes; returns whether the pool is FP8."""
     check_rows(q, "q", 3)
     batch, num_heads, head_dim = q.shape
-    for name, buf in (("k_buf", k_buf), ("v_buf", v_buf)):
-        check_rows(buf, name, 3, q.dtype)
-        assert buf.is_contiguous(), f"{name} must be contiguous"
-        assert buf.shape[2] == head_dim, f"{name} head_dim {buf.shape[2]} != {head_dim}"
-    assert k_buf.shape == v_buf.shape, f"k_buf {tuple(k_buf.shape)} != v_buf {tuple(v_buf.shape)}"
+    fp8 = check_kv_cache(k_buf, v_buf, q.dtype, k_scale, v_scale)
+    assert k_buf.shape[2] == head_dim, f"k_buf head_dim {k_buf.shape[2]} != {head_dim}"
     assert num_heads % k_buf.shape[1] == 0, f"{num_heads} heads not a multiple of {k_buf.shape[1]} kv heads"
     check_rows(req_to_token, "req_to_token", 2, torch.int32)
     check_index(req_rows, "req_rows", batch, torch.int32)
     check_index(seq_lens, "seq_lens", batch, torch.int32)
+    return fp8
 
 
 def _workspace(
@@ -319,6 +348,8 @@ def decode_attention(
     mid_o: torch.Tensor | None = None,
     mid_lse: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence, q [B, H, D], over all of its sequence's K/V.
 
@@ -326,9 +357,10 @@ def decode_attention(
     (the new token's already stored). num_splits defaults to decode_num_splits(B). mid_o
     [B, H, num_splits, D] and mid_lse [B, H, num_splits] (contiguous fp32) are the workspace;
     pass preallocated ones under CUDA-graph capture (with one split they go unused).
-    Returns out [B, H, D].
+    An e4m3 pool needs ``k_scale`` and ``v_scale`` (one fp32 element each): it holds K / k_scale
+    and V / v_scale. Returns out [B, H, D].
     """
-    _check_inputs(q, k_buf, v_buf, req_to_token, req_rows, seq_lens)
+    _check_inputs(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, k_scale, v_scale)
     batch = q.shape[0]
     num_splits = decode_num_splits(batch) if num_splits is None else num_splits
     mid_o, mid_lse = _workspace(q, num_splits, mid_o, mid_lse)
@@ -337,7 +369,10 @@ def decode_attention(
     assert out.shape == q.shape, f"out {tuple(out.shape)} != q {tuple(q.shape)}"
     if batch == 0:
         return out
-    _stage1(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, None, mid_o, mid_lse, out, scale, num_splits)
+    _stage1(
+        q, k_buf, v_buf, req_to_token, req_rows, seq_lens, None, mid_o, mid_lse, out, scale, num_splits,
+        k_scale, v_scale,
+    )  # fmt: skip
     if num_splits > 1:
         _stage2(mid_o, mid_lse, out, num_splits)
     return out
@@ -357,6 +392,8 @@ def cascade_decode_attention(
     mid_o: torch.Tensor | None = None,
     mid_lse: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`decode_attention` for batches whose sequences share prefixes (cascade attention).
 
@@ -368,8 +405,9 @@ def cascade_decode_attention(
     attends to its own keys after the prefix, and the two partial softmaxes are merged by
     their log-sum-exps. The workspace is mid_o [B, H, num_splits + 1, D] and mid_lse
     [B, H, num_splits + 1] (contiguous fp32; pass preallocated ones under graph capture).
+    FP8 pools take ``k_scale`` and ``v_scale`` as in :func:`decode_attention`.
     """
-    _check_inputs(q, k_buf, v_buf, req_to_token, req_rows, seq_lens)
+    fp8 = _check_inputs(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, k_scale, v_scale)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
     check_index(prefix_lens, "prefix_lens", batch, torch.int32)
@@ -384,15 +422,16 @@ def cascade_decode_attention(
     group = num_heads // num_kv_heads
     block_m = max(16, block(MAX_GROUP_ROWS * group))
     _shared_prefix_kernel[(batch, num_kv_heads)](
-        q, k_buf, v_buf, req_to_token, req_rows, prefix_lens, group_sizes, mid_o, mid_lse,
+        q, k_buf, v_buf, req_to_token, req_rows, prefix_lens, group_sizes, mid_o, mid_lse, k_scale, v_scale,
         scale * _LOG2E, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0),
-        num_heads, head_dim, GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m,
+        num_heads, head_dim, GROUP=group, NUM_SPLITS=num_splits, KV_FP8=fp8, BLOCK_M=block_m,
         BLOCK_N=64 if gpu else 16, BLOCK_D=block(head_dim), DOT_PRECISION=dot_precision(q.dtype),
         num_warps=(8 if block_m >= 128 else 4) if gpu else 1, num_stages=2 if gpu else 1,
     )  # fmt: skip
     _stage1(
-        q, k_buf, v_buf, req_to_token, req_rows, seq_lens, prefix_lens, mid_o, mid_lse, out, scale, num_splits
-    )
+        q, k_buf, v_buf, req_to_token, req_rows, seq_lens, prefix_lens, mid_o, mid_lse, out, scale,
+        num_splits, k_scale, v_scale,
+    )  # fmt: skip
     _stage2(mid_o, mid_lse, out, num_splits + 1)
     return out
 
@@ -410,6 +449,8 @@ def _stage1(
     out: torch.Tensor,
     scale: float,
     num_splits: int,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
 ) -> None:
     """Flash-decoding over each sequence's keys from ``kv_starts`` (None: from 0) on."""
     batch, num_heads, head_dim = q.shape
@@ -419,9 +460,10 @@ def _stage1(
     _decode_stage1_kernel[(batch, num_kv_heads, num_splits)](
         q, k_buf, v_buf, req_to_token, req_rows, seq_lens,
         seq_lens if kv_starts is None else kv_starts,  # unused without a shared prefix
-        mid_o, mid_lse, out, scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0), num_heads, head_dim,
-        GROUP=group, NUM_SPLITS=num_splits, HAS_PREFIX=kv_starts is not None, BLOCK_G=max(16, block(group)),
+        mid_o, mid_lse, out, k_scale, v_scale, scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0),
+        out.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0), num_heads, head_dim,
+        GROUP=group, NUM_SPLITS=num_splits, HAS_PREFIX=kv_starts is not None, KV_FP8=k_scale is not None,
+        BLOCK_G=max(16, block(group)),
         BLOCK_N=64 if gpu else 16, BLOCK_D=block(head_dim), DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4 if gpu else 1, num_stages=2 if gpu else 1,
     )  # fmt: skip
@@ -444,14 +486,17 @@ def decode_attention_ref(
     req_rows: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Torch reference of :func:`decode_attention`: the last position attends to all keys, in fp32."""
+    """Torch reference of :func:`decode_attention`: the last position attends to all keys, in fp32
+    (an FP8 pool's rows dequantized: times their scale)."""
     out = torch.empty_like(q)
     group = q.shape[1] // k_buf.shape[1]
     for b, (row, seq_len) in enumerate(zip(req_rows.tolist(), seq_lens.tolist(), strict=True)):
         slots = req_to_token[row, :seq_len].long()
-        k = k_buf[slots].float().repeat_interleave(group, dim=1)
-        v = v_buf[slots].float().repeat_interleave(group, dim=1)
+        k = dequantize_kv_ref(k_buf[slots], k_scale).repeat_interleave(group, dim=1)
+        v = dequantize_kv_ref(v_buf[slots], v_scale).repeat_interleave(group, dim=1)
         probs = (torch.einsum("hd,khd->hk", q[b].float(), k) * scale).softmax(dim=-1)
         out[b] = torch.einsum("hk,khd->hd", probs, v).to(q.dtype)
     return out

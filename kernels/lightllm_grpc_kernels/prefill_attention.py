@@ -1,4 +1,8 @@
-"""Causal attention for packed variable-length prefill chunks that may follow a cached prefix."""
+"""Causal attention for packed variable-length prefill chunks that may follow a cached prefix.
+
+An FP8 (e4m3) pool is read as stored: tiles are converted to the queries' dtype (exact), the K
+scale folds into the softmax scale and the V scale multiplies the output.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
-from lightllm_grpc_kernels._launch import block, check_index, check_rows, dot_precision, on_gpu
+from lightllm_grpc_kernels._launch import (
+    block,
+    check_index,
+    check_kv_cache,
+    check_rows,
+    dequantize_kv_ref,
+    dot_precision,
+    on_gpu,
+)
 
 _LOG2E = 1.4426950408889634
 
@@ -33,12 +45,13 @@ def _attend_tile(
     DOT_PRECISION: tl.constexpr,
 ):
     # One online-softmax step over keys [n_start, n_start + BLOCK_N), scores in log2 units.
+    # K/V tiles in q's dtype: a no-op but for an FP8 pool (whose scales the caller applies).
     offs_n = n_start + tl.arange(0, BLOCK_N)
     n_mask = offs_n < kv_end
     slots = tl.load(slot_row + offs_n, mask=n_mask, other=0).to(tl.int64)
     kv_offs = slots[:, None] * stride_bs + kv_offset + offs_d[None, :]
     kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
+    k = tl.load(k_buf_ptr + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if CAUSAL_MASK:
         qk = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], qk, float("-inf"))
@@ -47,7 +60,7 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_buf_ptr + kv_offs, mask=kv_mask, other=0.0)
+    v = tl.load(v_buf_ptr + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -63,6 +76,8 @@ def _prefill_attention_kernel(
     seq_lens_ptr,
     q_starts_ptr,
     q_lens_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -73,6 +88,7 @@ def _prefill_attention_kernel(
     stride_rt,
     head_dim,
     GROUP: tl.constexpr,
+    KV_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -103,6 +119,8 @@ def _prefill_attention_kernel(
     )
     # Absolute position of each query row: it sees keys 0..pos.
     q_pos = prefix_len + offs_m
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -121,6 +139,8 @@ def _prefill_attention_kernel(
             acc, m_i, l_i, q, q_pos, n_start, kv_end, slot_row, k_buf_ptr, v_buf_ptr, kv_offset,
             stride_bs, offs_d, d_mask, qk_scale, BLOCK_N, True, DOT_PRECISION,
         )  # fmt: skip
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr)
 
     tl.store(
         out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -154,6 +174,8 @@ def prefill_attention(
     max_q_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of the packed new tokens q [T, H, D] over their sequences' K/V.
 
@@ -161,15 +183,14 @@ def prefill_attention(
     (cached prefix and the new tokens, already stored) are k_buf/v_buf [S, Hkv, D] at the
     slots req_to_token[req_rows[b], :seq_lens[b]]. Query i sits at position
     seq_lens[b] - q_lens[b] + i and attends to positions 0..that. max_q_len is a host-side
-    upper bound of q_lens (it sizes the grid without a device sync). Returns out [T, H, D].
+    upper bound of q_lens (it sizes the grid without a device sync). An e4m3 pool needs
+    ``k_scale`` and ``v_scale`` (one fp32 element each): it holds K / k_scale and V / v_scale.
+    Returns out [T, H, D].
     """
     check_rows(q, "q", 3)
     num_tokens, num_heads, head_dim = q.shape
-    for name, buf in (("k_buf", k_buf), ("v_buf", v_buf)):
-        check_rows(buf, name, 3, q.dtype)
-        assert buf.is_contiguous(), f"{name} must be contiguous"
-        assert buf.shape[2] == head_dim, f"{name} head_dim {buf.shape[2]} != {head_dim}"
-    assert k_buf.shape == v_buf.shape, f"k_buf {tuple(k_buf.shape)} != v_buf {tuple(v_buf.shape)}"
+    fp8 = check_kv_cache(k_buf, v_buf, q.dtype, k_scale, v_scale)
+    assert k_buf.shape[2] == head_dim, f"k_buf head_dim {k_buf.shape[2]} != {head_dim}"
     num_kv_heads = k_buf.shape[1]
     assert num_heads % num_kv_heads == 0, f"{num_heads} heads not a multiple of {num_kv_heads} kv heads"
     check_rows(req_to_token, "req_to_token", 2, torch.int32)
@@ -198,6 +219,8 @@ def prefill_attention(
         seq_lens,
         q_starts,
         q_lens,
+        k_scale,
+        v_scale,
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -208,6 +231,7 @@ def prefill_attention(
         req_to_token.stride(0),
         head_dim,
         GROUP=num_heads // num_kv_heads,
+        KV_FP8=fp8,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block(head_dim),
@@ -219,12 +243,19 @@ def prefill_attention(
 
 
 def attention_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_len: int,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of one sequence in fp32: q [L, H, D], k/v [prefix_len + L, Hkv, D]."""
+    """Causal attention of one sequence in fp32: q [L, H, D], k/v [prefix_len + L, Hkv, D]
+    (FP8 rows times ``k_scale``/``v_scale``)."""
     group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
+    kf = dequantize_kv_ref(k, k_scale).repeat_interleave(group, dim=1)
+    vf = dequantize_kv_ref(v, v_scale).repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
     q_pos = prefix_len + torch.arange(q.shape[0], device=q.device)
     hidden = torch.arange(k.shape[0], device=q.device)[None, :] > q_pos[:, None]
@@ -242,6 +273,8 @@ def prefill_attention_ref(
     q_starts: torch.Tensor,
     q_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch reference of :func:`prefill_attention` (loops over sequences on the host)."""
     out = torch.empty_like(q)
@@ -250,5 +283,7 @@ def prefill_attention_ref(
     ):
         slots = req_to_token[row, :seq_len].long()
         rows = slice(start, start + q_len)
-        out[rows] = attention_ref(q[rows], k_buf[slots], v_buf[slots], seq_len - q_len, scale)
+        out[rows] = attention_ref(
+            q[rows], k_buf[slots], v_buf[slots], seq_len - q_len, scale, k_scale, v_scale
+        )
     return out

@@ -1,6 +1,9 @@
 """FP8 against bf16 on one GPU: accuracy, GEMM timings and batch-1 decode, in a few minutes.
 
-``python -m lightllm_grpc.bench.fp8_check --out DIR [--model CHECKPOINT]``
+``python -m lightllm_grpc.bench.fp8_check --out DIR [--model CHECKPOINT] [--checks weights,kv]``
+
+``weights`` (FP8 linear layers, ``--quantization fp8``) runs 1.-3.; ``kv`` (the FP8 KV cache,
+``--kv-cache-dtype fp8_e4m3``) runs 4.-5.; both by default.
 
 1. Accuracy over 4,096 positions (16 random sequences of 256 tokens, logits at every position)
    of the bf16 model and its FP8 version: top-1 agreement, mean / p99 KL(bf16 || fp8), and
@@ -15,6 +18,11 @@
    run there (its default config, and the best of ``FP8_GEMV_CONFIGS``) (CUDA graphs, weights
    rotated out of L2).
 3. Batch-1 decode through the shard runner (CUDA graphs) on the 8B dummy shape, bf16 vs FP8.
+4. The FP8 KV cache's accuracy, measured the same way on the same models (bf16 weights on
+   both sides; the cache in bf16 vs e4m3 with the checkpoint's scales, 1.0 without): every
+   position's attention reads its keys and values back from the pool, quantized.
+5. Decode attention alone (the Triton kernel, CUDA graphs) over 8B-shaped pools (32 query and
+   8 kv heads of 128) at 4,096 tokens of context, bf16 vs e4m3 pool, batch 1 to 128.
 
 Writes ``fp8-check.json`` and prints a summary. gRPC-level numbers: ``python -m
 lightllm_grpc.bench.gpu --quantization fp8 --skip-transformers``.
@@ -109,6 +117,10 @@ def compare_logits(reference: torch.Tensor, quantized: torch.Tensor, decisive_si
     }
 
 
+# What each accuracy check compares with the bf16 model: load_model's arguments for the other side.
+VARIANTS = {"fp8-weights": {"quantization": "fp8"}, "fp8-kv": {"kv_cache_dtype": "fp8_e4m3"}}
+
+
 def _backend(model_dir: Path, device: torch.device, batch: int):
     """The server's attention backend for ``device`` (Triton on CUDA), ``batch`` sequences at once."""
     from lightllm_grpc.layers.ops import Ops
@@ -126,11 +138,13 @@ def accuracy(
     seed: int = 0,
     backend: Any = None,
     device: str = "cuda",
+    variant: str = "fp8-weights",
 ) -> dict:
-    """bf16 vs FP8 logits at every position of ``sequences`` random sequences. ``model_dir``
-    must hold a high-precision checkpoint (or dummy config), quantized at load for the FP8 side.
-    ``backend``: the attention backend (default: the server's); the layers' ops are
-    ``Ops.for_device(device)``, as the server's."""
+    """bf16 vs FP8 logits at every position of ``sequences`` random sequences. ``variant``:
+    ``fp8-weights`` quantizes the linear layers at load (``model_dir`` must hold a
+    high-precision checkpoint, or a dummy config); ``fp8-kv`` keeps the weights and stores the
+    KV cache in e4m3 (``--kv-cache-dtype fp8_e4m3``). ``backend``: the attention backend
+    (default: the server's); the layers' ops are ``Ops.for_device(device)``, as the server's."""
     backend = backend or _backend(model_dir, torch.device(device), 4)
     common = dict(device=device, dtype="bfloat16", attn_backend=backend, load_format=load_format, seed=seed)
     ref_model = load_model(model_dir, **common)
@@ -141,7 +155,7 @@ def accuracy(
     reference = all_logits(ref_model, ids)
     del ref_model
     _free()
-    quantized = all_logits(load_model(model_dir, quantization="fp8", **common), ids)
+    quantized = all_logits(load_model(model_dir, **VARIANTS[variant], **common), ids)
     _free()
     return compare_logits(reference, quantized)
 
@@ -219,6 +233,49 @@ def decode_speed(model_dir: Path) -> dict:
     return result
 
 
+def kv_attention_timings(batches: tuple[int, ...] = (1, 8, 32, 128), context: int = 4096) -> dict:
+    """Microseconds per decode-attention call (one layer) on a bf16 pool and on an e4m3 one with
+    scales, 8B's heads (32 query, 8 kv, 128 dims), every sequence ``context`` tokens long."""
+    out = {}
+    for batch in batches:
+        out[f"batch {batch} x {context} tokens"] = _attention_us(batch, context)
+        _free()
+    return out
+
+
+def _attention_us(batch: int, context: int, heads: int = 32, kv_heads: int = 8, dim: int = 128) -> dict:
+    import triton.testing
+    from lightllm_grpc_kernels.decode_attention import decode_attention, decode_num_splits
+
+    slots, splits = batch * context, decode_num_splits(batch)
+    k = torch.randn(slots, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    scale = torch.tensor(4.0 / 448, device="cuda")  # |x| up to 4 sits inside e4m3's range
+    k8, v8 = ((x.float() / scale).to(torch.float8_e4m3fn) for x in (k, v))
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
+    table = torch.randperm(slots, device="cuda").to(torch.int32).view(batch, context)  # scattered slots
+    rows = torch.arange(batch, device="cuda", dtype=torch.int32)
+    lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    work = {
+        "scale": dim**-0.5,
+        "mid_o": torch.empty(batch, heads, splits, dim, device="cuda"),
+        "mid_lse": torch.empty(batch, heads, splits, device="cuda"),
+    }
+
+    def bf16() -> None:
+        decode_attention(q, k, v, table, rows, lens, **work)
+
+    def fp8() -> None:
+        decode_attention(q, k8, v8, table, rows, lens, **work, k_scale=scale, v_scale=scale)
+
+    t = {
+        "bf16_us": triton.testing.do_bench_cudagraph(bf16) * 1e3,
+        "fp8_us": triton.testing.do_bench_cudagraph(fp8) * 1e3,
+    }
+    t["speedup"] = t["bf16_us"] / t["fp8_us"]
+    return t
+
+
 def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -250,24 +307,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("fp8-check-out"))
     p.add_argument("--model", type=Path, default=None, help="also check this (bf16 or FP8) checkpoint")
     p.add_argument("--skip-speed", action="store_true", help="accuracy only")
+    p.add_argument(
+        "--checks",
+        default="weights,kv",
+        help="comma-separated: weights (FP8 linear layers), kv (FP8 KV cache, --kv-cache-dtype fp8_e4m3)",
+    )
     args = p.parse_args(argv)
+    checks = set(args.checks.split(","))
+    if not checks or not checks <= {"weights", "kv"}:
+        p.error(f"--checks takes weights and/or kv, got {args.checks!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     eight_b = prepare_model_dir(args.out)
     config = json.loads((eight_b / "config.json").read_text())
-    result: dict[str, Any] = {
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "weight_gb": {"bf16": param_bytes(config) / 1e9, "fp8": param_bytes(config, fp8=True) / 1e9},
-        "accuracy": {"8b_dummy": accuracy(eight_b, "dummy")},
-    }
-    print("8B dummy:", json.dumps(result["accuracy"]["8b_dummy"]), flush=True)
-    result["accuracy"]["1b_transformers_init"] = accuracy(_one_b_checkpoint(args.out), "auto")
-    print("1B transformers init:", json.dumps(result["accuracy"]["1b_transformers_init"]), flush=True)
+    models = {"8b_dummy": (eight_b, "dummy"), "1b_transformers_init": (_one_b_checkpoint(args.out), "auto")}
     if args.model is not None:
-        result["accuracy"][str(args.model)] = accuracy(args.model, "auto")
-        print(f"{args.model}:", json.dumps(result["accuracy"][str(args.model)]), flush=True)
-    if not args.skip_speed:
+        models[str(args.model)] = (args.model, "auto")
+    result: dict[str, Any] = {"card": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if "weights" in checks:
+        result["weight_gb"] = {"bf16": param_bytes(config) / 1e9, "fp8": param_bytes(config, fp8=True) / 1e9}
+        result["accuracy"] = {}
+        for name, (folder, load_format) in models.items():
+            result["accuracy"][name] = accuracy(folder, load_format)
+            print(f"FP8 weights, {name}:", json.dumps(result["accuracy"][name]), flush=True)
+    if "kv" in checks:
+        result["kv_cache_accuracy"] = {}
+        for name, (folder, load_format) in models.items():
+            result["kv_cache_accuracy"][name] = accuracy(folder, load_format, variant="fp8-kv")
+            print(f"FP8 KV cache, {name}:", json.dumps(result["kv_cache_accuracy"][name]), flush=True)
+    if not args.skip_speed and "weights" in checks:
         result["gemm_us"] = gemm_timings()
         for shape, t in result["gemm_us"].items():
             print(_gemm_line(shape, t))
@@ -278,6 +346,11 @@ def main(argv: list[str] | None = None) -> None:
             f"({d['bf16']['graph_replay_ms']:.2f} ms graph), fp8 {d['fp8']['tokens_per_s']:.1f} tok/s "
             f"({d['fp8']['graph_replay_ms']:.2f} ms graph)"
         )
+    if not args.skip_speed and "kv" in checks:
+        result["kv_decode_attention_us"] = kv_attention_timings()
+        for shape, t in result["kv_decode_attention_us"].items():
+            line = f"decode attention {shape}: bf16 pool {t['bf16_us']:.1f} us, e4m3 {t['fp8_us']:.1f} us"
+            print(f"{line} ({t['speedup']:.2f}x)")
     result["seconds"] = time.perf_counter() - started
     (args.out / "fp8-check.json").write_text(json.dumps(result, indent=2))
     print(f"done in {result['seconds']:.0f} s -> {args.out / 'fp8-check.json'}")

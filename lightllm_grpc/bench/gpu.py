@@ -10,7 +10,8 @@ Workloads (8B Llama-3 shape, random weights via ``--load-format dummy``), chosen
             (TTFT, TPOT and ITL p50/p99, output tokens/s), through ``bench serve``'s driver
   breakdown batch-1 decode without the server (CUDA graph replay, shard runner step)
   transformers  the eager transformers baseline (bf16) at batch 1 and 128
-``--variants bf16,fp8`` serves each variant in turn (fp8: ``--quantization fp8``); the first
+``--variants bf16,fp8`` serves each variant in turn (fp8: ``--quantization fp8``; fp8-kv:
+``--kv-cache-dtype fp8_e4m3``, bf16 weights with an e4m3 KV cache); the first
 runs every chosen workload, later ones only w1, ttft, w2 and breakdown.
 The floor: weight bytes over the measured device-copy bandwidth (batch-1 roofline).
 Writes ``bench-gpu.json`` (after every phase) and ``bench-gpu.md`` into ``--out``.
@@ -43,7 +44,11 @@ from lightllm_grpc.proto import generation_pb2 as pb
 WORKLOADS = ("w1", "ttft", "b128", "w2", "sampled", "w3", "breakdown", "transformers")
 # What a variant after the first is measured on: the rows the FP8 comparison needs.
 LATER_VARIANT_WORKLOADS = frozenset({"w1", "ttft", "w2", "breakdown"})
-VARIANT_FLAGS = {"bf16": (), "fp8": ("--quantization", "fp8")}
+VARIANT_FLAGS = {"bf16": (), "fp8": ("--quantization", "fp8"), "fp8-kv": ("--kv-cache-dtype", "fp8_e4m3")}
+BREAKDOWN_ARGS = {
+    "fp8": {"quantization": "fp8"},
+    "fp8-kv": {"kv_cache_dtype": "fp8_e4m3"},
+}  # the same, in-process
 SAMPLED = {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "presence_penalty": 0.5}
 # Prompt seeds of their own, so no workload's prompts share a prefix with another's
 # (the prefix cache stays at 0% hits between workloads and between W3 rates).
@@ -207,7 +212,11 @@ class Bench:
 
 
 def decode_breakdown(
-    model_dir: Path, context: int = 128, iters: int = 200, quantization: str | None = None
+    model_dir: Path,
+    context: int = 128,
+    iters: int = 200,
+    quantization: str | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> dict:
     """Batch-1 decode without the server: the CUDA graph alone, and the shard runner's whole step."""
     from lightllm_grpc.config import ShardConfig
@@ -216,7 +225,8 @@ def decode_breakdown(
     from lightllm_grpc.shard.worker import build_shard, prefill_step
 
     cfg = ShardConfig(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy",
-                      quantization=quantization, max_total_tokens=8192, max_rows=4)  # fmt: skip
+                      quantization=quantization, kv_cache_dtype=kv_cache_dtype, max_total_tokens=8192,
+                      max_rows=4)  # fmt: skip
     shard = build_shard(cfg, 0, 1, None)
     warmup(shard, 256, 4)
     runner = shard.runner
@@ -495,9 +505,9 @@ def main(argv: list[str] | None = None) -> None:
     # In-process GPU work only after every server has run, so each server found the card empty.
     for i, name in enumerate(args.variants):
         if "breakdown" in todo[name]:
-            v, quantization = r["variants"][name], None if name == "bf16" else name
+            v = r["variants"][name]
             with bench.phase(f"{name}: breakdown"):
-                v["decode_breakdown"] = decode_breakdown(model_dir, quantization=quantization)
+                v["decode_breakdown"] = decode_breakdown(model_dir, **BREAKDOWN_ARGS.get(name, {}))
             if i == 0:
                 r["decode_breakdown"] = v["decode_breakdown"]
     if "transformers" in args.only:

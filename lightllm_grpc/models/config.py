@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from lightllm_grpc.layers.attention.base import KV_CACHE_DTYPES
 from lightllm_grpc.layers.quantization import QuantConfig
-from lightllm_grpc.models.quantization import parse_quantization
+from lightllm_grpc.models.quantization import parse_kv_cache_scheme, parse_quantization
 
 # transformers' config-class defaults for keys a config.json may leave out, per architecture
 _ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -77,6 +78,11 @@ class ModelConfig:
     dtype: torch.dtype = torch.float32  # the checkpoint's dtype
     sliding_window: int | None = None  # informational; already folded into max_position_embeddings
     quantization: QuantConfig | None = None  # FP8 linear layers (docs/quantization.md); None: none
+    # What the checkpoint declares for its KV cache: None, "fp8" (per-layer e4m3 scales among its
+    # tensors) or why its declaration cannot be used (models/quantization.py).
+    kv_cache_scheme: str | None = None
+    # The KV pool's storage (--kv-cache-dtype): "auto" (the model dtype) or "fp8_e4m3".
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -94,6 +100,8 @@ class ModelConfig:
             raise ValueError(f"rope_scaling needs a rope_type in {SUPPORTED_ROPE_TYPES}: {self.rope_scaling}")
         if not self.dtype.is_floating_point:
             raise ValueError(f"dtype must be floating point, got {self.dtype}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 
     @property
     def q_size(self) -> int:
@@ -166,6 +174,7 @@ class ModelConfig:
             dtype=_dtype(hf.get("dtype") or hf.get("torch_dtype")),
             sliding_window=window,
             quantization=parse_quantization(hf.get("quantization_config"), hf_quant_config),
+            kv_cache_scheme=parse_kv_cache_scheme(hf.get("quantization_config"), hf_quant_config),
         )
 
 

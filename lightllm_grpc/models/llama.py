@@ -5,11 +5,14 @@ q/k RMSNorm, RoPE scaling and tied embeddings. Module names mirror transformers'
 names map one to one, except for the fused projections listed in ``packed_modules_mapping``.
 With ``config.quantization`` the decoder's projections get ``Fp8LinearMethod`` through
 ``ops.linear`` (``Ops.with_quantization``); embeddings, LM head and norms stay in the model
-dtype (docs/quantization.md says why).
+dtype (docs/quantization.md says why). With ``config.kv_cache_dtype == "fp8_e4m3"`` each
+attention layer holds its K and V cache scales (fp32 buffers, 1.0 unless the checkpoint has
+them), which ``kv_cache_spec`` hands to the KV pool.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from lightllm_grpc.layers.activation import SiluAndMul
-from lightllm_grpc.layers.attention.base import AttentionBackend, KVCache
+from lightllm_grpc.layers.attention.base import FP8, AttentionBackend, KVCache
 from lightllm_grpc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from lightllm_grpc.layers.forward_batch import ForwardBatch
 from lightllm_grpc.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -29,17 +32,31 @@ from lightllm_grpc.models.config import ModelConfig
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """What one rank's KV pool holds per token: sizes the pool and builds the ``KVCache``."""
+    """What one rank's KV pool holds per token: sizes the pool and builds the ``KVCache``.
+
+    ``dtype`` arguments are the model's; an FP8 spec stores e4m3 whatever it is, with the
+    per-layer scales (the same on every TP rank) given to the pool it builds.
+    """
 
     num_layers: int
     num_kv_heads: int  # on this rank (kv heads are split, or replicated when fewer than ranks)
     head_dim: int
+    fp8: bool = False  # --kv-cache-dtype fp8_e4m3
+    k_scales: tuple[float, ...] | None = None  # per layer, FP8 only (None: 1.0)
+    v_scales: tuple[float, ...] | None = None
+
+    def storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return FP8 if self.fp8 else dtype
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
-        return KVCache.bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, dtype)
+        storage = self.storage_dtype(dtype)
+        return KVCache.bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, storage)
 
     def make_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
-        return KVCache(self.num_layers, num_slots, self.num_kv_heads, self.head_dim, dtype, device)
+        return KVCache(
+            self.num_layers, num_slots, self.num_kv_heads, self.head_dim, self.storage_dtype(dtype), device,
+            self.k_scales, self.v_scales,
+        )  # fmt: skip
 
 
 class LlamaAttention(nn.Module):
@@ -71,6 +88,10 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
         self.rotary_emb = rotary_emb  # one module shared by all layers
         self.backend = backend
+        if config.kv_cache_dtype == "fp8_e4m3":
+            # The checkpoint's KV-cache scales, if any (the loader fills them); copied to the pool.
+            self.register_buffer("k_scale", torch.ones((), dtype=torch.float32))
+            self.register_buffer("v_scale", torch.ones((), dtype=torch.float32))
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch, kv: KVCache
@@ -189,8 +210,14 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
-        attn = self.model.layers[0].self_attn
-        return KVCacheSpec(self.config.num_layers, attn.qkv_proj.num_kv_heads, attn.head_dim)
+        attns = [layer.self_attn for layer in self.model.layers]
+        spec = KVCacheSpec(self.config.num_layers, attns[0].qkv_proj.num_kv_heads, attns[0].head_dim)
+        if self.config.kv_cache_dtype != "fp8_e4m3":
+            return spec
+        k_scales = tuple(float(a.k_scale) for a in attns)
+        return dataclasses.replace(
+            spec, fp8=True, k_scales=k_scales, v_scales=tuple(float(a.v_scale) for a in attns)
+        )
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         hidden = self.model(input_ids, batch, kv)

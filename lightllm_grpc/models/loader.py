@@ -4,11 +4,18 @@ Checkpoint names map to our parameters through the model's declarative
 ``packed_modules_mapping`` (``q_proj -> (qkv_proj, "q")``); each parameter's
 ``weight_loader`` cuts this rank's slice. Missing and unexpected tensors are collected and
 reported together, by checkpoint name.
+
+FP8 KV-cache scales are optional tensors under any of their spellings (``KV_SCALE_NAMES``):
+with ``kv_cache_dtype="fp8_e4m3"`` they fill the attention layers' ``k_scale``/``v_scale``
+(one per layer, the same on every TP rank), otherwise they are skipped.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,14 +33,32 @@ from lightllm_grpc.layers.norm import RMSNorm
 from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.llama import LlamaForCausalLM
-from lightllm_grpc.models.quantization import apply_quantization_flag
+from lightllm_grpc.models.quantization import apply_kv_cache_dtype, apply_quantization_flag
 from lightllm_grpc.models.registry import ModelSpec, get_model_spec
 
 LoadFormat = Literal["auto", "safetensors", "dummy"]
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _INDEX_FILE = "model.safetensors.index.json"
-# FP8 KV-cache scales of quantized checkpoints: not applied (the KV cache keeps the model dtype).
-_KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")
+log = logging.getLogger(__name__)
+# A checkpoint's KV-cache scale tensors after ``...layers.N.self_attn.`` -> the attention
+# buffers they fill: compressed-tensors / vLLM fp8 (k_scale, v_scale), ModelOpt (on the
+# projections), older compressed-tensors / AutoFP8 (output scales of k/v_proj, or one kv_scale
+# for both). Query and probability scales (FP8 attention math) have no use here: skipped.
+KV_SCALE_NAMES: dict[str, tuple[str, ...]] = {
+    "k_scale": ("k_scale",),
+    "v_scale": ("v_scale",),
+    "k_proj.k_scale": ("k_scale",),
+    "v_proj.v_scale": ("v_scale",),
+    "k_proj.output_scale": ("k_scale",),
+    "v_proj.output_scale": ("v_scale",),
+    "kv_scale": ("k_scale", "v_scale"),
+    "q_scale": (),
+    "q_proj.output_scale": (),
+    "prob_scale": (),
+}
+_KV_SCALE = re.compile(
+    r"^(?P<attn>.*\.layers\.\d+\.self_attn)\.(?P<name>" + "|".join(map(re.escape, KV_SCALE_NAMES)) + ")$"
+)
 
 
 def resolve_dtype(
@@ -64,6 +89,7 @@ def load_model(
     seed: int = 0,
     progress: bool = False,
     quantization: str | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> LlamaForCausalLM:
     """Build the model for ``model_dir``'s config.json on ``device`` and fill its weights.
 
@@ -73,12 +99,14 @@ def load_model(
     for benchmarking a shape without a checkpoint. ``progress`` shows a bar on stderr while
     weights load (an 8B checkpoint takes a while). ``quantization="fp8"`` quantizes a
     high-precision checkpoint's linear layers at load; an FP8 checkpoint is served as stored
-    whatever this says (docs/quantization.md).
+    whatever this says (docs/quantization.md). ``kv_cache_dtype="fp8_e4m3"`` gives the model
+    an FP8 ``kv_cache_spec`` with the checkpoint's per-layer KV scales (1.0 where it has none).
     """
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
     folder = Path(model_dir)
     config = apply_quantization_flag(ModelConfig.from_pretrained(folder), quantization)
+    config = apply_kv_cache_dtype(config, kv_cache_dtype)
     files = [] if load_format == "dummy" else checkpoint_files(folder)  # fail before allocating
     torch_dtype = resolve_dtype(config, dtype, device)
     model = build_model(config, device=device, dtype=torch_dtype, attn_backend=attn_backend, ops=ops)
@@ -128,10 +156,12 @@ def load_safetensors_weights(
     params = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
     model_config = getattr(model, "config", None)
     tied = bool(getattr(model_config, "tie_word_embeddings", False))
-    quantized = getattr(model_config, "quantization", None) is not None
+    buffers = dict(model.named_buffers())  # an FP8 KV cache's scales among them
     expected = _expected_checkpoint_names(params, spec)
     seen: set[str] = set()
     unexpected: list[str] = []
+    kv_scales: list[str] = []  # the checkpoint's KV-cache scale tensors
+    filled: set[str] = set()
     with torch.no_grad():
         tensors = tqdm(
             _iter_tensors(files),
@@ -144,7 +174,13 @@ def load_safetensors_weights(
         for name, tensor in tensors:
             if name.endswith(spec.ignored_weight_suffixes) or (tied and name == "lm_head.weight"):
                 continue  # derived buffers; a tied head reuses the embedding, as transformers does
-            if quantized and name.endswith(_KV_SCALE_SUFFIXES):
+            kv = _KV_SCALE.match(name)
+            if kv is not None:
+                kv_scales.append(name)
+                for target in (f"{kv['attn']}.{t}" for t in KV_SCALE_NAMES[kv["name"]]):
+                    if target in buffers:  # only with an FP8 KV cache
+                        load_kv_scale(buffers[target], tensor, name)
+                        filled.add(target)
                 continue
             name = _canonical_name(name)
             param_name, shard_id = _map_name(name, spec)
@@ -156,6 +192,41 @@ def load_safetensors_weights(
             loader(param, tensor, shard_id)
             seen.add(name)
     _raise_on_mismatch(sorted(expected - seen), unexpected)
+    _report_kv_scales(buffers, kv_scales, filled)
+
+
+def load_kv_scale(buffer: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+    """One layer's K or V cache scale: a single finite, positive number (the dequantization
+    multiplier, amax / 448), replicated on every TP rank."""
+    if loaded.numel() != 1:
+        raise ValueError(
+            f"{name} has shape {list(loaded.shape)}: only one KV-cache scale per layer is supported "
+            "(not per head or channel)"
+        )
+    value = float(loaded.float())
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} = {value}: a KV-cache scale must be finite and positive")
+    buffer.fill_(value)
+
+
+def _report_kv_scales(buffers: dict[str, torch.Tensor], found: list[str], filled: set[str]) -> None:
+    """Say which KV-cache scales the model got: from the checkpoint, 1.0, or none needed."""
+    wanted = {name for name in buffers if name.endswith((".self_attn.k_scale", ".self_attn.v_scale"))}
+    if not wanted:
+        if found:
+            log.info("the checkpoint's %d KV-cache scales are unused: the KV cache keeps the model dtype "
+                     "(--kv-cache-dtype fp8_e4m3 would use them)", len(found))  # fmt: skip
+        return
+    if filled == wanted:
+        values = [float(buffers[name]) for name in sorted(wanted)]
+        log.info("FP8 KV cache: %d per-layer scales from the checkpoint (%.3g .. %.3g)",
+                 len(values), min(values), max(values))  # fmt: skip
+        return
+    log.warning(
+        "FP8 KV cache: the checkpoint has no scale for %d of %d layer K/V caches; those use 1.0 "
+        "(values beyond ±448 clip, below 2^-6 lose precision; calibrated k_scale/v_scale avoid both)",
+        len(wanted - filled), len(wanted),
+    )  # fmt: skip
 
 
 def init_dummy_weights(model: nn.Module, *, seed: int = 0, std: float = 0.02) -> None:

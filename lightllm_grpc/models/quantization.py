@@ -14,6 +14,13 @@ FP8 checkpoints are recognized by config.json's ``quantization_config`` (or Mode
   supported.
 
 Anything else fails here with one error that names the offending key.
+
+A checkpoint's FP8 KV-cache declaration (compressed-tensors ``kv_cache_scheme``, ModelOpt
+``kv_cache_quant_algo``) is read apart, by ``parse_kv_cache_scheme``: it says the checkpoint
+stores calibrated per-layer ``k_scale``/``v_scale`` tensors. They are used only with
+``--kv-cache-dtype fp8_e4m3`` (``apply_kv_cache_dtype``); the default ``auto`` keeps the
+KV cache in the model dtype, as vLLM does (docs/quantization.md). A checkpoint that
+quantizes only its KV cache has no quantized linear layers.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
+from lightllm_grpc.layers.attention.base import KV_CACHE_DTYPES
 from lightllm_grpc.layers.quantization import QuantConfig
 
 if TYPE_CHECKING:
@@ -33,6 +41,7 @@ QUANTIZATION_CHOICES = ("fp8",)  # what --quantization may ask for
 _SUPPORTED = "compressed-tensors (FP8), modelopt (FP8) and fp8"
 _CT_FORMATS = ("float-quantized", "naive-quantized")
 _MODELOPT_ALGOS = {"FP8": True, "FP8_PER_CHANNEL_PER_TOKEN": False}  # -> static activation scales
+KV_SCHEME_FP8 = "fp8"  # the one KV-cache declaration whose scales we read: per-tensor e4m3
 
 
 def parse_quantization(
@@ -42,7 +51,7 @@ def parse_quantization(
     None for an unquantized checkpoint; ``ValueError`` naming the key for what we cannot serve."""
     if quantization_config is None and hf_quant_config is not None:
         quantization_config = {"quant_method": "modelopt", **hf_quant_config}
-    if quantization_config is None:
+    if quantization_config is None or _kv_cache_only(quantization_config):
         return None
     method = quantization_config.get("quant_method")
     if method == "compressed-tensors":
@@ -52,6 +61,54 @@ def parse_quantization(
     if method == "fp8":
         return _fp8(quantization_config)
     raise ValueError(f"quantization_config.quant_method {method!r} is unsupported; supported: {_SUPPORTED}")
+
+
+def parse_kv_cache_scheme(
+    quantization_config: dict[str, Any] | None, hf_quant_config: dict[str, Any] | None = None
+) -> str | None:
+    """What a checkpoint's config declares for its KV cache: None (nothing), ``"fp8"``
+    (per-tensor e4m3 scales stored as tensors) or, for anything else, why it cannot be used."""
+    if quantization_config is None and hf_quant_config is not None:
+        quantization_config = {"quant_method": "modelopt", **hf_quant_config}
+    qc = quantization_config or {}
+    if qc.get("quant_method") == "compressed-tensors" and qc.get("kv_cache_scheme") is not None:
+        scheme = qc["kv_cache_scheme"]
+        wanted = {"num_bits": 8, "type": "float", "strategy": "tensor"}
+        for key, value in wanted.items():
+            if scheme.get(key, value if key == "strategy" else None) != value:
+                return f"kv_cache_scheme.{key} = {scheme.get(key)!r} (FP8 KV scales are {key} {value!r})"
+        return KV_SCHEME_FP8
+    if qc.get("quant_method") == "modelopt":
+        algo = qc.get("quantization", qc).get("kv_cache_quant_algo")
+        if algo is None:
+            return None
+        return KV_SCHEME_FP8 if algo == "FP8" else f"kv_cache_quant_algo = {algo!r} (only 'FP8' is read)"
+    return None
+
+
+def apply_kv_cache_dtype(config: ModelConfig, requested: str) -> ModelConfig:
+    """``--kv-cache-dtype``: ``"auto"`` keeps K/V in the model dtype (a checkpoint's FP8 KV
+    scales then go unused); ``"fp8_e4m3"`` stores them in e4m3 with per-layer scales from the
+    checkpoint (1.0 where it has none). A KV-cache declaration we cannot read fails here."""
+    if requested not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {requested!r}")
+    scheme = config.kv_cache_scheme
+    if requested == "fp8_e4m3" and scheme not in (None, KV_SCHEME_FP8):
+        raise ValueError(
+            f"--kv-cache-dtype fp8_e4m3: the checkpoint's KV-cache quantization is unsupported: {scheme}"
+        )
+    return dataclasses.replace(config, kv_cache_dtype=requested)
+
+
+def _kv_cache_only(qc: dict[str, Any]) -> bool:
+    """A checkpoint that quantizes its KV cache and no linear layer (compressed-tensors with no
+    ``config_groups``; ModelOpt with no ``quant_algo``)."""
+    if qc.get("quant_method") == "compressed-tensors":
+        return not qc.get("config_groups") and qc.get("kv_cache_scheme") is not None
+    if qc.get("quant_method") == "modelopt":
+        section = qc.get("quantization", qc)
+        return section.get("quant_algo") is None and section.get("kv_cache_quant_algo") is not None
+    return False
 
 
 def apply_quantization_flag(config: ModelConfig, requested: str | None) -> ModelConfig:
@@ -86,8 +143,6 @@ def _compressed_tensors(qc: dict[str, Any]) -> QuantConfig:
         targets += list(group.get("targets") or ["Linear"])
     if len(static) > 1:
         raise _fail("config_groups", sorted(groups), "groups mix static and dynamic activation scales")
-    if qc.get("kv_cache_scheme") is not None:
-        log.warning("kv_cache_scheme is not applied: the KV cache stays in the model dtype")
     return QuantConfig(
         source="compressed-tensors",
         static_activations=static.pop(),
@@ -144,8 +199,6 @@ def _modelopt(qc: dict[str, Any]) -> QuantConfig:
     algo = section.get("quant_algo")
     if algo not in _MODELOPT_ALGOS:
         raise _fail("quant_algo", algo, f"ModelOpt checkpoints served: {', '.join(_MODELOPT_ALGOS)}")
-    if section.get("kv_cache_quant_algo") is not None:
-        log.warning("kv_cache_quant_algo is not applied: the KV cache stays in the model dtype")
     return QuantConfig(
         source="modelopt",
         static_activations=_MODELOPT_ALGOS[algo],

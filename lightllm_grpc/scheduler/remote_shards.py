@@ -18,8 +18,17 @@ from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.shard_client import ShardClient
 
 log = logging.getLogger(__name__)
-# Fields every shard of one group must report alike: they are one model split N ways.
-SAME_ON_EVERY_SHARD = ("model_name", "architecture", "dtype", "vocab_size", "max_context", "eos_token_ids")
+# Fields every shard of one group must report alike: they are one model split N ways, and
+# store its K/V alike (--kv-cache-dtype is a setting of the whole group).
+SAME_ON_EVERY_SHARD = (
+    "model_name",
+    "architecture",
+    "dtype",
+    "kv_cache_dtype",
+    "vocab_size",
+    "max_context",
+    "eos_token_ids",
+)
 
 
 class ShardMismatch(ValueError):
@@ -96,7 +105,8 @@ def describe(addresses: list[str], infos: list[shard_pb2.InfoResponse]) -> list[
     """One line per shard for the start-up log: where it runs and what it holds."""
     return [
         f"shard {i.rank}/{i.world_size} at {addr}: host={i.host or '?'} device={i.device} "
-        f"dtype={i.dtype} kv_capacity_tokens={i.kv_capacity} max_rows={i.max_rows}"
+        f"dtype={i.dtype} kv_cache_dtype={i.kv_cache_dtype} kv_capacity_tokens={i.kv_capacity} "
+        f"max_rows={i.max_rows}"
         for addr, i in zip(addresses, infos)
     ]
 

@@ -123,6 +123,7 @@ def _model_info(
         vocab_size=info.vocab_size,
         eos_token_ids=list(info.eos_token_ids),
         dtype=info.dtype,
+        kv_cache_dtype=info.kv_cache_dtype,
         tp_size=info.world_size,
         has_chat_template=tok.has_chat_template,
         default_sampling=sampling.to_params(defaults),
@@ -327,6 +328,7 @@ class Frontend:
         else:
             engine.observe(self.recorder)
         self.collector.engine, self.collector.model_name = engine, model_name
+        self.collector.kv_cache_dtype = service.info.model.kv_cache_dtype
         self.api.target = service
         self.health.engine = engine
 
@@ -406,7 +408,8 @@ def _summary(
     metrics = f"{cfg.host}:{front.metrics_port}/metrics" if front.metrics_port is not None else "off"
     return (
         f"ready: model={name} dtype={info.dtype} tp={info.world_size} device={info.device} "
-        f"kv_capacity_tokens={kv_tokens} listen={cfg.host}:{front.port} ({security}, "
+        f"kv_capacity_tokens={kv_tokens} kv_cache_dtype={info.kv_cache_dtype} "
+        f"listen={cfg.host}:{front.port} ({security}, "
         f"token auth {'on' if cfg.auth_tokens else 'off'}) health=grpc.health.v1 on the same port "
         f"metrics={metrics} prefix_cache={'on' if sched.prefix_cache else 'off'} "
         f"admission={sched.admission} policy={sched.scheduling_policy}"

@@ -116,6 +116,7 @@ class MetricsCollector(Collector):
         self.model_name = model_name
         self.recorder = recorder
         self.engine: Engine | None = None  # set once the shards are warm
+        self.kv_cache_dtype = ""  # what the KV pool stores, set with the engine
 
     def collect(self) -> Iterator:
         labels = [self.model_name]
@@ -145,6 +146,15 @@ class MetricsCollector(Collector):
         for name, (doc, value) in values.items():
             fam = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             fam.add_metric(labels, float(value or 0))
+            yield fam
+        if stats is not None:  # the pool's size and storage are known once the shards are up
+            doc = (
+                "KV slots (tokens) in the pool, labelled with what they store (fp8_e4m3 or the model dtype)."
+            )
+            fam = GaugeMetricFamily(
+                PREFIX + "kv_cache_capacity_tokens", doc, labels=["model_name", "kv_cache_dtype"]
+            )
+            fam.add_metric([*labels, self.kv_cache_dtype], float(stats.total))
             yield fam
 
     def _counters(self, labels: list[str]) -> Iterator[CounterMetricFamily]:

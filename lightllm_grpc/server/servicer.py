@@ -96,6 +96,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return pb.ServerInfo(
             version=__version__,
             kv_total_tokens=stats.total,
+            kv_cache_dtype=self.info.model.kv_cache_dtype,
             kv_free_tokens=stats.free,
             kv_cached_tokens=stats.cached,
             kv_used_tokens=stats.used,

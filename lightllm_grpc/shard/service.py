@@ -14,7 +14,7 @@ from lightllm_grpc.proto import shard_pb2, shard_pb2_grpc
 from lightllm_grpc.shard.grammar import ConstraintError
 from lightllm_grpc.shard.runner import PendingStep
 from lightllm_grpc.shard.warmup import warmup
-from lightllm_grpc.shard.worker import Shard
+from lightllm_grpc.shard.worker import Shard, dtype_name
 
 log = logging.getLogger(__name__)
 # How often to look for the next step while the device runs the current one.
@@ -36,7 +36,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             rank=s.rank,
             world_size=s.world_size,
             device=str(s.device),
-            dtype=str(s.dtype).removeprefix("torch."),
+            dtype=dtype_name(s.dtype),
             kv_capacity=s.runner.kv_capacity,
             max_rows=s.runner.max_rows,
             max_context=s.runner.max_context,
@@ -45,6 +45,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             vocab_size=m.vocab_size,
             eos_token_ids=list(m.eos_token_ids),
             kv_bytes_per_token=s.kv_bytes_per_token,
+            kv_cache_dtype=s.kv_cache_dtype,
             graph_batch_sizes=list(s.graph_batch_sizes),
             host=socket.gethostname(),
         )

@@ -40,6 +40,7 @@ class Shard:
     model_config: ModelConfig
     runner: ModelRunner
     kv_bytes_per_token: int
+    kv_cache_dtype: str  # what the pool stores: "fp8_e4m3" or the model dtype's name
     model: torch.nn.Module | None = None
     cuda_graphs: bool = False
     graph_batch_sizes: tuple[int, ...] = ()
@@ -49,6 +50,11 @@ class Shard:
     ops: Ops = field(default_factory=Ops.native)  # what the model was built with (its warm-up hook)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, as Info reports dtypes."""
+    return str(dtype).removeprefix("torch.")
+
+
 def pick_device(requested: str, rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -56,6 +62,19 @@ def pick_device(requested: str, rank: int) -> torch.device:
         raise RuntimeError("--device cuda was asked for but no CUDA device is visible")
     torch.cuda.set_device(rank % torch.cuda.device_count())
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str, device: torch.device) -> None:
+    """Triton converts to and from e4m3 on compute capability 8.9 (Ada, Hopper) and newer only."""
+    if kv_cache_dtype != "fp8_e4m3" or device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise RuntimeError(
+            f"--kv-cache-dtype fp8_e4m3 needs a GPU of compute capability 8.9 or newer; {name} is "
+            f"{capability[0]}.{capability[1]}"
+        )
 
 
 def init_distributed(rank: int, world_size: int, init_method: str | None, device: torch.device) -> None:
@@ -179,6 +198,7 @@ def profile_sampling(
 def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str | None) -> Shard:
     started = time.perf_counter()
     device = pick_device(cfg.device, rank)
+    check_kv_cache_dtype(cfg.kv_cache_dtype, device)
     init_distributed(rank, world_size, init_method, device)
     model_cfg = ModelConfig.from_pretrained(cfg.model)
     dtype = resolve_dtype(model_cfg, cfg.dtype, device)
@@ -199,10 +219,12 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
         ops=ops,
         load_format=cfg.load_format,
         quantization=cfg.quantization,
+        kv_cache_dtype=cfg.kv_cache_dtype,
         progress=rank == 0,  # one bar, not one per TP rank
     )
     spec = model.kv_cache_spec
-    bpt = spec.bytes_per_token(dtype)
+    bpt = spec.bytes_per_token(dtype)  # 1 byte an element with an FP8 cache: twice the tokens
+    kv_dtype = "fp8_e4m3" if spec.fp8 else dtype_name(dtype)
     # Built before the pool is sized: its penalty-count table is memory the pool cannot use.
     grammar = GrammarCompiler(cfg.model, model_cfg.vocab_size, tuple(model_cfg.eos_token_ids))
     grammars = RowGrammars(grammar, cfg.max_rows + 1, model_cfg.vocab_size, device)
@@ -229,13 +251,14 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
 
     runner = ModelRunner(forward, kv, model_cfg.vocab_size, cfg.max_rows, max_context, device, sampler)
     log.info(
-        "shard %d/%d ready in %.1fs: %s on %s (%s%s), KV pool %d tokens (%.1f GiB)",
+        "shard %d/%d ready in %.1fs: %s on %s (%s%s), KV pool %d tokens (%.1f GiB, %s)",
         rank, world_size, time.perf_counter() - started, model_cfg.name, device, dtype,
         ", FP8 linear layers" if model.config.quantization else "", capacity, capacity * bpt / 2**30,
+        kv_dtype,
     )  # fmt: skip
     use_graphs = cfg.cuda_graphs and device.type == "cuda"
     return Shard(
-        rank, world_size, device, dtype, model_cfg, runner, bpt,
+        rank, world_size, device, dtype, model_cfg, runner, bpt, kv_dtype,
         model=model, cuda_graphs=use_graphs, grammar=grammar, ops=model.ops,
         prefill_graph_tokens=graph_tokens,
     )  # fmt: skip

@@ -46,8 +46,41 @@ def _index_scalar_with_numpy_2_4() -> None:
     interpreter._patch_lang_tensor = patch
 
 
+def _round_to_e4m3_as_the_gpu_does() -> None:
+    """Makes the interpreter's float -> e4m3 (``float8e4nv``) conversion round as the GPU does.
+
+    Triton 3.6's interpreter converts bit by bit and gets e4m3 wrong: it rounds half up
+    without carrying a mantissa overflow into the exponent (wrong values near powers of two)
+    and flushes values below the smallest normal to zero instead of rounding to subnormals.
+    Compiled kernels convert with ``cvt.rn.satfinite`` (round to nearest even), which is what
+    torch's conversion does, so the interpreter gets torch's. Loads and conversions from
+    e4m3 are exact in the interpreter and are left alone. Only the interpreter is patched.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+    if getattr(original, "_torch_e4m3", False):
+        return
+
+    def convert(input, input_dtype, output_dtype, rounding_mode):
+        if output_dtype != tl.float8e4nv or input_dtype.primitive_bitwidth <= 8:
+            return original(input, input_dtype, output_dtype, rounding_mode)
+        if input_dtype == tl.bfloat16:  # held as its uint16 bits
+            values = (np.asarray(input).astype(np.uint32) << 16).view(np.float32)
+        else:
+            values = np.asarray(input).astype(np.float32)
+        out = torch.from_numpy(np.ascontiguousarray(values)).to(torch.float8_e4m3fn)
+        return out.view(torch.uint8).numpy().reshape(np.shape(input))
+
+    convert._torch_e4m3 = True  # type: ignore[attr-defined]
+    interpreter._convert_float = convert
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _index_scalar_with_numpy_2_4()
+    _round_to_e4m3_as_the_gpu_does()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -150,3 +183,25 @@ def make_paged_kv(
 @pytest.fixture
 def paged_kv() -> Callable[..., PagedKV]:
     return make_paged_kv
+
+
+FP8 = torch.float8_e4m3fn
+
+
+def make_fp8_pool(
+    paged: PagedKV, k_scale: float = 0.05, v_scale: float = 0.3
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``paged``'s pool stored in e4m3 with these scales, as the FP8 store writes it (NaN stays
+    NaN): ``(k_buf, v_buf, k_scale, v_scale)``. The scales put the values well inside e4m3's
+    range, but not at 1.0, so a kernel that forgets one is far off."""
+    device = paged.k_buf.device
+    ks = torch.tensor(k_scale, dtype=torch.float32, device=device)
+    vs = torch.tensor(v_scale, dtype=torch.float32, device=device)
+    k_buf = (paged.k_buf.float() / ks).clamp(-448, 448).to(FP8)
+    v_buf = (paged.v_buf.float() / vs).clamp(-448, 448).to(FP8)
+    return k_buf, v_buf, ks, vs
+
+
+@pytest.fixture
+def fp8_pool() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return make_fp8_pool

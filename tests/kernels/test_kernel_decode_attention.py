@@ -16,6 +16,8 @@ from lightllm_grpc_kernels.decode_attention import (
 if TYPE_CHECKING:
     from conftest import PagedKV
 
+FP8 = torch.float8_e4m3fn
+
 # (seq_lens, num_heads, num_kv_heads, head_dim, num_splits or None for the default)
 CASES = [
     ([1], 4, 4, 64, None),
@@ -106,9 +108,17 @@ def test_decode_num_splits_fits_workspace() -> None:
 
 
 def _cascade_case(
-    groups: list[tuple[int, int]], own: list[int], num_heads: int, num_kv_heads: int, device, dtype, splits
+    groups: list[tuple[int, int]],
+    own: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    device,
+    dtype,
+    splits,
+    fp8: bool = False,
 ) -> None:
-    """Rows in groups (size, shared prefix length) and alone (prefix 0), each with `own` keys after it."""
+    """Rows in groups (size, shared prefix length) and alone (prefix 0), each with `own` keys
+    after it; ``fp8``: the pool in e4m3 with K and V scales."""
     from lightllm_grpc_kernels.decode_attention import cascade_decode_attention
 
     head_dim = 64
@@ -136,6 +146,10 @@ def _cascade_case(
         pos += own[b]
     k = torch.randn(total, num_kv_heads, head_dim, dtype=dtype, device=device)
     v = torch.randn_like(k)
+    scales: dict[str, torch.Tensor] = {}
+    if fp8:
+        scales = {"k_scale": torch.tensor(0.04, device=device), "v_scale": torch.tensor(0.5, device=device)}
+        k, v = (k.float() / scales["k_scale"]).to(FP8), (v.float() / scales["v_scale"]).to(FP8)
     q = torch.randn(batch, num_heads, head_dim, dtype=dtype, device=device)
     rows = torch.arange(1, batch + 1, dtype=torch.int32, device=device)
     seq_t = torch.tensor(seq, dtype=torch.int32, device=device)
@@ -144,9 +158,9 @@ def _cascade_case(
     )
     out = cascade_decode_attention(
         q, k, v, r2t, rows, seq_t, torch.tensor(prefix, dtype=torch.int32, device=device), group_sizes,
-        head_dim**-0.5, num_splits=splits,
+        head_dim**-0.5, num_splits=splits, **scales,
     )  # fmt: skip
-    ref = decode_attention_ref(q, k, v, r2t, rows, seq_t, head_dim**-0.5)
+    ref = decode_attention_ref(q, k, v, r2t, rows, seq_t, head_dim**-0.5, **scales)
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
@@ -181,3 +195,57 @@ def test_cascade_decode_attention_matches_reference_gpu(
     groups, own, heads, kv_heads, splits, dtype, device
 ) -> None:
     _cascade_case(groups, own, heads, kv_heads, device, dtype, splits)
+
+
+# An FP8 pool (e4m3 with per-layer K and V scales) read directly; the reference dequantizes it.
+FP8_CASES = [([1], 4, 4, 64, None), ([64, 1, 100], 8, 2, 64, 3), ([5, 17, 1, 40, 9], 4, 1, 128, 1)]
+
+
+def _run_fp8(case: tuple, dtype: torch.dtype, device: torch.device, paged_kv, fp8_pool) -> None:
+    seq_lens, num_heads, num_kv_heads, head_dim, num_splits = case
+    kv = paged_kv([s - 1 for s in seq_lens], [1] * len(seq_lens), num_kv_heads, head_dim, dtype, device)
+    k_buf, v_buf, k_scale, v_scale = fp8_pool(kv)
+    q = torch.randn(len(seq_lens), num_heads, head_dim, dtype=dtype, device=device)
+    scale = head_dim**-0.5
+    args = (q, k_buf, v_buf, kv.req_to_token, kv.req_rows, kv.seq_lens, scale)
+    out = decode_attention(*args, num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out, decode_attention_ref(*args, k_scale, v_scale), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", FP8_CASES)
+def test_decode_attention_reads_fp8_cache(
+    case: tuple, dtype: torch.dtype, device, paged_kv, fp8_pool
+) -> None:
+    _run_fp8(case, dtype, device, paged_kv, fp8_pool)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", FP8_CASES + GPU_CASES)
+def test_decode_attention_reads_fp8_cache_gpu(
+    case: tuple, dtype: torch.dtype, device, paged_kv, fp8_pool
+) -> None:
+    _run_fp8(case, dtype, device, paged_kv, fp8_pool)
+
+
+def test_decode_attention_rejects_fp8_cache_without_scales(device, paged_kv, fp8_pool) -> None:
+    kv = paged_kv([3], [1], 1, 64, torch.float32, device)
+    k_buf, v_buf, k_scale, _ = fp8_pool(kv)
+    q = torch.randn(1, 1, 64, device=device)
+    with pytest.raises(AssertionError, match="needs v_scale"):
+        decode_attention(q, k_buf, v_buf, kv.req_to_token, kv.req_rows, kv.seq_lens, 0.1, k_scale=k_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cascade_decode_attention_reads_fp8_cache(dtype, device) -> None:
+    """The shared-prefix pass and the per-row pass both apply the scales."""
+    _cascade_case([(3, 40), (2, 9)], [1, 5, 17, 2, 3, 9], 8, 2, device, dtype, 2, fp8=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_cascade_decode_attention_reads_fp8_cache_gpu(dtype, device) -> None:
+    own = [64 + i for i in range(20)] + [300] * 5
+    _cascade_case([(16, 1024), (4, 1024)], own, 32, 8, device, dtype, 1, fp8=True)

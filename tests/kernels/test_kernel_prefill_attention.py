@@ -70,3 +70,34 @@ def test_prefill_attention_host_bound_may_exceed_q_lens(
     args = (q, kv.k_buf, kv.v_buf, kv.req_to_token, kv.req_rows, kv.seq_lens, kv.q_starts, kv.q_lens)
     out = prefill_attention(*args, 40, 0.125)
     torch.testing.assert_close(out, prefill_attention_ref(*args, 0.125), atol=1e-4, rtol=1e-4)
+
+
+def _run_fp8(case: tuple, dtype: torch.dtype, device: torch.device, paged_kv, fp8_pool) -> None:
+    """An FP8 pool (e4m3, per-layer K and V scales) read directly; the reference dequantizes it."""
+    prefix_lens, q_lens, num_heads, num_kv_heads, head_dim = case
+    kv = paged_kv(prefix_lens, q_lens, num_kv_heads, head_dim, dtype, device)
+    k_buf, v_buf, k_scale, v_scale = fp8_pool(kv)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, dtype=dtype, device=device)
+    scale = head_dim**-0.5
+    args = (q, k_buf, v_buf, kv.req_to_token, kv.req_rows, kv.seq_lens, kv.q_starts, kv.q_lens)
+    out = prefill_attention(*args, kv.max_q_len, scale, k_scale=k_scale, v_scale=v_scale)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    ref = prefill_attention_ref(*args, scale, k_scale, v_scale)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [CASES[2], CASES[4]])
+def test_prefill_attention_reads_fp8_cache(
+    case: tuple, dtype: torch.dtype, device, paged_kv, fp8_pool
+) -> None:
+    _run_fp8(case, dtype, device, paged_kv, fp8_pool)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES + GPU_CASES)
+def test_prefill_attention_reads_fp8_cache_gpu(
+    case: tuple, dtype: torch.dtype, device, paged_kv, fp8_pool
+) -> None:
+    _run_fp8(case, dtype, device, paged_kv, fp8_pool)

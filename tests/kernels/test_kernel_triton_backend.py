@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from lightllm_grpc.layers.attention.base import KVCache
+from lightllm_grpc.layers.attention.base import FP8, KVCache, quantize_kv
+from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
 from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
 from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 
@@ -190,3 +191,86 @@ def test_backend_decode_replays_in_cuda_graph(device: torch.device, paged_kv: Ca
     expected, _, _ = _reference(q, k, v, batch, cache, 0.1)
     graph.replay()
     torch.testing.assert_close(out, expected, atol=1.6e-2, rtol=1.6e-2)
+
+
+def _fp8_copy(cache: KVCache, k_scale: float, v_scale: float) -> KVCache:
+    """``cache`` as an FP8 pool with these scales on layer LAYER (1.0 on the other)."""
+    fp8 = KVCache(2, cache.num_slots, cache.k[0].shape[1], cache.k[0].shape[2], FP8, cache.k[0].device,
+                  k_scales=[1.0, k_scale], v_scales=[1.0, v_scale])  # fmt: skip
+    # Slots no sequence owns hold large finite garbage, not NaN: the torch backend reads them
+    # (then masks them out), as it may read stale slots of a live pool.
+    fp8.k[LAYER].copy_(quantize_kv(cache.k[LAYER].nan_to_num(100.0), fp8.k_scale[LAYER]))
+    fp8.v[LAYER].copy_(quantize_kv(cache.v[LAYER].nan_to_num(-100.0), fp8.v_scale[LAYER]))
+    return fp8
+
+
+def _clone(cache: KVCache) -> KVCache:
+    """A byte-for-byte copy of an FP8 pool and its scales."""
+    k0 = cache.k[0]
+    other = KVCache(len(cache.k), cache.num_slots, k0.shape[1], k0.shape[2], cache.dtype, k0.device,
+                    k_scales=cache.k_scale.tolist(), v_scales=cache.v_scale.tolist())  # fmt: skip
+    for dst, src in zip(other.k + other.v, cache.k + cache.v, strict=True):
+        dst.view(torch.uint8).copy_(src.view(torch.uint8))
+    return other
+
+
+@pytest.mark.parametrize(
+    ("prefix_lens", "q_lens", "dtype"),
+    [
+        ([0, 13, 0], [9, 4, 1], torch.float32),  # prefill, with and without a cached prefix
+        ([20, 0, 47, 6], [1, 1, 1, 1], torch.float32),  # decode
+        ([5, 30], [1, 1], torch.float16),
+    ],
+)
+def test_backend_fp8_cache_matches_torch_backend(
+    prefix_lens: list[int], q_lens: list[int], dtype: torch.dtype, device: torch.device, paged_kv
+) -> None:
+    """The Triton backend on an FP8 pool (store, then prefill or decode attention) against the
+    torch backend on the same pool: the same bytes stored, the same attention output."""
+    num_kv_heads, num_heads, head_dim = 2, 4, 64
+    cache, batch = _setup(prefix_lens, q_lens, num_kv_heads, head_dim, dtype, device, paged_kv)
+    cache = _fp8_copy(cache, 0.04, 0.25)
+    torch_cache = _clone(cache)
+    num_tokens, scale = sum(q_lens), head_dim**-0.5
+    q = torch.randn(num_tokens, num_heads, head_dim, dtype=dtype, device=device)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+
+    out = TritonAttentionBackend(4, num_heads, head_dim, device, dtype).forward(
+        q, k, v, LAYER, batch, cache, scale
+    )
+    expected = TorchAttentionBackend().forward(q, k, v, LAYER, batch, torch_cache, scale)
+
+    assert torch.equal(cache.k[LAYER].view(torch.uint8), torch_cache.k[LAYER].view(torch.uint8))
+    assert torch.equal(cache.v[LAYER].view(torch.uint8), torch_cache.v[LAYER].view(torch.uint8))
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+def test_backend_fp8_decode_replays_in_cuda_graph_reading_its_scales(
+    device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    """Decode on an FP8 pool captured once matches the torch backend on the same pool, and the
+    graph holds the scale tensors, not their values: after the V scale changes, a replay stores
+    and reads with the new one."""
+    dtype, num_heads, num_kv_heads, head_dim = torch.bfloat16, 32, 8, 128
+    backend = TritonAttentionBackend(8, num_heads, head_dim, device, dtype)
+    cache, batch = _setup([100, 2000, 5, 900], [1] * 4, num_kv_heads, head_dim, dtype, device, paged_kv)
+    cache = _fp8_copy(cache, 0.02, 0.01)
+    q = torch.randn(4, num_heads, head_dim, dtype=dtype, device=device)
+    k = torch.randn(4, num_kv_heads, head_dim, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    backend.forward(q, k, v, LAYER, batch, cache, 0.1)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.forward(q, k, v, LAYER, batch, cache, 0.1)
+    results = []
+    for v_scale in (0.01, 0.03):
+        cache.v_scale[LAYER] = v_scale
+        expected = TorchAttentionBackend().forward(q, k, v, LAYER, batch, _clone(cache), 0.1)
+        graph.replay()
+        torch.testing.assert_close(out, expected, atol=1.6e-2, rtol=1.6e-2)
+        results.append(out.clone())
+    assert not torch.allclose(results[0], results[1], atol=0.1, rtol=0.1)  # the scale mattered

@@ -31,10 +31,17 @@ PROMPTS = [[5, 9, 100, 7, 42], [300, 2, 11, 11, 64, 90, 17, 3, 8]]
 DECODE = [[31, 400], [77, 12], [5, 250]]  # fixed decode inputs: both models see the same tokens
 
 
-def _load(model_dir: Path, ops: Ops, device: torch.device) -> LlamaForCausalLM:
+def _load(model_dir: Path, ops: Ops, device: torch.device, kv_cache_dtype: str = "auto") -> LlamaForCausalLM:
     cfg = ModelConfig.from_pretrained(model_dir)
     backend = ops.attention(len(PROMPTS), cfg.num_heads, cfg.head_dim, device, torch.float32)
-    return load_model(model_dir, device=device, dtype="float32", attn_backend=backend, ops=ops)
+    return load_model(
+        model_dir,
+        device=device,
+        dtype="float32",
+        attn_backend=backend,
+        ops=ops,
+        kv_cache_dtype=kv_cache_dtype,
+    )
 
 
 def _logits(model: LlamaForCausalLM, prompts: list[list[int]], decode: list[list[int]]) -> torch.Tensor:
@@ -101,6 +108,27 @@ def test_native_and_triton_models_agree_in_one_process(tmp_path: Path, device: t
     assert _bound_ops(fast) == TRITON_OPS
     torch.testing.assert_close(fast_logits, before, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(_logits(native, PROMPTS, DECODE), before, rtol=0, atol=0)
+
+
+def test_native_and_triton_models_agree_with_an_fp8_kv_cache(tmp_path: Path, device: torch.device) -> None:
+    """The same with --kv-cache-dtype fp8_e4m3 (prefill, then decode steps reading the e4m3 pool
+    the earlier steps stored): the Triton store and attention against the torch backend's, with
+    per-layer scales from the checkpoint (not 1.0, so that a path which ignored one would show)."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = make_tiny_model("qwen3", tmp_path / "qwen3", standard_init=True)
+    tensors = load_file(model_dir / "model.safetensors")
+    for layer in range(2):
+        tensors[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor(0.02 + 0.01 * layer)
+        tensors[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor(0.05 - 0.01 * layer)
+    save_file(tensors, model_dir / "model.safetensors")
+    native = _load(model_dir, Ops.native(), torch.device("cpu"), "fp8_e4m3")
+    fast = _load(model_dir, Ops.triton(), device, "fp8_e4m3")
+    assert native.kv_cache_spec.fp8 and fast.kv_cache_spec.fp8
+    expected = _logits(native, PROMPTS, DECODE)
+    torch.testing.assert_close(_logits(fast, PROMPTS, DECODE), expected, rtol=1e-4, atol=1e-4)
+    full = _logits(_load(model_dir, Ops.native(), torch.device("cpu")), PROMPTS, DECODE)
+    assert not torch.allclose(full, expected, rtol=1e-4, atol=1e-4)  # the e4m3 rounding shows
 
 
 def test_gemv_is_bound_per_layer(tmp_path: Path, device: torch.device) -> None:

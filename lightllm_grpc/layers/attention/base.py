@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 
 from lightllm_grpc.layers.forward_batch import ForwardBatch
+
+# --kv-cache-dtype: "auto" stores K/V in the model dtype; "fp8_e4m3" in e4m3 with per-layer scales.
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What an FP8 pool stores for ``x``: ``x / scale`` in fp32, clamped to ±448, rounded to e4m3."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 class KVCache:
@@ -14,6 +26,12 @@ class KVCache:
 
     ``k[layer]`` and ``v[layer]`` have shape ``[num_slots, num_kv_heads, head_dim]``.
     Slot ids are handed out by the coordinator; the cache itself never allocates.
+
+    With ``dtype`` ``torch.float8_e4m3fn`` (``--kv-cache-dtype fp8_e4m3``) the pool holds
+    ``clamp(K / k_scale[layer], ±448)`` and ``clamp(V / v_scale[layer], ±448)`` in e4m3, and
+    attention reads it as stored times the scale. ``k_scale`` and ``v_scale`` are fp32
+    ``[num_layers]`` device tensors (1.0 unless given, e.g. from the checkpoint); kernels read
+    them from memory, so CUDA graphs capture the tensors, and they exist (unused) for any dtype.
     """
 
     def __init__(
@@ -24,16 +42,40 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        k_scales: Sequence[float] | None = None,
+        v_scales: Sequence[float] | None = None,
     ) -> None:
         shape = (num_slots, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots = num_slots
+        self.dtype = dtype
+        self.k_scale = _scales(k_scales, num_layers, device)
+        self.v_scale = _scales(v_scales, num_layers, device)
+        # Each layer's pair as views made once (the pool is read every layer of every step).
+        self._scales = [(self.k_scale[i], self.v_scale[i]) for i in range(num_layers)]
+
+    @property
+    def fp8(self) -> bool:
+        return self.dtype == FP8
+
+    def scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """``(k_scale, v_scale)`` of ``layer`` (0-dim fp32 views) for an FP8 pool; None otherwise."""
+        return self._scales[layer] if self.fp8 else (None, None)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """K and V of every layer in the storage ``dtype`` (1 byte an element for FP8, 2 for bf16)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * num_kv_heads * head_dim * itemsize
+
+
+def _scales(values: Sequence[float] | None, num_layers: int, device: torch.device | str) -> torch.Tensor:
+    if values is None:
+        return torch.ones(num_layers, dtype=torch.float32, device=device)
+    if len(values) != num_layers or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"KV scales must be {num_layers} finite positive numbers, got {list(values)}")
+    return torch.tensor(list(values), dtype=torch.float32, device=device)
 
 
 class AttentionBackend(ABC):
@@ -43,7 +85,9 @@ class AttentionBackend(ABC):
     ``batch.out_slots`` of layer ``layer`` in ``kv``, then returns the attention output
     ``[T, H, D]`` for queries ``q`` (``[T, H, D]``), each query attending to its own
     sequence's keys at positions ``<=`` its own (read through ``batch.req_to_token``).
-    ``H`` is a multiple of ``Hkv`` (grouped-query attention). The backend must not
+    ``H`` is a multiple of ``Hkv`` (grouped-query attention). An FP8 pool (``kv.fp8``) stores
+    ``quantize_kv`` of k/v with the layer's scales (``kv.scales(layer)``) and attention reads the
+    stored values times them, without a dequantized copy of the pool. The backend must not
     synchronise with the host in DECODE mode, so that decode can be captured in a CUDA graph.
     In MIXED mode it stores all T tokens' K/V first, then attends the prefill part
     (``batch.split()``) as in PREFILL mode and the decode rows as in DECODE mode, writing

@@ -5,33 +5,56 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightllm_grpc.layers.attention.base import AttentionBackend, KVCache
+from lightllm_grpc.layers.attention.base import AttentionBackend, KVCache, quantize_kv
 from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 
 
 def store_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write new K/V ``[T, Hkv, D]`` at pool rows ``slots`` (the Triton backend uses a kernel instead)."""
-    k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+    """Write new K/V ``[T, Hkv, D]`` at pool rows ``slots`` (the Triton backend uses a kernel instead);
+    with scales (an FP8 pool) as ``quantize_kv`` stores them."""
+    if k_scale is None or v_scale is None:
+        k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+        return
+    # torch has no index_copy_ for e4m3: copy the bytes.
+    k_cache.view(torch.uint8).index_copy_(0, slots, quantize_kv(k, k_scale).view(torch.uint8))
+    v_cache.view(torch.uint8).index_copy_(0, slots, quantize_kv(v, v_scale).view(torch.uint8))
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grouped-query attention in fp32.
 
     ``q [B, n, H, D]``, ``k``/``v [B, L, Hkv, D]``, boolean ``mask`` broadcastable to
     ``[B, H, n, L]`` (True = may attend). Returns ``[B, n, H, D]`` in ``q``'s dtype. Query head
     ``h`` reads kv head ``h // (H / Hkv)``, the same grouping as transformers' ``repeat_kv``.
+    ``k_scale``/``v_scale`` (FP8 rows gathered from the pool) multiply k/v once in fp32.
     """
     group = q.shape[2] // k.shape[2]
     qf = q.transpose(1, 2).float()
-    kf = k.transpose(1, 2).float().repeat_interleave(group, dim=1)
-    vf = v.transpose(1, 2).float().repeat_interleave(group, dim=1)
+    kf = _dequantized(k.transpose(1, 2), k_scale).repeat_interleave(group, dim=1)
+    vf = _dequantized(v.transpose(1, 2), v_scale).repeat_interleave(group, dim=1)
     out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).to(q.dtype)
+
+
+def _dequantized(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return x.float() if scale is None else x.float() * scale
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -48,21 +71,28 @@ class TorchAttentionBackend(AttentionBackend):
         kv: KVCache,
         scale: float,
     ) -> torch.Tensor:
-        store_kv(kv.k[layer], kv.v[layer], k, v, batch.out_slots)
+        scales = kv.scales(layer)  # (None, None) unless the pool is FP8
+        store_kv(kv.k[layer], kv.v[layer], k, v, batch.out_slots, *scales)
         if batch.mode is ForwardMode.DECODE:
-            return self._decode(q, kv.k[layer], kv.v[layer], batch, scale)
+            return self._decode(q, kv.k[layer], kv.v[layer], batch, scale, *scales)
         if batch.mode is ForwardMode.MIXED:
             prefill, decode = batch.split()
             tp = batch.num_prefill_tokens
             out = torch.empty_like(q)
-            out[:tp] = self._prefill(q[:tp], kv.k[layer], kv.v[layer], prefill, scale)
-            out[tp:] = self._decode(q[tp:], kv.k[layer], kv.v[layer], decode, scale)
+            out[:tp] = self._prefill(q[:tp], kv.k[layer], kv.v[layer], prefill, scale, *scales)
+            out[tp:] = self._decode(q[tp:], kv.k[layer], kv.v[layer], decode, scale, *scales)
             return out
-        return self._prefill(q, kv.k[layer], kv.v[layer], batch, scale)
+        return self._prefill(q, kv.k[layer], kv.v[layer], batch, scale, *scales)
 
     @staticmethod
     def _prefill(
-        q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         out = torch.empty_like(q)
         per_seq = zip(
@@ -78,12 +108,18 @@ class TorchAttentionBackend(AttentionBackend):
             query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
             seq_q, seq_k, seq_v = q[start : start + q_len][None], k_cache[slots][None], v_cache[slots][None]
-            out[start : start + q_len] = attend(seq_q, seq_k, seq_v, mask, scale)[0]
+            out[start : start + q_len] = attend(seq_q, seq_k, seq_v, mask, scale, k_scale, v_scale)[0]
         return out
 
     @staticmethod
     def _decode(
-        q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if batch.group_sizes is not None:
             _check_groups(batch)
@@ -91,7 +127,8 @@ class TorchAttentionBackend(AttentionBackend):
         # Entries past a sequence's length may be stale or unset: clamp to a valid slot, then mask out.
         slots = batch.req_to_token[batch.req_rows.long(), :width].long().clamp(0, k_cache.shape[0] - 1)
         mask = torch.arange(width, device=q.device)[None, :] < batch.seq_lens[:, None]
-        out = attend(q.unsqueeze(1), k_cache[slots], v_cache[slots], mask[:, None, None, :], scale)
+        gathered = k_cache[slots], v_cache[slots]  # this batch's rows only, never the whole pool
+        out = attend(q.unsqueeze(1), *gathered, mask[:, None, None, :], scale, k_scale, v_scale)
         return out.squeeze(1)
 
 

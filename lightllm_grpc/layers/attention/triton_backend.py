@@ -61,16 +61,17 @@ class TritonAttentionBackend(AttentionBackend):
         assert q.dtype == self.dtype, f"q is {q.dtype}, backend built for {self.dtype}"
         assert q.shape[1:] == (self.num_heads, self.head_dim), f"q {tuple(q.shape)} vs backend heads"
         k_buf, v_buf = kv.k[layer], kv.v[layer]
-        store_kv(k_buf, v_buf, k, v, batch.out_slots)
+        k_scale, v_scale = kv.scales(layer)  # None unless the pool is FP8
+        store_kv(k_buf, v_buf, k, v, batch.out_slots, k_scale, v_scale)
         if batch.mode is ForwardMode.DECODE:
-            return self._decode(q, k_buf, v_buf, batch, scale)
+            return self._decode(q, k_buf, v_buf, batch, scale, k_scale, v_scale)
         if batch.mode is ForwardMode.PREFILL:
-            return self._prefill(q, k_buf, v_buf, batch, scale)
+            return self._prefill(q, k_buf, v_buf, batch, scale, k_scale, v_scale)
         prefill, decode = batch.split()
         tp = batch.num_prefill_tokens
         out = torch.empty_like(q)
-        self._prefill(q[:tp], k_buf, v_buf, prefill, scale, out=out[:tp])
-        self._decode(q[tp:], k_buf, v_buf, decode, scale, out=out[tp:])
+        self._prefill(q[:tp], k_buf, v_buf, prefill, scale, k_scale, v_scale, out=out[:tp])
+        self._decode(q[tp:], k_buf, v_buf, decode, scale, k_scale, v_scale, out=out[tp:])
         return out
 
     @staticmethod
@@ -80,6 +81,8 @@ class TritonAttentionBackend(AttentionBackend):
         v_buf: torch.Tensor,
         batch: ForwardBatch,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return prefill_attention(
@@ -93,6 +96,8 @@ class TritonAttentionBackend(AttentionBackend):
             batch.q_lens,
             batch.max_q_len,
             scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
             out=out,
         )
 
@@ -103,6 +108,8 @@ class TritonAttentionBackend(AttentionBackend):
         v_buf: torch.Tensor,
         batch: ForwardBatch,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         size = batch.batch_size
@@ -117,7 +124,7 @@ class TritonAttentionBackend(AttentionBackend):
             return cascade_decode_attention(
                 q, k_buf, v_buf, batch.req_to_token, batch.req_rows, batch.seq_lens,
                 batch.shared_lens, batch.group_sizes, scale, num_splits=splits, mid_o=mid_o, mid_lse=mid_lse,
-                out=out,
+                k_scale=k_scale, v_scale=v_scale, out=out,
             )  # fmt: skip
         rows = size * self.num_heads * splits
         # Views of the preallocated buffers: same addresses on every call of a given size.
@@ -134,5 +141,7 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits=splits,
             mid_o=mid_o,
             mid_lse=mid_lse,
+            k_scale=k_scale,
+            v_scale=v_scale,
             out=out,
         )
