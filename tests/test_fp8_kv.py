@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from lightllm_grpc.cli import build_parser, server_config, shard_config
 from lightllm_grpc.config import KV_CACHE_DTYPES, ShardConfig
 from lightllm_grpc.layers.attention import base
-from lightllm_grpc.layers.attention.base import FP8, FP8_MAX, KVCache, quantize_kv
+from lightllm_grpc.layers.attention.base import FP8, KVCache, quantize_kv
 from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
 from lightllm_grpc.layers.forward_batch import ForwardMode
+from lightllm_grpc.layers.fp8 import FP8_MAX
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.llama import LlamaForCausalLM
 from lightllm_grpc.models.loader import load_model

@@ -9,15 +9,18 @@ from collections.abc import Sequence
 import torch
 
 from lightllm_grpc.layers.forward_batch import ForwardBatch
+from lightllm_grpc.layers.fp8 import FP8, FP8_MAX
+
+__all__ = ["FP8", "KV_CACHE_DTYPES", "AttentionBackend", "KVCache", "quantize_kv"]
 
 # --kv-cache-dtype: "auto" stores K/V in the model dtype; "fp8_e4m3" in e4m3 with per-layer scales.
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
 
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """What an FP8 pool stores for ``x``: ``x / scale`` in fp32, clamped to ±448, rounded to e4m3."""
+    """What an FP8 pool stores for ``x``: ``x / scale`` in fp32, clamped to ±448, rounded to e4m3.
+    (The store kernel's ``quantize_kv_ref`` is the same rule; importing it here would load the
+    kernels on every CPU path, and the backends' test compares the bytes both store.)"""
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
