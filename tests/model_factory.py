@@ -224,3 +224,21 @@ def tp_worker(
         torch.save(logits, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def logits_at_every_position(model: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:
+    """Prefill ``prompts`` packed on a fresh CPU pool (each stores its K/V, then attends to the
+    pool) and return the logits of every position ``[T, V]``."""
+    total = sum(map(len, prompts))
+    kv = model.kv_cache_spec.make_cache(total, torch.float32, "cpu")
+    table = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.int32)
+    start = 0
+    for i, p in enumerate(prompts):
+        table[i, : len(p)] = torch.arange(start, start + len(p), dtype=torch.int32)
+        start += len(p)
+    ids, batch = build_batch(
+        ForwardMode.PREFILL, prompts, [0] * len(prompts), list(range(len(prompts))), table
+    )
+    batch.logits_indices = torch.arange(total)
+    with torch.no_grad():
+        return model(ids, batch, kv)

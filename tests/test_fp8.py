@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 
 from lightllm_grpc.config import ShardConfig
 from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
-from lightllm_grpc.layers.forward_batch import ForwardMode
 from lightllm_grpc.layers.fp8 import (
     FP8,
     FP8_MAX,
@@ -41,7 +40,12 @@ from lightllm_grpc.models.llama import LlamaForCausalLM
 from lightllm_grpc.models.loader import load_model
 from lightllm_grpc.models.quantization import parse_quantization
 from lightllm_grpc.parallel import ParallelState, set_parallel_state
-from tests.model_factory import build_batch, greedy_logits, make_tiny_model, tp_worker
+from tests.model_factory import (
+    greedy_logits,
+    logits_at_every_position,
+    make_tiny_model,
+    tp_worker,
+)
 
 VOCAB = 512
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -85,7 +89,7 @@ def _input_amax(model_dir: Path, prompts: list[list[int]]) -> dict[str, float]:
     for name, module in model.named_modules():
         if isinstance(module, LinearBase) and not name.startswith("lm_head"):
             module.register_forward_hook(hook(name))
-    _logits_at_every_position(model, prompts)
+    logits_at_every_position(model, prompts)
     return amax
 
 
@@ -173,24 +177,6 @@ def _prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in lengths]
 
 
-def _logits_at_every_position(model: LlamaForCausalLM, prompts: list[list[int]]) -> torch.Tensor:
-    """Prefill ``prompts`` packed and return the logits of every position ``[T, V]``."""
-    total = sum(map(len, prompts))
-    kv = model.kv_cache_spec.make_cache(total, torch.float32, "cpu")
-    width = max(map(len, prompts))
-    table = torch.zeros(len(prompts), width, dtype=torch.int32)
-    start = 0
-    for i, p in enumerate(prompts):
-        table[i, : len(p)] = torch.arange(start, start + len(p), dtype=torch.int32)
-        start += len(p)
-    ids, batch = build_batch(
-        ForwardMode.PREFILL, prompts, [0] * len(prompts), list(range(len(prompts))), table
-    )
-    batch.logits_indices = torch.arange(total)
-    with torch.no_grad():
-        return model(ids, batch, kv)
-
-
 def _compare(reference: torch.Tensor, quantized: torch.Tensor) -> tuple[float, float]:
     """(relative L2 error of the logits, top-1 agreement) over all positions."""
     rel = ((quantized - reference).norm() / reference.norm()).item()
@@ -212,7 +198,7 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference_logits(tiny: Path, prompts: list[list[int]]) -> torch.Tensor:
-    return _logits_at_every_position(_load(tiny), prompts)
+    return logits_at_every_position(_load(tiny), prompts)
 
 
 # --- the numerics -------------------------------------------------------------------------
@@ -383,8 +369,8 @@ def test_bf16_checkpoint_quantized_at_load(
     assert torch.equal(
         _dequantized(down), quantize_weight(saved)[0].float() * quantize_weight(saved)[1].view(-1, 1)
     )
-    reference = _logits_at_every_position(_load(bf16), prompts)
-    rel, agree = _compare(reference, _logits_at_every_position(model, prompts))
+    reference = logits_at_every_position(_load(bf16), prompts)
+    rel, agree = _compare(reference, logits_at_every_position(model, prompts))
     assert rel < 0.06 and agree > 0.9, (rel, agree)
     assert _load(bf16).model.layers[0].mlp.down_proj.weight.dtype == torch.float32  # no flag: unquantized
 
@@ -440,7 +426,7 @@ def test_fp8_checkpoints_load_and_match(
             assert layer.input_scale.item() == amax
         else:
             assert layer.input_scale is None
-    rel, agree = _compare(reference_logits, _logits_at_every_position(model, prompts))
+    rel, agree = _compare(reference_logits, logits_at_every_position(model, prompts))
     assert rel < 0.08 and agree > 0.9, (rel, agree)
 
 
@@ -475,7 +461,7 @@ def test_dummy_weights_with_fp8(tiny: Path, tmp_path: Path) -> None:
     _check_high_precision_rest(model)
     layer = model.model.layers[0].self_attn.qkv_proj
     assert (layer.weight_scale > 0).all() and layer.weight.float().abs().max() == FP8_MAX
-    assert torch.isfinite(_logits_at_every_position(model, _prompts([5, 3]))).all()
+    assert torch.isfinite(logits_at_every_position(model, _prompts([5, 3]))).all()
     # The same seed without quantization: the FP8 dummy model is exactly its quantized version.
     dense = _load(tmp_path, load_format="dummy")
     assert torch.equal(model.model.embed_tokens.weight, dense.model.embed_tokens.weight)

@@ -32,7 +32,13 @@ from lightllm_grpc.models.quantization import parse_kv_cache_scheme, parse_quant
 from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.scheduler.remote_shards import ShardMismatch, check_agreement, describe
-from tests.model_factory import build_batch, greedy_logits, make_tiny_model, tp_worker
+from tests.model_factory import (
+    build_batch,
+    greedy_logits,
+    logits_at_every_position,
+    make_tiny_model,
+    tp_worker,
+)
 from tests.test_fp8 import write_fp8_checkpoint
 
 VOCAB = 512
@@ -55,24 +61,6 @@ def _load(model_dir: Path, kv_cache_dtype: str = "auto", **kw: Any) -> LlamaForC
 def _prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in lengths]
-
-
-def _all_logits(model: LlamaForCausalLM, prompts: list[list[int]]) -> torch.Tensor:
-    """Prefill ``prompts`` packed (each stores its K/V, then attends to the pool) and return the
-    logits at every position ``[T, V]``."""
-    total = sum(map(len, prompts))
-    kv = model.kv_cache_spec.make_cache(total, torch.float32, "cpu")
-    table = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.int32)
-    start = 0
-    for i, p in enumerate(prompts):
-        table[i, : len(p)] = torch.arange(start, start + len(p), dtype=torch.int32)
-        start += len(p)
-    ids, batch = build_batch(
-        ForwardMode.PREFILL, prompts, [0] * len(prompts), list(range(len(prompts))), table
-    )
-    batch.logits_indices = torch.arange(total)
-    with torch.no_grad():
-        return model(ids, batch, kv)
 
 
 def _compare(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
@@ -315,19 +303,19 @@ def test_checkpoint_scales_reach_the_attention(tiny: Path, tmp_path: Path) -> No
     cache as scale 1.0 does; scales far too small (everything clips at ±448 x scale) ruin them:
     the loaded values are what the store divides by and the attention multiplies by."""
     prompts = _prompts([64, 40, 97, 55], seed=3)
-    reference = _all_logits(_load(tiny), prompts)
+    reference = logits_at_every_position(_load(tiny), prompts)
     amax = _kv_amax(tiny, prompts)
 
     def with_scales(name: str, k: tuple[float, ...], v: tuple[float, ...]) -> torch.Tensor:
         model_dir = Path(shutil.copytree(tiny, tmp_path / name))
         _add_tensors(model_dir, _per_layer(("k_scale", "v_scale"), (k, v), ()))
-        return _all_logits(_load(model_dir, "fp8_e4m3"), prompts)
+        return logits_at_every_position(_load(model_dir, "fp8_e4m3"), prompts)
 
     calibrated = with_scales("calibrated", *(tuple(a / FP8_MAX for a in amax[x]) for x in "kv"))
     clipped = with_scales("clipped", *(tuple(a / FP8_MAX / 100 for a in amax[x]) for x in "kv"))
     agree, kl = _compare(reference, calibrated)
     assert agree > 0.95 and kl < 1e-4, (agree, kl)
-    unit_agree, unit_kl = _compare(reference, _all_logits(_load(tiny, "fp8_e4m3"), prompts))
+    unit_agree, unit_kl = _compare(reference, logits_at_every_position(_load(tiny, "fp8_e4m3"), prompts))
     assert kl < 3 * unit_kl and agree > unit_agree - 0.02, (kl, unit_kl)
     clipped_agree, clipped_kl = _compare(reference, clipped)
     assert clipped_kl > 100 * kl and clipped_agree < agree, (clipped_agree, clipped_kl)
@@ -346,7 +334,7 @@ def _kv_amax(model_dir: Path, prompts: list[list[int]]) -> dict[str, list[float]
 
     for layer in model.model.layers:
         layer.self_attn.backend = type("Recording", (), {"forward": staticmethod(record)})()
-    _all_logits(model, prompts)
+    logits_at_every_position(model, prompts)
     return amax
 
 
@@ -468,8 +456,8 @@ def check_fp8_kv_server(tmp_path: Path, *server_args: str) -> None:
 
     sequences = [p + list(r.token_ids) for p, r in zip(prompts, replies)]
     assert all(len(r.token_ids) == new_tokens for r in replies)
-    fp8 = _all_logits(_load(model_dir, "fp8_e4m3"), sequences)
-    full = _all_logits(_load(model_dir), sequences)
+    fp8 = logits_at_every_position(_load(model_dir, "fp8_e4m3"), sequences)
+    full = logits_at_every_position(_load(model_dir), sequences)
     picked, start = [], 0
     for p, seq in zip(prompts, sequences):
         rows = torch.arange(start + len(p) - 1, start + len(seq) - 1)  # the logits that chose each new token
