@@ -53,6 +53,8 @@ def _measure(runner, world_size: int) -> dict:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
+    from lightllm_grpc.bench.profile_decode import kernel_table
+
     out = {}
     first_slot = max(BATCHES) * CONTEXT  # past every row's prompt: same slots each step
     for batch in BATCHES:
@@ -76,10 +78,7 @@ def _measure(runner, world_size: int) -> dict:
         total = sum(e.device_time for e in kernels) / 20 / 1e3
         names = ("allreduce", "all_reduce")
         ar = sum(e.device_time for e in kernels if any(n in e.name.lower() for n in names)) / 20 / 1e3
-        per_name: dict[str, list[float]] = {}
-        for e in kernels:
-            per_name.setdefault(e.name[:80], []).append(e.device_time / 1e3)
-        table = sorted(((n, sum(t) / 20, len(t) // 20) for n, t in per_name.items()), key=lambda r: -r[1])
+        table = kernel_table(prof, 20)
         out[str(batch)] = {
             "graph_replay_ms": start.elapsed_time(end) / 100,
             "kernels_ms": total,

@@ -30,7 +30,8 @@ def _decode_step(batch: int, context: int) -> shard_pb2.StepRequest:
     return step
 
 
-def _kernel_table(prof, steps: int) -> list[tuple[str, float, int]]:
+def kernel_table(prof, steps: int) -> list[tuple[str, float, int]]:
+    """(kernel name, ms per step, launches per step) of a profile over ``steps`` steps, largest first."""
     times: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for evt in prof.events():
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.steps):
             runner.step(step)
         torch.cuda.synchronize()
-    rows = _kernel_table(prof, args.steps)
+    rows = kernel_table(prof, args.steps)
     total = sum(t for _, t, _ in rows)
     graph = graphs.graphs[
         graphs.sizes[0] if args.batch == 1 else min(s for s in graphs.sizes if s >= args.batch)
