@@ -6,7 +6,7 @@ from lightllm_grpc_kernels.sampling import filter_ref as _filter
 
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard import rng
-from lightllm_grpc.shard.sampler import Sampler
+from lightllm_grpc.shard.sampler import Sampler, kernels_by_default
 
 V = 50
 
@@ -25,6 +25,12 @@ def test_uniform_is_deterministic_and_in_range() -> None:
     assert (u > 0).all() and (u < 1).all()
     assert abs(u.mean().item() - 0.5) < 0.03
     assert not torch.equal(u[0], u[1])
+
+
+def test_the_kernel_path_is_the_default_on_cuda_only() -> None:
+    assert kernels_by_default(torch.device("cuda")) and kernels_by_default(torch.device("cuda", 1))
+    assert not kernels_by_default(torch.device("cpu"))
+    assert not Sampler(2, V, torch.device("cpu")).kernels
 
 
 def test_unit_noise_never_reaches_one() -> None:

@@ -39,6 +39,11 @@ class _Step:
     rows: torch.Tensor  # [B] int64: state rows (of Sampler.counts)
 
 
+def kernels_by_default(device: torch.device) -> bool:
+    """The Triton path on CUDA (20x faster at 512 rows x 128k vocab, docs/sampling.md), torch elsewhere."""
+    return device.type == "cuda"
+
+
 class Sampler:
     """Per-row sampling state and the step's draw.
 
@@ -61,8 +66,7 @@ class Sampler:
         self.vocab = vocab_size
         self.grammars = grammars  # None: this shard refuses constrained rows
         self.device = device
-        # The Triton path on CUDA (20x faster at 512 rows x 128k vocab, docs/sampling.md).
-        self.kernels = device.type == "cuda" if kernels is None else kernels
+        self.kernels = kernels_by_default(device) if kernels is None else kernels
         self.params = np.zeros((max_rows, 8), dtype=np.float32)
         self.seed = np.zeros(max_rows, dtype=np.int64)
         self.generated = np.zeros(max_rows, dtype=np.int64)
