@@ -167,8 +167,9 @@ def tune_fp8_gemv(model: nn.Module) -> dict[tuple[int, int], tuple[Fp8GemvConfig
     weights = {tuple(m.weight.shape): (m.weight, m.weight_scale) for m in layers}
     chosen: dict[tuple[int, int], tuple[Fp8GemvConfig, Fp8GemvConfig]] = {}
     for shape, (w, scale) in sorted(weights.items()):
-        (one_ms, one), (few_ms, few) = (_time_fp8_gemv(w, scale, m) for m in (1, W8A16_MAX_M))
-        default_ms = _time_fp8_gemv(w, scale, 1, (FP8_GEMV_CONFIGS[0],))[0]
+        one_timed, few_timed = (_time_fp8_gemv(w, scale, m) for m in (1, W8A16_MAX_M))
+        (one_ms, one), (few_ms, few) = (min(timed, key=lambda t: t[0]) for timed in (one_timed, few_timed))
+        default_ms = {c: t for t, c in one_timed}[FP8_GEMV_CONFIGS[0]]
         chosen[shape] = (one, few)
         log.info(
             "FP8 weight %s: one token %.1f us (%.2f TB/s; default tiles %.1f us) with %s; "
@@ -187,17 +188,15 @@ def _untuned_fp8(matmul: object) -> bool:
     return isinstance(matmul, Fp8Matmul) and matmul.gemm is fp8_linear_cuda
 
 
-def _time_fp8_gemv(
-    w: torch.Tensor, scale: torch.Tensor, tokens: int, configs: tuple[Fp8GemvConfig, ...] | None = None
-) -> tuple[float, Fp8GemvConfig]:
+def _time_fp8_gemv(w: torch.Tensor, scale: torch.Tensor, tokens: int) -> list[tuple[float, Fp8GemvConfig]]:
+    """(ms, config) of every W8A16 tile candidate for ``tokens`` rows of input (the one-token list
+    includes the default tiles, ``FP8_GEMV_CONFIGS[0]``)."""
     import triton.testing
 
-    if configs is None:
-        configs = FP8_GEMV_CONFIGS_ONE_TOKEN if tokens == 1 else FP8_GEMV_CONFIGS
+    configs = FP8_GEMV_CONFIGS_ONE_TOKEN if tokens == 1 else FP8_GEMV_CONFIGS
     rotating = _rotating(w)
     x = torch.randn(tokens, w.shape[1], device=w.device, dtype=torch.bfloat16)
-    timed = [
+    return [
         (triton.testing.do_bench_cudagraph(rotating(lambda m, c=c: fp8_gemv(x, m, scale, None, c))), c)
         for c in configs
     ]
-    return min(timed, key=lambda t: t[0])
