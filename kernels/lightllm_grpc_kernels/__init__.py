@@ -6,7 +6,7 @@ from lightllm_grpc_kernels.prefill_attention import prefill_attention
 from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 from lightllm_grpc_kernels.rotary import apply_rotary
 from lightllm_grpc_kernels.sampling import apply_penalties, sample
-from lightllm_grpc_kernels.store_kv import store_kv
+from lightllm_grpc_kernels.store_kv import rotary_store_kv, store_kv
 
 __all__ = [
     "apply_penalties",
@@ -17,6 +17,7 @@ __all__ = [
     "fused_add_rmsnorm",
     "prefill_attention",
     "rmsnorm",
+    "rotary_store_kv",
     "sample",
     "silu_and_mul",
     "store_kv",

@@ -5,11 +5,14 @@
 Each row prints the median time of the kernel and of torch, and the bandwidth each reaches
 over the bytes the operation must move at least (attention also prints TFLOP/s). Small
 shapes are dominated by launch latency; --graph times through CUDA graphs to remove it.
+Fusions (``rotary_store_kv``) print the fused kernel against the kernels it replaces
+("fused" vs "split"); with --graph the difference is what the launches cost in a graph.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +26,7 @@ from lightllm_grpc_kernels.decode_attention import decode_attention
 from lightllm_grpc_kernels.prefill_attention import prefill_attention
 from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref
 from lightllm_grpc_kernels.rotary import apply_rotary, apply_rotary_ref
-from lightllm_grpc_kernels.store_kv import store_kv, store_kv_ref
+from lightllm_grpc_kernels.store_kv import rotary_store_kv, store_kv, store_kv_ref
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTER = 32, 8, 128, 4096, 14336  # Llama-3 8B
 DTYPE = torch.bfloat16
@@ -38,6 +41,7 @@ class Result:
     kernel_ms: float
     torch_ms: float
     flops: int = 0
+    labels: tuple[str, str] = ("triton", "torch")
 
     def _gbs(self, ms: float) -> float:
         return self.bytes_moved / ms / 1e6
@@ -48,8 +52,8 @@ class Result:
     def row(self) -> str:
         text = (
             f"{self.name:<28} {self.shape:<28} {self.bytes_moved / 1e6:>9.2f} MB  "
-            f"triton {self.kernel_ms * 1e3:>9.1f} us {self._gbs(self.kernel_ms):>7.0f} GB/s  "
-            f"torch {self.torch_ms * 1e3:>9.1f} us {self._gbs(self.torch_ms):>7.0f} GB/s  "
+            f"{self.labels[0]} {self.kernel_ms * 1e3:>9.1f} us {self._gbs(self.kernel_ms):>7.0f} GB/s  "
+            f"{self.labels[1]} {self.torch_ms * 1e3:>9.1f} us {self._gbs(self.torch_ms):>7.0f} GB/s  "
             f"x{self.torch_ms / self.kernel_ms:.2f}"
         )
         if self.flops:
@@ -145,6 +149,41 @@ def bench_rotary(graph: bool) -> list[Result]:
             )
         )
     return results
+
+
+def bench_rotary_store_kv(graph: bool) -> list[Result]:
+    """The fused rotary + KV store against the rotary kernel then the store kernel (bf16 and FP8 pools)."""
+    cos = torch.randn(131072, HEAD_DIM // 2, device=DEVICE)
+    sin = torch.randn_like(cos)
+    return [
+        _rotary_store_kv(pool, tokens, cos, sin, graph)
+        for pool in ("bf16", "fp8")
+        for tokens in (1, 128, 8192)
+    ]
+
+
+def _rotary_store_kv(pool: str, tokens: int, cos: torch.Tensor, sin: torch.Tensor, graph: bool) -> Result:
+    qkv = _randn(tokens, HEADS + 2 * KV_HEADS, HEAD_DIM)
+    q, k, v = qkv.split([HEADS, KV_HEADS, KV_HEADS], dim=1)
+    pos = torch.randint(0, cos.shape[0], (tokens,), device=DEVICE)
+    slots = torch.randperm(200_000, device=DEVICE)[:tokens]
+    k_buf = _randn(200_000, KV_HEADS, HEAD_DIM)
+    k_buf = k_buf.to(torch.float8_e4m3fn) if pool == "fp8" else k_buf
+    v_buf = k_buf.clone()
+    one = torch.ones((), device=DEVICE)
+    scales = (one, one) if pool == "fp8" else (None, None)
+    kv_bytes = 2 * tokens * KV_HEADS * HEAD_DIM * k_buf.element_size()
+    nbytes = 2 * _nbytes(q) + 2 * _nbytes(k) + kv_bytes + 2 * tokens * HEAD_DIM * cos.element_size()
+
+    def fused() -> None:
+        rotary_store_kv(k_buf, v_buf, q, k, v, slots, pos, cos, sin, *scales)
+
+    def split() -> None:
+        apply_rotary(pos, q, k, cos, sin)
+        store_kv(k_buf, v_buf, k, v, slots, *scales)
+
+    result = _compare("rotary_store_kv " + pool, f"T={tokens}", nbytes, fused, split, graph)
+    return dataclasses.replace(result, labels=("fused", "split"))
 
 
 def bench_silu_and_mul(graph: bool) -> list[Result]:
@@ -320,6 +359,7 @@ BENCHES: dict[str, Callable[[bool], list[Result]]] = {
     "store_kv": bench_store_kv,
     "rmsnorm": bench_rmsnorm,
     "rotary": bench_rotary,
+    "rotary_store_kv": bench_rotary_store_kv,
     "silu_and_mul": bench_silu_and_mul,
     "decode_attention": bench_decode_attention,
     "prefill_attention": bench_prefill_attention,

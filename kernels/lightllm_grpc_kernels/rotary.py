@@ -71,16 +71,9 @@ def apply_rotary(
     from the model's rope implementation, which owns frequency scaling. Same signature as
     ``lightllm_grpc.layers.rotary.apply_rotary``.
     """
-    check_rows(q, "q", 3)
-    check_rows(k, "k", 3, q.dtype)
+    check_rotary(positions, q, k, cos, sin)
     num_tokens, num_q_heads, head_dim = q.shape
-    assert k.shape[0] == num_tokens and k.shape[2] == head_dim, f"k {tuple(k.shape)} vs q {tuple(q.shape)}"
-    assert head_dim % 2 == 0, f"head_dim {head_dim} must be even"
     half = head_dim // 2
-    check_index(positions, "positions", num_tokens, torch.int64)
-    for name, table in (("cos", cos), ("sin", sin)):
-        check_rows(table, name, 2)
-        assert table.shape[1] == half, f"{name} must be [max_pos, {half}], got {tuple(table.shape)}"
     if num_tokens == 0:
         return q, k
     _rotary_kernel[(num_tokens,)](
@@ -105,6 +98,22 @@ def apply_rotary(
         enable_fp_fusion=False,
     )
     return q, k
+
+
+def check_rotary(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> None:
+    """Asserts the shapes, dtypes and strides ``apply_rotary`` (and ``rotary_store_kv``) take."""
+    check_rows(q, "q", 3)
+    check_rows(k, "k", 3, q.dtype)
+    num_tokens, _, head_dim = q.shape
+    assert k.shape[0] == num_tokens and k.shape[2] == head_dim, f"k {tuple(k.shape)} vs q {tuple(q.shape)}"
+    assert head_dim % 2 == 0, f"head_dim {head_dim} must be even"
+    check_index(positions, "positions", num_tokens, torch.int64)
+    half = head_dim // 2
+    for name, table in (("cos", cos), ("sin", sin)):
+        check_rows(table, name, 2)
+        assert table.shape[1] == half, f"{name} must be [max_pos, {half}], got {tuple(table.shape)}"
 
 
 def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

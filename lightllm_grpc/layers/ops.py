@@ -62,6 +62,10 @@ def _torch_attention(
 class Ops:
     """The op implementations one model uses; the single place that chooses them.
 
+    ``rotary_in_kv_store``: the attention layers hand the rotary embedding to the backend,
+    which rotates q and k as part of its KV store (``AttentionBackend.forward``'s ``rope``),
+    instead of calling ``apply_rotary`` first; the Triton backend does both in one kernel.
+
     ``tune`` is a warm-up hook, run once on the loaded model before CUDA graphs are
     captured: the Triton ops time, per weight shape, a one-token GEMV kernel against cuBLAS
     and the FP8 kernel's tiles, and swap the winners into those layers
@@ -75,6 +79,7 @@ class Ops:
     apply_rotary: ApplyRotary
     attention: AttentionFactory
     linear: LinearFactory = unquantized
+    rotary_in_kv_store: bool = False
     tune: Callable[[nn.Module], object] | None = None
 
     @classmethod
@@ -101,6 +106,7 @@ class Ops:
             silu_and_mul=triton_ops.silu_and_mul,
             apply_rotary=triton_ops.apply_rotary,
             attention=triton_ops.attention_backend,
+            rotary_in_kv_store=True,
             tune=triton_ops.tune_matmuls,
         )
 

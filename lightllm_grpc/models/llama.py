@@ -87,6 +87,8 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
         self.rotary_emb = rotary_emb  # one module shared by all layers
+        # The backend rotates q/k in its KV store (one kernel on the Triton path) or we do first.
+        self.rotary_in_kv_store = ops.rotary_in_kv_store
         self.backend = backend
         if config.kv_cache_dtype == "fp8_e4m3":
             # The checkpoint's KV-cache scales, if any (the loader fills them); copied to the pool.
@@ -105,8 +107,11 @@ class LlamaAttention(nn.Module):
         v = v.view(num_tokens, -1, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.backend.forward(q, k, v, self.layer_id, batch, kv, self.scale)
+        if self.rotary_in_kv_store:  # at batch.positions, which ``positions`` is
+            out = self.backend.forward(q, k, v, self.layer_id, batch, kv, self.scale, rope=self.rotary_emb)
+        else:
+            q, k = self.rotary_emb(positions, q, k)
+            out = self.backend.forward(q, k, v, self.layer_id, batch, kv, self.scale)
         return self.o_proj(out.reshape(num_tokens, -1))
 
 

@@ -274,3 +274,50 @@ def test_backend_fp8_decode_replays_in_cuda_graph_reading_its_scales(
         torch.testing.assert_close(out, expected, atol=1.6e-2, rtol=1.6e-2)
         results.append(out.clone())
     assert not torch.allclose(results[0], results[1], atol=0.1, rtol=0.1)  # the scale mattered
+
+
+@pytest.mark.parametrize(
+    ("pool", "dtype"),
+    [
+        ("same", torch.float32),
+        ("fp8", torch.float16),
+        pytest.param("fp8", torch.bfloat16, marks=pytest.mark.gpu),
+    ],
+)
+def test_backend_rotates_in_its_store_as_rotary_then_forward(
+    pool: str, dtype: torch.dtype, device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    """``forward(..., rope=...)`` (the fused rotary + store kernel) on a MIXED batch equals the
+    rotary op then ``forward``: the same pool bytes, the same output; and the torch backend
+    handed the rope does the same."""
+    from lightllm_grpc.layers.ops import Ops
+    from lightllm_grpc.layers.rotary import RotaryEmbedding
+
+    num_kv_heads, num_heads, head_dim = 2, 6, 32
+    cache, batch = _setup(
+        [0, 13, 4, 20, 30], [9, 4, 1, 1, 1], num_kv_heads, head_dim, dtype, device, paged_kv, 2
+    )
+    if pool == "fp8":
+        cache = _fp8_copy(cache, 0.04, 0.25)
+    else:  # finite garbage in the slots no sequence owns: the torch backend reads them, then masks
+        cache.k[LAYER].nan_to_num_(100.0)
+        cache.v[LAYER].nan_to_num_(-100.0)
+    with torch.device(device):
+        rope = RotaryEmbedding(head_dim, 128, 10000.0, None, Ops.triton())
+    q = torch.randn(batch.num_tokens, num_heads, head_dim, dtype=dtype, device=device)
+    k = torch.randn(batch.num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    backend = TritonAttentionBackend(4, num_heads, head_dim, device, dtype)
+    two_cache, torch_cache = _clone(cache), _clone(cache)
+
+    expected = backend.forward(*rope(batch.positions, q.clone(), k.clone()), v, LAYER, batch, two_cache, 0.2)
+    out = backend.forward(q.clone(), k.clone(), v, LAYER, batch, cache, 0.2, rope=rope)
+    torch_out = TorchAttentionBackend().forward(
+        q.clone(), k.clone(), v, LAYER, batch, torch_cache, 0.2, rope=rope
+    )
+
+    assert torch.equal(out, expected)
+    for a, b in ((cache, two_cache), (cache, torch_cache)):
+        assert torch.equal(a.k[LAYER].view(torch.uint8), b.k[LAYER].view(torch.uint8))
+        assert torch.equal(a.v[LAYER].view(torch.uint8), b.v[LAYER].view(torch.uint8))
+    torch.testing.assert_close(torch_out, expected, atol=2e-3, rtol=2e-3)

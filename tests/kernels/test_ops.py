@@ -5,6 +5,7 @@ On CPU the Triton model runs in the interpreter (fp32, tiny shapes); on a GPU it
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -31,13 +32,19 @@ PROMPTS = [[5, 9, 100, 7, 42], [300, 2, 11, 11, 64, 90, 17, 3, 8]]
 DECODE = [[31, 400], [77, 12], [5, 250]]  # fixed decode inputs: both models see the same tokens
 
 
-def _load(model_dir: Path, ops: Ops, device: torch.device, kv_cache_dtype: str = "auto") -> LlamaForCausalLM:
+def _load(
+    model_dir: Path,
+    ops: Ops,
+    device: torch.device,
+    kv_cache_dtype: str = "auto",
+    dtype: torch.dtype = torch.float32,
+) -> LlamaForCausalLM:
     cfg = ModelConfig.from_pretrained(model_dir)
-    backend = ops.attention(len(PROMPTS), cfg.num_heads, cfg.head_dim, device, torch.float32)
+    backend = ops.attention(len(PROMPTS), cfg.num_heads, cfg.head_dim, device, dtype)
     return load_model(
         model_dir,
         device=device,
-        dtype="float32",
+        dtype=str(dtype).removeprefix("torch."),
         attn_backend=backend,
         ops=ops,
         kv_cache_dtype=kv_cache_dtype,
@@ -46,9 +53,9 @@ def _load(model_dir: Path, ops: Ops, device: torch.device, kv_cache_dtype: str =
 
 def _logits(model: LlamaForCausalLM, prompts: list[list[int]], decode: list[list[int]]) -> torch.Tensor:
     """Packed prefill of ``prompts``, then one decode step per entry of ``decode``; ``[steps+1, B, V]``."""
-    device = model.lm_head.weight.device
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     max_len = max(map(len, prompts)) + len(decode)
-    kv = model.kv_cache_spec.make_cache(len(prompts) * max_len + 1, torch.float32, device)
+    kv = model.kv_cache_spec.make_cache(len(prompts) * max_len + 1, dtype, device)
     table = torch.arange(len(prompts) * max_len, dtype=torch.int32).flip(0).view(len(prompts), max_len)
     rows, lens, out = list(range(len(prompts))), [0] * len(prompts), []
     steps = [(ForwardMode.PREFILL, prompts)] + [(ForwardMode.DECODE, [[t] for t in d]) for d in decode]
@@ -114,14 +121,7 @@ def test_native_and_triton_models_agree_with_an_fp8_kv_cache(tmp_path: Path, dev
     """The same with --kv-cache-dtype fp8_e4m3 (prefill, then decode steps reading the e4m3 pool
     the earlier steps stored): the Triton store and attention against the torch backend's, with
     per-layer scales from the checkpoint (not 1.0, so that a path which ignored one would show)."""
-    from safetensors.torch import load_file, save_file
-
-    model_dir = make_tiny_model("qwen3", tmp_path / "qwen3", standard_init=True)
-    tensors = load_file(model_dir / "model.safetensors")
-    for layer in range(2):
-        tensors[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor(0.02 + 0.01 * layer)
-        tensors[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor(0.05 - 0.01 * layer)
-    save_file(tensors, model_dir / "model.safetensors")
+    model_dir = _with_scales(make_tiny_model("qwen3", tmp_path / "qwen3", standard_init=True))
     native = _load(model_dir, Ops.native(), torch.device("cpu"), "fp8_e4m3")
     fast = _load(model_dir, Ops.triton(), device, "fp8_e4m3")
     assert native.kv_cache_spec.fp8 and fast.kv_cache_spec.fp8
@@ -129,6 +129,60 @@ def test_native_and_triton_models_agree_with_an_fp8_kv_cache(tmp_path: Path, dev
     torch.testing.assert_close(_logits(fast, PROMPTS, DECODE), expected, rtol=1e-4, atol=1e-4)
     full = _logits(_load(model_dir, Ops.native(), torch.device("cpu")), PROMPTS, DECODE)
     assert not torch.allclose(full, expected, rtol=1e-4, atol=1e-4)  # the e4m3 rounding shows
+
+
+def _with_scales(model_dir: Path) -> Path:
+    """Per-layer KV-cache scales (not 1.0) written into the checkpoint, for an FP8 pool."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model_dir / "model.safetensors")
+    for layer in range(2):
+        tensors[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor(0.02 + 0.01 * layer)
+        tensors[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor(0.05 - 0.01 * layer)
+    save_file(tensors, model_dir / "model.safetensors")
+    return model_dir
+
+
+@pytest.mark.parametrize(("arch", "kv_cache_dtype"), [("llama3", "auto"), ("qwen3", "fp8_e4m3")])
+def test_rotary_in_the_kv_store_changes_no_logit(
+    arch: str, kv_cache_dtype: str, tmp_path: Path, device: torch.device
+) -> None:
+    """The Triton ops rotate q/k inside the KV store kernel (one launch); the same ops with the
+    rotary kernel then the store kernel give bit-identical logits (prefill, then decode steps
+    reading what earlier steps stored), with q/k norms first (qwen3) and an FP8 pool. Natively
+    the torch backend, handed the rotary, rotates before its store: bit-identical too."""
+    model_dir = _with_scales(make_tiny_model(arch, tmp_path / arch, standard_init=True))
+    fused = _load(model_dir, Ops.triton(), device, kv_cache_dtype)
+    assert fused.model.layers[0].self_attn.rotary_in_kv_store
+    split = _load(
+        model_dir, dataclasses.replace(Ops.triton(), rotary_in_kv_store=False), device, kv_cache_dtype
+    )
+    torch.testing.assert_close(
+        _logits(fused, PROMPTS, DECODE), _logits(split, PROMPTS, DECODE), rtol=0, atol=0
+    )
+
+    cpu = torch.device("cpu")
+    native = _load(model_dir, Ops.native(), cpu, kv_cache_dtype)
+    handed = _load(model_dir, dataclasses.replace(Ops.native(), rotary_in_kv_store=True), cpu, kv_cache_dtype)
+    torch.testing.assert_close(
+        _logits(handed, PROMPTS, DECODE), _logits(native, PROMPTS, DECODE), rtol=0, atol=0
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
+def test_rotary_in_the_kv_store_changes_no_logit_bf16(kv_cache_dtype: str, tmp_path: Path) -> None:
+    """The same in bf16 on the GPU (compiled kernels; the interpreter's bf16 is not the GPU's)."""
+    model_dir = _with_scales(make_tiny_model("qwen3", tmp_path / "qwen3", standard_init=True))
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    fused = _load(model_dir, Ops.triton(), cuda, kv_cache_dtype, bf16)
+    split = _load(
+        model_dir, dataclasses.replace(Ops.triton(), rotary_in_kv_store=False), cuda, kv_cache_dtype, bf16
+    )
+    native = _load(model_dir, Ops.native(), cuda, kv_cache_dtype, bf16)
+    expected = _logits(split, PROMPTS, DECODE)
+    torch.testing.assert_close(_logits(fused, PROMPTS, DECODE), expected, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(native, PROMPTS, DECODE), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_gemv_is_bound_per_layer(tmp_path: Path, device: torch.device) -> None:

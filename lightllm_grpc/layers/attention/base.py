@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from lightllm_grpc.layers.forward_batch import ForwardBatch
 from lightllm_grpc.layers.fp8 import FP8, FP8_MAX
+
+if TYPE_CHECKING:
+    from lightllm_grpc.layers.rotary import RotaryEmbedding
 
 __all__ = ["FP8", "KV_CACHE_DTYPES", "AttentionBackend", "KVCache", "quantize_kv"]
 
@@ -95,6 +99,11 @@ class AttentionBackend(ABC):
     In MIXED mode it stores all T tokens' K/V first, then attends the prefill part
     (``batch.split()``) as in PREFILL mode and the decode rows as in DECODE mode, writing
     rows ``[0, num_prefill_tokens)`` and ``[num_prefill_tokens, T)`` of the one output.
+
+    With ``rope`` (the model's rotary embedding), q and k arrive unrotated and the backend
+    rotates both at ``batch.positions`` exactly as ``rope(batch.positions, q, k)`` would before
+    it stores and attends (the Triton backend does it in its store kernel, one launch instead
+    of two: ``Ops.rotary_in_kv_store``); q and k may be changed in place.
     """
 
     @abstractmethod
@@ -107,5 +116,6 @@ class AttentionBackend(ABC):
         batch: ForwardBatch,
         kv: KVCache,
         scale: float,
+        rope: RotaryEmbedding | None = None,
     ) -> torch.Tensor:
-        """Store k/v, then attend; see the class docstring."""
+        """(Rotate q/k with ``rope``,) store k/v, then attend; see the class docstring."""

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from lightllm_grpc.layers.attention.base import AttentionBackend, KVCache, quantize_kv
 from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from lightllm_grpc.layers.rotary import RotaryEmbedding
 
 
 def store_kv(
@@ -70,7 +75,10 @@ class TorchAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
         kv: KVCache,
         scale: float,
+        rope: RotaryEmbedding | None = None,
     ) -> torch.Tensor:
+        if rope is not None:
+            q, k = rope(batch.positions, q, k)
         scales = kv.scales(layer)  # (None, None) unless the pool is FP8
         store_kv(kv.k[layer], kv.v[layer], k, v, batch.out_slots, *scales)
         if batch.mode is ForwardMode.DECODE:

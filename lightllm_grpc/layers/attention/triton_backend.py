@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from lightllm_grpc_kernels.decode_attention import (
     cascade_decode_attention,
@@ -10,15 +12,19 @@ from lightllm_grpc_kernels.decode_attention import (
     decode_workspace_rows,
 )
 from lightllm_grpc_kernels.prefill_attention import prefill_attention
-from lightllm_grpc_kernels.store_kv import store_kv
+from lightllm_grpc_kernels.store_kv import rotary_store_kv, store_kv
 
 from lightllm_grpc.layers.attention.base import AttentionBackend, KVCache
 from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 
+if TYPE_CHECKING:
+    from lightllm_grpc.layers.rotary import RotaryEmbedding
+
 
 class TritonAttentionBackend(AttentionBackend):
-    """Stores K/V with one scatter kernel, then runs prefill or flash-decoding attention; a
-    mixed batch runs both, each writing its part of one output.
+    """Stores K/V with one scatter kernel (which also applies rotary when given ``rope``), then
+    runs prefill or flash-decoding attention; a mixed batch runs both, each writing its part
+    of one output.
 
     The decode workspace (partial outputs and log-sum-exps of every split) is allocated once
     here for ``max_batch_size`` and shared by all layers, which run one after another; decode
@@ -57,12 +63,17 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
         kv: KVCache,
         scale: float,
+        rope: RotaryEmbedding | None = None,
     ) -> torch.Tensor:
         assert q.dtype == self.dtype, f"q is {q.dtype}, backend built for {self.dtype}"
         assert q.shape[1:] == (self.num_heads, self.head_dim), f"q {tuple(q.shape)} vs backend heads"
         k_buf, v_buf = kv.k[layer], kv.v[layer]
         k_scale, v_scale = kv.scales(layer)  # None unless the pool is FP8
-        store_kv(k_buf, v_buf, k, v, batch.out_slots, k_scale, v_scale)
+        if rope is None:
+            store_kv(k_buf, v_buf, k, v, batch.out_slots, k_scale, v_scale)
+        else:  # rotates q in place and stores the rotated k: the kernels read keys from the pool
+            rotary_store_kv(k_buf, v_buf, q, k, v, batch.out_slots, batch.positions,
+                            rope.cos_cache, rope.sin_cache, k_scale, v_scale)  # fmt: skip
         if batch.mode is ForwardMode.DECODE:
             return self._decode(q, k_buf, v_buf, batch, scale, k_scale, v_scale)
         if batch.mode is ForwardMode.PREFILL:
