@@ -11,16 +11,24 @@ from lightllm_grpc_kernels._launch import check_rows, on_gpu
 
 
 @triton.jit
+def silu_mul(gate, up):
+    """``silu(gate) * up`` in the activation dtype, rounded as torch's two ops round (also the
+    down-projection GEMV's prologue, ``gemv.silu_gemv``). No multiply here feeds an add, so
+    FMA contraction cannot change it."""
+    g = gate.to(tl.float32)
+    # Round silu(gate) to the activation dtype before the product, as torch's two ops do.
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+    return (act * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    # Round silu(gate) to the activation dtype before the product, as torch's two ops do.
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(gate.dtype), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, silu_mul(gate, up), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,6 +4,20 @@ At batch 1 a decode step is a chain of weight reads; cuBLAS's heuristics leave s
 these shapes well under the copy bandwidth (e.g. too few thread blocks for the SMs). This
 kernel gives each program a slab of ``BLOCK_N`` weight rows and streams it once, with
 fp32 accumulation. The serving path uses it only for the shapes where it measured faster.
+
+Two variants fold the small op before a projection into the GEMV's loads, which removes
+that op's launch (about 2 µs a layer in a batch-1 graph) and its round trip through memory:
+
+- ``silu_gemv`` (the MLP's down projection) reads the gate_up output ``[1, 2K]`` and computes
+  ``silu(gate) * up`` per K-slice, with ``activation.silu_mul``'s roundings;
+- ``add_rmsnorm_gemv`` (qkv and gate_up after a decoder norm) reads ``x`` and ``residual``:
+  every program first sums the squares of the row ``residual + x`` (8 KB for 4096 columns,
+  from L2), then normalises each K-slice as it loads it; program 0 also stores ``residual + x``
+  into a *second* buffer (every program reads the first, so writing it in place would race).
+
+Both equal the unfused pair (``silu_and_mul`` or ``fused_add_rmsnorm``, then ``gemv`` with the
+same config) bit for bit: the x values are the same expressions and the accumulation loop
+is this one kernel's.
 """
 
 from __future__ import annotations
@@ -15,6 +29,8 @@ import triton
 import triton.language as tl
 
 from lightllm_grpc_kernels._launch import check_rows, on_gpu
+from lightllm_grpc_kernels.activation import silu_mul
+from lightllm_grpc_kernels.rmsnorm import add_rows, inv_rms, normed, squares
 
 
 @dataclass(frozen=True)
@@ -41,31 +57,67 @@ GEMV_CONFIGS = (
 )
 
 
+# What the kernel does to x before the dot (a constexpr of the kernel).
+PLAIN, SILU_AND_MUL, ADD_RMSNORM = 0, 1, 2
+
+
+@triton.jit
+def _load_x(x_ptr, res_ptr, cols, col_mask, k, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    # The K-slice of the GEMV's input before its prologue's last step (ADD_RMSNORM: the summed row).
+    if PROLOGUE == SILU_AND_MUL:
+        gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
+        up = tl.load(x_ptr + k + cols, mask=col_mask, other=0.0)
+        return silu_mul(gate, up)
+    x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
+    if PROLOGUE == ADD_RMSNORM and HAS_RESIDUAL:
+        x = add_rows(x, tl.load(res_ptr + cols, mask=col_mask, other=0.0))
+    return x
+
+
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, y_ptr, n, k, stride_w,
+    res_ptr, res_out_ptr, norm_w_ptr, eps,  # ADD_RMSNORM only
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
+    if PROLOGUE == ADD_RMSNORM:
+        # The whole row's statistic, in every program (fp64: the same bits as rmsnorm.py's in any order).
+        sq = tl.zeros([BLOCK_K], dtype=tl.float64)
+        for start in tl.range(0, k, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            sq += squares(_load_x(x_ptr, res_ptr, cols, cols < k, k, PROLOGUE, HAS_RESIDUAL))
+        rstd = inv_rms(tl.sum(sq, axis=0), k, eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for start in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
         cols = start + tl.arange(0, BLOCK_K)
         col_mask = cols < k
-        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        x = _load_x(x_ptr, res_ptr, cols, col_mask, k, PROLOGUE, HAS_RESIDUAL)
+        if PROLOGUE == ADD_RMSNORM:
+            if HAS_RESIDUAL:  # one program writes the new residual stream
+                tl.store(res_out_ptr + cols, x, mask=col_mask & (pid == 0))
+            x = normed(x, rstd, tl.load(norm_w_ptr + cols, mask=col_mask, other=0.0))
+        x = x.to(tl.float32)
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-    """``x @ w.T`` for x [1, K] and w [N, K] of one dtype (last dims contiguous); returns [1, N]."""
-    check_rows(x, "x", 2)
-    check_rows(w, "w", 2, x.dtype)
-    assert x.shape[0] == 1, f"gemv takes one row, got x {tuple(x.shape)}"
+def _launch(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    config: GemvConfig | None,
+    prologue: int = PLAIN,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor:
     n, k = w.shape
-    assert x.shape[1] == k, f"x {tuple(x.shape)} does not match w {tuple(w.shape)}"
     cfg = config or GemvConfig()
     if not on_gpu(x):  # the interpreter wants few, large programs
         cfg = GemvConfig(
@@ -73,9 +125,66 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> 
         )
     y = x.new_empty((1, n))
     grid = (triton.cdiv(n, cfg.block_n),)
-    _gemv_kernel[grid](x, w, y, n, k, w.stride(0), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                       NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)  # fmt: skip
+    res = x if residual is None else residual  # valid pointers where the prologue reads none
+    _gemv_kernel[grid](
+        x, w, y, n, k, w.stride(0),
+        res, x if residual_out is None else residual_out, x if norm_weight is None else norm_weight, eps,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, num_warps=cfg.num_warps,
+    )  # fmt: skip
     return y
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """``x @ w.T`` for x [1, K] and w [N, K] of one dtype (last dims contiguous); returns [1, N]."""
+    check_rows(x, "x", 2)
+    check_rows(w, "w", 2, x.dtype)
+    assert x.shape[0] == 1, f"gemv takes one row, got x {tuple(x.shape)}"
+    assert x.shape[1] == w.shape[1], f"x {tuple(x.shape)} does not match w {tuple(w.shape)}"
+    return _launch(x, w, config)
+
+
+def silu_gemv(h: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """``silu_and_mul(h) @ w.T`` for the gate_up output h [1, 2K] (gate then up) and w [N, K]
+    of one dtype, without the [1, K] intermediate; returns [1, N]."""
+    check_rows(h, "h", 2)
+    check_rows(w, "w", 2, h.dtype)
+    assert h.shape[0] == 1, f"silu_gemv takes one row, got h {tuple(h.shape)}"
+    assert h.shape[1] == 2 * w.shape[1], (
+        f"h {tuple(h.shape)} must be [1, 2 * {w.shape[1]}] for w {tuple(w.shape)}"
+    )
+    return _launch(h, w, config, SILU_AND_MUL)
+
+
+def add_rmsnorm_gemv(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w: torch.Tensor,
+    config: GemvConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(residual + x) @ w.T, residual + x)`` for x, residual [1, K], the norm's weight [K]
+    and w [N, K], all of one dtype: ``fused_add_rmsnorm`` then ``gemv``, bit for bit, without
+    materialising the norm's output. ``residual`` is read only: the sum goes to a new tensor
+    (returned). Without a residual it is ``(rmsnorm(x) @ w.T, x)``."""
+    check_rows(x, "x", 2)
+    check_rows(w, "w", 2, x.dtype)
+    assert x.shape[0] == 1, f"add_rmsnorm_gemv takes one row, got x {tuple(x.shape)}"
+    assert x.shape[1] == w.shape[1], f"x {tuple(x.shape)} does not match w {tuple(w.shape)}"
+    assert norm_weight.shape == (w.shape[1],) and norm_weight.dtype == x.dtype, (
+        "norm weight: [K] of x's dtype"
+    )
+    assert norm_weight.is_contiguous(), "norm weight must be contiguous"
+    summed = x
+    if residual is not None:
+        check_rows(residual, "residual", 2, x.dtype)
+        assert residual.shape == x.shape, f"residual {tuple(residual.shape)} != x {tuple(x.shape)}"
+        summed = torch.empty_like(x)
+    y = _launch(
+        x, w, config, ADD_RMSNORM, residual, summed if residual is not None else None, norm_weight, eps
+    )
+    return y, summed
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

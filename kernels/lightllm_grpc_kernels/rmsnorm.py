@@ -1,4 +1,12 @@
-"""RMSNorm, alone and fused with the residual add that precedes it in every decoder layer."""
+"""RMSNorm, alone and fused with the residual add that precedes it in every decoder layer.
+
+The sum of squares is accumulated in fp64 and rounded to fp32 once: each square of a 16-bit
+(or fp32) value is exact in fp64, so the fp32 statistic does not depend on the order of the
+sum (nor on FMA contraction). That is what lets the GEMV that folds this norm into its
+prologue (``gemv.add_rmsnorm_gemv``), which sums the row in its own tiles, reproduce it bit
+for bit. The statistic is still fp32, as HF's: ``mean(x**2)`` correctly rounded, then
+``rsqrt(mean + eps)``, the normalised value cast to the dtype, times the weight in the dtype.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,32 @@ import triton
 import triton.language as tl
 
 from lightllm_grpc_kernels._launch import block, check_rows, on_gpu
+
+
+@triton.jit
+def add_rows(x, r):
+    """``r + x`` rounded to the activation dtype, as HF's ``residual + x``."""
+    return (r.to(tl.float32) + x.to(tl.float32)).to(r.dtype)
+
+
+@triton.jit
+def squares(x):
+    """Exact fp64 squares of ``x`` (16-bit or fp32), to sum in any order."""
+    xd = x.to(tl.float32).to(tl.float64)
+    return xd * xd
+
+
+@triton.jit
+def inv_rms(sum_of_squares, n_cols, eps):
+    """``1 / sqrt(mean + eps)`` in fp32 from the fp64 sum of squares."""
+    return 1.0 / tl.sqrt(sum_of_squares.to(tl.float32) / n_cols + eps)
+
+
+@triton.jit
+def normed(x, rstd, w):
+    """HF's rounding: the normalised value cast to the dtype, then times the weight in the dtype."""
+    y = (x.to(tl.float32) * rstd).to(w.dtype).to(tl.float32)
+    return (y * w.to(tl.float32)).to(w.dtype)
 
 
 @triton.jit
@@ -31,14 +65,11 @@ def _rmsnorm_kernel(
     if HAS_RESIDUAL:
         # Round the sum to the activation dtype before normalising, as HF's `residual + x` does.
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (r.to(tl.float32) + x.to(tl.float32)).to(r.dtype)
+        x = add_rows(x, r)
         tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    # HF casts the normalised row back to the input dtype before multiplying by the weight.
-    y = (xf * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (y * w).to(x.dtype), mask=mask)
+    rstd = inv_rms(tl.sum(squares(x), axis=0), n_cols, eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_o + cols, normed(x, rstd, w), mask=mask)
 
 
 def _launch(
