@@ -3,8 +3,10 @@
 The kernels whose signature matches the native op's are used as they are; ``rms_norm`` and
 ``add_rms_norm`` adapt shapes and return values. ``tune_matmuls`` (the warm-up hook) times the
 decode-sized matmuls per weight shape and binds the winners into each layer of that shape:
-``tune_gemv`` the GEMV kernel or cuBLAS for one-token inputs of unquantized layers,
-``tune_fp8_gemv`` the W8A16 kernel's tiles (for one token and for 2..16) of FP8 layers.
+``tune_gemv`` the GEMV kernel or cuBLAS for one-token inputs of unquantized layers;
+``tune_silu_gemv`` the GEMV with SiLU-and-mul folded into its loads for the down projections
+where that beats the activation kernel followed by the layer's matmul; ``tune_fp8_gemv`` the
+W8A16 kernel's tiles (for one token and for 2..16) of FP8 layers.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +26,12 @@ from lightllm_grpc_kernels.fp8_gemv import (
     Fp8GemvConfig,
     fp8_gemv,
 )
-from lightllm_grpc_kernels.gemv import GEMV_CONFIGS, GemvConfig, gemv
+from lightllm_grpc_kernels.gemv import GEMV_CONFIGS, GemvConfig, gemv, silu_gemv
 from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 from lightllm_grpc_kernels.rotary import apply_rotary
 from torch import nn
 
+from lightllm_grpc.layers.activation import ActIntoDown
 from lightllm_grpc.layers.attention.base import AttentionBackend
 from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
 from lightllm_grpc.layers.embedding import ParallelLMHead
@@ -41,10 +45,13 @@ __all__ = [
     "gemv_matmul",
     "rms_norm",
     "silu_and_mul",
+    "silu_gemv_matmul",
     "tune_fp8_gemv",
     "tune_gemv",
     "tune_matmuls",
+    "tune_silu_gemv",
     "use_gemv",
+    "use_silu_gemv",
 ]
 log = logging.getLogger(__name__)
 
@@ -67,18 +74,50 @@ def attention_backend(
     return TritonAttentionBackend(max_batch_size, num_heads, head_dim, device, dtype)
 
 
-@functools.cache
-def gemv_matmul(config: GemvConfig) -> Matmul:
+@dataclass(frozen=True)
+class GemvMatmul:
     """A layer's matmul that runs one-token inputs through the GEMV kernel with ``config``, the
-    rest through cuBLAS. One function per config, shared by the layers that chose it."""
+    rest through cuBLAS."""
 
-    def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    config: GemvConfig
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] != 1:
             return F.linear(x, weight, bias)
-        y = gemv(x, weight, config)
+        y = gemv(x, weight, self.config)
         return y if bias is None else y + bias
 
-    return matmul
+
+@dataclass(frozen=True)
+class SiluGemvMatmul:
+    """A down projection's matmul that takes the gate_up output ``[T, 2I]`` and applies
+    SiLU-and-mul itself: one token through the GEMV with it folded into the loads
+    (``silu_gemv``), more through the activation kernel, then cuBLAS."""
+
+    config: GemvConfig
+
+    def __call__(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if h.shape[0] != 1:
+            return F.linear(silu_and_mul(h), weight, bias)
+        y = silu_gemv(h, weight, self.config)
+        return y if bias is None else y + bias
+
+
+@functools.cache
+def gemv_matmul(config: GemvConfig) -> Matmul:
+    """The ``GemvMatmul`` of ``config``: one object per config, shared by the layers that chose it."""
+    return GemvMatmul(config)
+
+
+@functools.cache
+def silu_gemv_matmul(config: GemvConfig) -> Matmul:
+    """The ``SiluGemvMatmul`` of ``config``, one per config."""
+    return SiluGemvMatmul(config)
+
+
+def _unquantized(layer: nn.Module) -> bool:
+    """Multiplies an unquantized weight: cuBLAS, or the GEMV kernel warm-up chose."""
+    return layer.matmul is F.linear or isinstance(layer.matmul, GemvMatmul)
 
 
 def _cublas_layers(model: nn.Module) -> list[LinearBase | ParallelLMHead]:
@@ -125,10 +164,55 @@ def use_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig]) -> in
     return changed
 
 
-def tune_matmuls(model: nn.Module) -> None:
-    """The warm-up hook of the Triton ops: ``tune_gemv``, then ``tune_fp8_gemv``."""
+def tune_matmuls(model: nn.Module, fuse: bool = True) -> None:
+    """The warm-up hook of the Triton ops: ``tune_gemv``, then (unless ``fuse`` is False, as the
+    decode profile's baseline asks) ``tune_silu_gemv``, then ``tune_fp8_gemv``."""
     tune_gemv(model)
+    if fuse:
+        tune_silu_gemv(model)
     tune_fp8_gemv(model)
+
+
+def tune_silu_gemv(model: nn.Module, min_gain: float = 0.01) -> dict[tuple[int, int], GemvConfig]:
+    """For each down-projection weight shape of ``model``'s gated MLPs (``ActIntoDown``, with an
+    unquantized down projection), time at one token, inside CUDA graphs, the activation kernel
+    followed by the layer's matmul as bound now (after ``tune_gemv``) against the GEMV with
+    SiLU-and-mul folded in, per config; where the fused one is faster by ``min_gain``, bind it
+    into every such MLP of that shape (``fuse_act_into_down``). Returns the chosen configs."""
+    mlps = [m for m in model.modules() if isinstance(m, ActIntoDown) and _unquantized(m.down_proj)]
+    shapes = {tuple(m.down_proj.weight.shape): m.down_proj for m in mlps}
+    chosen: dict[tuple[int, int], GemvConfig] = {}
+    for shape, down in sorted(shapes.items()):
+        (split_ms,), timed = time_silu_gemv(down.weight, [down.matmul])
+        best_ms, best = min(timed, key=lambda t: t[0])
+        if best_ms < split_ms * (1 - min_gain):
+            chosen[shape] = best
+        log.info(
+            "down %s at one token: SiLU kernel + %s %.1f us, fused GEMV %.1f us -> %s",
+            shape, _name(down.matmul), split_ms * 1e3, best_ms * 1e3,
+            f"fused {best}" if shape in chosen else "separate SiLU",
+        )  # fmt: skip
+    use_silu_gemv(model, chosen)
+    torch.cuda.empty_cache()
+    return chosen
+
+
+def use_silu_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig]) -> int:
+    """Fold SiLU-and-mul into the down projection (``silu_gemv_matmul(configs[shape])``) of each
+    of ``model``'s gated MLPs with an unquantized down weight of a shape in ``configs``; returns
+    how many changed."""
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, ActIntoDown) and _unquantized(m.down_proj):
+            config = configs.get(tuple(m.down_proj.weight.shape))
+            if config is not None:
+                m.fuse_act_into_down(silu_gemv_matmul(config))
+                changed += 1
+    return changed
+
+
+def _name(matmul: Matmul) -> str:
+    return "cuBLAS" if matmul is F.linear else f"GEMV {getattr(matmul, 'config', matmul)}"
 
 
 def _rotating(w: torch.Tensor) -> Callable[[Callable[[torch.Tensor], object]], Callable[[], object]]:
@@ -144,6 +228,27 @@ def _rotating(w: torch.Tensor) -> Callable[[Callable[[torch.Tensor], object]], C
         return lambda: fn(copies[next(turn) % len(copies)])
 
     return rotating
+
+
+def time_silu_gemv(
+    w: torch.Tensor, matmuls: Sequence[Matmul], configs: Sequence[GemvConfig] = GEMV_CONFIGS
+) -> tuple[list[float], list[tuple[float, GemvConfig]]]:
+    """At one token, in CUDA graphs, from HBM (rotating copies of ``w [N, I]``): the SiLU-and-mul
+    kernel then each of ``matmuls``, and ``silu_gemv`` with each of ``configs``; returns
+    ``([ms per matmul], [(ms, config)])``. The warm-up's measurement, and the micro-benchmark's
+    (``bench/fusions.py``)."""
+    import triton.testing
+
+    rotating = _rotating(w)
+    h = torch.randn(1, 2 * w.shape[1], device=w.device, dtype=w.dtype)
+    split = [
+        triton.testing.do_bench_cudagraph(rotating(lambda m, f=f: f(silu_and_mul(h), m, None)))
+        for f in matmuls
+    ]
+    fused = [
+        (triton.testing.do_bench_cudagraph(rotating(lambda m, c=c: silu_gemv(h, m, c))), c) for c in configs
+    ]
+    return split, fused
 
 
 def _time_gemv(w: torch.Tensor) -> tuple[float, float, GemvConfig]:

@@ -19,11 +19,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from lightllm_grpc.layers.activation import SiluAndMul
+from lightllm_grpc.layers.activation import ActIntoDown, SiluAndMul
 from lightllm_grpc.layers.attention.base import FP8, AttentionBackend, KVCache
 from lightllm_grpc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from lightllm_grpc.layers.forward_batch import ForwardBatch
-from lightllm_grpc.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from lightllm_grpc.layers.linear import (
+    Matmul,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from lightllm_grpc.layers.norm import RMSNorm
 from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.layers.rotary import RotaryEmbedding
@@ -115,7 +120,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(nn.Module, ActIntoDown):
     def __init__(self, config: ModelConfig, ops: Ops, prefix: str) -> None:
         super().__init__()
         inter = config.intermediate_size
@@ -129,6 +134,12 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+    def fuse_act_into_down(self, matmul: Matmul) -> None:
+        """``ActIntoDown``: ``down_proj`` multiplies with ``matmul``, which applies SiLU-and-mul to
+        the gate_up output itself (warm-up's choice, per layer)."""
+        self.down_proj.matmul = matmul
+        self.act_fn = nn.Identity()
 
 
 class LlamaDecoderLayer(nn.Module):

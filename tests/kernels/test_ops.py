@@ -206,6 +206,50 @@ def test_gemv_is_bound_per_layer(tmp_path: Path, device: torch.device) -> None:
     torch.testing.assert_close(_logits(fast, one, steps), _logits(native, one, steps), rtol=1e-4, atol=1e-4)
 
 
+def test_silu_folded_into_the_down_gemv_changes_no_logit(tmp_path: Path, device: torch.device) -> None:
+    """What warm-up does when the fused down GEMV wins: every MLP's down projection multiplies
+    with ``silu_gemv_matmul`` and its separate activation is gone; logits are bit-identical to
+    the SiLU kernel then the plain GEMV of the same config (one token), and to the SiLU kernel
+    then cuBLAS (several: the prefill and two-row decode steps)."""
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3", standard_init=True)
+    split, fused = _load(model_dir, Ops.triton(), device), _load(model_dir, Ops.triton(), device)
+    down_shape = tuple(split.model.layers[0].mlp.down_proj.weight.shape)
+    config = GemvConfig()
+    triton_ops.use_gemv(split, {down_shape: config})
+
+    assert triton_ops.use_silu_gemv(fused, {down_shape: config}) == len(fused.model.layers)
+
+    for layer in fused.model.layers:
+        assert layer.mlp.down_proj.matmul is triton_ops.silu_gemv_matmul(config)
+        assert isinstance(layer.mlp.act_fn, torch.nn.Identity)
+        assert layer.mlp.gate_up_proj.matmul is F.linear
+    assert triton_ops.use_silu_gemv(fused, {down_shape: config}) == 0  # already fused: not twice
+    one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
+    assert torch.equal(_logits(fused, one, steps), _logits(split, one, steps))
+    assert torch.equal(_logits(fused, PROMPTS, DECODE[:1]), _logits(split, PROMPTS, DECODE[:1]))
+
+
+@pytest.mark.gpu
+def test_tune_silu_gemv_keeps_the_logits_bf16(tmp_path: Path) -> None:
+    """Warm-up's choice on the GPU in bf16: after ``tune_gemv`` and ``tune_silu_gemv`` each down
+    projection is fused exactly where it was chosen, and one-token logits hold (within bf16
+    rounding: the fused config may differ from the one ``tune_gemv`` bound, or from cuBLAS)."""
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3", standard_init=True)
+    cuda = torch.device("cuda")
+    fast = _load(model_dir, Ops.triton(), cuda, dtype=torch.bfloat16)
+    one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
+    triton_ops.tune_gemv(fast)
+    before = _logits(fast, one, steps)
+
+    chosen = triton_ops.tune_silu_gemv(fast)
+
+    for layer in fast.model.layers:
+        config = chosen.get(tuple(layer.mlp.down_proj.weight.shape))
+        fused = config is not None and layer.mlp.down_proj.matmul is triton_ops.silu_gemv_matmul(config)
+        assert fused == (config is not None) == isinstance(layer.mlp.act_fn, torch.nn.Identity)
+    torch.testing.assert_close(_logits(fast, one, steps), before, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.gpu
 def test_tune_gemv_binds_the_winners_in_its_own_model_only(tmp_path: Path) -> None:
     """Warm-up tuning on the GPU: each layer ends with the GEMV kernel of its shape's winning config
