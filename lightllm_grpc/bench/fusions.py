@@ -6,9 +6,12 @@ graphs, each weight read from HBM by rotating among copies, as ``triton_ops`` tu
 
 - ``silu``: the down projection (``I/tp -> 4096``): the SiLU-and-mul kernel then cuBLAS, or
   then the GEMV kernel of each config, against ``silu_gemv`` of each config;
+- ``norm``: qkv (``4096 -> 6144/tp``) and gate_up (``4096 -> 28672/tp``): the residual add +
+  RMSNorm kernel then cuBLAS, or then the GEMV of each config, against ``add_rmsnorm_gemv``
+  of each config (every program of which re-reads the 8 KB rows from L2);
 
 and which one warm-up would bind (the fused GEMV only where it beats the best unfused pair by
-``tune_silu_gemv``'s margin). The gain per step is the per-layer gain times the 32 layers.
+the tuner's margin). The gain per step is the per-layer gain times the 32 layers.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from lightllm_grpc_kernels.gemv import GEMV_CONFIGS
 from lightllm_grpc.layers import triton_ops
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4096, 14336, 32, 8, 128, 32  # Llama-3 8B
-MIN_GAIN = 0.01  # tune_silu_gemv's default margin
+MIN_GAIN = 0.01  # the tuners' default margin
 DEVICE = "cuda"
 
 
@@ -37,19 +40,33 @@ def _gbs(nbytes: int, ms: float) -> str:
 
 def bench_silu(tp: int) -> list[str]:
     """The down projection at ``tp``: every unfused pair and every fused config."""
-    w = torch.randn(HIDDEN, INTER // tp, device=DEVICE, dtype=torch.bfloat16) / INTER**0.5
+    return _pairs("down", (HIDDEN, INTER // tp), tp, "SiLU", triton_ops.time_silu_gemv)
+
+
+def bench_norm(tp: int) -> list[str]:
+    """qkv and gate_up at ``tp``, each after its add + RMSNorm: every unfused pair and fused config."""
+    qkv = ((HEADS + 2 * KV_HEADS) * HEAD_DIM // tp, HIDDEN)
+    gate_up = (2 * INTER // tp, HIDDEN)
+    return [
+        line
+        for name, shape in (("qkv", qkv), ("gate_up", gate_up))
+        for line in _pairs(name, shape, tp, "add+RMSNorm", triton_ops.time_norm_gemv)
+    ]
+
+
+def _pairs(name: str, shape: tuple[int, int], tp: int, op: str, timer: Callable) -> list[str]:
+    w = torch.randn(*shape, device=DEVICE, dtype=torch.bfloat16) / shape[1] ** 0.5
     nbytes = w.numel() * w.element_size()
-    lines = [f"down {tuple(w.shape)} (TP={tp}), weight {nbytes / 1e6:.1f} MB"]
+    lines = [f"{name} {tuple(w.shape)} (TP={tp}), weight {nbytes / 1e6:.1f} MB"]
     configs = GEMV_CONFIGS
-    (cublas_ms, *gemv_ms), fused = triton_ops.time_silu_gemv(
+    (cublas_ms, *gemv_ms), fused = timer(
         w, [F.linear, *(triton_ops.gemv_matmul(c) for c in configs)], configs
     )
     for config, pair_ms, (ms, _) in zip(configs, gemv_ms, fused, strict=True):
-        lines.append(f"  {config}: SiLU + GEMV {_us(pair_ms)}   fused {_us(ms)} {_gbs(nbytes, ms)}")
-    lines.append(f"  SiLU + cuBLAS {_us(cublas_ms)} {_gbs(nbytes, cublas_ms)}")
-    split = [(cublas_ms, "SiLU + cuBLAS")] + [
-        (t, f"SiLU + GEMV {c}") for t, c in zip(gemv_ms, configs, strict=True)
-    ]
+        lines.append(f"  {config}: {op} + GEMV {_us(pair_ms)}   fused {_us(ms)} {_gbs(nbytes, ms)}")
+    lines.append(f"  {op} + cuBLAS {_us(cublas_ms)} {_gbs(nbytes, cublas_ms)}")
+    split = [(cublas_ms, f"{op} + cuBLAS")]
+    split += [(t, f"{op} + GEMV {c}") for t, c in zip(gemv_ms, configs, strict=True)]
     return lines + _verdict(min(split), min(fused, key=lambda t: t[0]), nbytes)
 
 
@@ -65,7 +82,7 @@ def _verdict(split: tuple[float, str], fused: tuple[float, object], nbytes: int)
     ]
 
 
-BENCHES: dict[str, Callable[[int], list[str]]] = {"silu": bench_silu}
+BENCHES: dict[str, Callable[[int], list[str]]] = {"silu": bench_silu, "norm": bench_norm}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ from lightllm_grpc_kernels.fp8_gemv import (
     Fp8GemvConfig,
     fp8_gemv,
 )
-from lightllm_grpc_kernels.gemv import GEMV_CONFIGS, GemvConfig, gemv, silu_gemv
+from lightllm_grpc_kernels.gemv import GEMV_CONFIGS, GemvConfig, add_rmsnorm_gemv, gemv, silu_gemv
 from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 from lightllm_grpc_kernels.rotary import apply_rotary
 from torch import nn
@@ -249,6 +249,32 @@ def time_silu_gemv(
         (triton.testing.do_bench_cudagraph(rotating(lambda m, c=c: silu_gemv(h, m, c))), c) for c in configs
     ]
     return split, fused
+
+
+def time_norm_gemv(
+    w: torch.Tensor, matmuls: Sequence[Matmul], configs: Sequence[GemvConfig] = GEMV_CONFIGS
+) -> tuple[list[float], list[tuple[float, GemvConfig]]]:
+    """At one token, in CUDA graphs, from HBM (rotating copies of ``w [N, K]``): the residual
+    add + RMSNorm kernel then each of ``matmuls``, and ``add_rmsnorm_gemv`` with each of
+    ``configs``; returns ``([ms per matmul], [(ms, config)])``. The warm-up's measurement, and
+    the micro-benchmark's (``bench/fusions.py``)."""
+    import triton.testing
+
+    rotating = _rotating(w)
+    x, residual = (torch.randn(1, w.shape[1], device=w.device, dtype=w.dtype) for _ in range(2))
+    norm_w = torch.ones(w.shape[1], device=w.device, dtype=w.dtype)
+
+    def split(m: torch.Tensor, f: Matmul) -> object:
+        return f(fused_add_rmsnorm(x, residual, norm_w, 1e-5), m, None)
+
+    def fused(m: torch.Tensor, c: GemvConfig) -> object:
+        return add_rmsnorm_gemv(x, residual, norm_w, 1e-5, m, c)
+
+    bench = triton.testing.do_bench_cudagraph
+    return (
+        [bench(rotating(lambda m, f=f: split(m, f))) for f in matmuls],
+        [(bench(rotating(lambda m, c=c: fused(m, c))), c) for c in configs],
+    )
 
 
 def _time_gemv(w: torch.Tensor) -> tuple[float, float, GemvConfig]:

@@ -63,7 +63,14 @@ def test_fusions_bench_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     ticks = iter(range(1, 1000))
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn: (fn(), next(ticks) * 1e-3)[1])
 
-    lines = fusions.bench_silu(1)
+    monkeypatch.setattr(fusions, "HEADS", 2)
+    monkeypatch.setattr(fusions, "KV_HEADS", 1)
+    monkeypatch.setattr(fusions, "HEAD_DIM", 8)
 
-    assert lines[0].startswith("down (32, 48) (TP=1)")
-    assert any("best fused" in line for line in lines) and lines[-1].startswith("  -> ")
+    silu, norm = fusions.bench_silu(1), fusions.bench_norm(1)
+
+    assert silu[0].startswith("down (32, 48) (TP=1)")
+    assert norm[0].startswith("qkv (32, 32) (TP=1)")
+    assert any(line.startswith("gate_up (96, 32) (TP=1)") for line in norm)
+    for lines in (silu, norm):
+        assert any("best fused" in line for line in lines) and lines[-1].startswith("  -> ")
