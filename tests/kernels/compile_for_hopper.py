@@ -1,0 +1,94 @@
+"""Compiles the kernels for an H100 (sm_90) on a machine without one; run as a module.
+
+``python -m tests.kernels.compile_for_hopper [case ...]`` prints ``{case: "ok" | error}`` as
+JSON. Triton's front end and its bundled ptxas run on the CPU, so a kernel the interpreter
+accepts but the compiler rejects (a non-constexpr global, a lowering that does not exist)
+fails here, not on the GPU. It must run without ``TRITON_INTERPRET`` (the tests' conftest sets
+it, so ``test_kernels_compile_for_hopper.py`` runs this in a subprocess).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+HOPPER = GPUTarget("cuda", 90, 32)
+GEMV = {"w_ptr": "*bf16", "y_ptr": "*bf16", "n": "i32", "k": "i32", "stride_w": "i32"}
+GEMV_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 256, "NUM_STAGES": 3}
+NORM_GEMV = {
+    **GEMV,
+    "x_ptr": "*bf16",
+    "res_ptr": "*bf16",
+    "res_out_ptr": "*bf16",
+    "norm_w_ptr": "*bf16",
+    "eps": "fp32",
+}
+STRIDES = (
+    "stride_qt",
+    "stride_qh",
+    "stride_kt",
+    "stride_kh",
+    "stride_vt",
+    "stride_vh",
+    "stride_bs",
+    "stride_bh",
+)
+STORE = {
+    **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr"), "*bf16"),
+    **dict.fromkeys(("k_buf_ptr", "v_buf_ptr"), "*fp8e4nv"),
+    **dict.fromkeys(("slots_ptr", "pos_ptr"), "*i64"),
+    **dict.fromkeys(("cos_ptr", "sin_ptr", "k_scale_ptr", "v_scale_ptr"), "*fp32"),
+    **dict.fromkeys((*STRIDES, "stride_cos", "stride_sin", "num_q_heads", "num_kv_heads", "head_dim"), "i32"),
+}
+STORE_CONSTS = {"FP8_MAX": 448.0, "BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_HALF": 64, "BLOCK_D": 128}
+RMSNORM = {
+    **dict.fromkeys(("x_ptr", "res_ptr", "w_ptr", "out_ptr"), "*bf16"),
+    **dict.fromkeys(("stride_x", "stride_r", "stride_o", "n_cols"), "i32"),
+    "eps": "fp32",
+}
+
+
+def cases() -> dict[str, tuple[object, dict[str, str], dict[str, object], bool]]:
+    """case -> (kernel, argument types, constexpr values, FMA contraction on)."""
+    gemv, store, norm = (
+        importlib.import_module(f"lightllm_grpc_kernels.{m}") for m in ("gemv", "store_kv", "rmsnorm")
+    )
+    bf16_pool = {**STORE, "k_buf_ptr": "*bf16", "v_buf_ptr": "*bf16"}
+    with_res, no_res = ({**GEMV_BLOCKS, "HAS_RESIDUAL": r} for r in (True, False))
+    fp8, same = ({**STORE_CONSTS, "KV_FP8": f} for f in (True, False))
+    return {
+        "gemv": (gemv._gemv_kernel, {**GEMV, "x_ptr": "*bf16"}, GEMV_BLOCKS, True),
+        "silu_gemv": (gemv._silu_gemv_kernel, {**GEMV, "h_ptr": "*bf16"}, GEMV_BLOCKS, True),
+        "add_rmsnorm_gemv": (gemv._add_rmsnorm_gemv_kernel, NORM_GEMV, with_res, True),
+        "add_rmsnorm_gemv no residual": (gemv._add_rmsnorm_gemv_kernel, NORM_GEMV, no_res, True),
+        "rotary_store_kv fp8": (store._rotary_store_kv_kernel, STORE, fp8, False),
+        "rotary_store_kv bf16": (store._rotary_store_kv_kernel, bf16_pool, same, False),
+        "fused_add_rmsnorm": (norm._rmsnorm_kernel, RMSNORM, {"HAS_RESIDUAL": True, "BLOCK": 4096}, False),
+    }
+
+
+def compile_case(kernel: object, types: dict[str, str], constexprs: dict[str, object], fma: bool) -> str:
+    signature = {**types, **dict.fromkeys(constexprs, "constexpr")}
+    names = list(kernel.arg_names)
+    if sorted(names) != sorted(signature):
+        return f"argument names {sorted(signature)} != the kernel's {names}"
+    source = ASTSource(fn=kernel, signature={n: signature[n] for n in names}, constexprs=constexprs)
+    try:
+        compiled = triton.compile(source, target=HOPPER, options={"num_warps": 4, "enable_fp_fusion": fma})
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "ok" if compiled.asm.get("cubin") else "no cubin"
+
+
+def main(argv: list[str]) -> None:
+    table = cases()
+    print(json.dumps({name: compile_case(*table[name]) for name in (argv or list(table))}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
