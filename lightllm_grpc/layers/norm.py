@@ -1,13 +1,16 @@
-"""RMSNorm, optionally fused with the residual add that precedes it in every decoder layer."""
+"""RMSNorm, optionally fused with the residual add that precedes it in every decoder layer;
+``AddNormLinear``, a decoder norm and the projection that reads it as one step."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from lightllm_grpc.layers.linear import LinearBase
     from lightllm_grpc.layers.ops import Ops
 
 
@@ -47,3 +50,40 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self._rms_norm(x, self.weight, self.eps), x
         return self._add_rms_norm(x, residual, self.weight, self.eps)
+
+
+# (norm, linear, x, residual | None) -> (linear(norm(residual + x)), residual + x): how an
+# ``AddNormLinear`` runs its pair.
+NormLinearStep = Callable[
+    ["RMSNorm", "LinearBase", torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def norm_then_linear(
+    norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair as two ops: the norm's forward, then the linear layer's."""
+    hidden, residual = norm(x, residual)
+    return linear(hidden), residual
+
+
+class AddNormLinear(nn.Module):
+    """A decoder layer's residual add + RMSNorm and the projection that reads the norm's output
+    (qkv after ``input_layernorm``, gate_up after ``post_attention_layernorm``), as one step:
+    ``forward(x, residual)`` returns ``(linear(norm(residual + x)), residual + x)`` (without a
+    residual, ``(linear(norm(x)), x)``). The residual passed in is the caller's to give up: it
+    may be updated in place, or the sum may come back in a new tensor.
+
+    The norm and the linear stay the decoder layer's modules (their weights load under their
+    own names); this module only runs them, by ``step``: ``norm_then_linear`` unless warm-up
+    bound one kernel for both at one token (``triton_ops.tune_norm_gemv``; only for a
+    column-parallel linear, whose forward has no collective to keep).
+    """
+
+    def __init__(self, norm: RMSNorm, linear: LinearBase) -> None:
+        super().__init__()
+        self.pair = (norm, linear)  # a tuple, so they are not registered twice as submodules
+        self.step: NormLinearStep = norm_then_linear
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.step(*self.pair, x, residual)

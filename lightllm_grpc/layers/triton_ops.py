@@ -5,8 +5,10 @@ The kernels whose signature matches the native op's are used as they are; ``rms_
 decode-sized matmuls per weight shape and binds the winners into each layer of that shape:
 ``tune_gemv`` the GEMV kernel or cuBLAS for one-token inputs of unquantized layers;
 ``tune_silu_gemv`` the GEMV with SiLU-and-mul folded into its loads for the down projections
-where that beats the activation kernel followed by the layer's matmul; ``tune_fp8_gemv`` the
-W8A16 kernel's tiles (for one token and for 2..16) of FP8 layers.
+where that beats the activation kernel followed by the layer's matmul; ``tune_norm_gemv`` the
+GEMV with the residual add + RMSNorm folded into its loads for qkv and gate_up (the decoder's
+``AddNormLinear`` steps) where that beats the norm kernel followed by the matmul;
+``tune_fp8_gemv`` the W8A16 kernel's tiles (for one token and for 2..16) of FP8 layers.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from lightllm_grpc.layers.attention.base import AttentionBackend
 from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
 from lightllm_grpc.layers.embedding import ParallelLMHead
 from lightllm_grpc.layers.fp8 import W8A16_MAX_M, Fp8Matmul, fp8_cuda_gemm, fp8_linear_cuda, is_fp8
-from lightllm_grpc.layers.linear import LinearBase, Matmul
+from lightllm_grpc.layers.linear import ColumnParallelLinear, LinearBase, Matmul
+from lightllm_grpc.layers.norm import AddNormLinear, RMSNorm, norm_then_linear
 
 __all__ = [
     "add_rms_norm",
@@ -49,8 +52,10 @@ __all__ = [
     "tune_fp8_gemv",
     "tune_gemv",
     "tune_matmuls",
+    "tune_norm_gemv",
     "tune_silu_gemv",
     "use_gemv",
+    "use_norm_gemv",
     "use_silu_gemv",
 ]
 log = logging.getLogger(__name__)
@@ -103,6 +108,25 @@ class SiluGemvMatmul:
         return y if bias is None else y + bias
 
 
+@dataclass(frozen=True)
+class NormGemvStep:
+    """An ``AddNormLinear`` step that runs one token's residual add, RMSNorm and projection as one
+    kernel (``add_rmsnorm_gemv``: the norm's output is never written; the new residual stream
+    comes back in a new tensor, so no program overwrites the residual the others read); more
+    tokens run the norm, then the linear layer, as before. For a column-parallel linear only
+    (its forward is the matmul alone: nothing, such as a collective, is skipped)."""
+
+    config: GemvConfig
+
+    def __call__(
+        self, norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] != 1:
+            return norm_then_linear(norm, linear, x, residual)
+        y, residual = add_rmsnorm_gemv(x, residual, norm.weight, norm.eps, linear.weight, self.config)
+        return (y if linear.bias is None else y + linear.bias), residual
+
+
 @functools.cache
 def gemv_matmul(config: GemvConfig) -> Matmul:
     """The ``GemvMatmul`` of ``config``: one object per config, shared by the layers that chose it."""
@@ -113,6 +137,12 @@ def gemv_matmul(config: GemvConfig) -> Matmul:
 def silu_gemv_matmul(config: GemvConfig) -> Matmul:
     """The ``SiluGemvMatmul`` of ``config``, one per config."""
     return SiluGemvMatmul(config)
+
+
+@functools.cache
+def norm_gemv_step(config: GemvConfig) -> NormGemvStep:
+    """The ``NormGemvStep`` of ``config``, one per config."""
+    return NormGemvStep(config)
 
 
 def _unquantized(layer: nn.Module) -> bool:
@@ -166,10 +196,11 @@ def use_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig]) -> in
 
 def tune_matmuls(model: nn.Module, fuse: bool = True) -> None:
     """The warm-up hook of the Triton ops: ``tune_gemv``, then (unless ``fuse`` is False, as the
-    decode profile's baseline asks) ``tune_silu_gemv``, then ``tune_fp8_gemv``."""
+    decode profile's baseline asks) ``tune_silu_gemv`` and ``tune_norm_gemv``, then ``tune_fp8_gemv``."""
     tune_gemv(model)
     if fuse:
         tune_silu_gemv(model)
+        tune_norm_gemv(model)
     tune_fp8_gemv(model)
 
 
@@ -209,6 +240,48 @@ def use_silu_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig]) 
                 m.fuse_act_into_down(silu_gemv_matmul(config))
                 changed += 1
     return changed
+
+
+def tune_norm_gemv(model: nn.Module, min_gain: float = 0.01) -> dict[tuple[int, int], GemvConfig]:
+    """For each weight shape of the projections ``model``'s decoder norms feed (``AddNormLinear``
+    with an unquantized column-parallel linear: qkv and gate_up), time at one token, inside CUDA
+    graphs, the add + RMSNorm kernel followed by the layer's matmul as bound now (after
+    ``tune_gemv``) against ``add_rmsnorm_gemv`` per config; where the fused one is faster by
+    ``min_gain``, bind it into every such step of that shape. Returns the chosen configs."""
+    pairs = [m for m in model.modules() if isinstance(m, AddNormLinear) and _norm_fusable(m)]
+    shapes = {tuple(m.pair[1].weight.shape): m.pair[1] for m in pairs}
+    chosen: dict[tuple[int, int], GemvConfig] = {}
+    for shape, linear in sorted(shapes.items()):
+        (split_ms,), timed = time_norm_gemv(linear.weight, [linear.matmul])
+        best_ms, best = min(timed, key=lambda t: t[0])
+        if best_ms < split_ms * (1 - min_gain):
+            chosen[shape] = best
+        log.info(
+            "%s after its norm at one token: add+RMSNorm kernel + %s %.1f us, fused GEMV %.1f us -> %s",
+            shape, _name(linear.matmul), split_ms * 1e3, best_ms * 1e3,
+            f"fused {best}" if shape in chosen else "separate norm",
+        )  # fmt: skip
+    use_norm_gemv(model, chosen)
+    torch.cuda.empty_cache()
+    return chosen
+
+
+def use_norm_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig]) -> int:
+    """Bind ``norm_gemv_step(configs[shape])`` into each of ``model``'s ``AddNormLinear`` steps whose
+    (unquantized, column-parallel) linear has a shape in ``configs``; returns how many changed."""
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, AddNormLinear) and _norm_fusable(m):
+            config = configs.get(tuple(m.pair[1].weight.shape))
+            if config is not None:
+                m.step = norm_gemv_step(config)
+                changed += 1
+    return changed
+
+
+def _norm_fusable(step: AddNormLinear) -> bool:
+    linear = step.pair[1]
+    return step.step is norm_then_linear and isinstance(linear, ColumnParallelLinear) and _unquantized(linear)
 
 
 def _name(matmul: Matmul) -> str:

@@ -29,7 +29,7 @@ from lightllm_grpc.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from lightllm_grpc.layers.norm import RMSNorm
+from lightllm_grpc.layers.norm import AddNormLinear, RMSNorm
 from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.layers.rotary import RotaryEmbedding
 from lightllm_grpc.models.config import ModelConfig
@@ -103,8 +103,13 @@ class LlamaAttention(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch, kv: KVCache
     ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)
+        return self.forward_qkv(positions, self.qkv_proj(hidden), batch, kv)
+
+    def forward_qkv(
+        self, positions: torch.Tensor, qkv: torch.Tensor, batch: ForwardBatch, kv: KVCache
+    ) -> torch.Tensor:
+        """The layer from its qkv projection's output on (the decoder layer computes it with the norm)."""
+        num_tokens = qkv.shape[0]
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(num_tokens, -1, self.head_dim)
@@ -133,7 +138,11 @@ class LlamaMLP(nn.Module, ActIntoDown):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.forward_gate_up(self.gate_up_proj(x))
+
+    def forward_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The MLP from its gate_up projection's output on (the decoder layer computes it with the norm)."""
+        return self.down_proj(self.act_fn(gate_up))
 
     def fuse_act_into_down(self, matmul: Matmul) -> None:
         """``ActIntoDown``: ``down_proj`` multiplies with ``matmul``, which applies SiLU-and-mul to
@@ -157,6 +166,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, ops, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        # Each norm with the projection that reads it, as one step (warm-up may make it one kernel).
+        self.attn_in = AddNormLinear(self.input_layernorm, self.self_attn.qkv_proj)
+        self.mlp_in = AddNormLinear(self.post_attention_layernorm, self.mlp.gate_up_proj)
 
     def forward(
         self,
@@ -167,10 +179,10 @@ class LlamaDecoderLayer(nn.Module):
         kv: KVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(mlp output, residual stream)``; the next layer's norm adds them (fused)."""
-        hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, batch, kv)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        qkv, residual = self.attn_in(hidden, residual)  # input_layernorm, then qkv_proj
+        hidden = self.self_attn.forward_qkv(positions, qkv, batch, kv)
+        gate_up, residual = self.mlp_in(hidden, residual)  # post_attention_layernorm, then gate_up_proj
+        return self.mlp.forward_gate_up(gate_up), residual
 
 
 class LlamaModel(nn.Module):

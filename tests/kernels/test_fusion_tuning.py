@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 import triton.testing
 from lightllm_grpc_kernels.gemv import GemvConfig
@@ -14,7 +16,9 @@ from lightllm_grpc_kernels.gemv import GemvConfig
 from lightllm_grpc.bench import fusions
 from lightllm_grpc.layers import triton_ops
 from lightllm_grpc.layers.ops import Ops
+from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.loader import load_model
+from lightllm_grpc.parallel import ParallelState, set_parallel_state
 from tests.model_factory import make_tiny_model
 
 CONFIG = GemvConfig(8, 512, 4)
@@ -25,12 +29,63 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model("llama3", tmp_path_factory.mktemp("m") / "llama3", standard_init=True)
 
 
-def _model(model_dir: Path):
-    from lightllm_grpc.models.config import ModelConfig
+def _model(model_dir: Path, world_size: int = 1):
+    cfg = ModelConfig.from_pretrained(model_dir)
+    backend = Ops.triton().attention(2, cfg.num_heads // world_size, cfg.head_dim, "cpu", torch.float32)
+    return load_model(model_dir, device="cpu", dtype="float32", attn_backend=backend, ops=Ops.triton())
+
+
+def _fuse_everything(model) -> None:
+    """Every one-token fusion bound (what warm-up does where each wins), with the default config."""
+    layer = model.model.layers[0]
+    norm_shapes = {tuple(p.weight.shape) for p in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj)}
+    assert triton_ops.use_silu_gemv(model, {tuple(layer.mlp.down_proj.weight.shape): GemvConfig()})
+    assert triton_ops.use_norm_gemv(model, dict.fromkeys(norm_shapes, GemvConfig()))
+    assert layer.self_attn.rotary_in_kv_store
+
+
+def _tp_worker(
+    rank: int, world_size: int, init_file: str, model_dir: Path, prompt: list[int], out: str
+) -> None:
+    from tests.kernels.conftest import _index_scalar_with_numpy_2_4, _round_to_e4m3_as_the_gpu_does
+    from tests.kernels.test_ops import _logits
+
+    _index_scalar_with_numpy_2_4()  # the interpreter's patches, as the parent's conftest made them
+    _round_to_e4m3_as_the_gpu_does()
+    set_parallel_state(ParallelState(rank, world_size))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = _model(model_dir, world_size)
+        _fuse_everything(model)
+        torch.save(_logits(model, [prompt], [[31], [400]]), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+        set_parallel_state(ParallelState())
+
+
+def test_fusions_under_tensor_parallelism(tiny: Path, tmp_path: Path) -> None:
+    """Two gloo ranks with every fusion bound (interpreter): the norm GEMVs take the all-reduced
+    o_proj/down outputs, the fused down GEMV keeps its all-reduce; logits equal one native rank's."""
+    prompt = [5, 9, 100, 7, 42]
+    out = str(tmp_path / "logits")
+    mp.spawn(_tp_worker, (2, str(tmp_path / "init"), tiny, prompt, out), nprocs=2)
+    expected = _native_logits(tiny, prompt)
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(f"{out}.{rank}"), expected, rtol=1e-4, atol=1e-4)
+
+
+def _native_logits(model_dir: Path, prompt: list[int]) -> torch.Tensor:
+    from tests.kernels.test_ops import _logits
 
     cfg = ModelConfig.from_pretrained(model_dir)
-    backend = Ops.triton().attention(1, cfg.num_heads, cfg.head_dim, "cpu", torch.float32)
-    return load_model(model_dir, device="cpu", dtype="float32", attn_backend=backend, ops=Ops.triton())
+    native = load_model(
+        model_dir,
+        device="cpu",
+        dtype="float32",
+        attn_backend=Ops.native().attention(2, cfg.num_heads, cfg.head_dim, "cpu", torch.float32),
+        ops=Ops.native(),
+    )
+    return _logits(native, [prompt], [[31], [400]])
 
 
 @pytest.mark.parametrize(("split_ms", "fused_ms", "binds"), [(1.0, 0.5, True), (1.0, 0.995, False)])
@@ -54,6 +109,40 @@ def test_tune_silu_gemv_binds_only_a_clear_win(
         assert (layer.mlp.down_proj.matmul is triton_ops.silu_gemv_matmul(CONFIG)) == binds
 
 
+@pytest.mark.parametrize(("split_ms", "fused_ms", "binds"), [(1.0, 0.5, True), (1.0, 0.995, False)])
+def test_tune_norm_gemv_binds_only_a_clear_win(
+    tiny: Path, split_ms: float, fused_ms: float, binds: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qkv and gate_up are timed once per shape against the matmul each is bound to (here qkv on
+    the GEMV kernel, gate_up on cuBLAS); an FP8-like (not unquantized) layer is left alone."""
+    model = _model(tiny)
+    layer = model.model.layers[0]
+    qkv, gate_up = layer.self_attn.qkv_proj, layer.mlp.gate_up_proj
+    triton_ops.use_gemv(model, {tuple(qkv.weight.shape): GemvConfig()})
+    other = model.model.layers[1].mlp.gate_up_proj
+    other.matmul = lambda x, w, b: F.linear(x, w, b)  # some other method's matmul (FP8's, say)
+    calls = []
+
+    def timed(w, matmuls, configs=triton_ops.GEMV_CONFIGS):
+        calls.append((tuple(w.shape), list(matmuls)))
+        return [split_ms], [(fused_ms, CONFIG), (fused_ms + 0.1, GemvConfig())]
+
+    monkeypatch.setattr(triton_ops, "time_norm_gemv", timed)
+    chosen = triton_ops.tune_norm_gemv(model)
+
+    expected_calls = [
+        (tuple(qkv.weight.shape), [triton_ops.gemv_matmul(GemvConfig())]),
+        (tuple(gate_up.weight.shape), [F.linear]),
+    ]
+    assert sorted(calls, key=lambda c: c[0]) == sorted(expected_calls, key=lambda c: c[0])
+    shapes = {tuple(qkv.weight.shape), tuple(gate_up.weight.shape)}
+    assert chosen == (dict.fromkeys(shapes, CONFIG) if binds else {})
+    for layer in model.model.layers:
+        for step in (layer.attn_in, layer.mlp_in):
+            fusable = step.pair[1] is not other
+            assert (step.step is triton_ops.norm_gemv_step(CONFIG)) == (binds and fusable)
+
+
 def test_fusions_bench_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """The benchmark's code path on tiny shapes in the interpreter, each timed call run once."""
     monkeypatch.setattr(fusions, "DEVICE", "cpu")
@@ -74,3 +163,49 @@ def test_fusions_bench_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert any(line.startswith("gate_up (96, 32) (TP=1)") for line in norm)
     for lines in (silu, norm):
         assert any("best fused" in line for line in lines) and lines[-1].startswith("  -> ")
+
+
+def test_profile_decode_compares_by_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+    """The before/after table of ``profile_decode --compare`` (on made-up profiles)."""
+    from lightllm_grpc.bench.profile_decode import print_comparison
+
+    off = {
+        "graph_ms": 4.65,
+        "kernels_ms": 0.3,
+        "rows": [["_gemv_kernel", 0.2, 96], ["_rotary_kernel", 0.07, 32]],
+    }
+    on = {
+        "graph_ms": 4.5,
+        "kernels_ms": 0.25,
+        "rows": [["_gemv_kernel", 0.1, 32], ["_add_rmsnorm_gemv_kernel", 0.15, 64]],
+    }
+
+    print_comparison(off, on, 1, 128)
+
+    out = capsys.readouterr().out
+    assert "graph replay 4.650 -> 4.500 ms (-150.0 us)" in out
+    assert "   0.070    32    0.000     0  _rotary_kernel" in out
+    assert "launches per step: 128 -> 96" in out
+
+
+def test_profile_decode_unfuses_before_warmup(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--fusions off``: rotary back to its own kernel, and warm-up tunes no fused GEMV."""
+    from types import SimpleNamespace
+
+    from lightllm_grpc.bench.profile_decode import unfuse
+
+    model = _model(tiny)
+    shard = SimpleNamespace(model=model, ops=Ops.triton())
+    tuned = []
+    monkeypatch.setattr(triton_ops, "tune_gemv", lambda m: tuned.append("gemv"))
+    monkeypatch.setattr(triton_ops, "tune_fp8_gemv", lambda m: tuned.append("fp8"))
+    monkeypatch.setattr(triton_ops, "tune_silu_gemv", lambda m: tuned.append("silu"))
+    monkeypatch.setattr(triton_ops, "tune_norm_gemv", lambda m: tuned.append("norm"))
+
+    unfuse(shard)
+    shard.ops.tune(model)
+
+    assert tuned == ["gemv", "fp8"]
+    assert not any(layer.self_attn.rotary_in_kv_store for layer in model.model.layers)
+    Ops.triton().tune(model)
+    assert tuned[2:] == ["gemv", "silu", "norm", "fp8"]

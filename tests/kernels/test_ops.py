@@ -229,6 +229,75 @@ def test_silu_folded_into_the_down_gemv_changes_no_logit(tmp_path: Path, device:
     assert torch.equal(_logits(fused, PROMPTS, DECODE[:1]), _logits(split, PROMPTS, DECODE[:1]))
 
 
+def test_norms_folded_into_the_next_gemv_change_no_logit(tmp_path: Path, device: torch.device) -> None:
+    """What warm-up does when the fused qkv and gate_up GEMVs win (with the fused down GEMV too:
+    every fusion at once): each decoder layer's two norm steps run ``add_rmsnorm_gemv`` at one
+    token, and the logits are bit-identical to the norm kernel then the plain GEMV of the same
+    config (one token; the first layer has no residual yet), and to the norm kernel then cuBLAS
+    (the prefill and two-row decode steps). qwen2 has a qkv bias."""
+    model_dir = make_tiny_model("qwen2", tmp_path / "qwen2", standard_init=True)
+    split, fused = _load(model_dir, Ops.triton(), device), _load(model_dir, Ops.triton(), device)
+    for a, b in zip(split.model.layers, fused.model.layers, strict=True):  # transformers' init is 0
+        b.self_attn.qkv_proj.bias.copy_(a.self_attn.qkv_proj.bias.normal_(0, 0.5))
+    layer = split.model.layers[0]
+    shapes = [tuple(p.weight.shape) for p in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj)]
+    down = tuple(layer.mlp.down_proj.weight.shape)
+    config = GemvConfig()
+    triton_ops.use_gemv(split, {s: config for s in [*shapes, down]})
+    triton_ops.use_silu_gemv(fused, {down: config})
+
+    assert triton_ops.use_norm_gemv(fused, {s: config for s in shapes}) == 2 * len(fused.model.layers)
+
+    step = triton_ops.norm_gemv_step(config)
+    for layer in fused.model.layers:
+        assert layer.attn_in.step is step and layer.mlp_in.step is step
+        assert layer.attn_in.pair == (layer.input_layernorm, layer.self_attn.qkv_proj)
+    assert layer.self_attn.qkv_proj.bias is not None
+    assert triton_ops.use_norm_gemv(fused, {s: config for s in shapes}) == 0  # already fused
+    one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
+    assert torch.equal(_logits(fused, one, steps), _logits(split, one, steps))
+    assert torch.equal(_logits(fused, PROMPTS, DECODE[:1]), _logits(split, PROMPTS, DECODE[:1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama3", "qwen2"])
+def test_every_fusion_keeps_the_logits_bf16(arch: str, tmp_path: Path) -> None:
+    """bf16 on the GPU, compiled: rotary in the store, the down GEMV with SiLU and the qkv and
+    gate_up GEMVs with the norms, all bound with the config ``tune_gemv`` gave each shape: one-
+    token logits bit-identical to the same model with no fusion but the same GEMV configs."""
+    model_dir = make_tiny_model(arch, tmp_path / arch, standard_init=True)
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    fused = _load(model_dir, Ops.triton(), cuda, dtype=bf16)
+    split = _load(model_dir, dataclasses.replace(Ops.triton(), rotary_in_kv_store=False), cuda, dtype=bf16)
+    layer = split.model.layers[0]
+    shapes = {tuple(p.weight.shape) for p in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj)}
+    down = tuple(layer.mlp.down_proj.weight.shape)
+    configs = {s: GemvConfig(8, 512, 4) for s in [*shapes, down]}
+    triton_ops.use_gemv(split, configs)
+    triton_ops.use_silu_gemv(fused, {down: configs[down]})
+    triton_ops.use_norm_gemv(fused, {s: configs[s] for s in shapes})
+    one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
+    assert torch.equal(_logits(fused, one, steps), _logits(split, one, steps))
+
+
+@pytest.mark.gpu
+def test_tune_norm_gemv_keeps_the_logits_bf16(tmp_path: Path) -> None:
+    """Warm-up's whole hook in bf16 on the GPU (``tune_matmuls``: GEMV or cuBLAS, then the two
+    fusions where they time faster): one-token logits within bf16 rounding of the untuned model,
+    and every norm step either fused with a chosen config or as built."""
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3", standard_init=True)
+    fast = _load(model_dir, Ops.triton(), torch.device("cuda"), dtype=torch.bfloat16)
+    one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
+    before = _logits(fast, one, steps)
+
+    triton_ops.tune_matmuls(fast)
+
+    for layer in fast.model.layers:
+        for step in (layer.attn_in, layer.mlp_in):
+            assert step.step is norm.norm_then_linear or isinstance(step.step, triton_ops.NormGemvStep)
+    torch.testing.assert_close(_logits(fast, one, steps), before, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.gpu
 def test_tune_silu_gemv_keeps_the_logits_bf16(tmp_path: Path) -> None:
     """Warm-up's choice on the GPU in bf16: after ``tune_gemv`` and ``tune_silu_gemv`` each down
