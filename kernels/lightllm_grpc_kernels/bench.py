@@ -6,7 +6,8 @@ Each row prints the median time of the kernel and of torch, and the bandwidth ea
 over the bytes the operation must move at least (attention also prints TFLOP/s). Small
 shapes are dominated by launch latency; --graph times through CUDA graphs to remove it.
 Fusions (``rotary_store_kv``) print the fused kernel against the kernels it replaces
-("fused" vs "split"); with --graph the difference is what the launches cost in a graph.
+("fused" vs "split"), and ``decode_stages`` flash-decoding in one launch against its two
+stages; with --graph the difference is what the launches cost in a graph.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import triton
 import triton.testing
 
 from lightllm_grpc_kernels.activation import silu_and_mul, silu_and_mul_ref
-from lightllm_grpc_kernels.decode_attention import decode_attention
+from lightllm_grpc_kernels.decode_attention import decode_attention, decode_num_splits
 from lightllm_grpc_kernels.prefill_attention import prefill_attention
 from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref
 from lightllm_grpc_kernels.rotary import apply_rotary, apply_rotary_ref
@@ -263,6 +264,43 @@ def bench_decode_attention(graph: bool) -> list[Result]:
     return results
 
 
+def bench_decode_stages(graph: bool) -> list[Result]:
+    """Flash-decoding at small batches and short contexts, where it is launch-bound: the default
+    split count merged in the one launch (``counters``) against the two-stage kernels, and a
+    single split (one launch, no merge, one program per kv head) against the two stages."""
+    return [
+        r for batch in (1, 8) for seq in (128, 512, 2048, 8192) for r in _decode_stages(batch, seq, graph)
+    ]
+
+
+def _decode_stages(batch: int, seq: int, graph: bool) -> list[Result]:
+    k_buf, v_buf, table, rows, lens = _paged([seq] * batch)
+    q = _randn(batch, HEADS, HEAD_DIM)
+    args = (q, k_buf, v_buf, table, rows, lens, HEAD_DIM**-0.5)
+    splits = decode_num_splits(batch)
+    mid_o = torch.empty(batch, HEADS, splits, HEAD_DIM, device=DEVICE)
+    mid_lse = torch.empty(batch, HEADS, splits, device=DEVICE)
+    counters = torch.zeros(batch * KV_HEADS, dtype=torch.int32, device=DEVICE)
+    nbytes = _nbytes(k_buf, v_buf, table) + 2 * _nbytes(q)
+    shape = f"B={batch} seq={seq} splits={splits}"
+
+    def two_stages() -> None:
+        decode_attention(*args, num_splits=splits, mid_o=mid_o, mid_lse=mid_lse)
+
+    def merged() -> None:
+        decode_attention(*args, num_splits=splits, mid_o=mid_o, mid_lse=mid_lse, counters=counters)
+
+    def single_split() -> None:
+        decode_attention(*args, num_splits=1)
+
+    return [
+        dataclasses.replace(
+            _compare(name, shape, nbytes, fn, two_stages, graph), labels=("1-launch", "2-stage")
+        )
+        for name, fn in (("decode merged in 1 launch", merged), ("decode 1 split", single_split))
+    ]
+
+
 def _prefill_torch(
     q: torch.Tensor,
     k_buf: torch.Tensor,
@@ -362,6 +400,7 @@ BENCHES: dict[str, Callable[[bool], list[Result]]] = {
     "rotary_store_kv": bench_rotary_store_kv,
     "silu_and_mul": bench_silu_and_mul,
     "decode_attention": bench_decode_attention,
+    "decode_stages": bench_decode_stages,
     "prefill_attention": bench_prefill_attention,
     "sampling": bench_sampling,
 }

@@ -7,6 +7,12 @@ With a single split (large batches) stage 1 writes the output itself and stage 2
 Every program derives its chunk from the seq_len it loads, so the grid depends only on the
 batch size, the head counts and the split count: no host sync, safe to capture in a CUDA graph.
 
+With ``counters`` (zeroed int32, one per (sequence, kv head), kept between calls) the merge
+happens in stage 1 instead: each program counts itself in with an atomic add once its
+partial is written, and the last one of a (sequence, kv head) merges that head group's
+splits and resets the counter, so one launch replaces two (a batch-1 decode step at short
+context is launch-bound: ``bench.py --only decode_stages`` times both).
+
 An FP8 (e4m3) pool is read as it is stored: each tile converts to the queries' dtype (exact),
 the K scale is folded into the softmax scale and the V scale multiplies the partial output,
 both loaded from device memory (one fp32 element each).
@@ -107,6 +113,43 @@ def _attend(
 
 
 @triton.jit
+def _merge_if_last(
+    counter_ptr, mid_o_ptr, mid_lse_ptr, out_ptrs, heads_rows, g_mask, offs_d, d_mask, head_dim,
+    NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Count this program's partial in; the last of the NUM_SPLITS programs of its (sequence,
+    kv head) merges their partials as stage 2 does and resets the counter for the next call.
+    ``heads_rows``: workspace row of split 0 of each of the head group's query heads."""
+    tl.debug_barrier()  # every thread's partial stores are issued before the count
+    # acq_rel at GPU scope: the last program sees every other program's partial.
+    count = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if count == NUM_SPLITS - 1:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+        offs_s = tl.arange(0, BLOCK_S)
+        gs_mask = g_mask[:, None] & (offs_s[None, :] < NUM_SPLITS)
+        # .cg: from L2, where the other programs' stores are (this SM's L1 may not be coherent).
+        lse = tl.load(mid_lse_ptr + heads_rows[:, None] + offs_s[None, :], mask=gs_mask,
+                      other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+        lse_max = tl.max(lse, axis=1)
+        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no keys at all: zeros, not NaN
+        total = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        gd_mask = g_mask[:, None] & d_mask[None, :]
+        for s in tl.static_range(NUM_SPLITS):
+            lse_s = tl.load(
+                mid_lse_ptr + heads_rows + s, mask=g_mask, other=float("-inf"), cache_modifier=".cg"
+            )
+            has_keys = lse_s > float("-inf")
+            weight = tl.where(has_keys, tl.exp2(lse_s - lse_max), 0.0)
+            part = tl.load(mid_o_ptr + (heads_rows + s)[:, None] * head_dim + offs_d[None, :],
+                           mask=gd_mask & has_keys[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+            acc += part * weight[:, None]
+            total += weight
+        out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+        tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=gd_mask)
+
+
+@triton.jit
 def _decode_stage1_kernel(
     q_ptr,
     k_buf_ptr,
@@ -120,6 +163,7 @@ def _decode_stage1_kernel(
     out_ptr,
     k_scale_ptr,
     v_scale_ptr,
+    counters_ptr,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -129,14 +173,17 @@ def _decode_stage1_kernel(
     stride_bh,
     stride_rt,
     num_heads,
+    num_kv_heads,
     head_dim,
     GROUP: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
     KV_FP8: tl.constexpr,
+    MERGE: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -160,6 +207,7 @@ def _decode_stage1_kernel(
     # Workspace rows are (b, head, split): contiguous [B, H, MID_STRIDE(, D)].
     mid_rows = (b * num_heads + heads) * MID_STRIDE + split
     out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    counter = counters_ptr + b * num_kv_heads + kv_head  # MERGE only
     if HAS_PREFIX:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if (split == 0) & (kv_start == 0):  # no shared prefix here: that slot has no keys
             no_prefix = (b * num_heads + heads) * MID_STRIDE + NUM_SPLITS
@@ -171,6 +219,9 @@ def _decode_stage1_kernel(
         else:
             # No keys here: a log-sum-exp of -inf gives this split zero weight in stage 2.
             tl.store(mid_lse_ptr + mid_rows, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=g_mask)
+            if MERGE:
+                _merge_if_last(counter, mid_o_ptr, mid_lse_ptr, out_ptrs, mid_rows - split, g_mask, offs_d,
+                               d_mask, head_dim, NUM_SPLITS, BLOCK_G, BLOCK_S, BLOCK_D)  # fmt: skip
         return
     slot_row = req_to_token_ptr + tl.load(req_rows_ptr + b).to(tl.int64) * stride_rt
 
@@ -195,6 +246,9 @@ def _decode_stage1_kernel(
     else:
         tl.store(mid_o_ptr + mid_rows[:, None] * head_dim + offs_d[None, :], acc / l_i[:, None], mask=gd_mask)
         tl.store(mid_lse_ptr + mid_rows, m_i + tl.log2(l_i), mask=g_mask)
+        if MERGE:
+            _merge_if_last(counter, mid_o_ptr, mid_lse_ptr, out_ptrs, mid_rows - split, g_mask, offs_d,
+                           d_mask, head_dim, NUM_SPLITS, BLOCK_G, BLOCK_S, BLOCK_D)  # fmt: skip
 
 
 @triton.jit
@@ -350,6 +404,7 @@ def decode_attention(
     out: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence, q [B, H, D], over all of its sequence's K/V.
 
@@ -358,7 +413,9 @@ def decode_attention(
     [B, H, num_splits, D] and mid_lse [B, H, num_splits] (contiguous fp32) are the workspace;
     pass preallocated ones under CUDA-graph capture (with one split they go unused).
     An e4m3 pool needs ``k_scale`` and ``v_scale`` (one fp32 element each): it holds K / k_scale
-    and V / v_scale. Returns out [B, H, D].
+    and V / v_scale. ``counters`` (contiguous int32, at least B * Hkv elements, all zero, which
+    every call leaves them) merges the splits in the one launch (see the module docstring)
+    instead of a second kernel. Returns out [B, H, D].
     """
     _check_inputs(q, k_buf, v_buf, req_to_token, req_rows, seq_lens, k_scale, v_scale)
     batch = q.shape[0]
@@ -369,11 +426,15 @@ def decode_attention(
     assert out.shape == q.shape, f"out {tuple(out.shape)} != q {tuple(q.shape)}"
     if batch == 0:
         return out
+    merge = counters is not None and num_splits > 1
+    if merge:
+        assert counters.dtype == torch.int32 and counters.is_contiguous(), "counters: contiguous int32"
+        assert counters.numel() >= batch * k_buf.shape[1], f"counters: {counters.numel()} < B * Hkv"
     _stage1(
         q, k_buf, v_buf, req_to_token, req_rows, seq_lens, None, mid_o, mid_lse, out, scale, num_splits,
-        k_scale, v_scale,
+        k_scale, v_scale, counters if merge else None,
     )  # fmt: skip
-    if num_splits > 1:
+    if num_splits > 1 and not merge:
         _stage2(mid_o, mid_lse, out, num_splits)
     return out
 
@@ -451,8 +512,10 @@ def _stage1(
     num_splits: int,
     k_scale: torch.Tensor | None,
     v_scale: torch.Tensor | None,
+    counters: torch.Tensor | None = None,
 ) -> None:
-    """Flash-decoding over each sequence's keys from ``kv_starts`` (None: from 0) on."""
+    """Flash-decoding over each sequence's keys from ``kv_starts`` (None: from 0) on; with
+    ``counters``, the splits merged by the last program of each (sequence, kv head)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
     gpu = on_gpu(q)
@@ -460,11 +523,12 @@ def _stage1(
     _decode_stage1_kernel[(batch, num_kv_heads, num_splits)](
         q, k_buf, v_buf, req_to_token, req_rows, seq_lens,
         seq_lens if kv_starts is None else kv_starts,  # unused without a shared prefix
-        mid_o, mid_lse, out, k_scale, v_scale, scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0),
-        out.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0), num_heads, head_dim,
+        mid_o, mid_lse, out, k_scale, v_scale, seq_lens if counters is None else counters, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_buf.stride(0), k_buf.stride(1),
+        req_to_token.stride(0), num_heads, num_kv_heads, head_dim,
         GROUP=group, NUM_SPLITS=num_splits, HAS_PREFIX=kv_starts is not None, KV_FP8=k_scale is not None,
-        BLOCK_G=max(16, block(group)),
-        BLOCK_N=64 if gpu else 16, BLOCK_D=block(head_dim), DOT_PRECISION=dot_precision(q.dtype),
+        MERGE=counters is not None, BLOCK_G=max(16, block(group)), BLOCK_N=64 if gpu else 16,
+        BLOCK_D=block(head_dim), BLOCK_S=block(num_splits), DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4 if gpu else 1, num_stages=2 if gpu else 1,
     )  # fmt: skip
 

@@ -46,6 +46,20 @@ STORE = {
     **dict.fromkeys((*STRIDES, "stride_cos", "stride_sin", "num_q_heads", "num_kv_heads", "head_dim"), "i32"),
 }
 STORE_CONSTS = {"FP8_MAX": 448.0, "BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_HALF": 64, "BLOCK_D": 128}
+DECODE = {
+    **dict.fromkeys(("q_ptr", "k_buf_ptr", "v_buf_ptr", "out_ptr"), "*bf16"),
+    **dict.fromkeys(
+        ("req_to_token_ptr", "req_rows_ptr", "seq_lens_ptr", "kv_starts_ptr", "counters_ptr"), "*i32"
+    ),
+    **dict.fromkeys(("mid_o_ptr", "mid_lse_ptr", "k_scale_ptr", "v_scale_ptr", "qk_scale"), "*fp32"),
+    **dict.fromkeys(("stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_bs", "stride_bh"), "i32"),
+    **dict.fromkeys(("stride_rt", "num_heads", "num_kv_heads", "head_dim"), "i32"),
+    "qk_scale": "fp32",
+}
+DECODE_CONSTS = {
+    "GROUP": 4, "NUM_SPLITS": 32, "HAS_PREFIX": False, "KV_FP8": False, "MERGE": True,
+    "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "BLOCK_S": 32, "DOT_PRECISION": "tf32",
+}  # fmt: skip
 RMSNORM = {
     **dict.fromkeys(("x_ptr", "res_ptr", "w_ptr", "out_ptr"), "*bf16"),
     **dict.fromkeys(("stride_x", "stride_r", "stride_o", "n_cols"), "i32"),
@@ -55,9 +69,8 @@ RMSNORM = {
 
 def cases() -> dict[str, tuple[object, dict[str, str], dict[str, object], bool]]:
     """case -> (kernel, argument types, constexpr values, FMA contraction on)."""
-    gemv, store, norm = (
-        importlib.import_module(f"lightllm_grpc_kernels.{m}") for m in ("gemv", "store_kv", "rmsnorm")
-    )
+    modules = ("gemv", "store_kv", "rmsnorm", "decode_attention")
+    gemv, store, norm, decode = (importlib.import_module(f"lightllm_grpc_kernels.{m}") for m in modules)
     bf16_pool = {**STORE, "k_buf_ptr": "*bf16", "v_buf_ptr": "*bf16"}
     with_res, no_res = ({**GEMV_BLOCKS, "HAS_RESIDUAL": r} for r in (True, False))
     fp8, same = ({**STORE_CONSTS, "KV_FP8": f} for f in (True, False))
@@ -69,6 +82,7 @@ def cases() -> dict[str, tuple[object, dict[str, str], dict[str, object], bool]]
         "rotary_store_kv fp8": (store._rotary_store_kv_kernel, STORE, fp8, False),
         "rotary_store_kv bf16": (store._rotary_store_kv_kernel, bf16_pool, same, False),
         "fused_add_rmsnorm": (norm._rmsnorm_kernel, RMSNORM, {"HAS_RESIDUAL": True, "BLOCK": 4096}, False),
+        "decode_attention merged in one launch": (decode._decode_stage1_kernel, DECODE, DECODE_CONSTS, True),
     }
 
 

@@ -37,7 +37,13 @@ GPU_CASES = [
 ]
 
 
-def _run(case: tuple, dtype: torch.dtype, device: torch.device, paged_kv: Callable[..., PagedKV]) -> None:
+def _run(
+    case: tuple,
+    dtype: torch.dtype,
+    device: torch.device,
+    paged_kv: Callable[..., PagedKV],
+    merge: bool = False,
+) -> None:
     seq_lens, num_heads, num_kv_heads, head_dim, num_splits = case
     kv = paged_kv([s - 1 for s in seq_lens], [1] * len(seq_lens), num_kv_heads, head_dim, dtype, device)
     qkv = torch.randn(len(seq_lens), num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, device=device)
@@ -50,10 +56,20 @@ def _run(case: tuple, dtype: torch.dtype, device: torch.device, paged_kv: Callab
     mid_lse = torch.full(mid_o.shape[:3], float("nan"), device=device)
     out = torch.full_like(q, float("nan"))
 
-    decode_attention(*args, scale, num_splits=splits, mid_o=mid_o, mid_lse=mid_lse, out=out)
+    # With ``merge``: the splits merged in the one launch, twice (each call leaves the counters zero).
+    counters = (
+        torch.zeros(len(seq_lens) * num_kv_heads + 3, dtype=torch.int32, device=device) if merge else None
+    )
 
-    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    torch.testing.assert_close(out, decode_attention_ref(*args, scale), atol=tol, rtol=tol)
+    for _ in range(2 if merge else 1):
+        decode_attention(
+            *args, scale, num_splits=splits, mid_o=mid_o, mid_lse=mid_lse, out=out, counters=counters
+        )
+
+        tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        torch.testing.assert_close(out, decode_attention_ref(*args, scale), atol=tol, rtol=tol)
+        assert counters is None or not counters.any()
+        out.fill_(float("nan"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -73,15 +89,61 @@ def test_decode_attention_matches_reference_gpu(
     _run(case, dtype, device, paged_kv)
 
 
-@pytest.mark.parametrize("num_splits", [None, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [c for c in CASES if c[4] != 1])
+def test_decode_attention_merges_its_splits_in_one_launch(
+    case: tuple, dtype: torch.dtype, device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    """With ``counters`` the last program of each (sequence, kv head) merges the splits: no
+    second kernel, the same result, and the counters back at zero for the next call."""
+    _run(case, dtype, device, paged_kv, merge=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize("case", [c for c in CASES + GPU_CASES if c[4] != 1])
+def test_decode_attention_merges_its_splits_in_one_launch_gpu(
+    case: tuple, dtype: torch.dtype, device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    _run(case, dtype, device, paged_kv, merge=True)
+
+
+@pytest.mark.gpu
+def test_decode_attention_merged_replays_in_cuda_graph(
+    device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    """Batch 1 at 32 splits, merged in one launch, captured once and replayed 200 times: every
+    replay right (the programs that merge race only through the counters), counters at zero."""
+    seq_lens, num_heads, num_kv_heads, head_dim = [3000], 32, 8, 128
+    kv = paged_kv([s - 1 for s in seq_lens], [1], num_kv_heads, head_dim, torch.bfloat16, device)
+    q = torch.randn(1, num_heads, head_dim, dtype=torch.bfloat16, device=device)
+    args = (q, kv.k_buf, kv.v_buf, kv.req_to_token, kv.req_rows, kv.seq_lens, head_dim**-0.5)
+    counters = torch.zeros(num_kv_heads, dtype=torch.int32, device=device)
+    mid_o = torch.empty(1, num_heads, MAX_SPLITS, head_dim, device=device)
+    mid_lse = torch.empty(1, num_heads, MAX_SPLITS, device=device)
+    call = {"num_splits": MAX_SPLITS, "mid_o": mid_o, "mid_lse": mid_lse, "counters": counters}
+    decode_attention(*args, **call)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(*args, **call)
+    expected = decode_attention_ref(*args)
+    for _ in range(200):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.testing.assert_close(out, expected, atol=1.6e-2, rtol=1.6e-2)
+    assert not counters.any()
+
+
+@pytest.mark.parametrize(("num_splits", "merge"), [(None, False), (1, False), (None, True)])
 def test_decode_attention_empty_sequence_gives_zeros(
-    num_splits: int | None, device: torch.device, paged_kv: Callable[..., PagedKV]
+    num_splits: int | None, merge: bool, device: torch.device, paged_kv: Callable[..., PagedKV]
 ) -> None:
     """A padded batch entry (seq_len 0) must come out finite, not NaN, and leave the others alone."""
     kv = paged_kv([4, 0], [1, 1], 2, 64, torch.float32, device)
     kv.seq_lens[1] = 0
     q = torch.randn(2, 2, 64, device=device)
     out = torch.full_like(q, float("nan"))
+    counters = torch.zeros(4, dtype=torch.int32, device=device) if merge else None
     decode_attention(
         q,
         kv.k_buf,
@@ -92,6 +154,7 @@ def test_decode_attention_empty_sequence_gives_zeros(
         0.125,
         num_splits=num_splits,
         out=out,
+        counters=counters,
     )
     torch.testing.assert_close(out[1], torch.zeros_like(out[1]), rtol=0, atol=0)
     expected = decode_attention_ref(

@@ -151,6 +151,29 @@ def test_backend_mixed_prefill_and_decode_rows(
     _check(backend, [0, 13, 4, 20, 30, 6], [9, 4, 1, 1, 1, 1], 2, dtype, device, paged_kv, 3, groups)
 
 
+def test_backend_merges_decode_splits_in_one_launch(
+    device: torch.device, paged_kv: Callable[..., PagedKV], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``merge_splits``: decode (and a mixed batch's decode rows) merged in the decode kernel (no
+    second stage runs), twice in a row (its counters come back to zero), batch sizes sharing them."""
+    import importlib
+
+    kernels = importlib.import_module(
+        "lightllm_grpc_kernels.decode_attention"
+    )  # the module, not the function
+
+    def no_second_stage(*args: object) -> None:
+        raise AssertionError("the second stage ran")
+
+    monkeypatch.setattr(kernels, "_stage2", no_second_stage)
+    backend = TritonAttentionBackend(5, 4, 64, device, torch.float16, merge_splits=True)
+    for _ in range(2):
+        _check(backend, [20, 0, 47, 6, 1], [1] * 5, 1, torch.float16, device, paged_kv)
+        _check(backend, [70], [1], 2, torch.float16, device, paged_kv)
+    _check(backend, [0, 13, 4, 20], [9, 4, 1, 1], 2, torch.float16, device, paged_kv, 2)
+    assert backend._counters is not None and not backend._counters.any()
+
+
 def test_backend_rejects_batch_above_max(device: torch.device, paged_kv: Callable[..., PagedKV]) -> None:
     backend = TritonAttentionBackend(1, 2, 64, device, torch.float32)
     with pytest.raises(AssertionError, match="max_batch_size"):

@@ -34,6 +34,7 @@ def compiled() -> dict[str, str]:
         "rotary_store_kv fp8",
         "rotary_store_kv bf16",
         "fused_add_rmsnorm",
+        "decode_attention merged in one launch",
     ],
 )
 def test_kernel_compiles_for_sm90(compiled: dict[str, str], case: str) -> None:

@@ -30,7 +30,10 @@ class TritonAttentionBackend(AttentionBackend):
     here for ``max_batch_size`` and shared by all layers, which run one after another; decode
     therefore allocates nothing but its output and never syncs with the host, so it can be
     captured in a CUDA graph. ``num_splits`` fixes the split count; by default it follows
-    the batch size (``decode_num_splits``).
+    the batch size (``decode_num_splits``). ``merge_splits`` merges the splits inside the
+    decode kernel (the last program of each sequence and kv head, through counters kept here)
+    instead of a second launch; it is off until a GPU measurement says it wins
+    (``python -m lightllm_grpc_kernels.bench --only decode_stages --graph``).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class TritonAttentionBackend(AttentionBackend):
         device: torch.device | str,
         dtype: torch.dtype,
         num_splits: int | None = None,
+        merge_splits: bool = False,
     ) -> None:
         assert max_batch_size > 0 and num_heads > 0 and head_dim > 0, "sizes must be positive"
         assert num_splits is None or num_splits > 0, f"num_splits must be positive, got {num_splits}"
@@ -53,6 +57,12 @@ class TritonAttentionBackend(AttentionBackend):
         rows += max_batch_size  # cascade attention keeps one more partial per row (the shared prefix)
         self._mid_o = torch.empty(rows * num_heads * head_dim, dtype=torch.float32, device=device)
         self._mid_lse = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
+        # One per (sequence, kv head) (num_heads bounds the kv heads); every call leaves them zero.
+        self._counters = (
+            torch.zeros(max_batch_size * num_heads, dtype=torch.int32, device=device)
+            if merge_splits
+            else None
+        )
 
     def forward(
         self,
@@ -155,4 +165,5 @@ class TritonAttentionBackend(AttentionBackend):
             k_scale=k_scale,
             v_scale=v_scale,
             out=out,
+            counters=self._counters,
         )
