@@ -1,9 +1,12 @@
 """RMSNorm, alone and fused with the residual add that precedes it in every decoder layer.
 
-The sum of squares is accumulated in fp64 and rounded to fp32 once: each square of a 16-bit
-(or fp32) value is exact in fp64, so the fp32 statistic does not depend on the order of the
-sum (nor on FMA contraction). That is what lets the GEMV that folds this norm into its
-prologue (``gemv.add_rmsnorm_gemv``), which sums the row in its own tiles, reproduce it bit
+The sum of squares is accumulated in fp64 and rounded to fp32 once. Each square of a 16-bit
+(or fp32) value is exact in fp64, and so is their sum while the row's magnitudes span less
+than about 2^18 (activations do); past that, the fp64 sums of different orders differ by
+~2^-53 relative, which changes the fp32 result only if it lands that close to an fp32
+rounding midpoint. So the fp32 statistic does not depend on the order of the sum (nor on FMA
+contraction, as the products are exact), which lets the GEMV that folds this norm into its
+prologue (``gemv.add_rmsnorm_gemv``), summing the row in its own tiles, reproduce it bit
 for bit. The statistic is still fp32, as HF's: ``mean(x**2)`` correctly rounded, then
 ``rsqrt(mean + eps)``, the normalised value cast to the dtype, times the weight in the dtype.
 """
