@@ -143,15 +143,14 @@ def _with_scales(model_dir: Path) -> Path:
     return model_dir
 
 
-@pytest.mark.parametrize(("arch", "kv_cache_dtype"), [("llama3", "auto"), ("qwen3", "fp8_e4m3")])
-def test_rotary_in_the_kv_store_changes_no_logit(
-    arch: str, kv_cache_dtype: str, tmp_path: Path, device: torch.device
-) -> None:
+def test_rotary_in_the_kv_store_changes_no_logit(tmp_path: Path, device: torch.device) -> None:
     """The Triton ops rotate q/k inside the KV store kernel (one launch); the same ops with the
     rotary kernel then the store kernel give bit-identical logits (prefill, then decode steps
-    reading what earlier steps stored), with q/k norms first (qwen3) and an FP8 pool. Natively
-    the torch backend, handed the rotary, rotates before its store: bit-identical too."""
-    model_dir = _with_scales(make_tiny_model(arch, tmp_path / arch, standard_init=True))
+    reading what earlier steps stored), with q/k norms first (qwen3) and an FP8 pool (the model-
+    dtype pool: the other tests of this file, and the backend's). Natively the torch backend,
+    handed the rotary, rotates before its store: bit-identical too."""
+    kv_cache_dtype = "fp8_e4m3"
+    model_dir = _with_scales(make_tiny_model("qwen3", tmp_path / "qwen3", standard_init=True))
     fused = _load(model_dir, Ops.triton(), device, kv_cache_dtype)
     assert fused.model.layers[0].self_attn.rotary_in_kv_store
     split = _load(
@@ -206,35 +205,12 @@ def test_gemv_is_bound_per_layer(tmp_path: Path, device: torch.device) -> None:
     torch.testing.assert_close(_logits(fast, one, steps), _logits(native, one, steps), rtol=1e-4, atol=1e-4)
 
 
-def test_silu_folded_into_the_down_gemv_changes_no_logit(tmp_path: Path, device: torch.device) -> None:
-    """What warm-up does when the fused down GEMV wins: every MLP's down projection multiplies
-    with ``silu_gemv_matmul`` and its separate activation is gone; logits are bit-identical to
-    the SiLU kernel then the plain GEMV of the same config (one token), and to the SiLU kernel
-    then cuBLAS (several: the prefill and two-row decode steps)."""
-    model_dir = make_tiny_model("llama3", tmp_path / "llama3", standard_init=True)
-    split, fused = _load(model_dir, Ops.triton(), device), _load(model_dir, Ops.triton(), device)
-    down_shape = tuple(split.model.layers[0].mlp.down_proj.weight.shape)
-    config = GemvConfig()
-    triton_ops.use_gemv(split, {down_shape: config})
-
-    assert triton_ops.use_silu_gemv(fused, {down_shape: config}) == len(fused.model.layers)
-
-    for layer in fused.model.layers:
-        assert layer.mlp.down_proj.matmul is triton_ops.silu_gemv_matmul(config)
-        assert isinstance(layer.mlp.act_fn, torch.nn.Identity)
-        assert layer.mlp.gate_up_proj.matmul is F.linear
-    assert triton_ops.use_silu_gemv(fused, {down_shape: config}) == 0  # already fused: not twice
-    one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
-    assert torch.equal(_logits(fused, one, steps), _logits(split, one, steps))
-    assert torch.equal(_logits(fused, PROMPTS, DECODE[:1]), _logits(split, PROMPTS, DECODE[:1]))
-
-
 def test_norms_folded_into_the_next_gemv_change_no_logit(tmp_path: Path, device: torch.device) -> None:
-    """What warm-up does when the fused qkv and gate_up GEMVs win (with the fused down GEMV too:
-    every fusion at once): each decoder layer's two norm steps run ``add_rmsnorm_gemv`` at one
-    token, and the logits are bit-identical to the norm kernel then the plain GEMV of the same
-    config (one token; the first layer has no residual yet), and to the norm kernel then cuBLAS
-    (the prefill and two-row decode steps). qwen2 has a qkv bias."""
+    """What warm-up does when every fused GEMV wins: each decoder layer's two norm steps run
+    ``add_rmsnorm_gemv`` at one token and each MLP's down projection ``silu_gemv`` (its separate
+    activation gone); the logits are bit-identical to the norm and SiLU kernels then the plain
+    GEMV of the same config (one token; the first layer has no residual yet), and to those
+    kernels then cuBLAS (the prefill and two-row decode steps). qwen2 has a qkv bias."""
     model_dir = make_tiny_model("qwen2", tmp_path / "qwen2", standard_init=True)
     split, fused = _load(model_dir, Ops.triton(), device), _load(model_dir, Ops.triton(), device)
     for a, b in zip(split.model.layers, fused.model.layers, strict=True):  # transformers' init is 0
@@ -244,16 +220,20 @@ def test_norms_folded_into_the_next_gemv_change_no_logit(tmp_path: Path, device:
     down = tuple(layer.mlp.down_proj.weight.shape)
     config = GemvConfig()
     triton_ops.use_gemv(split, {s: config for s in [*shapes, down]})
-    triton_ops.use_silu_gemv(fused, {down: config})
 
+    assert triton_ops.use_silu_gemv(fused, {down: config}) == len(fused.model.layers)
     assert triton_ops.use_norm_gemv(fused, {s: config for s in shapes}) == 2 * len(fused.model.layers)
 
     step = triton_ops.norm_gemv_step(config)
     for layer in fused.model.layers:
         assert layer.attn_in.step is step and layer.mlp_in.step is step
         assert layer.attn_in.pair == (layer.input_layernorm, layer.self_attn.qkv_proj)
+        assert layer.mlp.down_proj.matmul is triton_ops.silu_gemv_matmul(config)
+        assert isinstance(layer.mlp.act_fn, torch.nn.Identity)
+        assert layer.mlp.gate_up_proj.matmul is F.linear  # the norm step multiplies, not the layer
     assert layer.self_attn.qkv_proj.bias is not None
     assert triton_ops.use_norm_gemv(fused, {s: config for s in shapes}) == 0  # already fused
+    assert triton_ops.use_silu_gemv(fused, {down: config}) == 0
     one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
     assert torch.equal(_logits(fused, one, steps), _logits(split, one, steps))
     assert torch.equal(_logits(fused, PROMPTS, DECODE[:1]), _logits(split, PROMPTS, DECODE[:1]))
