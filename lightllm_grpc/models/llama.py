@@ -93,9 +93,12 @@ class LlamaAttention(nn.Module):
             self.register_buffer("k_scale", torch.ones((), dtype=torch.float32))
             self.register_buffer("v_scale", torch.ones((), dtype=torch.float32))
 
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch, kv: KVCache
+    def project(
+        self, positions: torch.Tensor, hidden: torch.Tensor, out_slots: torch.Tensor, kv: KVCache
     ) -> torch.Tensor:
+        """Everything before attention: q/k/v projections, q/k norms, rotary, and the store of
+        the new K/V at ``out_slots``. Returns q ``[T, H, D]``. Reads no other batch field, and
+        never syncs with the host: piecewise CUDA graphs capture it (shard/piecewise_graph.py)."""
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
@@ -106,8 +109,14 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         q, k = self.rotary_emb(positions, q, k)
-        out = self.backend.forward(q, k, v, self.layer_id, batch, kv, self.scale)
-        return self.o_proj(out.reshape(num_tokens, -1))
+        self.backend.store(k, v, self.layer_id, out_slots, kv)
+        return q
+
+    def attend(
+        self, q: torch.Tensor, batch: ForwardBatch, kv: KVCache, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention of ``q`` ``[T, H, D]`` over the pool (the new K/V already stored), into ``out``."""
+        return self.backend.attend(q, self.layer_id, batch, kv, self.scale, out=out)
 
 
 class LlamaMLP(nn.Module):
@@ -151,8 +160,27 @@ class LlamaDecoderLayer(nn.Module):
         kv: KVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(mlp output, residual stream)``; the next layer's norm adds them (fused)."""
+        q, residual = self.before_attention(positions, hidden, residual, batch.out_slots, kv)
+        return self.after_attention(self.self_attn.attend(q, batch, kv), residual)
+
+    def before_attention(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        out_slots: torch.Tensor,
+        kv: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input norm and ``self_attn.project``: ``(q [T, H, D], residual stream)``."""
         hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, batch, kv)
+        return self.self_attn.project(positions, hidden, out_slots, kv), residual
+
+    def after_attention(
+        self, attn: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the attention output ``[T, H, D]``: o_proj, the post-attention norm and the MLP;
+        ``(mlp output, residual stream)``."""
+        hidden = self.self_attn.o_proj(attn.reshape(attn.shape[0], -1))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -175,9 +203,36 @@ class LlamaModel(nn.Module):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             hidden, residual = layer(batch.positions, hidden, residual, batch, kv)
-        rows = batch.logits_indices
         assert residual is not None  # config validation guarantees at least one layer
+        return self.final_norm(hidden, residual, batch.logits_indices)
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The last add + RMSNorm, of the token rows ``rows`` only."""
         return self.norm(hidden[rows], residual[rows])[0]
+
+    def piece(
+        self,
+        i: int,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        out_slots: torch.Tensor,
+        kv: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Piece ``i`` of the ``num_layers + 1`` that ``forward`` is cut into at attention (what
+        shard/piecewise_graph.py captures; attention runs between pieces). Piece 0 embeds
+        ``x`` (token ids) and runs layer 0 up to its K/V store; piece i (1..L-1) finishes layer
+        i - 1 from its attention output ``x`` and ``residual`` and runs layer i up to its K/V
+        store: these return ``(q, residual)``. Piece L finishes the last layer and returns
+        ``(mlp output, residual)`` for ``final_norm``. The same calls as ``forward``'s, in order."""
+        if i == 0:
+            hidden, residual = self.embed_tokens(x), None
+        else:
+            assert residual is not None, "pieces after the first take the residual stream"
+            hidden, residual = self.layers[i - 1].after_attention(x, residual)
+        if i == len(self.layers):
+            return hidden, residual
+        return self.layers[i].before_attention(positions, hidden, residual, out_slots, kv)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -220,5 +275,8 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
-        hidden = self.model(input_ids, batch, kv)
+        return self.logits(self.model(input_ids, batch, kv))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final-norm hidden states ``[B, hidden]``."""
         return self.lm_head(hidden).float()

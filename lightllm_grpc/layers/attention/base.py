@@ -95,9 +95,12 @@ class AttentionBackend(ABC):
     In MIXED mode it stores all T tokens' K/V first, then attends the prefill part
     (``batch.split()``) as in PREFILL mode and the decode rows as in DECODE mode, writing
     rows ``[0, num_prefill_tokens)`` and ``[num_prefill_tokens, T)`` of the one output.
+
+    ``forward`` is ``store`` then ``attend``, which piecewise CUDA graphs
+    (shard/piecewise_graph.py) call apart: ``store`` (device-side only, never syncs, so it can
+    be captured at any token count) inside a graph, ``attend`` eagerly between graphs.
     """
 
-    @abstractmethod
     def forward(
         self,
         q: torch.Tensor,
@@ -109,3 +112,24 @@ class AttentionBackend(ABC):
         scale: float,
     ) -> torch.Tensor:
         """Store k/v, then attend; see the class docstring."""
+        self.store(k, v, layer, batch.out_slots, kv)
+        return self.attend(q, layer, batch, kv, scale)
+
+    @abstractmethod
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, layer: int, out_slots: torch.Tensor, kv: KVCache
+    ) -> None:
+        """Write ``k``/``v`` ``[T, Hkv, D]`` at pool slots ``out_slots`` ``[T]`` (int64) of ``layer``."""
+
+    @abstractmethod
+    def attend(
+        self,
+        q: torch.Tensor,
+        layer: int,
+        batch: ForwardBatch,
+        kv: KVCache,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of ``q`` over the pool, whose new K/V are already stored; written into
+        ``out`` (``[T, H, D]``, contiguous) when given, and returned."""

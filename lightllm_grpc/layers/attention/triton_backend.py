@@ -48,28 +48,31 @@ class TritonAttentionBackend(AttentionBackend):
         self._mid_o = torch.empty(rows * num_heads * head_dim, dtype=torch.float32, device=device)
         self._mid_lse = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
 
-    def forward(
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, layer: int, out_slots: torch.Tensor, kv: KVCache
+    ) -> None:
+        store_kv(kv.k[layer], kv.v[layer], k, v, out_slots, *kv.scales(layer))
+
+    def attend(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
         layer: int,
         batch: ForwardBatch,
         kv: KVCache,
         scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         assert q.dtype == self.dtype, f"q is {q.dtype}, backend built for {self.dtype}"
         assert q.shape[1:] == (self.num_heads, self.head_dim), f"q {tuple(q.shape)} vs backend heads"
         k_buf, v_buf = kv.k[layer], kv.v[layer]
         k_scale, v_scale = kv.scales(layer)  # None unless the pool is FP8
-        store_kv(k_buf, v_buf, k, v, batch.out_slots, k_scale, v_scale)
         if batch.mode is ForwardMode.DECODE:
-            return self._decode(q, k_buf, v_buf, batch, scale, k_scale, v_scale)
+            return self._decode(q, k_buf, v_buf, batch, scale, k_scale, v_scale, out=out)
         if batch.mode is ForwardMode.PREFILL:
-            return self._prefill(q, k_buf, v_buf, batch, scale, k_scale, v_scale)
+            return self._prefill(q, k_buf, v_buf, batch, scale, k_scale, v_scale, out=out)
         prefill, decode = batch.split()
         tp = batch.num_prefill_tokens
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         self._prefill(q[:tp], k_buf, v_buf, prefill, scale, k_scale, v_scale, out=out[:tp])
         self._decode(q[tp:], k_buf, v_buf, decode, scale, k_scale, v_scale, out=out[tp:])
         return out
