@@ -331,3 +331,18 @@ def test_mixed_graph_size_follows_flags_and_device() -> None:
     assert mixed_graph_tokens(ShardConfig(model=m, cuda_graph_max_mixed_tokens=0), cuda) == 0
     # A step holds at most max_prefill_tokens prompt tokens and a decode token per row.
     assert mixed_graph_tokens(ShardConfig(model=m, max_prefill_tokens=100, max_rows=28), cuda) == 128
+
+
+def test_profile_mixed_runs_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The GPU benchmark's smoke run: a tiny checkpoint, the pieces uncaptured."""
+    from lightllm_grpc.bench.profile_mixed import main
+    from tests.server_harness import make_served_model
+
+    model_dir = make_served_model("llama3", tmp_path / "llama3")
+    args = ["--model", str(model_dir), "--device", "cpu", "--dtype", "float32", "--iters", "1"]
+    main(
+        [*args, "--prompt-tokens", "5,20", "--decode-rows", "3", "--context", "8", "--max-mixed-tokens", "16"]
+    )
+    rows = capsys.readouterr().out.splitlines()[-2:]
+    assert rows[0].split()[:4] == ["5", "3", "8", "16"] and rows[0].endswith("x")
+    assert rows[1].split()[:4] == ["20", "3", "23", "-"] and "eager" in rows[1]
