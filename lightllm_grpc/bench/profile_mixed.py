@@ -34,24 +34,25 @@ def _sync(runner: ModelRunner) -> None:
         torch.cuda.synchronize()
 
 
-def _mixed_step(prompt: int, rows: int, context: int, first_slot: int) -> shard_pb2.StepRequest:
-    """Row ``rows`` prefills ``prompt`` tokens (slots from ``first_slot``) beside decode rows
-    ``0..rows-1``, each at position ``context`` (its slot: ``r * (context + 1) + context``)."""
-    step = prefill_step(rows, prompt, 1 << 62, first_slot)
-    step.decode.rows.extend(range(rows))
-    step.decode.slots.extend(r * (context + 1) + context for r in range(rows))
+def _mixed_step(prompt: int, decode_rows: int, prompt_row: int, context: int) -> shard_pb2.StepRequest:
+    """Row ``prompt_row`` prefills ``prompt`` tokens (slots from ``prompt_row * (context + 1)``)
+    beside decode rows ``0..decode_rows-1``, each at position ``context`` (its slot:
+    ``r * (context + 1) + context``)."""
+    step = prefill_step(prompt_row, prompt, 1 << 62, prompt_row * (context + 1))
+    step.decode.rows.extend(range(decode_rows))
+    step.decode.slots.extend(r * (context + 1) + context for r in range(decode_rows))
     return step
 
 
 def _time(
-    runner: ModelRunner, step: shard_pb2.StepRequest, rows: int, context: int, iters: int
+    runner: ModelRunner, step: shard_pb2.StepRequest, decode_rows: int, context: int, iters: int
 ) -> tuple[float, float]:
-    """Median ms to launch ``step`` and to have its tokens on the host; the rows' lengths are
-    put back before each run, so every run is the same step."""
+    """Median ms to launch ``step`` and to have its tokens on the host; the decode rows'
+    lengths are put back before each run, so every run is the same step (the prompt's row is
+    written from the step's own starts)."""
     launch, total = [], []
     for _ in range(iters + 3):
-        runner.row_len[:rows] = context
-        runner.row_len[rows] = 0
+        runner.row_len[:decode_rows] = context
         _sync(runner)
         start = time.perf_counter()
         pending = runner.launch(step)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     print("prompt  rows tokens bucket | eager launch   step | piecewise launch   step | speed-up")
     for n in prompts:
         for b in batches:
-            step = _mixed_step(n, b, context, rows * (context + 1))
+            step = _mixed_step(n, b, rows, context)  # row `rows` is the prompt's, past the decode rows
             runner.mixed_forward = runner.forward
             eager = _time(runner, step, b, context, args.iters)
             runner.mixed_forward = graphs
