@@ -77,10 +77,28 @@ def install() -> CompileWatch:
 
     def after(**kw: Any) -> bool | None:
         fn = kw.get("fn")
-        watch.after(kw["key"], getattr(fn, "name", "kernel"), kw.get("repr", ""))
+        watch.after(kw["key"], getattr(fn, "name", "kernel"), _describe(kw))
         return prev_after(**kw) if prev_after else None
 
     knobs.runtime.jit_cache_hook = before
     knobs.runtime.jit_post_compile_hook = after
     _watch = watch
     return watch
+
+
+def _describe(kw: dict[str, Any]) -> str:
+    """The compile's constexpr values by parameter name and its specialization attributes
+    (pointer alignment, integers equal to 1 or divisible by 16): what a warm-up must match."""
+    info = kw.get("compile") or {}
+    fn = getattr(kw.get("fn"), "jit_function", None)
+    names = list(getattr(fn, "arg_names", []) or [])
+
+    def name(path: Any) -> str:
+        i = path[0] if isinstance(path, tuple) and path else path
+        return names[i] if isinstance(i, int) and i < len(names) else str(path)
+
+    consts = ", ".join(f"{name(k)}={v}" for k, v in (info.get("constants") or {}).items())
+    attrs = "; ".join(
+        f"{name(k)}: {v}" for config in info.get("configs") or () for k, v in dict(config).items()
+    )
+    return f"constexprs ({consts}); attributes ({attrs})"[:1500]
