@@ -3,12 +3,14 @@
 They compile kernels and fill the allocator's pools, then (on GPU) capture the decode
 CUDA graphs and, in their memory pool, the piecewise ones (prefill and mixed steps) and the
 one-prompt prefill ones, so the first real request pays for none of that. Every TP rank runs
-the same passes and captures in the same order.
+the same passes and captures in the same order. Compiles after warm-up are logged as
+warnings (shard/compile_watch.py): each one stalled a live step.
 """
 
 from __future__ import annotations
 
 from lightllm_grpc.proto import shard_pb2
+from lightllm_grpc.shard import compile_watch
 from lightllm_grpc.shard.cuda_graph import CudaGraphDecoder
 from lightllm_grpc.shard.piecewise_graph import PiecewiseCudaGraphs
 from lightllm_grpc.shard.prefill_graph import CudaGraphPrefill
@@ -16,6 +18,7 @@ from lightllm_grpc.shard.worker import Shard, prefill_step, profile_row
 
 
 def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
+    watch = compile_watch.install()  # unarmed until the end: warm-up's own compiles are expected
     runner = shard.runner
     capacity = runner.kv_capacity
     n = max(1, min(max_prefill_tokens, runner.max_context - 1, capacity))
@@ -58,3 +61,4 @@ def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
             prefill.capture(graphs.pool)
             runner.prefill_forward = prefill
             shard.prefill_graph_sizes = tuple(prefill.sizes)
+    watch.arm()
