@@ -30,7 +30,8 @@ token, attention reads ``[:T]`` and writes ``[:T]`` only, and the LM head reads 
 ``logits_indices``. The logits are the eager forward's: the same kernels in the same order on
 the same values (a padded matmul has more rows, which cuBLAS may tile differently).
 
-``capture=False`` (CPU, tests) runs the same pieces eagerly through the same buffers and padding.
+Until ``capture`` is called (always on the CPU: tests), the same pieces run eagerly through the
+same buffers and padding.
 """
 
 from __future__ import annotations
