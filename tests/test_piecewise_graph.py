@@ -315,7 +315,7 @@ def test_flag_reaches_the_shard_config(tmp_path: Path) -> None:
     args = build_parser().parse_args([*serve, "--cuda-graph-max-mixed-tokens", "512"])
     assert server_config(args).shard.cuda_graph_max_mixed_tokens == 512
     default = server_config(build_parser().parse_args(serve))
-    assert default.shard.cuda_graph_max_mixed_tokens == ShardConfig.cuda_graph_max_mixed_tokens == 2048
+    assert default.shard.cuda_graph_max_mixed_tokens == ShardConfig.cuda_graph_max_mixed_tokens == 512
     shard = ["shard", "--model", str(model), "--rank", "0", "--world-size", "1", "--listen", "127.0.0.1:1"]
     args = build_parser().parse_args([*shard, "--cuda-graph-max-mixed-tokens", "0"])
     assert shard_config(args).cuda_graph_max_mixed_tokens == 0
@@ -325,7 +325,7 @@ def test_flag_reaches_the_shard_config(tmp_path: Path) -> None:
 
 def test_mixed_graph_size_follows_flags_and_device() -> None:
     cuda, cpu, m = torch.device("cuda", 0), torch.device("cpu"), Path("m")
-    assert mixed_graph_tokens(ShardConfig(model=m), cuda) == 2048
+    assert mixed_graph_tokens(ShardConfig(model=m), cuda) == 512
     assert mixed_graph_tokens(ShardConfig(model=m), cpu) == 0
     assert mixed_graph_tokens(ShardConfig(model=m, cuda_graphs=False), cuda) == 0
     assert mixed_graph_tokens(ShardConfig(model=m, cuda_graph_max_mixed_tokens=0), cuda) == 0
