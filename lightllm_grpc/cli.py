@@ -70,7 +70,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory for weights and KV"
     )
     p.add_argument(
-        "--no-cuda-graphs", action="store_true", help="run decode (and small prefills) eagerly on GPU"
+        "--no-cuda-graphs", action="store_true", help="run decode, prefill and mixed steps eagerly on GPU"
     )
     p.add_argument(
         "--cuda-graph-max-prefill-tokens",
@@ -78,6 +78,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=ShardConfig.cuda_graph_max_prefill_tokens,
         help="one-prompt prefills of up to this many new tokens replay CUDA graphs captured per "
         "token-count bucket (shorter time to first token); 0: prefill always runs eagerly",
+    )
+    p.add_argument(
+        "--cuda-graph-max-mixed-tokens",
+        type=int,
+        default=ShardConfig.cuda_graph_max_mixed_tokens,
+        help="other prefill steps and mixed (prefill + decode) steps of up to this many tokens run "
+        "as piecewise CUDA graphs, attention eager between them (less host time per step); "
+        "0: they run eagerly",
     )
     p.add_argument(
         "--disable-custom-all-reduce",
@@ -113,6 +121,7 @@ def _engine_config(args: argparse.Namespace, model: Path, tp_size: int) -> Shard
         gpu_memory_fraction=args.gpu_memory_fraction,
         cuda_graphs=not args.no_cuda_graphs,
         cuda_graph_max_prefill_tokens=args.cuda_graph_max_prefill_tokens,
+        cuda_graph_max_mixed_tokens=args.cuda_graph_max_mixed_tokens,
         custom_all_reduce=not args.disable_custom_all_reduce,
         max_prefill_tokens=args.max_prefill_tokens,
     )

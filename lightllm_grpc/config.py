@@ -113,6 +113,12 @@ class ShardConfig:
     # One-sequence prefills of up to this many new tokens replay CUDA graphs captured per
     # token-count bucket (shard/prefill_graph.py); 0: every prefill runs eagerly. Needs cuda_graphs.
     cuda_graph_max_prefill_tokens: int = 512
+    # Other prefill steps and mixed (prefill + decode) steps of up to this many tokens run the
+    # model as piecewise CUDA graphs with attention eager between them, per token-count bucket
+    # (shard/piecewise_graph.py); 0: they run eagerly. Needs cuda_graphs. 512: measured on an
+    # H200 (8B, bf16), graphs win up to ~512 tokens (launch-bound steps, 1.4-2.4x) and lose
+    # above (1,032-1,280 tokens: 0.77-0.95x of eager), BENCHMARKS.md.
+    cuda_graph_max_mixed_tokens: int = 512
     # TP > 1 on GPU: small all-reduces over P2P symmetric memory; False: NCCL for all sizes.
     custom_all_reduce: bool = True
     # Largest prefill the coordinator sends; sizes the activation peak when profiling memory.
@@ -137,6 +143,8 @@ class ShardConfig:
             raise ValueError("gpu_memory_fraction must be in [0.05, 0.99]")
         if self.cuda_graph_max_prefill_tokens < 0:
             raise ValueError("cuda_graph_max_prefill_tokens must be >= 0 (0: off)")
+        if self.cuda_graph_max_mixed_tokens < 0:
+            raise ValueError("cuda_graph_max_mixed_tokens must be >= 0 (0: off)")
 
 
 @dataclass(frozen=True)

@@ -139,3 +139,15 @@ def test_workload_flags() -> None:
     for parse, text in ((gpu._names(gpu.WORKLOADS), "w4"), (gpu._rates, "0"), (gpu._length_range, "9,8")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+def test_late_compiles_are_counted_per_workload(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    log.write_text("WARNING Triton compiled warm after warm-up in 0.3 s\n")
+    late: dict[str, int] = {}
+    with gpu._count_late_compiles(log, late, "w3@24"), log.open("a") as f:
+        f.write("INFO step\nWARNING Triton compiled a after warm-up in 0.2 s\n")
+        f.write("WARNING Triton compiled b after warm-up in 0.4 s\n")
+    with gpu._count_late_compiles(tmp_path / "missing.log", late, "w1"):
+        pass
+    assert late == {"w3@24": 2, "w1": 0}

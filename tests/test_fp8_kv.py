@@ -325,15 +325,16 @@ def _kv_amax(model_dir: Path, prompts: list[list[int]]) -> dict[str, list[float]
     """Per layer, the largest |K| and |V| the full-precision model stores on ``prompts``."""
     model = _load(model_dir)
     amax: dict[str, list[float]] = {"k": [0.0] * NUM_LAYERS, "v": [0.0] * NUM_LAYERS}
-    original = model.model.layers[0].self_attn.backend.forward
+    backend = model.model.layers[0].self_attn.backend
 
-    def record(q, k, v, layer, batch, kv, scale):
+    def record(k, v, layer, out_slots, kv):
         amax["k"][layer] = max(amax["k"][layer], k.abs().max().item())
         amax["v"][layer] = max(amax["v"][layer], v.abs().max().item())
-        return original(q, k, v, layer, batch, kv, scale)
+        backend.store(k, v, layer, out_slots, kv)
 
+    recording = type("Recording", (), {"store": staticmethod(record), "attend": staticmethod(backend.attend)})
     for layer in model.model.layers:
-        layer.self_attn.backend = type("Recording", (), {"forward": staticmethod(record)})()
+        layer.self_attn.backend = recording()
     logits_at_every_position(model, prompts)
     return amax
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -77,12 +78,131 @@ def test_bf16_no_worse_than_transformers_on_large_weights(arch: str, tmp_path) -
     assert ours <= 1.5 * theirs + 2e-3, f"{arch}: ours {ours:.3g} vs transformers bf16 {theirs:.3g}"
 
 
-@pytest.mark.parametrize("prefill_graph_tokens", ["512", "0"])
+@pytest.mark.parametrize("graph_tokens", ["default", "0"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fp32_greedy_parity_on_gpu_with_cuda_graphs(arch: str, prefill_graph_tokens: str, tmp_path) -> None:
-    """Decode graphs, and prefill graphs (512: the default) or eager prefill (0)."""
+def test_fp32_greedy_parity_on_gpu_with_cuda_graphs(arch: str, graph_tokens: str, tmp_path) -> None:
+    """Decode graphs, and prefill and piecewise graphs (the defaults: 512 and 2048 tokens) or
+    eager prefill and mixed steps (0)."""
     flags = ["--device", "cuda", "--dtype", "float32"]
-    check_parity(arch, tmp_path, [*flags, "--cuda-graph-max-prefill-tokens", prefill_graph_tokens])
+    if graph_tokens == "0":
+        flags += ["--cuda-graph-max-prefill-tokens", "0", "--cuda-graph-max-mixed-tokens", "0"]
+    check_parity(arch, tmp_path, flags)
+    captured = re.search(r"captured \d+ piecewise graphs", (tmp_path / "server.log").read_text())
+    assert bool(captured) == (graph_tokens == "default")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp32_greedy_parity_with_piecewise_graphs(arch: str, tmp_path) -> None:
+    """Eight prompts at once, chunked by --max-prefill-tokens 24: prefills of several prompts and
+    mixed steps (chunks beside decode rows) replay the piecewise graphs (buckets of 16..64
+    tokens), one-prompt prefills the prefill graphs (16, 24); fp32 greedy tokens equal
+    transformers' (the near-tie rule of tests/test_parity.py)."""
+    flags = ["--device", "cuda", "--dtype", "float32", "--max-prefill-tokens", "24"]
+    check_parity(arch, tmp_path, [*flags, "--cuda-graph-max-mixed-tokens", "64"])
+    log = (tmp_path / "server.log").read_text()
+    assert "captured 12 piecewise graphs (3 pieces x 4 buckets: 16,32,48,64 tokens)" in log
+    assert "captured 2 prefill graphs (16,24 tokens)" in log
+
+
+def _piecewise_shard(model_dir, dtype: str, mixed_tokens: int = 64, prefill_tokens: int = 0, **sizes):
+    """A CUDA shard of ``model_dir`` as ``serve`` builds and warms it (decode, piecewise and,
+    with ``prefill_tokens``, prefill graphs), sized as ``tests.test_piecewise_graph`` unless
+    ``sizes`` (max_rows, max_context, max_total_tokens) say otherwise."""
+    from lightllm_grpc.config import ShardConfig
+    from lightllm_grpc.shard.warmup import warmup
+    from lightllm_grpc.shard.worker import build_shard
+    from tests.test_piecewise_graph import CONTEXT, POOL, ROWS
+
+    sizes = {"max_rows": ROWS, "max_context": CONTEXT, "max_total_tokens": POOL, **sizes}
+    cfg = ShardConfig(
+        model=model_dir, device="cuda", dtype=dtype, max_prefill_tokens=64,
+        cuda_graph_max_prefill_tokens=prefill_tokens, cuda_graph_max_mixed_tokens=mixed_tokens, **sizes,
+    )  # fmt: skip
+    shard = build_shard(cfg, 0, 1, None)
+    warmup(shard, cfg.max_prefill_tokens, cfg.max_rows)
+    return shard
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_piecewise_graph_logits_match_eager(dtype: str, tmp_path) -> None:
+    """Mixed and multi-prompt prefill batches of several shapes (tests/test_piecewise_graph.py's
+    cases: decode rows of many lengths, cached prefixes, one long prompt) through the captured
+    pieces: the logits equal an uncaptured run of the same pieces bit for bit (nothing a graph
+    holds went stale), and the eager forward's bit for bit at bucket sizes (no padding: the same
+    kernels on the same shapes) or within rounding when padded (a padded matmul has more rows);
+    the K/V of every slot but the padding one likewise."""
+    from lightllm_grpc.shard.piecewise_graph import PiecewiseCudaGraphs
+    from tests.test_piecewise_graph import BUCKET_CASES, PADDED_CASES, POOL, ROWS, VOCAB, make_batch
+
+    model_dir = make_tiny_model(
+        "qwen3", tmp_path / "qwen3", vocab_size=VOCAB, standard_init=dtype == "bfloat16"
+    )
+    shard = _piecewise_shard(model_dir, dtype)
+    runner, graphs = shard.runner, shard.runner.mixed_forward
+    assert isinstance(graphs, PiecewiseCudaGraphs) and shard.mixed_graph_sizes == (16, 32, 48, 64)
+    assert runner.prefill_forward is graphs  # no prefill graphs: every prefill takes the pieces
+    uncaptured = PiecewiseCudaGraphs(
+        shard.model, runner.kv, runner.forward, runner.pad_slot, 64, runner.device
+    )
+    gen = torch.Generator().manual_seed(0)
+    table = runner.req_to_token.cpu()
+    table[:ROWS] = torch.randperm(POOL, generator=gen).int().view(ROWS, -1)
+    runner.req_to_token.copy_(table)
+    kv = runner.kv
+    for t in [*kv.k, *kv.v]:
+        t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
+
+    def pool() -> list[torch.Tensor]:
+        return [t[:POOL].clone() for t in [*kv.k, *kv.v]]
+
+    for case in BUCKET_CASES + PADDED_CASES:
+        ids, batch = make_batch(table, *case)
+        fields = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
+        ids, batch = ids.cuda(), type(batch)(**{**fields, "req_to_token": runner.req_to_token})
+        # Each run stores the batch's K/V before attending over it: the pool is the same for each.
+        with torch.inference_mode():
+            ref, ref_pool = runner.forward(ids, batch).clone(), pool()
+            before = graphs.replays
+            out, out_pool = graphs(ids, batch).clone(), pool()
+            again = uncaptured(ids, batch)
+        assert graphs.replays == before + 1
+        where = f"{dtype} {case}: {batch.num_tokens} tokens"
+        assert torch.equal(out, again), f"{where}: captured pieces differ from uncaptured ones"
+        if batch.num_tokens in graphs.sizes:
+            assert torch.equal(out, ref), f"{where}: logits differ by {(out - ref).abs().max():.3g}"
+            assert all(torch.equal(a, b) for a, b in zip(out_pool, ref_pool)), f"{where}: K/V differ"
+            continue
+        if dtype == "float32":
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=lambda m, w=where: f"{w}: {m}")
+        else:
+            rel = ((out - ref).norm() / ref.norm()).item()
+            assert rel < 1e-2, f"{where}: piecewise vs eager relative error {rel:.3g}"
+        for a, b in zip(out_pool, ref_pool):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_piecewise_graphs_give_the_eager_tokens(tmp_path) -> None:
+    """fp32: tests/runner_harness.py's step script (a 3-prompt prefill, mixed steps, one asking
+    prompt logprobs, seeded sampling, prefix groups, decodes) gives the same tokens and
+    logprobs with piecewise and prefill graphs as eagerly."""
+    from lightllm_grpc.shard.piecewise_graph import PiecewiseCudaGraphs
+    from tests.runner_harness import MAX_CONTEXT, MAX_ROWS, NUM_SLOTS, scenario
+    from tests.test_piecewise_graph import VOCAB
+
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3", vocab_size=VOCAB)
+    sizes = {"max_rows": MAX_ROWS, "max_context": MAX_CONTEXT, "max_total_tokens": NUM_SLOTS}
+    shard = _piecewise_shard(model_dir, "float32", mixed_tokens=32, prefill_tokens=16, **sizes)
+    runner, graphs = shard.runner, shard.runner.mixed_forward
+    assert isinstance(graphs, PiecewiseCudaGraphs) and runner.prefill_forward.fallback is graphs
+    graphed = [runner.step(s) for s in scenario(VOCAB)]
+    assert graphs.replays == 3  # the 3-prompt prefill and the mixed steps without prompt logprobs
+    runner.reset()
+    runner.prefill_forward = runner.mixed_forward = runner.forward
+    eager = [runner.step(s) for s in scenario(VOCAB)]
+    for ours, ref in zip(graphed, eager, strict=True):
+        assert list(ours.token_ids) == list(ref.token_ids), f"step {ref.step_id}"
+        np.testing.assert_allclose(ours.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(ours.prompt_logprobs, ref.prompt_logprobs, rtol=1e-4, atol=1e-4)
 
 
 def _graphed_shard(model_dir, dtype: str, graph_tokens: int = 48):

@@ -43,6 +43,17 @@ def test_fp32_tp2_greedy_parity_with_cuda_graphs(arch: str, tmp_path) -> None:
     check_parity(arch, tmp_path, [*FP32_GPU, "--tp-size", "2"])
 
 
+@pytest.mark.parametrize("all_reduce", ["p2p", "nccl"])
+def test_fp32_tp2_greedy_parity_with_piecewise_graphs(all_reduce: str, tmp_path) -> None:
+    """Prefills of several prompts and mixed steps (prompts chunked by --max-prefill-tokens 24
+    beside decode rows) replay piecewise graphs, whose all-reduces are the P2P kernels or NCCL."""
+    flags = [*FP32_GPU, "--tp-size", "2", "--max-prefill-tokens", "24", "--cuda-graph-max-mixed-tokens", "64"]
+    if all_reduce == "nccl":
+        flags.append("--disable-custom-all-reduce")
+    check_parity("llama3", tmp_path, flags)
+    assert "captured 12 piecewise graphs (3 pieces x 4 buckets" in (tmp_path / "server.log").read_text()
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """One fp32 llama3 served at TP=1, TP=2 (P2P all-reduce) and TP=2 (NCCL only)."""

@@ -128,3 +128,22 @@ def test_torch_backend_checks_groups_of_mixed_decode_rows(model_dir: Path) -> No
     bad.decode.shared_lens[:] = [6, 6, 0, 0, 0]  # rows 0 and 3 share only 5 positions
     with pytest.raises(ValueError, match="does not share"):
         merged.runner.step(bad)
+
+
+@pytest.mark.parametrize("num_prefill", [1, 2, 3, 4])
+def test_decode_part_index_tensors_start_16_byte_aligned(num_prefill: int) -> None:
+    """Triton compiles a kernel per pointer alignment: views p int32s into the batch's tensors
+    would give mixed steps decode kernels that warm-up never compiled."""
+    n = num_prefill + 3
+    i32 = torch.arange(n, dtype=torch.int32)
+    batch = ForwardBatch(
+        mode=ForwardMode.MIXED, positions=torch.arange(n), out_slots=torch.arange(n),
+        req_rows=i32.clone(), seq_lens=i32 + 1, q_starts=i32.clone(), q_lens=torch.ones(n, dtype=torch.int32),
+        req_to_token=torch.zeros(n, 8, dtype=torch.int32), logits_indices=torch.arange(n), max_q_len=1,
+        max_seq_len=n + 1, num_prefill=num_prefill, num_prefill_tokens=num_prefill,
+    )  # fmt: skip
+    _, decode = batch.split()
+    for name in ("req_rows", "seq_lens"):
+        t = getattr(decode, name)
+        assert t.data_ptr() % 16 == 0, f"{name} starts {t.data_ptr() % 16} bytes off"
+        assert t.tolist() == getattr(batch, name)[num_prefill:].tolist()

@@ -199,20 +199,46 @@ class Bench:
                 *shlex.split(args.server_args),
                 start_timeout=900,
             )
+        log_path = args.out / f"server-{variant}.log"
+        # Kernel compiles a live step waited for (shard/compile_watch.py), per workload.
+        late = into.setdefault("late_compiles", {})
         try:
             into["server_info"] = str(server.info()).replace("\n", "; ")
             for name, step in steps.items():
                 if name in todo:
-                    with self.phase(f"{variant}: {name}"):
+                    with self.phase(f"{variant}: {name}"), _count_late_compiles(log_path, late, name):
                         into.update(step(server.address))
             if "w3" in todo:
                 into["w3"] = []
                 for i, rate in enumerate(args.w3_rates):
-                    with self.phase(f"{variant}: w3 at {rate:g} req/s"):
+                    with (
+                        self.phase(f"{variant}: w3 at {rate:g} req/s"),
+                        _count_late_compiles(log_path, late, f"w3@{rate:g}"),
+                    ):
                         shape = (args.w3_requests, args.w3_input, args.w3_output)
                         into["w3"].append(online(server.address, rate, *shape, seed=W3_SEED + i))
         finally:
             server.stop()
+
+
+LATE_COMPILE = "after warm-up"  # compile_watch's warning
+
+
+@contextlib.contextmanager
+def _count_late_compiles(log_path: Path, into: dict[str, int], name: str) -> Iterator[None]:
+    """``into[name]``: the server log's late-compile warnings that appeared during the block."""
+
+    def count() -> int:
+        try:
+            return log_path.read_text(errors="replace").count(LATE_COMPILE)
+        except OSError:
+            return 0
+
+    before = count()
+    try:
+        yield
+    finally:
+        into[name] = count() - before
 
 
 def decode_breakdown(

@@ -111,8 +111,11 @@ class ForwardBatch:
             mode=ForwardMode.DECODE,
             positions=self.positions[tp:],
             out_slots=self.out_slots[tp:],
-            req_rows=self.req_rows[p:],
-            seq_lens=self.seq_lens[p:],
+            # Copies, not views: Triton specializes kernels on 16-byte pointer alignment, so a
+            # view starting p int32s in would compile a second decode kernel per split count on
+            # first use (seen: 6 compiles of ~0.5 s each, stalling live steps, under load).
+            req_rows=self.req_rows[p:].clone(),
+            seq_lens=self.seq_lens[p:].clone(),
             q_starts=rows.to(torch.int32),
             q_lens=self.q_lens[p:],
             logits_indices=rows,

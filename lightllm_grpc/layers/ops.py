@@ -63,7 +63,7 @@ class Ops:
     """The op implementations one model uses; the single place that chooses them.
 
     ``rotary_in_kv_store``: the attention layers hand the rotary embedding to the backend,
-    which rotates q and k as part of its KV store (``AttentionBackend.forward``'s ``rope``),
+    which rotates q and k as part of its KV store (``AttentionBackend.rotate_and_store``),
     instead of calling ``apply_rotary`` first; the Triton backend does both in one kernel.
 
     ``tune`` is a warm-up hook, run once on the loaded model before CUDA graphs are

@@ -100,15 +100,19 @@ class LlamaAttention(nn.Module):
             self.register_buffer("k_scale", torch.ones((), dtype=torch.float32))
             self.register_buffer("v_scale", torch.ones((), dtype=torch.float32))
 
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch, kv: KVCache
+    def project(
+        self, positions: torch.Tensor, hidden: torch.Tensor, out_slots: torch.Tensor, kv: KVCache
     ) -> torch.Tensor:
-        return self.forward_qkv(positions, self.qkv_proj(hidden), batch, kv)
+        """Everything before attention: q/k/v projections, q/k norms, rotary, and the store of
+        the new K/V at ``out_slots``. Returns q ``[T, H, D]``. Reads no other batch field, and
+        never syncs with the host: piecewise CUDA graphs capture it (shard/piecewise_graph.py)."""
+        return self.project_qkv(positions, self.qkv_proj(hidden), out_slots, kv)
 
-    def forward_qkv(
-        self, positions: torch.Tensor, qkv: torch.Tensor, batch: ForwardBatch, kv: KVCache
+    def project_qkv(
+        self, positions: torch.Tensor, qkv: torch.Tensor, out_slots: torch.Tensor, kv: KVCache
     ) -> torch.Tensor:
-        """The layer from its qkv projection's output on (the decoder layer computes it with the norm)."""
+        """``project`` from the qkv projection's output on (the decoder layer computes it with
+        the input norm, ``attn_in``)."""
         num_tokens = qkv.shape[0]
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -117,12 +121,19 @@ class LlamaAttention(nn.Module):
         v = v.view(num_tokens, -1, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
-        if self.rotary_in_kv_store:  # at batch.positions, which ``positions`` is
-            out = self.backend.forward(q, k, v, self.layer_id, batch, kv, self.scale, rope=self.rotary_emb)
-        else:
-            q, k = self.rotary_emb(positions, q, k)
-            out = self.backend.forward(q, k, v, self.layer_id, batch, kv, self.scale)
-        return self.o_proj(out.reshape(num_tokens, -1))
+        if self.rotary_in_kv_store:  # rotary inside the store (one kernel on the Triton backend)
+            return self.backend.rotate_and_store(
+                q, k, v, self.layer_id, positions, out_slots, kv, self.rotary_emb
+            )
+        q, k = self.rotary_emb(positions, q, k)
+        self.backend.store(k, v, self.layer_id, out_slots, kv)
+        return q
+
+    def attend(
+        self, q: torch.Tensor, batch: ForwardBatch, kv: KVCache, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention of ``q`` ``[T, H, D]`` over the pool (the new K/V already stored), into ``out``."""
+        return self.backend.attend(q, self.layer_id, batch, kv, self.scale, out=out)
 
 
 class LlamaMLP(nn.Module, ActIntoDown):
@@ -141,7 +152,8 @@ class LlamaMLP(nn.Module, ActIntoDown):
         return self.forward_gate_up(self.gate_up_proj(x))
 
     def forward_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The MLP from its gate_up projection's output on (the decoder layer computes it with the norm)."""
+        """The MLP from its gate_up projection's output on (the decoder layer computes it with the
+        post-attention norm, ``mlp_in``)."""
         return self.down_proj(self.act_fn(gate_up))
 
     def fuse_act_into_down(self, matmul: Matmul) -> None:
@@ -179,8 +191,27 @@ class LlamaDecoderLayer(nn.Module):
         kv: KVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(mlp output, residual stream)``; the next layer's norm adds them (fused)."""
+        q, residual = self.before_attention(positions, hidden, residual, batch.out_slots, kv)
+        return self.after_attention(self.self_attn.attend(q, batch, kv), residual)
+
+    def before_attention(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        out_slots: torch.Tensor,
+        kv: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input norm and ``self_attn.project``: ``(q [T, H, D], residual stream)``."""
         qkv, residual = self.attn_in(hidden, residual)  # input_layernorm, then qkv_proj
-        hidden = self.self_attn.forward_qkv(positions, qkv, batch, kv)
+        return self.self_attn.project_qkv(positions, qkv, out_slots, kv), residual
+
+    def after_attention(
+        self, attn: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the attention output ``[T, H, D]``: o_proj, the post-attention norm and the MLP;
+        ``(mlp output, residual stream)``."""
+        hidden = self.self_attn.o_proj(attn.reshape(attn.shape[0], -1))
         gate_up, residual = self.mlp_in(hidden, residual)  # post_attention_layernorm, then gate_up_proj
         return self.mlp.forward_gate_up(gate_up), residual
 
@@ -203,9 +234,36 @@ class LlamaModel(nn.Module):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             hidden, residual = layer(batch.positions, hidden, residual, batch, kv)
-        rows = batch.logits_indices
         assert residual is not None  # config validation guarantees at least one layer
+        return self.final_norm(hidden, residual, batch.logits_indices)
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The last add + RMSNorm, of the token rows ``rows`` only."""
         return self.norm(hidden[rows], residual[rows])[0]
+
+    def piece(
+        self,
+        i: int,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        out_slots: torch.Tensor,
+        kv: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Piece ``i`` of the ``num_layers + 1`` that ``forward`` is cut into at attention (what
+        shard/piecewise_graph.py captures; attention runs between pieces). Piece 0 embeds
+        ``x`` (token ids) and runs layer 0 up to its K/V store; piece i (1..L-1) finishes layer
+        i - 1 from its attention output ``x`` and ``residual`` and runs layer i up to its K/V
+        store: these return ``(q, residual)``. Piece L finishes the last layer and returns
+        ``(mlp output, residual)`` for ``final_norm``. The same calls as ``forward``'s, in order."""
+        if i == 0:
+            hidden, residual = self.embed_tokens(x), None
+        else:
+            assert residual is not None, "pieces after the first take the residual stream"
+            hidden, residual = self.layers[i - 1].after_attention(x, residual)
+        if i == len(self.layers):
+            return hidden, residual
+        return self.layers[i].before_attention(positions, hidden, residual, out_slots, kv)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -248,5 +306,8 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
-        hidden = self.model(input_ids, batch, kv)
+        return self.logits(self.model(input_ids, batch, kv))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final-norm hidden states ``[B, hidden]``."""
         return self.lm_head(hidden).float()

@@ -45,8 +45,9 @@ def kv_capacity(
     ``upper_bound`` (rows x context) caps the automatic size: more slots than every row
     could ever address would be dead weight. ``profile`` runs a largest-size forward
     pass on GPU so the peak activation memory is known before the pool is sized.
-    ``graph_profile`` runs the largest graphed prefill eagerly: its activation peak is what
-    the prefill CUDA graphs' pool keeps for good, beside (not inside) that peak.
+    ``graph_profile`` runs the largest graphed prefill or mixed step eagerly: its activation peak
+    is about what the prefill and piecewise CUDA graphs' pool and buffers keep for good, beside
+    (not inside) that peak.
     """
     if requested is not None:
         return requested
@@ -90,7 +91,7 @@ def _cuda_budget(
     used_by_others = total - free
     budget = int(total * fraction) - used_by_others - peak_extra - graph_bytes - GPU_SLACK_BYTES
     log.info(
-        "GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB, prefill graphs "
+        "GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB, prefill/piecewise graphs "
         "%.2f GiB -> KV budget %.1f GiB",
         total / 2**30,
         used_by_others / 2**30,

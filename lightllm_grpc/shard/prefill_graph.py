@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -56,7 +57,8 @@ class CudaGraphPrefill:
 
     Batches that ``fits`` (one sequence, logits at its last token only, at most the largest
     bucket of new tokens) are copied into static buffers (``pad``) and replay the bucket's
-    graph (``run``, captured); any other batch runs ``forward`` eagerly. ``pad_row`` is a
+    graph (``run``, captured); any other batch runs ``fallback`` (default ``forward``, eagerly;
+    the piecewise graphs when there are some). ``pad_row`` is a
     req_to_token row and ``pad_slot`` a KV slot that no request ever uses (the runner's,
     shared with the decode graphs); the constructor points that row's first ``max_tokens``
     columns at that slot.
@@ -73,9 +75,11 @@ class CudaGraphPrefill:
         pad_slot: int,
         max_tokens: int,
         device: torch.device,
+        fallback: Callable[[torch.Tensor, ForwardBatch], torch.Tensor] | None = None,
     ) -> None:
         assert max_tokens > 0, "a prefill graph needs at least one token"
         self.forward = forward
+        self.fallback = forward if fallback is None else fallback
         self.req_to_token = req_to_token
         self.pad_row, self.pad_slot = pad_row, pad_slot
         self.sizes = prefill_graph_sizes(max_tokens)
@@ -191,7 +195,7 @@ class CudaGraphPrefill:
 
     def __call__(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         if not self.fits(batch):
-            return self.forward(input_ids, batch)
+            return self.fallback(input_ids, batch)
         size = self.pad(input_ids, batch)
         self.replays += 1
         return self.replay(size)

@@ -48,10 +48,13 @@ class ModelRunner:
         self.last_token = torch.zeros(max_rows + 1, dtype=torch.int64, device=device)
         # A shard builds its sampler first, so the memory profile sees its tables.
         self.sampler = sampler or Sampler(max_rows + 1, vocab_size, device)
-        # Decode and prefill may be replaced by CUDA-graph runners with the same signature
-        # (shard/cuda_graph.py, shard/prefill_graph.py), which run what they cannot replay eagerly.
+        # Decode, prefill and mixed steps may be replaced by CUDA-graph runners with the same
+        # signature (shard/cuda_graph.py, shard/prefill_graph.py, shard/piecewise_graph.py),
+        # which run what they cannot replay eagerly (or hand it to the next: a prefill graph
+        # gives what it cannot replay to the piecewise graphs).
         self.decode_forward: ForwardFn = forward
         self.prefill_forward: ForwardFn = forward
+        self.mixed_forward: ForwardFn = forward
         self._prompt_logprobs: torch.Tensor | None = None  # of the step being launched
 
     def reset(self) -> None:
@@ -118,8 +121,9 @@ class ModelRunner:
         if s.want is not None and s.want.any():
             logits = self._forward_with_prompt_logprobs(ids, batch, p, s.want, s.offsets, s.lens)
         else:
-            # A one-prompt prefill may replay a CUDA graph (prefill_graph.py); mixed steps run eager.
-            logits = self.prefill_forward(ids, batch) if d is None else self.forward(ids, batch)
+            # A one-prompt prefill may replay a CUDA graph (prefill_graph.py); other prefills and
+            # mixed steps may run piecewise graphs (piecewise_graph.py).
+            logits = self.prefill_forward(ids, batch) if d is None else self.mixed_forward(ids, batch)
         if pending is not None:
             assert self.sampler.grammars is not None
             self.sampler.grammars.accept(pending)

@@ -1,19 +1,24 @@
 """Start-up forward passes at the largest shapes the coordinator will send.
 
 They compile kernels and fill the allocator's pools, then (on GPU) capture the decode
-CUDA graphs and, in their memory pool, the prefill ones, so the first real request pays for
-none of that. Every TP rank runs the same passes and captures in the same order.
+CUDA graphs and, in their memory pool, the piecewise ones (prefill and mixed steps) and the
+one-prompt prefill ones, so the first real request pays for none of that. Every TP rank runs
+the same passes and captures in the same order. Compiles after warm-up are logged as
+warnings (shard/compile_watch.py): each one stalled a live step.
 """
 
 from __future__ import annotations
 
 from lightllm_grpc.proto import shard_pb2
+from lightllm_grpc.shard import compile_watch
 from lightllm_grpc.shard.cuda_graph import CudaGraphDecoder
+from lightllm_grpc.shard.piecewise_graph import PiecewiseCudaGraphs
 from lightllm_grpc.shard.prefill_graph import CudaGraphPrefill
 from lightllm_grpc.shard.worker import Shard, prefill_step, profile_row
 
 
 def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
+    watch = compile_watch.install()  # unarmed until the end: warm-up's own compiles are expected
     runner = shard.runner
     capacity = runner.kv_capacity
     n = max(1, min(max_prefill_tokens, runner.max_context - 1, capacity))
@@ -39,11 +44,21 @@ def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
         graphs.capture()
         runner.decode_forward = graphs
         shard.graph_batch_sizes = tuple(graphs.sizes)
+        mixed_tokens = min(shard.mixed_graph_tokens, max_prefill_tokens + batch)
+        if mixed_tokens > 0 and shard.model is not None:
+            mixed = PiecewiseCudaGraphs(
+                shard.model, runner.kv, runner.forward, runner.pad_slot, mixed_tokens, runner.device
+            )
+            mixed.capture(graphs.pool)
+            runner.prefill_forward = runner.mixed_forward = mixed  # prefill: until the next lines
+            shard.mixed_graph_sizes = tuple(mixed.sizes)
         tokens = min(shard.prefill_graph_tokens, max_prefill_tokens)
         if tokens > 0:
             prefill = CudaGraphPrefill(
-                runner.forward, runner.req_to_token, runner.pad_row, runner.pad_slot, tokens, runner.device
-            )
+                runner.forward, runner.req_to_token, runner.pad_row, runner.pad_slot, tokens, runner.device,
+                fallback=runner.mixed_forward,  # what one-prompt graphs do not take: piecewise or eager
+            )  # fmt: skip
             prefill.capture(graphs.pool)
             runner.prefill_forward = prefill
             shard.prefill_graph_sizes = tuple(prefill.sizes)
+    watch.arm()

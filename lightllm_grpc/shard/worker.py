@@ -46,6 +46,8 @@ class Shard:
     graph_batch_sizes: tuple[int, ...] = ()
     prefill_graph_tokens: int = 0  # largest one-sequence prefill replayed from a CUDA graph (0: none)
     prefill_graph_sizes: tuple[int, ...] = ()
+    mixed_graph_tokens: int = 0  # largest prefill or mixed step run as piecewise CUDA graphs (0: none)
+    mixed_graph_sizes: tuple[int, ...] = ()
     grammar: GrammarCompiler | None = None
     ops: Ops = field(default_factory=Ops.native)  # what the model was built with (its warm-up hook)
 
@@ -128,6 +130,15 @@ def prefill_graph_tokens(cfg: ShardConfig, max_context: int, device: torch.devic
     return min(cfg.cuda_graph_max_prefill_tokens, cfg.max_prefill_tokens, max_context)
 
 
+def mixed_graph_tokens(cfg: ShardConfig, device: torch.device) -> int:
+    """The largest prefill or mixed step run as piecewise CUDA graphs; 0: none. Config only, so
+    the same on every rank. A step holds at most ``max_prefill_tokens`` prompt tokens beside a
+    decode token per row."""
+    if not (cfg.cuda_graphs and device.type == "cuda"):
+        return 0
+    return min(cfg.cuda_graph_max_mixed_tokens, cfg.max_prefill_tokens + cfg.max_rows)
+
+
 def _profile_prefill(model, spec: KVCacheSpec, cfg: ShardConfig, max_context: int, dtype, device):
     """Run the largest forward pass on a scratch pool so its activation peak is measured.
 
@@ -152,16 +163,21 @@ def _profile_prefill(model, spec: KVCacheSpec, cfg: ShardConfig, max_context: in
     return run
 
 
-def _profile_one_prefill(model, spec: KVCacheSpec, num_tokens: int, num_slots: int, dtype, device):
-    """Run a ``num_tokens`` prefill on a scratch pool of ``num_slots`` slots (tokens share them
-    when fewer) so its activation peak is measured."""
+def _profile_graphed(model, spec: KVCacheSpec, num_tokens: int, max_context: int, dtype, device):
+    """Run a ``num_tokens`` prefill (in prompts no longer than the context allows) on a scratch
+    pool of two slots (the tokens share them) so its activation peak is measured."""
 
     def run() -> None:
-        kv = spec.make_cache(num_slots, dtype, device)
+        chunk = max(1, min(num_tokens, max_context - 1))
+        rows = -(-num_tokens // chunk)
+        kv = spec.make_cache(2, dtype, device)
         runner = ModelRunner(
-            lambda ids, b: model(ids, b, kv), kv, model.config.vocab_size, 1, num_tokens + 1, device
+            lambda ids, b: model(ids, b, kv), kv, model.config.vocab_size, rows, chunk + 1, device
         )
-        runner.step(prefill_step(0, num_tokens, num_slots - 1))  # the scratch pool is freed on return
+        step = shard_pb2.StepRequest(step_id=0)
+        for row in range(rows):
+            step.MergeFrom(prefill_step(row, min(chunk, num_tokens - row * chunk), 1))
+        runner.step(step)  # the scratch pool is freed on return
 
     return run
 
@@ -204,6 +220,7 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     dtype = resolve_dtype(model_cfg, cfg.dtype, device)
     max_context = min(cfg.max_context or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
     graph_tokens = prefill_graph_tokens(cfg, max_context, device)
+    mixed_tokens = mixed_graph_tokens(cfg, device)
     # Before the KV pool is sized: the symmetric buffer's memory is then already counted.
     setup_all_reduce(cfg, world_size, model_cfg.hidden_size, dtype, device, max(cfg.max_rows, graph_tokens))
     ops = Ops.for_device(device)  # Triton kernels on CUDA, torch on CPU: every layer and attention
@@ -237,8 +254,12 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
             prefill()
             profile_sampling(sampler, cfg.max_rows, model_cfg.vocab_size, dtype, device)
 
-        if graph_tokens:  # what the prefill graphs' pool will hold: the largest bucket's activations
-            graph_profile = _profile_one_prefill(model, spec, graph_tokens, 2, dtype, device)
+        # What the prefill and piecewise graphs' pool and buffers will hold: about the largest
+        # bucket's activations of one layer, which an eager forward of that bucket peaks at.
+        if graph_tokens or mixed_tokens:
+            graph_profile = _profile_graphed(
+                model, spec, max(graph_tokens, mixed_tokens), max_context, dtype, device
+            )
 
     capacity = memory.kv_capacity(
         device, bpt, cfg.max_total_tokens, cfg.max_rows * max_context, cfg.gpu_memory_fraction, profile,
@@ -260,5 +281,5 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     return Shard(
         rank, world_size, device, dtype, model_cfg, runner, bpt, kv_dtype,
         model=model, cuda_graphs=use_graphs, grammar=grammar, ops=model.ops,
-        prefill_graph_tokens=graph_tokens,
+        prefill_graph_tokens=graph_tokens, mixed_graph_tokens=mixed_tokens,
     )  # fmt: skip

@@ -58,7 +58,7 @@ DECODE = {
 }
 DECODE_CONSTS = {
     "GROUP": 4, "NUM_SPLITS": 32, "HAS_PREFIX": False, "KV_FP8": False, "MERGE": True,
-    "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "BLOCK_S": 32, "DOT_PRECISION": "tf32",
+    "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "BLOCK_S": 32, "DOT_PRECISION": "tf32", "FP8_F16": False,
 }  # fmt: skip
 RMSNORM = {
     **dict.fromkeys(("x_ptr", "res_ptr", "w_ptr", "out_ptr"), "*bf16"),

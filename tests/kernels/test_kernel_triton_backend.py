@@ -307,12 +307,12 @@ def test_backend_fp8_decode_replays_in_cuda_graph_reading_its_scales(
         pytest.param("fp8", torch.bfloat16, marks=pytest.mark.gpu),
     ],
 )
-def test_backend_rotates_in_its_store_as_rotary_then_forward(
+def test_backend_rotates_in_its_store_as_rotary_then_store(
     pool: str, dtype: torch.dtype, device: torch.device, paged_kv: Callable[..., PagedKV]
 ) -> None:
-    """``forward(..., rope=...)`` (the fused rotary + store kernel) on a MIXED batch equals the
-    rotary op then ``forward``: the same pool bytes, the same output; and the torch backend
-    handed the rope does the same."""
+    """``rotate_and_store`` (the fused rotary + store kernel), then ``attend``, on a MIXED batch
+    equals the rotary op, ``store`` and ``attend``: the same pool bytes, the same q and output;
+    and the torch backend's (the base class's two-op default) does the same."""
     from lightllm_grpc.layers.ops import Ops
     from lightllm_grpc.layers.rotary import RotaryEmbedding
 
@@ -334,11 +334,14 @@ def test_backend_rotates_in_its_store_as_rotary_then_forward(
     two_cache, torch_cache = _clone(cache), _clone(cache)
 
     expected = backend.forward(*rope(batch.positions, q.clone(), k.clone()), v, LAYER, batch, two_cache, 0.2)
-    out = backend.forward(q.clone(), k.clone(), v, LAYER, batch, cache, 0.2, rope=rope)
-    torch_out = TorchAttentionBackend().forward(
-        q.clone(), k.clone(), v, LAYER, batch, torch_cache, 0.2, rope=rope
-    )
+    pos, slots = batch.positions, batch.out_slots
+    rotated = backend.rotate_and_store(q.clone(), k.clone(), v, LAYER, pos, slots, cache, rope)
+    out = backend.attend(rotated, LAYER, batch, cache, 0.2)
+    torch_backend = TorchAttentionBackend()
+    torch_q = torch_backend.rotate_and_store(q.clone(), k.clone(), v, LAYER, pos, slots, torch_cache, rope)
+    torch_out = torch_backend.attend(torch_q, LAYER, batch, torch_cache, 0.2)
 
+    assert torch.equal(rotated, rope(pos, q.clone(), k.clone())[0]) and torch.equal(torch_q, rotated)
     assert torch.equal(out, expected)
     for a, b in ((cache, two_cache), (cache, torch_cache)):
         assert torch.equal(a.k[LAYER].view(torch.uint8), b.k[LAYER].view(torch.uint8))

@@ -147,8 +147,8 @@ def test_rotary_in_the_kv_store_changes_no_logit(tmp_path: Path, device: torch.d
     """The Triton ops rotate q/k inside the KV store kernel (one launch); the same ops with the
     rotary kernel then the store kernel give bit-identical logits (prefill, then decode steps
     reading what earlier steps stored), with q/k norms first (qwen3) and an FP8 pool (the model-
-    dtype pool: the other tests of this file, and the backend's). Natively the torch backend,
-    handed the rotary, rotates before its store: bit-identical too."""
+    dtype pool: the other tests of this file, and the backend's). Natively the torch backend's
+    ``rotate_and_store`` (the base class's: rotary, then store) is bit-identical too."""
     kv_cache_dtype = "fp8_e4m3"
     model_dir = _with_scales(make_tiny_model("qwen3", tmp_path / "qwen3", standard_init=True))
     fused = _load(model_dir, Ops.triton(), device, kv_cache_dtype)

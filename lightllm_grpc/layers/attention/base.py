@@ -100,13 +100,13 @@ class AttentionBackend(ABC):
     (``batch.split()``) as in PREFILL mode and the decode rows as in DECODE mode, writing
     rows ``[0, num_prefill_tokens)`` and ``[num_prefill_tokens, T)`` of the one output.
 
-    With ``rope`` (the model's rotary embedding), q and k arrive unrotated and the backend
-    rotates both at ``batch.positions`` exactly as ``rope(batch.positions, q, k)`` would before
-    it stores and attends (the Triton backend does it in its store kernel, one launch instead
-    of two: ``Ops.rotary_in_kv_store``); q and k may be changed in place.
+    ``forward`` is ``store`` then ``attend``, which piecewise CUDA graphs
+    (shard/piecewise_graph.py) call apart: ``store`` (device-side only, never syncs, so it can
+    be captured at any token count) inside a graph, ``attend`` eagerly between graphs.
+    ``rotate_and_store`` is rotary then ``store``, which a backend may do in one kernel (the
+    Triton one does; the model calls it when ``Ops.rotary_in_kv_store``).
     """
 
-    @abstractmethod
     def forward(
         self,
         q: torch.Tensor,
@@ -116,6 +116,45 @@ class AttentionBackend(ABC):
         batch: ForwardBatch,
         kv: KVCache,
         scale: float,
-        rope: RotaryEmbedding | None = None,
     ) -> torch.Tensor:
-        """(Rotate q/k with ``rope``,) store k/v, then attend; see the class docstring."""
+        """Store k/v, then attend; see the class docstring."""
+        self.store(k, v, layer, batch.out_slots, kv)
+        return self.attend(q, layer, batch, kv, scale)
+
+    @abstractmethod
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, layer: int, out_slots: torch.Tensor, kv: KVCache
+    ) -> None:
+        """Write ``k``/``v`` ``[T, Hkv, D]`` at pool slots ``out_slots`` ``[T]`` (int64) of ``layer``."""
+
+    def rotate_and_store(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: int,
+        positions: torch.Tensor,
+        out_slots: torch.Tensor,
+        kv: KVCache,
+        rope: RotaryEmbedding,
+    ) -> torch.Tensor:
+        """``rope(positions, q, k)``, then ``store`` of the rotated k with v; returns the rotated q.
+        q and k may be changed in place; what k holds afterwards is unspecified (attention reads
+        keys from the pool). Device-side only, like ``store``. This default is the two ops; a
+        backend may fuse them, bit for bit."""
+        q, k = rope(positions, q, k)
+        self.store(k, v, layer, out_slots, kv)
+        return q
+
+    @abstractmethod
+    def attend(
+        self,
+        q: torch.Tensor,
+        layer: int,
+        batch: ForwardBatch,
+        kv: KVCache,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of ``q`` over the pool, whose new K/V are already stored; written into
+        ``out`` (``[T, H, D]``, contiguous) when given, and returned."""

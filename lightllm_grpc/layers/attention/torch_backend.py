@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
 from lightllm_grpc.layers.attention.base import AttentionBackend, KVCache, quantize_kv
 from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
-
-if TYPE_CHECKING:
-    from lightllm_grpc.layers.rotary import RotaryEmbedding
 
 
 def store_kv(
@@ -66,31 +61,31 @@ class TorchAttentionBackend(AttentionBackend):
     """Prefill loops over sequences on the host; decode is one batched, padded, sync-free call;
     a mixed batch runs its prefill part and its decode part each that way."""
 
-    def forward(
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, layer: int, out_slots: torch.Tensor, kv: KVCache
+    ) -> None:
+        store_kv(kv.k[layer], kv.v[layer], k, v, out_slots, *kv.scales(layer))
+
+    def attend(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
         layer: int,
         batch: ForwardBatch,
         kv: KVCache,
         scale: float,
-        rope: RotaryEmbedding | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if rope is not None:
-            q, k = rope(batch.positions, q, k)
         scales = kv.scales(layer)  # (None, None) unless the pool is FP8
-        store_kv(kv.k[layer], kv.v[layer], k, v, batch.out_slots, *scales)
         if batch.mode is ForwardMode.DECODE:
-            return self._decode(q, kv.k[layer], kv.v[layer], batch, scale, *scales)
+            return _into(out, self._decode(q, kv.k[layer], kv.v[layer], batch, scale, *scales))
         if batch.mode is ForwardMode.MIXED:
             prefill, decode = batch.split()
             tp = batch.num_prefill_tokens
-            out = torch.empty_like(q)
+            out = torch.empty_like(q) if out is None else out
             out[:tp] = self._prefill(q[:tp], kv.k[layer], kv.v[layer], prefill, scale, *scales)
             out[tp:] = self._decode(q[tp:], kv.k[layer], kv.v[layer], decode, scale, *scales)
             return out
-        return self._prefill(q, kv.k[layer], kv.v[layer], batch, scale, *scales)
+        return _into(out, self._prefill(q, kv.k[layer], kv.v[layer], batch, scale, *scales))
 
     @staticmethod
     def _prefill(
@@ -138,6 +133,10 @@ class TorchAttentionBackend(AttentionBackend):
         gathered = k_cache[slots], v_cache[slots]  # this batch's rows only, never the whole pool
         out = attend(q.unsqueeze(1), *gathered, mask[:, None, None, :], scale, k_scale, v_scale)
         return out.squeeze(1)
+
+
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    return result if out is None else out.copy_(result)
 
 
 def _check_groups(batch: ForwardBatch) -> None:

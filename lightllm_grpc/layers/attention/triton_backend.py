@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
 
 class TritonAttentionBackend(AttentionBackend):
-    """Stores K/V with one scatter kernel (which also applies rotary when given ``rope``), then
-    runs prefill or flash-decoding attention; a mixed batch runs both, each writing its part
-    of one output.
+    """Stores K/V with one scatter kernel (which also applies rotary in ``rotate_and_store``),
+    then runs prefill or flash-decoding attention; a mixed batch runs both, each writing its
+    part of one output.
 
     The decode workspace (partial outputs and log-sum-exps of every split) is allocated once
     here for ``max_batch_size`` and shared by all layers, which run one after another; decode
@@ -64,33 +64,46 @@ class TritonAttentionBackend(AttentionBackend):
             else None
         )
 
-    def forward(
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, layer: int, out_slots: torch.Tensor, kv: KVCache
+    ) -> None:
+        store_kv(kv.k[layer], kv.v[layer], k, v, out_slots, *kv.scales(layer))
+
+    def rotate_and_store(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         layer: int,
+        positions: torch.Tensor,
+        out_slots: torch.Tensor,
+        kv: KVCache,
+        rope: RotaryEmbedding,
+    ) -> torch.Tensor:
+        """One kernel: q rotated in place, the rotated k and v into the pool (k itself unrotated)."""
+        return rotary_store_kv(kv.k[layer], kv.v[layer], q, k, v, out_slots, positions,
+                               rope.cos_cache, rope.sin_cache, *kv.scales(layer))  # fmt: skip
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        layer: int,
         batch: ForwardBatch,
         kv: KVCache,
         scale: float,
-        rope: RotaryEmbedding | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         assert q.dtype == self.dtype, f"q is {q.dtype}, backend built for {self.dtype}"
         assert q.shape[1:] == (self.num_heads, self.head_dim), f"q {tuple(q.shape)} vs backend heads"
         k_buf, v_buf = kv.k[layer], kv.v[layer]
         k_scale, v_scale = kv.scales(layer)  # None unless the pool is FP8
-        if rope is None:
-            store_kv(k_buf, v_buf, k, v, batch.out_slots, k_scale, v_scale)
-        else:  # rotates q in place and stores the rotated k: the kernels read keys from the pool
-            rotary_store_kv(k_buf, v_buf, q, k, v, batch.out_slots, batch.positions,
-                            rope.cos_cache, rope.sin_cache, k_scale, v_scale)  # fmt: skip
         if batch.mode is ForwardMode.DECODE:
-            return self._decode(q, k_buf, v_buf, batch, scale, k_scale, v_scale)
+            return self._decode(q, k_buf, v_buf, batch, scale, k_scale, v_scale, out=out)
         if batch.mode is ForwardMode.PREFILL:
-            return self._prefill(q, k_buf, v_buf, batch, scale, k_scale, v_scale)
+            return self._prefill(q, k_buf, v_buf, batch, scale, k_scale, v_scale, out=out)
         prefill, decode = batch.split()
         tp = batch.num_prefill_tokens
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         self._prefill(q[:tp], k_buf, v_buf, prefill, scale, k_scale, v_scale, out=out[:tp])
         self._decode(q[tp:], k_buf, v_buf, decode, scale, k_scale, v_scale, out=out[tp:])
         return out

@@ -1,0 +1,74 @@
+"""The compile watch: Triton compiles after warm-up are counted and logged, earlier ones are not."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lightllm_grpc.shard import compile_watch
+from lightllm_grpc.shard.compile_watch import CompileWatch
+
+
+def test_compiles_count_only_once_armed(caplog: pytest.LogCaptureFixture) -> None:
+    watch = CompileWatch()
+    watch.before("k1")
+    watch.after("k1", "warm_kernel", "warm_kernel[num_warps=4](x: *bf16)")
+    assert watch.compiles == 0
+    watch.arm()
+    with caplog.at_level(logging.WARNING, logger="lightllm_grpc.shard.compile_watch"):
+        watch.before("k2")
+        watch.after("k2", "late_kernel", "late_kernel[num_warps=4](n: i32)")
+    assert watch.compiles == 1 and watch.seconds >= 0
+    assert "late_kernel after warm-up" in caplog.text
+    assert "warm_kernel" not in caplog.text
+
+
+@pytest.fixture
+def fresh_hooks(monkeypatch: pytest.MonkeyPatch):
+    from triton import knobs
+
+    calls: list[str] = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda **kw: calls.append("before") or None)
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda **kw: calls.append("after") or None)
+    monkeypatch.setattr(compile_watch, "_watch", None)
+    return knobs, calls
+
+
+def test_install_chains_to_hooks_already_set(fresh_hooks) -> None:
+    knobs, calls = fresh_hooks
+    watch = compile_watch.install()
+    assert compile_watch.install() is watch  # idempotent: one watch per process
+    watch.arm()
+
+    class Fn:
+        name = "some_kernel"
+
+    assert knobs.runtime.jit_cache_hook(key="k", repr="r", fn=Fn()) is None  # None: do compile
+    knobs.runtime.jit_post_compile_hook(key="k", repr="r", fn=Fn())
+    assert calls == ["before", "after"]
+    assert watch.compiles == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_real_compile_after_arming_is_seen(fresh_hooks) -> None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _add_one(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+    watch = compile_watch.install()
+    x = torch.zeros(8, device="cuda")
+    _add_one[(1,)](x, 8, BLOCK=8)
+    assert watch.compiles == 0  # before arming: a warm-up compile
+    watch.arm()
+    _add_one[(1,)](x, 8, BLOCK=8)  # cached: no compile
+    assert watch.compiles == 0
+    _add_one[(1,)](x, 8, BLOCK=16)  # a new specialization
+    assert watch.compiles == 1
+    assert x.sum().item() == 24
