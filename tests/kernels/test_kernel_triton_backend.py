@@ -346,4 +346,6 @@ def test_backend_rotates_in_its_store_as_rotary_then_store(
     for a, b in ((cache, two_cache), (cache, torch_cache)):
         assert torch.equal(a.k[LAYER].view(torch.uint8), b.k[LAYER].view(torch.uint8))
         assert torch.equal(a.v[LAYER].view(torch.uint8), b.v[LAYER].view(torch.uint8))
-    torch.testing.assert_close(torch_out, expected, atol=2e-3, rtol=2e-3)
+    # The torch backend computes in fp32: within a 16-bit output's rounding of the kernels'.
+    tol = 1.6e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(torch_out, expected, atol=tol, rtol=tol)
