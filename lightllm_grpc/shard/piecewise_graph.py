@@ -36,7 +36,6 @@ same buffers and padding.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -45,7 +44,7 @@ import torch
 
 from lightllm_grpc.layers.attention.base import KVCache
 from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
-from lightllm_grpc.shard.prefill_graph import prefill_graph_sizes
+from lightllm_grpc.shard.prefill_graph import copy_tokens, prefill_graph_sizes
 
 if TYPE_CHECKING:
     from lightllm_grpc.models.llama import LlamaForCausalLM
@@ -110,20 +109,8 @@ class PiecewiseCudaGraphs:
         return self.run(size, batch)
 
     def pad(self, input_ids: torch.Tensor, batch: ForwardBatch) -> int:
-        """Copy a batch that ``fits`` into the static inputs; return its bucket.
-
-        Padding rows keep the ids and positions an earlier step left (valid ones, which feed
-        their own rows only), but their slots go back to ``pad_slot``: an earlier step's real
-        slots would get the padding's K/V.
-        """
-        t = batch.num_tokens
-        size = self.sizes[bisect.bisect_left(self.sizes, t)]
-        self.ids[:t].copy_(input_ids)
-        self.positions[:t].copy_(batch.positions)
-        self.slots[:t].copy_(batch.out_slots)
-        if size > t:
-            self.slots[t:size].fill_(self.pad_slot)
-        return size
+        """Copy a batch that ``fits`` into the static inputs (``copy_tokens``); return its bucket."""
+        return copy_tokens(self, input_ids, batch)
 
     def run(self, size: int, batch: ForwardBatch) -> torch.Tensor:
         """Bucket ``size``'s pieces on the static buffers (``pad`` filled them), attention of the

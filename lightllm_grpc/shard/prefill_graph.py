@@ -24,6 +24,7 @@ import bisect
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -50,6 +51,34 @@ def prefill_graph_sizes(max_tokens: int) -> list[int]:
             sizes.append(n * 3 // 2)
         n *= 2
     return [*sizes, max_tokens]
+
+
+class TokenInputs(Protocol):
+    """The static token inputs of a graph runner captured per token bucket."""
+
+    sizes: list[int]  # the buckets, ascending
+    pad_slot: int
+    ids: torch.Tensor  # [largest bucket] int64
+    positions: torch.Tensor
+    slots: torch.Tensor
+
+
+def copy_tokens(graphs: TokenInputs, input_ids: torch.Tensor, batch: ForwardBatch) -> int:
+    """Copy a batch's token ids, positions and KV slots into ``graphs``' static inputs; return
+    its bucket (the smallest of ``graphs.sizes`` holding its tokens).
+
+    Device-to-device copies only. Padding tokens keep the ids and positions an earlier step left
+    (valid ones, and they only feed their own rows), but their slots go back to ``pad_slot``: an
+    earlier step's real slots would get the padding's K/V.
+    """
+    t = batch.num_tokens
+    size = graphs.sizes[bisect.bisect_left(graphs.sizes, t)]
+    graphs.ids[:t].copy_(input_ids)
+    graphs.positions[:t].copy_(batch.positions)
+    graphs.slots[:t].copy_(batch.out_slots)
+    if size > t:
+        graphs.slots[t:size].fill_(graphs.pad_slot)
+    return size
 
 
 class CudaGraphPrefill:
@@ -136,19 +165,9 @@ class CudaGraphPrefill:
         return self.forward(*self.static(size))
 
     def pad(self, input_ids: torch.Tensor, batch: ForwardBatch) -> int:
-        """Copy a batch that ``fits`` into the static buffers; return its bucket.
-
-        Device-to-device copies only. Padding tokens keep the ids and positions an earlier
-        prefill left (valid ones, and they only feed their own rows), but their slots must go
-        back to ``pad_slot``: an earlier prefill's real slots would get the padding's K/V.
-        """
-        t = batch.num_tokens
-        size = self.sizes[bisect.bisect_left(self.sizes, t)]
-        self.ids[:t].copy_(input_ids)
-        self.positions[:t].copy_(batch.positions)
-        self.slots[:t].copy_(batch.out_slots)
-        if size > t:
-            self.slots[t:size].fill_(self.pad_slot)
+        """Copy a batch that ``fits`` into the static buffers (``copy_tokens``, then its one
+        sequence's lengths); return its bucket."""
+        size = copy_tokens(self, input_ids, batch)
         self.rows[:1].copy_(batch.req_rows)
         self.seq_lens[:1].copy_(batch.seq_lens)
         self.q_lens[:1].copy_(batch.q_lens)  # q_starts[0] is 0 for one sequence, as in the buffer
