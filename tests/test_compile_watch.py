@@ -72,3 +72,18 @@ def test_a_real_compile_after_arming_is_seen(fresh_hooks) -> None:
     _add_one[(1,)](x, 8, BLOCK=16)  # a new specialization
     assert watch.compiles == 1
     assert x.sum().item() == 24
+
+
+def test_warmup_arms_the_watch_once_its_own_passes_are_done(fresh_hooks, tmp_path) -> None:
+    from lightllm_grpc.config import ShardConfig
+    from lightllm_grpc.shard.warmup import warmup
+    from lightllm_grpc.shard.worker import build_shard
+    from tests.model_factory import make_tiny_model
+
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3")
+    cfg = ShardConfig(model=model_dir, device="cpu", max_total_tokens=256, max_rows=4, max_context=64)
+    shard = build_shard(cfg, rank=0, world_size=1, init_method=None)
+    watch = compile_watch.install()
+    assert not watch.armed
+    warmup(shard, max_prefill_tokens=16, max_batch_size=4)
+    assert watch.armed
