@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightllm_grpc.layers.activation import ActIntoDown, SiluAndMul
 from lightllm_grpc.layers.attention.base import FP8, AttentionBackend, KVCache
@@ -305,9 +305,13 @@ class LlamaForCausalLM(nn.Module):
             spec, fp8=True, k_scales=k_scales, v_scales=tuple(float(a.v_scale) for a in attns)
         )
 
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
-        return self.logits(self.model(input_ids, batch, kv))
+    def forward(
+        self, input_ids: torch.Tensor, batch: ForwardBatch, kv: KVCache, logits_out: Tensor | None = None
+    ) -> torch.Tensor:
+        return self.logits(self.model(input_ids, batch, kv), logits_out)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of final-norm hidden states ``[B, hidden]``."""
-        return self.lm_head(hidden).float()
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits of final-norm hidden states ``[B, hidden]``, written into ``out`` if given
+        (the decode CUDA graphs' one shared buffer: no per-graph copy of the logits)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if out is None else out.copy_(logits)

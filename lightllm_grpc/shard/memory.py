@@ -39,6 +39,7 @@ def kv_capacity(
     gpu_memory_fraction: float,
     profile: Callable[[], None] | None = None,
     graph_profile: Callable[[], None] | None = None,
+    decode_graph_bytes: int = 0,
 ) -> int:
     """Tokens the pool should hold: ``requested`` if given, else what memory allows.
 
@@ -47,12 +48,13 @@ def kv_capacity(
     pass on GPU so the peak activation memory is known before the pool is sized.
     ``graph_profile`` runs the largest graphed prefill or mixed step eagerly: its activation peak
     is about what the prefill and piecewise CUDA graphs' pool and buffers keep for good, beside
-    (not inside) that peak.
+    (not inside) that peak. ``decode_graph_bytes`` is what the decode CUDA graphs will hold
+    (``decode_graph_bytes()``).
     """
     if requested is not None:
         return requested
     if device.type == "cuda":
-        budget = _cuda_budget(device, gpu_memory_fraction, profile, graph_profile)
+        budget = _cuda_budget(device, gpu_memory_fraction, profile, graph_profile, decode_graph_bytes)
     else:
         budget = min(int(available_host_bytes() * CPU_MEMORY_FRACTION), CPU_MAX_BYTES)
     tokens = min(upper_bound, budget // bytes_per_token)
@@ -80,6 +82,7 @@ def _cuda_budget(
     fraction: float,
     profile: Callable[[], None] | None,
     graph_profile: Callable[[], None] | None = None,
+    decode_graph_bytes: int = 0,
 ) -> int:
     # Activations at the profiled peak must fit beside the pool, and so must the prefill
     # graphs' pool (its own memory: eager forwards cannot reuse it), plus some slack for the
@@ -89,14 +92,24 @@ def _cuda_budget(
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = total - free
-    budget = int(total * fraction) - used_by_others - peak_extra - graph_bytes - GPU_SLACK_BYTES
+    reserved = peak_extra + graph_bytes + decode_graph_bytes + GPU_SLACK_BYTES
+    budget = int(total * fraction) - used_by_others - reserved
     log.info(
         "GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB, prefill/piecewise graphs "
-        "%.2f GiB -> KV budget %.1f GiB",
+        "%.2f GiB, decode graphs %.2f GiB -> KV budget %.1f GiB",
         total / 2**30,
         used_by_others / 2**30,
         peak_extra / 2**30,
         graph_bytes / 2**30,
+        decode_graph_bytes / 2**30,
         budget / 2**30,
     )
     return max(budget, 0)
+
+
+def decode_graph_bytes(max_rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """The decode CUDA graphs' lasting memory, dominated by the logits: the fp32 buffer every
+    graph writes (shard/cuda_graph.py) and, in the graphs' pool, the largest batch's logits in
+    the model's dtype before the cast. The other activations of a decode step (a few MiB per
+    row) fit in ``GPU_SLACK_BYTES``."""
+    return max_rows * vocab * (4 + torch.empty((), dtype=dtype).element_size())

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from lightllm_grpc.config import ShardConfig
 from lightllm_grpc.layers.forward_batch import ForwardBatch
@@ -261,14 +262,16 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
                 model, spec, max(graph_tokens, mixed_tokens), max_context, dtype, device
             )
 
+    use_graphs = cfg.cuda_graphs and device.type == "cuda"
+    graphs_bytes = memory.decode_graph_bytes(cfg.max_rows, model_cfg.vocab_size, dtype) if use_graphs else 0
     capacity = memory.kv_capacity(
         device, bpt, cfg.max_total_tokens, cfg.max_rows * max_context, cfg.gpu_memory_fraction, profile,
-        graph_profile,
+        graph_profile, graphs_bytes,
     )  # fmt: skip
     kv = spec.make_cache(capacity + 1, dtype, device)  # + the padding slot
 
-    def forward(ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return model(ids, batch, kv)
+    def forward(ids: torch.Tensor, batch: ForwardBatch, logits_out: Tensor | None = None) -> Tensor:
+        return model(ids, batch, kv, logits_out)
 
     runner = ModelRunner(forward, kv, model_cfg.vocab_size, cfg.max_rows, max_context, device, sampler)
     log.info(
@@ -277,7 +280,6 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
         ", FP8 linear layers" if model.config.quantization else "", capacity, capacity * bpt / 2**30,
         kv_dtype,
     )  # fmt: skip
-    use_graphs = cfg.cuda_graphs and device.type == "cuda"
     return Shard(
         rank, world_size, device, dtype, model_cfg, runner, bpt, kv_dtype,
         model=model, cuda_graphs=use_graphs, grammar=grammar, ops=model.ops,
