@@ -367,7 +367,10 @@ def test_decode_graphs_share_one_logits_buffer(tmp_path) -> None:
         assert out.data_ptr() == graphs.logits.data_ptr()
     with torch.inference_mode():
         for bs in (3, 100):  # two sizes, replayed one after the other
-            batch = graphs._batch(bs)
+            batch = graphs._batch(bs)  # the graphs' own buffers: each row one token in its own slot
+            batch.req_rows.copy_(torch.arange(bs, dtype=torch.int32))
+            batch.out_slots.copy_(torch.arange(bs))
+            runner.req_to_token[:bs, 0] = torch.arange(bs, dtype=torch.int32, device="cuda")
             ids = torch.randint(3, vocab, (bs,), device="cuda")
             ref = runner.forward(ids, batch).clone()
             torch.testing.assert_close(graphs(ids, batch), ref, rtol=1e-4, atol=1e-4)
