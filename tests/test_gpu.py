@@ -339,14 +339,13 @@ def test_prefix_cache_n_and_preemption_on_gpu(tmp_path) -> None:
 def test_decode_graphs_share_one_logits_buffer(tmp_path) -> None:
     """Every decode graph (plain and cascade) writes its logits into one [max batch, vocab] buffer,
     so capture memory does not grow with the sum of the batch sizes (it was sum x vocab x 4
-    bytes: 5.4 GiB at 512 rows of Llama 3, an out-of-memory at 1,024); the graphs' logits equal
-    the eager forward's."""
+    bytes: 5.4 GiB at 512 rows of Llama 3, an out-of-memory at 1,024; measured 0.56 GiB after);
+    the graphs' logits equal the eager forward's."""
     from lightllm_grpc.config import ShardConfig
-    from lightllm_grpc.shard import memory
     from lightllm_grpc.shard.cuda_graph import CudaGraphDecoder
     from lightllm_grpc.shard.worker import build_shard
 
-    vocab, rows = 32000, 256
+    vocab, rows = 128000, 256  # a Llama 3 vocabulary: the logits dominate what the graphs keep
     model_dir = make_tiny_model("llama3", tmp_path / "llama3", vocab_size=vocab)
     cfg = ShardConfig(
         model=model_dir, device="cuda", dtype="float32", max_total_tokens=4096, max_rows=rows, max_context=64,
@@ -359,8 +358,10 @@ def test_decode_graphs_share_one_logits_buffer(tmp_path) -> None:
     torch.cuda.synchronize()
     free = torch.cuda.mem_get_info()[0]
     graphs.capture()
+    torch.cuda.empty_cache()  # what the eager runs before each capture left cached is not the graphs'
     grown = free - torch.cuda.mem_get_info()[0]
-    assert grown < 3 * memory.decode_graph_bytes(rows, vocab, torch.float32) + (64 << 20), grown / 2**20
+    per_size = (sum(graphs.sizes) + sum(graphs.cascade_graphs)) * vocab * 4  # one output per graph
+    assert grown < per_size / 3, f"{grown / 2**20:.0f} MiB; one logits tensor a graph: {per_size / 2**20:.0f}"
     assert graphs.logits is not None and graphs.logits.shape == (graphs.sizes[-1], vocab)
     assert len(graphs.cascade_outputs) > 0
     for out in [*graphs.outputs.values(), *graphs.cascade_outputs.values()]:

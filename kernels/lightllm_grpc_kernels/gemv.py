@@ -39,10 +39,6 @@ class GemvConfig:
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 1  # K-loop tiles in flight (cp.async pipelining); 1: none
-    # Programmatic dependent launch (Hopper): the grid is scheduled while the kernel before it
-    # drains and waits in-kernel (``gdc_wait``, before any load or store) for it to finish; in a
-    # chain of decode kernels that hides ~0.6 us of launch latency per kernel (BENCHMARKS.md).
-    pdl: bool = False
 
 
 # Candidates tried per weight shape when the serving path tunes itself.
@@ -83,10 +79,8 @@ def _gemv_body(
     x_ptr, w_ptr, y_ptr, n, k, stride_w,
     res_ptr, res_out_ptr, norm_w_ptr, eps,  # ADD_RMSNORM only
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # before touching memory: the kernel before this one may still be running
-        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
@@ -117,29 +111,28 @@ def _gemv_body(
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, y_ptr, n, k, stride_w,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     _gemv_body(x_ptr, w_ptr, y_ptr, n, k, stride_w, x_ptr, x_ptr, x_ptr, 0.0,
-               BLOCK_N, BLOCK_K, NUM_STAGES, PLAIN, False, PDL)  # fmt: skip
+               BLOCK_N, BLOCK_K, NUM_STAGES, PLAIN, False)  # fmt: skip
 
 
 @triton.jit
 def _silu_gemv_kernel(
     h_ptr, w_ptr, y_ptr, n, k, stride_w,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     _gemv_body(h_ptr, w_ptr, y_ptr, n, k, stride_w, h_ptr, h_ptr, h_ptr, 0.0,
-               BLOCK_N, BLOCK_K, NUM_STAGES, SILU_AND_MUL, False, PDL)  # fmt: skip
+               BLOCK_N, BLOCK_K, NUM_STAGES, SILU_AND_MUL, False)  # fmt: skip
 
 
 @triton.jit
 def _add_rmsnorm_gemv_kernel(
     x_ptr, w_ptr, y_ptr, n, k, stride_w, res_ptr, res_out_ptr, norm_w_ptr, eps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    PDL: tl.constexpr,
 ):  # fmt: skip
     _gemv_body(x_ptr, w_ptr, y_ptr, n, k, stride_w, res_ptr, res_out_ptr, norm_w_ptr, eps,
-               BLOCK_N, BLOCK_K, NUM_STAGES, ADD_RMSNORM, HAS_RESIDUAL, PDL)  # fmt: skip
+               BLOCK_N, BLOCK_K, NUM_STAGES, ADD_RMSNORM, HAS_RESIDUAL)  # fmt: skip
 
 
 def _launch(
@@ -154,10 +147,8 @@ def _launch(
         )
     y = x.new_empty((1, n))
     grid = (triton.cdiv(n, cfg.block_n),)
-    if cfg.pdl:  # the launch attribute goes with the kernel's wait (the interpreter has neither)
-        constexprs["launch_pdl"] = True
     kernel[grid](x, w, y, n, k, w.stride(0), *args, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                 NUM_STAGES=cfg.num_stages, PDL=cfg.pdl, num_warps=cfg.num_warps, **constexprs)  # fmt: skip
+                 NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **constexprs)  # fmt: skip
     return y
 
 

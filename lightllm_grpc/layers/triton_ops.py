@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -60,30 +59,6 @@ __all__ = [
     "use_silu_gemv",
 ]
 log = logging.getLogger(__name__)
-
-# LIGHTLLM_GRPC_PDL=0 keeps warm-up from binding GEMVs with programmatic dependent launch.
-PDL_ENV = "LIGHTLLM_GRPC_PDL"
-
-
-def pdl_available(device: torch.device) -> bool:
-    """Programmatic dependent launch: Hopper or newer, unless ``LIGHTLLM_GRPC_PDL=0``."""
-    return (
-        device.type == "cuda"
-        and torch.cuda.get_device_capability(device)[0] >= 9
-        and os.environ.get(PDL_ENV, "1") != "0"
-    )
-
-
-def _with_pdl_twin(
-    device: torch.device, best_ms: float, best: GemvConfig, time_config: Callable[[GemvConfig], float]
-) -> tuple[float, GemvConfig]:
-    """``(best_ms, best)``, or its PDL twin's where PDL is available and times faster. The timing
-    (a CUDA graph of back-to-back calls) sees the launch latency PDL hides between kernels."""
-    if not pdl_available(device):
-        return best_ms, best
-    twin = dataclasses.replace(best, pdl=True)
-    twin_ms = time_config(twin)
-    return (twin_ms, twin) if twin_ms < best_ms else (best_ms, best)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -240,10 +215,7 @@ def tune_silu_gemv(model: nn.Module, min_gain: float = 0.01) -> dict[tuple[int, 
     chosen: dict[tuple[int, int], GemvConfig] = {}
     for shape, down in sorted(shapes.items()):
         (split_ms,), timed = time_silu_gemv(down.weight, [down.matmul])
-        best_ms, best = _with_pdl_twin(
-            down.weight.device, *min(timed, key=lambda t: t[0]),
-            lambda c, w=down.weight: time_silu_gemv(w, [], [c])[1][0][0],
-        )  # fmt: skip
+        best_ms, best = min(timed, key=lambda t: t[0])
         if best_ms < split_ms * (1 - min_gain):
             chosen[shape] = best
         log.info(
@@ -281,10 +253,7 @@ def tune_norm_gemv(model: nn.Module, min_gain: float = 0.01) -> dict[tuple[int, 
     chosen: dict[tuple[int, int], GemvConfig] = {}
     for shape, linear in sorted(shapes.items()):
         (split_ms,), timed = time_norm_gemv(linear.weight, [linear.matmul])
-        best_ms, best = _with_pdl_twin(
-            linear.weight.device, *min(timed, key=lambda t: t[0]),
-            lambda c, w=linear.weight: time_norm_gemv(w, [], [c])[1][0][0],
-        )  # fmt: skip
+        best_ms, best = min(timed, key=lambda t: t[0])
         if best_ms < split_ms * (1 - min_gain):
             chosen[shape] = best
         log.info(
@@ -387,12 +356,11 @@ def _time_gemv(w: torch.Tensor) -> tuple[float, float, GemvConfig]:
     rotating = _rotating(w)
     x = torch.randn(1, w.shape[1], device=w.device, dtype=w.dtype)
     cublas = triton.testing.do_bench_cudagraph(rotating(lambda m: F.linear(x, m)))
-
-    def time_config(c: GemvConfig) -> float:
-        return triton.testing.do_bench_cudagraph(rotating(lambda m: gemv(x, m, c)))
-
-    best_ms, best = min(((time_config(c), c) for c in GEMV_CONFIGS), key=lambda t: t[0])
-    return (cublas, *_with_pdl_twin(w.device, best_ms, best, time_config))
+    timed = [
+        (triton.testing.do_bench_cudagraph(rotating(lambda m, c=c: gemv(x, m, c))), c) for c in GEMV_CONFIGS
+    ]
+    best_ms, best = min(timed, key=lambda t: t[0])
+    return cublas, best_ms, best
 
 
 def tune_fp8_gemv(model: nn.Module) -> dict[tuple[int, int], tuple[Fp8GemvConfig, Fp8GemvConfig]]:

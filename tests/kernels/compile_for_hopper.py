@@ -19,8 +19,7 @@ from triton.compiler import ASTSource
 
 HOPPER = GPUTarget("cuda", 90, 32)
 GEMV = {"w_ptr": "*bf16", "y_ptr": "*bf16", "n": "i32", "k": "i32", "stride_w": "i32"}
-GEMV_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 256, "NUM_STAGES": 3, "PDL": False}
-GEMV_PDL = {**GEMV_BLOCKS, "PDL": True}
+GEMV_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 256, "NUM_STAGES": 3}
 NORM_GEMV = {
     **GEMV,
     "x_ptr": "*bf16",
@@ -77,21 +76,9 @@ def cases() -> dict[str, tuple[object, dict[str, str], dict[str, object], bool]]
     fp8, same = ({**STORE_CONSTS, "KV_FP8": f} for f in (True, False))
     return {
         "gemv": (gemv._gemv_kernel, {**GEMV, "x_ptr": "*bf16"}, GEMV_BLOCKS, True),
-        "gemv with programmatic dependent launch": (
-            gemv._gemv_kernel,
-            {**GEMV, "x_ptr": "*bf16"},
-            GEMV_PDL,
-            True,
-        ),
         "silu_gemv": (gemv._silu_gemv_kernel, {**GEMV, "h_ptr": "*bf16"}, GEMV_BLOCKS, True),
         "add_rmsnorm_gemv": (gemv._add_rmsnorm_gemv_kernel, NORM_GEMV, with_res, True),
         "add_rmsnorm_gemv no residual": (gemv._add_rmsnorm_gemv_kernel, NORM_GEMV, no_res, True),
-        "add_rmsnorm_gemv with programmatic dependent launch": (
-            gemv._add_rmsnorm_gemv_kernel,
-            NORM_GEMV,
-            {**GEMV_PDL, "HAS_RESIDUAL": True},
-            True,
-        ),
         "rotary_store_kv fp8": (store._rotary_store_kv_kernel, STORE, fp8, False),
         "rotary_store_kv bf16": (store._rotary_store_kv_kernel, bf16_pool, same, False),
         "fused_add_rmsnorm": (norm._rmsnorm_kernel, RMSNORM, {"HAS_RESIDUAL": True, "BLOCK": 4096}, False),

@@ -3,7 +3,6 @@ micro-benchmark's code path (in the interpreter, on tiny shapes, with a stub tim
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -210,31 +209,3 @@ def test_profile_decode_unfuses_before_warmup(tiny: Path, monkeypatch: pytest.Mo
     assert not any(layer.self_attn.rotary_in_kv_store for layer in model.model.layers)
     Ops.triton().tune(model)
     assert tuned[2:] == ["gemv", "silu", "norm", "fp8"]
-
-
-@pytest.mark.parametrize(("twin_ms", "pdl"), [(0.9, True), (1.1, False)])
-def test_pdl_twin_is_bound_only_where_it_times_faster(
-    twin_ms: float, pdl: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(triton_ops, "pdl_available", lambda device: True)
-    timed = []
-
-    def time_config(c: GemvConfig) -> float:
-        timed.append(c)
-        return twin_ms
-
-    ms, config = triton_ops._with_pdl_twin(torch.device("cpu"), 1.0, CONFIG, time_config)
-    assert timed == [dataclasses.replace(CONFIG, pdl=True)]
-    assert config == dataclasses.replace(CONFIG, pdl=pdl) and ms == min(1.0, twin_ms)
-
-
-def test_pdl_needs_hopper_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.delenv(triton_ops.PDL_ENV, raising=False)
-    assert triton_ops.pdl_available(cuda) and not triton_ops.pdl_available(torch.device("cpu"))
-    monkeypatch.setenv(triton_ops.PDL_ENV, "0")
-    assert not triton_ops.pdl_available(cuda)
-    monkeypatch.delenv(triton_ops.PDL_ENV)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert not triton_ops.pdl_available(cuda)

@@ -28,11 +28,9 @@ def compiled() -> dict[str, str]:
     "case",
     [
         "gemv",
-        "gemv with programmatic dependent launch",
         "silu_gemv",
         "add_rmsnorm_gemv",
         "add_rmsnorm_gemv no residual",
-        "add_rmsnorm_gemv with programmatic dependent launch",
         "rotary_store_kv fp8",
         "rotary_store_kv bf16",
         "fused_add_rmsnorm",
