@@ -24,6 +24,11 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Start-up polls a shard that is still loading; gRPC's default backoff after a refused
+    # connection (1 s, growing) would notice it up to a second after it listens.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 # Shards on other hosts: an HTTP/2 ping every second, and a transport whose ping is not
 # answered within a second counts as dead, failing the step stream with UNAVAILABLE. This
@@ -186,7 +191,7 @@ class ShardClient:
                         raise ShardError(
                             f"shard {rank} not ready after {timeout:.0f}s: {exc.details()}"
                         ) from exc
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(0.05)
 
     async def health(self, timeout: float) -> str | None:
         """None when every shard answers Health within ``timeout`` seconds, else why not."""

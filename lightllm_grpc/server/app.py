@@ -270,6 +270,11 @@ def _bound_server(
     return server, port
 
 
+# A Hugging Face tokenizer needs at least one of these (fast, SentencePiece, BPE vocabulary, or
+# the config that names the others).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def _check_model(folder: Path) -> None:
     """Refuse a model folder we cannot serve in one line, before any shard starts."""
     if not folder.is_dir():
@@ -285,6 +290,11 @@ def _check_model(folder: Path) -> None:
         raise StartupError(f"--model {folder}: config.json has no {exc}") from exc
     except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
         raise StartupError(f"--model {folder}: config.json cannot be served: {exc}") from exc
+    # The tokenizer loads while the shards start; a folder with no tokenizer at all is refused first.
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise StartupError(
+            f"--model {folder}: cannot load its tokenizer: it has none of {', '.join(TOKENIZER_FILES)}"
+        )
 
 
 def _tokenizer(folder: Path, chat_content_special_tokens: str) -> PromptTokenizer:
@@ -372,8 +382,21 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
     server, port, health = front.server, front.port, front.health
     try:
         _check_model(cfg.shard.model)
-        tokenizer = _tokenizer(cfg.shard.model, cfg.chat_content_special_tokens)
-        procs, client, infos = await _start_shards(cfg)
+        # The tokenizer loads on a thread while the shards start (they take longer).
+        loading = asyncio.ensure_future(
+            asyncio.to_thread(_tokenizer, cfg.shard.model, cfg.chat_content_special_tokens)
+        )
+        try:
+            procs, client, infos = await _start_shards(cfg)
+        except BaseException:
+            await asyncio.gather(loading, return_exceptions=True)  # never left unretrieved
+            raise
+        try:
+            tokenizer = await loading
+        except BaseException:
+            await client.close()
+            procs.stop()
+            raise
     except BaseException:
         await front.stop()
         raise
