@@ -49,7 +49,7 @@ def kv_capacity(
     ``graph_profile`` runs the largest graphed prefill or mixed step eagerly: its activation peak
     is about what the prefill and piecewise CUDA graphs' pool and buffers keep for good, beside
     (not inside) that peak. ``decode_graph_bytes`` is what the decode CUDA graphs will hold
-    (``decode_graph_bytes()``).
+    (``decode_graph_reserve``).
     """
     if requested is not None:
         return requested
@@ -107,7 +107,7 @@ def _cuda_budget(
     return max(budget, 0)
 
 
-def decode_graph_bytes(max_rows: int, vocab: int, dtype: torch.dtype) -> int:
+def decode_graph_reserve(max_rows: int, vocab: int, dtype: torch.dtype) -> int:
     """The decode CUDA graphs' lasting memory, dominated by the logits: the fp32 buffer every
     graph writes (shard/cuda_graph.py) and, in the graphs' pool, the largest batch's logits in
     the model's dtype before the cast. The other activations of a decode step (a few MiB per

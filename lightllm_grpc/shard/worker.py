@@ -263,7 +263,7 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
             )
 
     use_graphs = cfg.cuda_graphs and device.type == "cuda"
-    graphs_bytes = memory.decode_graph_bytes(cfg.max_rows, model_cfg.vocab_size, dtype) if use_graphs else 0
+    graphs_bytes = memory.decode_graph_reserve(cfg.max_rows, model_cfg.vocab_size, dtype) if use_graphs else 0
     capacity = memory.kv_capacity(
         device, bpt, cfg.max_total_tokens, cfg.max_rows * max_context, cfg.gpu_memory_fraction, profile,
         graph_profile, graphs_bytes,
