@@ -24,8 +24,11 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Start-up polls a shard that is still loading; gRPC's default backoff after a refused
-    # connection (1 s, growing) would notice it up to a second after it listens.
+]
+# Spawned shards: start-up polls one that is still loading, and gRPC's default backoff after
+# a refused connection (1 s, growing) would notice it up to a second after it listens. Shards on
+# other hosts keep the default: a refused TLS handshake must not be retried ten times a second.
+LOCAL_RETRY = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
@@ -155,7 +158,7 @@ class ShardClient:
     ) -> None:
         """``tls``: reach the TCP addresses over TLS with these credentials (unix sockets stay
         plaintext: their file permissions guard them)."""
-        options = _OPTIONS + REMOTE_KEEPALIVE if remote else _OPTIONS
+        options = _OPTIONS + (REMOTE_KEEPALIVE if remote else LOCAL_RETRY)
         self.addresses = list(addresses)
         self.tls = tls
         self.channels = [
