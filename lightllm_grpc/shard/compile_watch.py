@@ -37,6 +37,11 @@ class CompileWatch:
         """From now on every compile is one a live step waited for."""
         self.armed = True
 
+    def disarm(self) -> None:
+        """A warm-up runs: its compiles are expected (another shard built in this process, as
+        tests and benchmarks do, armed the watch with its own warm-up)."""
+        self.armed = False
+
     def before(self, key: Any) -> None:
         with self._lock:
             self._started[str(key)] = time.perf_counter()

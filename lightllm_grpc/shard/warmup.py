@@ -18,7 +18,8 @@ from lightllm_grpc.shard.worker import Shard, prefill_step, profile_row
 
 
 def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
-    watch = compile_watch.install()  # unarmed until the end: warm-up's own compiles are expected
+    watch = compile_watch.install()
+    watch.disarm()  # until the end: warm-up's own compiles are expected
     runner = shard.runner
     capacity = runner.kv_capacity
     n = max(1, min(max_prefill_tokens, runner.max_context - 1, capacity))
