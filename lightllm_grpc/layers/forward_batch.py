@@ -80,8 +80,9 @@ class ForwardBatch:
         and the decode rows as a DECODE batch over ``[num_prefill_tokens, T)`` (its own token
         axis: query i of ``q[num_prefill_tokens:]`` is decode row i).
 
-        Views of this batch's tensors (plus one ``arange``), built on the first call and kept:
-        every layer of a forward reads the same parts.
+        Views of this batch's tensors (plus one ``arange``, and copies of the decode rows'
+        ``req_rows``/``seq_lens``: see ``_parts``), built on the first call and kept: every layer
+        of a forward reads the same parts.
         """
         assert self.mode is ForwardMode.MIXED, f"split() is for MIXED batches, not {self.mode}"
         return self._parts

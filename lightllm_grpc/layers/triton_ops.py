@@ -60,6 +60,10 @@ __all__ = [
 ]
 log = logging.getLogger(__name__)
 
+# (weight, split matmuls, GEMV configs) -> ([ms per split matmul], [(ms, config)]): the timing of a
+# small op folded into the GEMV against the op then each matmul (time_silu_gemv, time_norm_gemv).
+FusedTiming = Callable[..., tuple[list[float], list[tuple[float, GemvConfig]]]]
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])  # q/k norms see [T, H, D]; the kernel wants [rows, D]
@@ -211,18 +215,8 @@ def tune_silu_gemv(model: nn.Module, min_gain: float = 0.01) -> dict[tuple[int, 
     SiLU-and-mul folded in, per config; where the fused one is faster by ``min_gain``, bind it
     into every such MLP of that shape (``fuse_act_into_down``). Returns the chosen configs."""
     mlps = [m for m in model.modules() if isinstance(m, ActIntoDown) and _unquantized(m.down_proj)]
-    shapes = {tuple(m.down_proj.weight.shape): m.down_proj for m in mlps}
-    chosen: dict[tuple[int, int], GemvConfig] = {}
-    for shape, down in sorted(shapes.items()):
-        (split_ms,), timed = time_silu_gemv(down.weight, [down.matmul])
-        best_ms, best = min(timed, key=lambda t: t[0])
-        if best_ms < split_ms * (1 - min_gain):
-            chosen[shape] = best
-        log.info(
-            "down %s at one token: SiLU kernel + %s %.1f us, fused GEMV %.1f us -> %s",
-            shape, _name(down.matmul), split_ms * 1e3, best_ms * 1e3,
-            f"fused {best}" if shape in chosen else "separate SiLU",
-        )  # fmt: skip
+    what = "down %s at one token: SiLU kernel"
+    chosen = _fused_wins([m.down_proj for m in mlps], time_silu_gemv, what, "separate SiLU", min_gain)
     use_silu_gemv(model, chosen)
     torch.cuda.empty_cache()
     return chosen
@@ -249,18 +243,9 @@ def tune_norm_gemv(model: nn.Module, min_gain: float = 0.01) -> dict[tuple[int, 
     ``tune_gemv``) against ``add_rmsnorm_gemv`` per config; where the fused one is faster by
     ``min_gain``, bind it into every such step of that shape. Returns the chosen configs."""
     pairs = [m for m in model.modules() if isinstance(m, AddNormLinear) and _norm_fusable(m)]
-    shapes = {tuple(m.pair[1].weight.shape): m.pair[1] for m in pairs}
-    chosen: dict[tuple[int, int], GemvConfig] = {}
-    for shape, linear in sorted(shapes.items()):
-        (split_ms,), timed = time_norm_gemv(linear.weight, [linear.matmul])
-        best_ms, best = min(timed, key=lambda t: t[0])
-        if best_ms < split_ms * (1 - min_gain):
-            chosen[shape] = best
-        log.info(
-            "%s after its norm at one token: add+RMSNorm kernel + %s %.1f us, fused GEMV %.1f us -> %s",
-            shape, _name(linear.matmul), split_ms * 1e3, best_ms * 1e3,
-            f"fused {best}" if shape in chosen else "separate norm",
-        )  # fmt: skip
+    linears = [m.pair[1] for m in pairs]
+    what = "%s after its norm at one token: add+RMSNorm kernel"
+    chosen = _fused_wins(linears, time_norm_gemv, what, "separate norm", min_gain)
     use_norm_gemv(model, chosen)
     torch.cuda.empty_cache()
     return chosen
@@ -277,6 +262,28 @@ def use_norm_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig]) 
                 m.step = norm_gemv_step(config)
                 changed += 1
     return changed
+
+
+def _fused_wins(
+    linears: Sequence[LinearBase], time_fused: FusedTiming, what: str, separate: str, min_gain: float
+) -> dict[tuple[int, int], GemvConfig]:
+    """Per weight shape of ``linears``: ``time_fused`` (``time_silu_gemv`` or ``time_norm_gemv``)
+    times the small op followed by the layer's matmul as bound now against the fused GEMV per
+    config; the fused one's fastest config where it wins by ``min_gain``, by shape. ``what``
+    (with the shape for %s) and ``separate`` name the two in the log line."""
+    shapes = {tuple(linear.weight.shape): linear for linear in linears}
+    chosen: dict[tuple[int, int], GemvConfig] = {}
+    for shape, linear in sorted(shapes.items()):
+        (split_ms,), timed = time_fused(linear.weight, [linear.matmul])
+        best_ms, best = min(timed, key=lambda t: t[0])
+        if best_ms < split_ms * (1 - min_gain):
+            chosen[shape] = best
+        log.info(
+            what + " + %s %.1f us, fused GEMV %.1f us -> %s",
+            shape, _name(linear.matmul), split_ms * 1e3, best_ms * 1e3,
+            f"fused {best}" if shape in chosen else separate,
+        )  # fmt: skip
+    return chosen
 
 
 def _norm_fusable(step: AddNormLinear) -> bool:

@@ -112,4 +112,4 @@ def decode_graph_reserve(max_rows: int, vocab: int, dtype: torch.dtype) -> int:
     graph writes (shard/cuda_graph.py) and, in the graphs' pool, the largest batch's logits in
     the model's dtype before the cast. The other activations of a decode step (a few MiB per
     row) fit in ``GPU_SLACK_BYTES``."""
-    return max_rows * vocab * (4 + torch.empty((), dtype=dtype).element_size())
+    return max_rows * vocab * (4 + dtype.itemsize)
