@@ -5,10 +5,11 @@ weight (half of bf16's bytes) once and multiplies the activations as they are (b
 not quantized), then applies the per-output-channel weight scale and the bias in fp32 and
 writes the activations' dtype. It has the structure of ``gemv.py``: each program owns a slab
 of ``BLOCK_N`` weight rows and loops over K (no split-K), here with the loads pipelined. One
-token (``BLOCK_M = 1``) is gemv.py's loop, the weight converted to fp32 in registers; more
-tokens go through ``tl.dot`` on tiles of 16 rows, the weight converted to the activations'
-dtype, which holds every e4m3 value exactly, so the products are exact there too and only the
-fp32 summation order differs.
+token runs through ``gemv.py``'s kernel itself (its scaled epilogue: the weight converted to
+fp32 in registers), so that the GEMVs with a folded norm or SiLU share its loop; more tokens go
+through ``tl.dot`` on tiles of 16 rows, the weight converted to the activations' dtype, which
+holds every e4m3 value exactly, so the products are exact there too and only the fp32
+summation order differs.
 """
 
 from __future__ import annotations
@@ -20,19 +21,20 @@ import triton
 import triton.language as tl
 
 from lightllm_grpc_kernels._launch import check_index, check_rows, dot_precision, on_gpu
+from lightllm_grpc_kernels.gemv import GemvConfig, gemv
 
 FP8 = torch.float8_e4m3fn
 DOT_ROWS = 16  # tl.dot's smallest M tile: 2..16 tokens cost one pass over the weight
 
 
 @dataclass(frozen=True)
-class Fp8GemvConfig:
-    block_n: int = 16  # >= 16 for more than one token (tl.dot's smallest tile)
+class Fp8GemvConfig(GemvConfig):
+    """``GemvConfig``'s fields with the W8A16 kernel's defaults; ``block_n`` >= 16 for more than
+    one token (tl.dot's smallest tile)."""
+
     block_k: int = 512  # 512 e4m3 bytes per row per step: gemv.py's 256 bf16 ones
-    num_warps: int = 4
     # K-loop software pipelining (cp.async): tiles in flight per program, so that a shape with
-    # few programs per SM (N = 4096: 256 programs of 16 rows) still keeps HBM busy. 1: none,
-    # as gemv.py (whose loop Triton does not pipeline).
+    # few programs per SM (N = 4096: 256 programs of 16 rows) still keeps HBM busy.
     num_stages: int = 3
 
 
@@ -84,24 +86,14 @@ def _fp8_gemv_kernel(
     row_mask, token_mask = rows < n, tokens < m
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
     x_rows = x_ptr + tokens[:, None].to(tl.int64) * stride_x
-    if BLOCK_M == 1:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
         cols = start + tl.arange(0, BLOCK_K)
         col_mask = cols < k
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         x = tl.load(x_rows + cols[None, :], mask=token_mask[:, None] & col_mask[None, :], other=0.0)
-        if BLOCK_M == 1:
-            acc += w.to(tl.float32) * x.to(tl.float32)  # x [1, BLOCK_K] broadcasts over the rows
-        else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
-    if BLOCK_M == 1:
-        y = tl.sum(acc, axis=1)[None, :]
-    else:
-        y = acc
-    y *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[None, :]
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    y = acc * tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + tokens[:, None].to(tl.int64) * stride_y + rows[None, :]
@@ -127,18 +119,19 @@ def fp8_gemv(
     if bias is not None:
         check_index(bias, "bias", n, x.dtype)
     cfg = config or Fp8GemvConfig()
+    if m == 1:
+        return gemv(x, w, cfg, scale, bias)
     if not on_gpu(x):  # the interpreter wants few, large programs
         cfg = Fp8GemvConfig(block_n=max(16, min(64, triton.next_power_of_2(n))),
                             block_k=max(16, min(256, triton.next_power_of_2(k))))  # fmt: skip
-    assert m == 1 or cfg.block_n >= DOT_ROWS, f"block_n must be >= {DOT_ROWS} for tl.dot, got {cfg}"
+    assert cfg.block_n >= DOT_ROWS, f"block_n must be >= {DOT_ROWS} for tl.dot, got {cfg}"
     y = x.new_empty((m, n))
     if m == 0:
         return y
-    block_m = 1 if m == 1 else DOT_ROWS
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, block_m))
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, DOT_ROWS))
     _fp8_gemv_kernel[grid](
         x, w, scale, scale if bias is None else bias, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        HAS_BIAS=bias is not None, BLOCK_M=DOT_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(x.dtype), NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )  # fmt: skip
     return y

@@ -18,6 +18,12 @@ that op's launch (about 2 µs a layer in a batch-1 graph) and its round trip thr
 Both equal the unfused pair (``silu_and_mul`` or ``fused_add_rmsnorm``, then ``gemv`` with the
 same config) bit for bit: the x values are the same expressions and the accumulation loop
 is this one kernel's.
+
+Each of the three also takes an e4m3 weight with per-row fp32 scales (``scale``; FP8 layers,
+weight-only at one token): the weight converts to fp32 in the same loop, and the epilogue
+multiplies by the scale and adds the bias in fp32 before the one rounding to the output
+dtype. ``fp8_gemv.fp8_gemv`` sends its one-token calls here, so an FP8 layer's fused and
+unfused steps are this one loop too.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lightllm_grpc_kernels._launch import check_rows, on_gpu
+from lightllm_grpc_kernels._launch import check_index, check_rows, on_gpu
 from lightllm_grpc_kernels.activation import silu_mul
 from lightllm_grpc_kernels.rmsnorm import add_rows, inv_rms, normed, squares
 
@@ -78,8 +84,9 @@ def _load_x(x_ptr, res_ptr, cols, col_mask, k, PROLOGUE: tl.constexpr, HAS_RESID
 def _gemv_body(
     x_ptr, w_ptr, y_ptr, n, k, stride_w,
     res_ptr, res_out_ptr, norm_w_ptr, eps,  # ADD_RMSNORM only
+    scale_ptr, bias_ptr,  # SCALED only (HAS_BIAS: bias_ptr too)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,39 +111,70 @@ def _gemv_body(
         x = x.to(tl.float32)
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
-    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_mask)
+    y = tl.sum(acc, axis=1)
+    if SCALED:  # an e4m3 weight: its per-row scale, then the bias, in fp32 (fp8_gemv's epilogue)
+        y *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
 # One kernel per prologue, so that a profile names them apart; each is the body above.
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, y_ptr, n, k, stride_w,
+    x_ptr, w_ptr, y_ptr, n, k, stride_w, scale_ptr, bias_ptr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    _gemv_body(x_ptr, w_ptr, y_ptr, n, k, stride_w, x_ptr, x_ptr, x_ptr, 0.0,
-               BLOCK_N, BLOCK_K, NUM_STAGES, PLAIN, False)  # fmt: skip
+    _gemv_body(x_ptr, w_ptr, y_ptr, n, k, stride_w, x_ptr, x_ptr, x_ptr, 0.0, scale_ptr, bias_ptr,
+               BLOCK_N, BLOCK_K, NUM_STAGES, PLAIN, False, SCALED, HAS_BIAS)  # fmt: skip
 
 
 @triton.jit
 def _silu_gemv_kernel(
-    h_ptr, w_ptr, y_ptr, n, k, stride_w,
+    h_ptr, w_ptr, y_ptr, n, k, stride_w, scale_ptr, bias_ptr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    _gemv_body(h_ptr, w_ptr, y_ptr, n, k, stride_w, h_ptr, h_ptr, h_ptr, 0.0,
-               BLOCK_N, BLOCK_K, NUM_STAGES, SILU_AND_MUL, False)  # fmt: skip
+    _gemv_body(h_ptr, w_ptr, y_ptr, n, k, stride_w, h_ptr, h_ptr, h_ptr, 0.0, scale_ptr, bias_ptr,
+               BLOCK_N, BLOCK_K, NUM_STAGES, SILU_AND_MUL, False, SCALED, HAS_BIAS)  # fmt: skip
 
 
 @triton.jit
 def _add_rmsnorm_gemv_kernel(
-    x_ptr, w_ptr, y_ptr, n, k, stride_w, res_ptr, res_out_ptr, norm_w_ptr, eps,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    x_ptr, w_ptr, y_ptr, n, k, stride_w, scale_ptr, bias_ptr, res_ptr, res_out_ptr, norm_w_ptr, eps,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     _gemv_body(x_ptr, w_ptr, y_ptr, n, k, stride_w, res_ptr, res_out_ptr, norm_w_ptr, eps,
-               BLOCK_N, BLOCK_K, NUM_STAGES, ADD_RMSNORM, HAS_RESIDUAL)  # fmt: skip
+               scale_ptr, bias_ptr, BLOCK_N, BLOCK_K, NUM_STAGES, ADD_RMSNORM, HAS_RESIDUAL,
+               SCALED, HAS_BIAS)  # fmt: skip
+
+
+def _check_weight(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
+) -> None:
+    """``w`` [N, K] in ``x``'s dtype; or e4m3 with its fp32 ``scale`` [N] (and a ``bias`` [N] in
+    ``x``'s dtype, which only the scaled epilogue adds)."""
+    if scale is None:
+        check_rows(w, "w", 2, x.dtype)
+        assert bias is None, "an unscaled GEMV adds no bias (its caller does)"
+        return
+    check_rows(w, "w", 2, torch.float8_e4m3fn)
+    check_index(scale, "scale", w.shape[0], torch.float32)
+    if bias is not None:
+        check_index(bias, "bias", w.shape[0], x.dtype)
 
 
 def _launch(
-    kernel, x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None, *args, **constexprs
+    kernel,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    config: GemvConfig | None,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *args,
+    **constexprs,
 ) -> torch.Tensor:
     """``kernel`` (one of the three above) over ``w``'s rows, with ``args`` after the shared ones."""
     n, k = w.shape
@@ -147,30 +185,46 @@ def _launch(
         )
     y = x.new_empty((1, n))
     grid = (triton.cdiv(n, cfg.block_n),)
-    kernel[grid](x, w, y, n, k, w.stride(0), *args, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                 NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **constexprs)  # fmt: skip
+    scale_arg = x if scale is None else scale  # a valid pointer the unscaled kernel never reads
+    kernel[grid](x, w, y, n, k, w.stride(0), scale_arg, scale_arg if bias is None else bias, *args,
+                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
+                 SCALED=scale is not None, HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+                 **constexprs)  # fmt: skip
     return y
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-    """``x @ w.T`` for x [1, K] and w [N, K] of one dtype (last dims contiguous); returns [1, N]."""
+def gemv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    config: GemvConfig | None = None,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ w.T`` for x [1, K] and w [N, K] of one dtype (last dims contiguous); returns [1, N].
+    With ``scale``: w is e4m3 and the result ``(x @ w.T) * scale + bias``, as ``fp8_gemv``."""
     check_rows(x, "x", 2)
-    check_rows(w, "w", 2, x.dtype)
+    _check_weight(x, w, scale, bias)
     assert x.shape[0] == 1, f"gemv takes one row, got x {tuple(x.shape)}"
     assert x.shape[1] == w.shape[1], f"x {tuple(x.shape)} does not match w {tuple(w.shape)}"
-    return _launch(_gemv_kernel, x, w, config)
+    return _launch(_gemv_kernel, x, w, config, scale, bias)
 
 
-def silu_gemv(h: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+def silu_gemv(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    config: GemvConfig | None = None,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``silu_and_mul(h) @ w.T`` for the gate_up output h [1, 2K] (gate then up) and w [N, K]
-    of one dtype, without the [1, K] intermediate; returns [1, N]."""
+    of one dtype, without the [1, K] intermediate; returns [1, N]. ``scale``, ``bias``: as ``gemv``."""
     check_rows(h, "h", 2)
-    check_rows(w, "w", 2, h.dtype)
+    _check_weight(h, w, scale, bias)
     assert h.shape[0] == 1, f"silu_gemv takes one row, got h {tuple(h.shape)}"
     assert h.shape[1] == 2 * w.shape[1], (
         f"h {tuple(h.shape)} must be [1, 2 * {w.shape[1]}] for w {tuple(w.shape)}"
     )
-    return _launch(_silu_gemv_kernel, h, w, config)
+    return _launch(_silu_gemv_kernel, h, w, config, scale, bias)
 
 
 def add_rmsnorm_gemv(
@@ -180,13 +234,15 @@ def add_rmsnorm_gemv(
     eps: float,
     w: torch.Tensor,
     config: GemvConfig | None = None,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(residual + x) @ w.T, residual + x)`` for x, residual [1, K], the norm's weight [K]
     and w [N, K], all of one dtype: ``fused_add_rmsnorm`` then ``gemv``, bit for bit, without
     materialising the norm's output. ``residual`` is read only: the sum goes to a new tensor
-    (returned). Without a residual it is ``(rmsnorm(x) @ w.T, x)``."""
+    (returned). Without a residual it is ``(rmsnorm(x) @ w.T, x)``. ``scale``, ``bias``: as ``gemv``."""
     check_rows(x, "x", 2)
-    check_rows(w, "w", 2, x.dtype)
+    _check_weight(x, w, scale, bias)
     assert x.shape[0] == 1, f"add_rmsnorm_gemv takes one row, got x {tuple(x.shape)}"
     assert x.shape[1] == w.shape[1], f"x {tuple(x.shape)} does not match w {tuple(w.shape)}"
     assert norm_weight.shape == (w.shape[1],) and norm_weight.dtype == x.dtype, (
@@ -194,12 +250,14 @@ def add_rmsnorm_gemv(
     )
     assert norm_weight.is_contiguous(), "norm weight must be contiguous"
     if residual is None:  # a valid pointer for the unread residual arguments
-        y = _launch(_add_rmsnorm_gemv_kernel, x, w, config, x, x, norm_weight, eps, HAS_RESIDUAL=False)
+        y = _launch(_add_rmsnorm_gemv_kernel, x, w, config, scale, bias, x, x, norm_weight, eps,
+                    HAS_RESIDUAL=False)  # fmt: skip
         return y, x
     check_rows(residual, "residual", 2, x.dtype)
     assert residual.shape == x.shape, f"residual {tuple(residual.shape)} != x {tuple(x.shape)}"
     summed = torch.empty_like(x)
-    y = _launch(_add_rmsnorm_gemv_kernel, x, w, config, residual, summed, norm_weight, eps, HAS_RESIDUAL=True)
+    y = _launch(_add_rmsnorm_gemv_kernel, x, w, config, scale, bias, residual, summed, norm_weight, eps,
+                HAS_RESIDUAL=True)  # fmt: skip
     return y, summed
 
 

@@ -8,7 +8,8 @@ between the graph and the sum of kernel times is what launches cost inside the g
 ``--fusions off`` builds the same shard without the decode fusions (rotary in the KV store,
 SiLU-and-mul and the residual add + RMSNorm folded into the GEMVs); ``--compare`` runs both,
 each in its own process, and prints the two tables side by side with the graph replay times:
-the before/after of the fusions in one command.
+the before/after of the fusions in one command. ``--quantization fp8`` and ``--kv-cache-dtype
+fp8_e4m3`` profile the FP8 step instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from lightllm_grpc.config import KV_CACHE_DTYPES, QUANTIZATIONS
 
 MODULE = "lightllm_grpc.bench.profile_decode"
 
@@ -64,7 +68,14 @@ def unfuse(shard) -> None:
         )
 
 
-def profile_decode(batch: int, context: int, steps: int, fusions: bool) -> dict:
+def profile_decode(
+    batch: int,
+    context: int,
+    steps: int,
+    fusions: bool,
+    quantization: str | None = None,
+    kv_cache_dtype: str = "auto",
+) -> dict:
     """``{"graph_ms", "kernels_ms", "rows": [(name, ms per step, launches per step)]}``."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -75,7 +86,8 @@ def profile_decode(batch: int, context: int, steps: int, fusions: bool) -> dict:
 
     model_dir = prepare_model_dir(Path(tempfile.mkdtemp()))
     cfg = ShardConfig(model=model_dir, device="cuda", dtype="bfloat16", load_format="dummy",
-                      max_total_tokens=batch * (context + 1) + 64, max_rows=batch)  # fmt: skip
+                      max_total_tokens=batch * (context + 1) + 64, max_rows=batch,
+                      quantization=quantization, kv_cache_dtype=kv_cache_dtype)  # fmt: skip
     shard = build_shard(cfg, 0, 1, None)
     if not fusions:
         unfuse(shard)
@@ -152,7 +164,9 @@ def _compare(args: argparse.Namespace) -> None:
     for fusions in ("off", "on"):  # one process each: two 8B models need not fit at once
         out = Path(tempfile.mkdtemp()) / f"{fusions}.json"
         cmd = [sys.executable, "-m", MODULE, "--batch", str(args.batch), "--context", str(args.context),
-               "--steps", str(args.steps), "--fusions", fusions, "--json", str(out)]  # fmt: skip
+               "--steps", str(args.steps), "--fusions", fusions, "--json", str(out),
+               "--kv-cache-dtype", args.kv_cache_dtype,
+               *(["--quantization", args.quantization] if args.quantization else [])]  # fmt: skip
         subprocess.run(cmd, check=True)
         results[fusions] = json.loads(out.read_text())
     print_comparison(results["off"], results["on"], args.batch, args.context)
@@ -168,11 +182,16 @@ def main(argv: list[str] | None = None) -> None:
         "--compare", action="store_true", help="profile with the fusions off, then on, and compare"
     )
     p.add_argument("--json", type=Path, help="also write the result here")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default=None, help="FP8 weights")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     args = p.parse_args(argv)
     if args.compare:
         _compare(args)
         return
-    result = profile_decode(args.batch, args.context, args.steps, args.fusions == "on")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # warm-up's per-shape choices
+    result = profile_decode(
+        args.batch, args.context, args.steps, args.fusions == "on", args.quantization, args.kv_cache_dtype
+    )
     print_table(result, args.batch, args.context, f"fusions {args.fusions}: ")
     if args.json:
         args.json.write_text(json.dumps(result))

@@ -8,7 +8,9 @@ decode-sized matmuls per weight shape and binds the winners into each layer of t
 where that beats the activation kernel followed by the layer's matmul; ``tune_norm_gemv`` the
 GEMV with the residual add + RMSNorm folded into its loads for qkv and gate_up (the decoder's
 ``AddNormLinear`` steps) where that beats the norm kernel followed by the matmul;
-``tune_fp8_gemv`` the W8A16 kernel's tiles (for one token and for 2..16) of FP8 layers.
+``tune_fp8_gemv`` the W8A16 kernel's tiles (for one token and for 2..16) of FP8 layers. The two
+fusions run once for the unquantized layers and once for the FP8 ones (weight-only at one
+token: the same GEMV kernels read the e4m3 weight and apply its scales).
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ from lightllm_grpc.layers.activation import ActIntoDown
 from lightllm_grpc.layers.attention.base import AttentionBackend
 from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
 from lightllm_grpc.layers.embedding import ParallelLMHead
-from lightllm_grpc.layers.fp8 import W8A16_MAX_M, Fp8Matmul, fp8_cuda_gemm, fp8_linear_cuda, is_fp8
+from lightllm_grpc.layers.fp8 import (
+    W8A16_MAX_M,
+    Fp8Matmul,
+    fp8_cuda_gemm,
+    fp8_linear_cuda,
+    fp8_linear_ref,
+    is_fp8,
+)
 from lightllm_grpc.layers.linear import ColumnParallelLinear, LinearBase, Matmul
 from lightllm_grpc.layers.norm import AddNormLinear, RMSNorm, norm_then_linear
 
@@ -97,17 +106,23 @@ class GemvMatmul:
         return y if bias is None else y + bias
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SiluGemvMatmul:
     """A down projection's matmul that takes the gate_up output ``[T, 2I]`` and applies
     SiLU-and-mul itself: one token through the GEMV with it folded into the loads
-    (``silu_gemv``), more through the activation kernel, then cuBLAS."""
+    (``silu_gemv``), more through the activation kernel, then ``fallback`` (the layer's matmul
+    before the fusion). ``scale``: an FP8 layer's weight scale (its weight is e4m3; the kernel
+    applies the scale and the bias)."""
 
     config: GemvConfig
+    scale: torch.Tensor | None = None
+    fallback: Matmul = F.linear
 
     def __call__(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if h.shape[0] != 1:
-            return F.linear(silu_and_mul(h), weight, bias)
+            return self.fallback(silu_and_mul(h), weight, bias)
+        if self.scale is not None:
+            return silu_gemv(h, weight, self.config, self.scale, bias)
         y = silu_gemv(h, weight, self.config)
         return y if bias is None else y + bias
 
@@ -118,16 +133,21 @@ class NormGemvStep:
     kernel (``add_rmsnorm_gemv``: the norm's output is never written; the new residual stream
     comes back in a new tensor, so no program overwrites the residual the others read); more
     tokens run the norm, then the linear layer, as before. For a column-parallel linear only
-    (its forward is the matmul alone: nothing, such as a collective, is skipped)."""
+    (its forward is the matmul alone: nothing, such as a collective, is skipped). ``fp8``: the
+    linear is an FP8 one (e4m3 weight; the kernel applies its ``weight_scale`` and bias)."""
 
     config: GemvConfig
+    fp8: bool = False
 
     def __call__(
         self, norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[0] != 1:
             return norm_then_linear(norm, linear, x, residual)
-        y, residual = add_rmsnorm_gemv(x, residual, norm.weight, norm.eps, linear.weight, self.config)
+        args = (x, residual, norm.weight, norm.eps, linear.weight, self.config)
+        if self.fp8:
+            return add_rmsnorm_gemv(*args, linear.weight_scale, linear.bias)
+        y, residual = add_rmsnorm_gemv(*args)
         return (y if linear.bias is None else y + linear.bias), residual
 
 
@@ -143,15 +163,29 @@ def silu_gemv_matmul(config: GemvConfig) -> Matmul:
     return SiluGemvMatmul(config)
 
 
+def norm_gemv_step(config: GemvConfig, fp8: bool = False) -> NormGemvStep:
+    """The ``NormGemvStep`` of ``config`` (and kind of weight), one per pair."""
+    return _norm_gemv_step(config, fp8)
+
+
 @functools.cache
-def norm_gemv_step(config: GemvConfig) -> NormGemvStep:
-    """The ``NormGemvStep`` of ``config``, one per config."""
-    return NormGemvStep(config)
+def _norm_gemv_step(config: GemvConfig, fp8: bool) -> NormGemvStep:
+    return NormGemvStep(config, fp8)
 
 
 def _unquantized(layer: nn.Module) -> bool:
     """Multiplies an unquantized weight: cuBLAS, or the GEMV kernel warm-up chose."""
     return layer.matmul is F.linear or isinstance(layer.matmul, GemvMatmul)
+
+
+def _fp8_on_gpu(layer: nn.Module) -> bool:
+    """An FP8 layer on the Hopper path (weight-only GEMV at one token), not the reference matmul."""
+    return isinstance(layer.matmul, Fp8Matmul) and layer.matmul.gemm is not fp8_linear_ref
+
+
+def _gemv_kind(layer: nn.Module, fp8: bool) -> bool:
+    """Whether ``layer``'s one-token matmul is the GEMV kind a fusion of that kind may replace."""
+    return _fp8_on_gpu(layer) if fp8 else _unquantized(layer)
 
 
 def _cublas_layers(model: nn.Module) -> list[LinearBase | ParallelLMHead]:
@@ -199,82 +233,111 @@ def use_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig]) -> in
 
 
 def tune_matmuls(model: nn.Module, fuse: bool = True) -> None:
-    """The warm-up hook of the Triton ops: ``tune_gemv``, then (unless ``fuse`` is False, as the
-    decode profile's baseline asks) ``tune_silu_gemv`` and ``tune_norm_gemv``, then ``tune_fp8_gemv``."""
+    """The warm-up hook of the Triton ops: ``tune_gemv`` and ``tune_fp8_gemv``, then (unless
+    ``fuse`` is False, as the decode profile's baseline asks) ``tune_silu_gemv`` and
+    ``tune_norm_gemv`` for the unquantized layers, then for the FP8 ones (each fusion is timed
+    against the matmul the first two bound)."""
     tune_gemv(model)
-    if fuse:
-        tune_silu_gemv(model)
-        tune_norm_gemv(model)
     tune_fp8_gemv(model)
+    if fuse:
+        for fp8 in (False, True):
+            tune_silu_gemv(model, fp8=fp8)
+            tune_norm_gemv(model, fp8=fp8)
 
 
-def tune_silu_gemv(model: nn.Module, min_gain: float = 0.01) -> dict[tuple[int, int], GemvConfig]:
+def tune_silu_gemv(
+    model: nn.Module, min_gain: float = 0.01, fp8: bool = False
+) -> dict[tuple[int, int], GemvConfig]:
     """For each down-projection weight shape of ``model``'s gated MLPs (``ActIntoDown``, with an
-    unquantized down projection), time at one token, inside CUDA graphs, the activation kernel
-    followed by the layer's matmul as bound now (after ``tune_gemv``) against the GEMV with
-    SiLU-and-mul folded in, per config; where the fused one is faster by ``min_gain``, bind it
-    into every such MLP of that shape (``fuse_act_into_down``). Returns the chosen configs."""
-    mlps = [m for m in model.modules() if isinstance(m, ActIntoDown) and _unquantized(m.down_proj)]
+    unquantized down projection, or with ``fp8`` an FP8 one), time at one token, inside CUDA
+    graphs, the activation kernel followed by the layer's matmul as bound now (after
+    ``tune_gemv`` / ``tune_fp8_gemv``) against the GEMV with SiLU-and-mul folded in, per config;
+    where the fused one is faster by ``min_gain``, bind it into every such MLP of that shape
+    (``fuse_act_into_down``). Returns the chosen configs."""
+    mlps = [m for m in model.modules() if isinstance(m, ActIntoDown) and _gemv_kind(m.down_proj, fp8)]
     what = "down %s at one token: SiLU kernel"
-    chosen = _fused_wins([m.down_proj for m in mlps], time_silu_gemv, what, "separate SiLU", min_gain)
-    use_silu_gemv(model, chosen)
+    chosen = _fused_wins([m.down_proj for m in mlps], time_silu_gemv, what, "separate SiLU", min_gain, fp8)
+    use_silu_gemv(model, chosen, fp8)
     torch.cuda.empty_cache()
     return chosen
 
 
-def use_silu_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig]) -> int:
-    """Fold SiLU-and-mul into the down projection (``silu_gemv_matmul(configs[shape])``) of each
-    of ``model``'s gated MLPs with an unquantized down weight of a shape in ``configs``; returns
-    how many changed."""
+def use_silu_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig], fp8: bool = False) -> int:
+    """Fold SiLU-and-mul into the down projection of each of ``model``'s gated MLPs with an
+    unquantized (``fp8``: FP8) down weight of a shape in ``configs``: ``silu_gemv_matmul(config)``,
+    or for FP8 a ``SiluGemvMatmul`` with the layer's scale and its matmul for more tokens.
+    Returns how many changed."""
     changed = 0
     for m in model.modules():
-        if isinstance(m, ActIntoDown) and _unquantized(m.down_proj):
-            config = configs.get(tuple(m.down_proj.weight.shape))
-            if config is not None:
+        if isinstance(m, ActIntoDown) and _gemv_kind(m.down_proj, fp8):
+            down = m.down_proj
+            config = configs.get(tuple(down.weight.shape))
+            if config is None:
+                continue
+            if fp8:
+                m.fuse_act_into_down(SiluGemvMatmul(config, down.weight_scale, down.matmul))
+            else:
                 m.fuse_act_into_down(silu_gemv_matmul(config))
-                changed += 1
+            changed += 1
     return changed
 
 
-def tune_norm_gemv(model: nn.Module, min_gain: float = 0.01) -> dict[tuple[int, int], GemvConfig]:
+def tune_norm_gemv(
+    model: nn.Module, min_gain: float = 0.01, fp8: bool = False
+) -> dict[tuple[int, int], GemvConfig]:
     """For each weight shape of the projections ``model``'s decoder norms feed (``AddNormLinear``
-    with an unquantized column-parallel linear: qkv and gate_up), time at one token, inside CUDA
-    graphs, the add + RMSNorm kernel followed by the layer's matmul as bound now (after
-    ``tune_gemv``) against ``add_rmsnorm_gemv`` per config; where the fused one is faster by
-    ``min_gain``, bind it into every such step of that shape. Returns the chosen configs."""
-    pairs = [m for m in model.modules() if isinstance(m, AddNormLinear) and _norm_fusable(m)]
+    with an unquantized, or with ``fp8`` an FP8, column-parallel linear: qkv and gate_up), time
+    at one token, inside CUDA graphs, the add + RMSNorm kernel followed by the layer's matmul
+    as bound now (after ``tune_gemv`` / ``tune_fp8_gemv``) against ``add_rmsnorm_gemv`` per
+    config; where the fused one is faster by ``min_gain``, bind it into every such step of that
+    shape. Returns the chosen configs."""
+    pairs = [m for m in model.modules() if isinstance(m, AddNormLinear) and _norm_fusable(m, fp8)]
     linears = [m.pair[1] for m in pairs]
     what = "%s after its norm at one token: add+RMSNorm kernel"
-    chosen = _fused_wins(linears, time_norm_gemv, what, "separate norm", min_gain)
-    use_norm_gemv(model, chosen)
+    chosen = _fused_wins(linears, time_norm_gemv, what, "separate norm", min_gain, fp8)
+    use_norm_gemv(model, chosen, fp8)
     torch.cuda.empty_cache()
     return chosen
 
 
-def use_norm_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig]) -> int:
-    """Bind ``norm_gemv_step(configs[shape])`` into each of ``model``'s ``AddNormLinear`` steps whose
-    (unquantized, column-parallel) linear has a shape in ``configs``; returns how many changed."""
+def use_norm_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig], fp8: bool = False) -> int:
+    """Bind ``norm_gemv_step(configs[shape], fp8)`` into each of ``model``'s ``AddNormLinear``
+    steps whose column-parallel linear (unquantized, or ``fp8``) has a shape in ``configs``;
+    returns how many changed."""
     changed = 0
     for m in model.modules():
-        if isinstance(m, AddNormLinear) and _norm_fusable(m):
+        if isinstance(m, AddNormLinear) and _norm_fusable(m, fp8):
             config = configs.get(tuple(m.pair[1].weight.shape))
             if config is not None:
-                m.step = norm_gemv_step(config)
+                m.step = norm_gemv_step(config, fp8)
                 changed += 1
     return changed
 
 
 def _fused_wins(
-    linears: Sequence[LinearBase], time_fused: FusedTiming, what: str, separate: str, min_gain: float
+    linears: Sequence[LinearBase],
+    time_fused: FusedTiming,
+    what: str,
+    separate: str,
+    min_gain: float,
+    fp8: bool = False,
 ) -> dict[tuple[int, int], GemvConfig]:
     """Per weight shape of ``linears``: ``time_fused`` (``time_silu_gemv`` or ``time_norm_gemv``)
     times the small op followed by the layer's matmul as bound now against the fused GEMV per
-    config; the fused one's fastest config where it wins by ``min_gain``, by shape. ``what``
-    (with the shape for %s) and ``separate`` name the two in the log line."""
+    config (``fp8``: the W8A16 kernel's one-token tiles, the weight's scales, activations in
+    the model dtype); the fused one's fastest config where it wins by ``min_gain``, by shape.
+    ``what`` (with the shape for %s) and ``separate`` name the two in the log line."""
     shapes = {tuple(linear.weight.shape): linear for linear in linears}
     chosen: dict[tuple[int, int], GemvConfig] = {}
     for shape, linear in sorted(shapes.items()):
-        (split_ms,), timed = time_fused(linear.weight, [linear.matmul])
+        if fp8:
+            timings = time_fused(
+                linear.weight, [linear.matmul], FP8_GEMV_CONFIGS_ONE_TOKEN, linear.weight_scale,
+                linear.dense_dtype,
+            )  # fmt: skip
+        else:
+            timings = time_fused(linear.weight, [linear.matmul])
+        (split_ms,), timed = timings
         best_ms, best = min(timed, key=lambda t: t[0])
         if best_ms < split_ms * (1 - min_gain):
             chosen[shape] = best
@@ -286,9 +349,11 @@ def _fused_wins(
     return chosen
 
 
-def _norm_fusable(step: AddNormLinear) -> bool:
+def _norm_fusable(step: AddNormLinear, fp8: bool = False) -> bool:
     linear = step.pair[1]
-    return step.step is norm_then_linear and isinstance(linear, ColumnParallelLinear) and _unquantized(linear)
+    return (
+        step.step is norm_then_linear and isinstance(linear, ColumnParallelLinear) and _gemv_kind(linear, fp8)
+    )
 
 
 def _name(matmul: Matmul) -> str:
@@ -311,44 +376,55 @@ def _rotating(w: torch.Tensor) -> Callable[[Callable[[torch.Tensor], object]], C
 
 
 def time_silu_gemv(
-    w: torch.Tensor, matmuls: Sequence[Matmul], configs: Sequence[GemvConfig] = GEMV_CONFIGS
+    w: torch.Tensor,
+    matmuls: Sequence[Matmul],
+    configs: Sequence[GemvConfig] = GEMV_CONFIGS,
+    scale: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[list[float], list[tuple[float, GemvConfig]]]:
     """At one token, in CUDA graphs, from HBM (rotating copies of ``w [N, I]``): the SiLU-and-mul
     kernel then each of ``matmuls``, and ``silu_gemv`` with each of ``configs``; returns
-    ``([ms per matmul], [(ms, config)])``. The warm-up's measurement, and the micro-benchmark's
-    (``bench/fusions.py``)."""
+    ``([ms per matmul], [(ms, config)])``. An e4m3 ``w`` comes with its ``scale`` and the
+    activations' ``dtype`` (default: w's). The warm-up's measurement, and the
+    micro-benchmark's (``bench/fusions.py``)."""
     import triton.testing
 
     rotating = _rotating(w)
-    h = torch.randn(1, 2 * w.shape[1], device=w.device, dtype=w.dtype)
+    h = torch.randn(1, 2 * w.shape[1], device=w.device, dtype=dtype or w.dtype)
     split = [
         triton.testing.do_bench_cudagraph(rotating(lambda m, f=f: f(silu_and_mul(h), m, None)))
         for f in matmuls
     ]
     fused = [
-        (triton.testing.do_bench_cudagraph(rotating(lambda m, c=c: silu_gemv(h, m, c))), c) for c in configs
+        (triton.testing.do_bench_cudagraph(rotating(lambda m, c=c: silu_gemv(h, m, c, scale))), c)
+        for c in configs
     ]
     return split, fused
 
 
 def time_norm_gemv(
-    w: torch.Tensor, matmuls: Sequence[Matmul], configs: Sequence[GemvConfig] = GEMV_CONFIGS
+    w: torch.Tensor,
+    matmuls: Sequence[Matmul],
+    configs: Sequence[GemvConfig] = GEMV_CONFIGS,
+    scale: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[list[float], list[tuple[float, GemvConfig]]]:
     """At one token, in CUDA graphs, from HBM (rotating copies of ``w [N, K]``): the residual
     add + RMSNorm kernel then each of ``matmuls``, and ``add_rmsnorm_gemv`` with each of
-    ``configs``; returns ``([ms per matmul], [(ms, config)])``. The warm-up's measurement, and
-    the micro-benchmark's (``bench/fusions.py``)."""
+    ``configs``; returns ``([ms per matmul], [(ms, config)])``. ``scale``, ``dtype``: as
+    ``time_silu_gemv``. The warm-up's measurement, and the micro-benchmark's (``bench/fusions.py``)."""
     import triton.testing
 
     rotating = _rotating(w)
-    x, residual = (torch.randn(1, w.shape[1], device=w.device, dtype=w.dtype) for _ in range(2))
-    norm_w = torch.ones(w.shape[1], device=w.device, dtype=w.dtype)
+    act = dtype or w.dtype
+    x, residual = (torch.randn(1, w.shape[1], device=w.device, dtype=act) for _ in range(2))
+    norm_w = torch.ones(w.shape[1], device=w.device, dtype=act)
 
     def split(m: torch.Tensor, f: Matmul) -> object:
         return f(fused_add_rmsnorm(x, residual, norm_w, 1e-5), m, None)
 
     def fused(m: torch.Tensor, c: GemvConfig) -> object:
-        return add_rmsnorm_gemv(x, residual, norm_w, 1e-5, m, c)
+        return add_rmsnorm_gemv(x, residual, norm_w, 1e-5, m, c, scale)
 
     bench = triton.testing.do_bench_cudagraph
     return (

@@ -18,8 +18,19 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 HOPPER = GPUTarget("cuda", 90, 32)
-GEMV = {"w_ptr": "*bf16", "y_ptr": "*bf16", "n": "i32", "k": "i32", "stride_w": "i32"}
-GEMV_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 256, "NUM_STAGES": 3}
+GEMV = {
+    "w_ptr": "*bf16",
+    "y_ptr": "*bf16",
+    "n": "i32",
+    "k": "i32",
+    "stride_w": "i32",
+    "scale_ptr": "*bf16",
+    "bias_ptr": "*bf16",
+}
+GEMV_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 256, "NUM_STAGES": 3, "SCALED": False, "HAS_BIAS": False}
+# An FP8 layer's one-token GEMV: e4m3 weight, fp32 scales, a bias in the model dtype.
+FP8_GEMV = {**GEMV, "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
+FP8_BLOCKS = {**GEMV_BLOCKS, "BLOCK_K": 512, "SCALED": True, "HAS_BIAS": True}
 NORM_GEMV = {
     **GEMV,
     "x_ptr": "*bf16",
@@ -73,12 +84,21 @@ def cases() -> dict[str, tuple[object, dict[str, str], dict[str, object], bool]]
     gemv, store, norm, decode = (importlib.import_module(f"lightllm_grpc_kernels.{m}") for m in modules)
     bf16_pool = {**STORE, "k_buf_ptr": "*bf16", "v_buf_ptr": "*bf16"}
     with_res, no_res = ({**GEMV_BLOCKS, "HAS_RESIDUAL": r} for r in (True, False))
+    fp8_norm = {**NORM_GEMV, **FP8_GEMV}
     fp8, same = ({**STORE_CONSTS, "KV_FP8": f} for f in (True, False))
     return {
         "gemv": (gemv._gemv_kernel, {**GEMV, "x_ptr": "*bf16"}, GEMV_BLOCKS, True),
         "silu_gemv": (gemv._silu_gemv_kernel, {**GEMV, "h_ptr": "*bf16"}, GEMV_BLOCKS, True),
         "add_rmsnorm_gemv": (gemv._add_rmsnorm_gemv_kernel, NORM_GEMV, with_res, True),
         "add_rmsnorm_gemv no residual": (gemv._add_rmsnorm_gemv_kernel, NORM_GEMV, no_res, True),
+        "gemv fp8": (gemv._gemv_kernel, {**FP8_GEMV, "x_ptr": "*bf16"}, FP8_BLOCKS, True),
+        "silu_gemv fp8": (gemv._silu_gemv_kernel, {**FP8_GEMV, "h_ptr": "*bf16"}, FP8_BLOCKS, True),
+        "add_rmsnorm_gemv fp8": (
+            gemv._add_rmsnorm_gemv_kernel,
+            fp8_norm,
+            {**FP8_BLOCKS, "HAS_RESIDUAL": True},
+            True,
+        ),
         "rotary_store_kv fp8": (store._rotary_store_kv_kernel, STORE, fp8, False),
         "rotary_store_kv bf16": (store._rotary_store_kv_kernel, bf16_pool, same, False),
         "fused_add_rmsnorm": (norm._rmsnorm_kernel, RMSNORM, {"HAS_RESIDUAL": True, "BLOCK": 4096}, False),

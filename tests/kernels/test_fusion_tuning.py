@@ -3,6 +3,7 @@ micro-benchmark's code path (in the interpreter, on tiny shapes, with a stub tim
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -199,8 +200,8 @@ def test_profile_decode_unfuses_before_warmup(tiny: Path, monkeypatch: pytest.Mo
     tuned = []
     monkeypatch.setattr(triton_ops, "tune_gemv", lambda m: tuned.append("gemv"))
     monkeypatch.setattr(triton_ops, "tune_fp8_gemv", lambda m: tuned.append("fp8"))
-    monkeypatch.setattr(triton_ops, "tune_silu_gemv", lambda m: tuned.append("silu"))
-    monkeypatch.setattr(triton_ops, "tune_norm_gemv", lambda m: tuned.append("norm"))
+    monkeypatch.setattr(triton_ops, "tune_silu_gemv", lambda m, fp8: tuned.append(f"silu fp8={fp8}"))
+    monkeypatch.setattr(triton_ops, "tune_norm_gemv", lambda m, fp8: tuned.append(f"norm fp8={fp8}"))
 
     unfuse(shard)
     shard.ops.tune(model)
@@ -208,4 +209,52 @@ def test_profile_decode_unfuses_before_warmup(tiny: Path, monkeypatch: pytest.Mo
     assert tuned == ["gemv", "fp8"]
     assert not any(layer.self_attn.rotary_in_kv_store for layer in model.model.layers)
     Ops.triton().tune(model)
-    assert tuned[2:] == ["gemv", "silu", "norm", "fp8"]
+    fusions = ["silu fp8=False", "norm fp8=False", "silu fp8=True", "norm fp8=True"]
+    assert tuned[2:] == ["gemv", "fp8", *fusions]  # the fusions time against the tuned matmuls
+
+
+def test_fp8_fusions_are_timed_with_the_w8a16_tiles_and_the_layers_scales(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fp8=True``: each FP8 shape is timed once against its bound FP8 matmul, with the W8A16
+    kernel's one-token tiles, the layer's weight scale and the model dtype's activations; the
+    winners are bound with those scales. The unquantized pass finds nothing to fuse in an FP8
+    model, and a reference-path FP8 layer is left alone."""
+    from lightllm_grpc_kernels.fp8_gemv import FP8_GEMV_CONFIGS_ONE_TOKEN, Fp8GemvConfig
+
+    from lightllm_grpc.layers import fp8
+
+    cfg = ModelConfig.from_pretrained(tiny)
+    backend = Ops.triton().attention(2, cfg.num_heads, cfg.head_dim, "cpu", torch.float32)
+    model = load_model(
+        tiny, device="cpu", dtype="float32", attn_backend=backend, ops=Ops.triton(), quantization="fp8"
+    )
+    reference = model.model.layers[1].mlp.down_proj  # stays on fp8_linear_ref
+    for m in model.modules():
+        if fp8.is_fp8(m) and m is not reference:
+            m.matmul = dataclasses.replace(m.matmul, gemm=fp8.fp8_linear_cuda)
+    best = Fp8GemvConfig(8, 1024, 4, 3)
+    calls = []
+
+    def timed(w, matmuls, configs=triton_ops.GEMV_CONFIGS, scale=None, dtype=None):
+        calls.append((tuple(w.shape), matmuls, configs, scale, dtype))
+        return [1.0], [(0.9, Fp8GemvConfig()), (0.5, best)]
+
+    monkeypatch.setattr(triton_ops, "time_silu_gemv", timed)
+    monkeypatch.setattr(triton_ops, "time_norm_gemv", timed)
+    assert triton_ops.tune_silu_gemv(model) == {} and triton_ops.tune_norm_gemv(model) == {}
+    assert calls == []
+
+    down = triton_ops.tune_silu_gemv(model, fp8=True)
+    norm = triton_ops.tune_norm_gemv(model, fp8=True)
+
+    layer = model.model.layers[0]
+    assert down == {tuple(layer.mlp.down_proj.weight.shape): best} and len(norm) == 2
+    for shape, matmuls, configs, scale, dtype in calls:
+        same_shape = [m for m in model.modules() if fp8.is_fp8(m) and tuple(m.weight.shape) == shape]
+        assert configs is FP8_GEMV_CONFIGS_ONE_TOKEN and dtype == torch.float32
+        assert any(scale is matmuls[0].weight_scale is m.weight_scale for m in same_shape)
+    assert len(calls) == 3  # down, qkv, gate_up: one timing per shape
+    assert layer.mlp.down_proj.matmul.scale is layer.mlp.down_proj.weight_scale
+    assert reference.matmul.gemm is fp8.fp8_linear_ref  # never fused
+    assert layer.attn_in.step is triton_ops.norm_gemv_step(best, fp8=True)

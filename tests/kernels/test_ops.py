@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from lightllm_grpc_kernels.gemv import GemvConfig
 
-from lightllm_grpc.layers import activation, norm, rotary, triton_ops
+from lightllm_grpc.layers import activation, fp8, norm, rotary, triton_ops
 from lightllm_grpc.layers.activation import SiluAndMul
 from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
 from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
@@ -38,6 +38,7 @@ def _load(
     device: torch.device,
     kv_cache_dtype: str = "auto",
     dtype: torch.dtype = torch.float32,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
     cfg = ModelConfig.from_pretrained(model_dir)
     backend = ops.attention(len(PROMPTS), cfg.num_heads, cfg.head_dim, device, dtype)
@@ -48,6 +49,7 @@ def _load(
         attn_backend=backend,
         ops=ops,
         kv_cache_dtype=kv_cache_dtype,
+        quantization=quantization,
     )
 
 
@@ -237,6 +239,49 @@ def test_norms_folded_into_the_next_gemv_change_no_logit(tmp_path: Path, device:
     one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
     assert torch.equal(_logits(fused, one, steps), _logits(split, one, steps))
     assert torch.equal(_logits(fused, PROMPTS, DECODE[:1]), _logits(split, PROMPTS, DECODE[:1]))
+
+
+def _on_w8a16(model: LlamaForCausalLM) -> None:
+    """Every FP8 layer on the Hopper matmul (``fp8_linear_cuda``; its W8A16 GEMV runs in the
+    interpreter on CPU), as a GPU build binds it; the CPU build binds the reference."""
+    for m in model.modules():
+        if fp8.is_fp8(m):
+            m.matmul = dataclasses.replace(m.matmul, gemm=fp8.fp8_linear_cuda)
+
+
+def test_fp8_norms_and_silu_folded_into_the_gemv_change_no_logit(
+    tmp_path: Path, device: torch.device
+) -> None:
+    """FP8 layers (quantized at load, weight-only at one token): warm-up's FP8 fusions bind the
+    same GEMV kernels with the layers' scales and biases, and the one-token logits are
+    bit-identical to the norm and SiLU kernels then the W8A16 GEMV. A reference-path FP8 layer
+    (CPU's) and an unquantized one are not FP8-fusable."""
+    model_dir = make_tiny_model("qwen2", tmp_path / "qwen2", standard_init=True)
+    split, fused = (_load(model_dir, Ops.triton(), device, quantization="fp8") for _ in range(2))
+    layer = split.model.layers[0]
+    shapes = [tuple(p.weight.shape) for p in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj)]
+    down = tuple(layer.mlp.down_proj.weight.shape)
+    config = GemvConfig(16, 64, 4)
+    assert triton_ops.use_silu_gemv(fused, {down: config}, fp8=True) == 0  # reference matmuls
+    for model in (split, fused):
+        _on_w8a16(model)
+        for a in model.model.layers:  # transformers' init is 0: give the kernel's bias a value
+            torch.manual_seed(a.self_attn.layer_id)
+            a.self_attn.qkv_proj.bias.normal_(0, 0.5)
+    assert triton_ops.use_silu_gemv(fused, {down: config}) == 0  # not unquantized
+
+    assert triton_ops.use_silu_gemv(fused, {down: config}, fp8=True) == len(fused.model.layers)
+    assert triton_ops.use_norm_gemv(fused, {s: config for s in shapes}, fp8=True) == 2 * len(
+        fused.model.layers
+    )
+
+    for a in fused.model.layers:
+        assert a.attn_in.step is triton_ops.norm_gemv_step(config, fp8=True) is a.mlp_in.step
+        silu = a.mlp.down_proj.matmul
+        assert isinstance(silu, triton_ops.SiluGemvMatmul) and silu.scale is a.mlp.down_proj.weight_scale
+        assert isinstance(silu.fallback, fp8.Fp8Matmul)  # more tokens: SiLU, then the FP8 matmul
+    one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
+    assert torch.equal(_logits(fused, one, steps), _logits(split, one, steps))
 
 
 @pytest.mark.gpu
