@@ -132,6 +132,24 @@ def test_main_runs_the_chosen_workloads_per_variant(
     assert "transformers" not in r and "fp8: ttft" in r["phase_seconds"]
     assert "| 200 req/s | bf16 | 3 (0) |" in (tmp_path / "bench-gpu.md").read_text()
 
+    started.clear()
+    gpu.main(
+        [
+            "--out",
+            str(tmp_path / "all"),
+            "--only",
+            "ttft",
+            "--ttft-requests",
+            "1",
+            "--variants",
+            "fp8-kv,fp8-all",
+        ]
+    )
+    r = json.loads((tmp_path / "all/bench-gpu.json").read_text())
+    assert started[1][-4:] == ("--quantization", "fp8", "--kv-cache-dtype", "fp8_e4m3")
+    rooflines = [r["variants"][v]["roofline_tokens_per_s"] for v in ("fp8-kv", "fp8-all")]
+    assert rooflines == [3e12 / 16e9, 3e12 / 8e9]  # FP8 weights: the e4m3 bytes' roofline
+
 
 def test_workload_flags() -> None:
     assert gpu._names(gpu.WORKLOADS)("w3, ttft,w3") == ["w3", "ttft"]

@@ -11,7 +11,7 @@ Workloads (8B Llama-3 shape, random weights via ``--load-format dummy``), chosen
   breakdown batch-1 decode without the server (CUDA graph replay, shard runner step)
   transformers  the eager transformers baseline (bf16) at batch 1 and 128
 ``--variants bf16,fp8`` serves each variant in turn (fp8: ``--quantization fp8``; fp8-kv:
-``--kv-cache-dtype fp8_e4m3``, bf16 weights with an e4m3 KV cache); the first
+``--kv-cache-dtype fp8_e4m3``, bf16 weights with an e4m3 KV cache; fp8-all: both); the first
 runs every chosen workload, later ones only w1, ttft, w2 and breakdown.
 The floor: weight bytes over the measured device-copy bandwidth (batch-1 roofline).
 Writes ``bench-gpu.json`` (after every phase) and ``bench-gpu.md`` into ``--out``.
@@ -44,11 +44,18 @@ from lightllm_grpc.proto import generation_pb2 as pb
 WORKLOADS = ("w1", "ttft", "b128", "w2", "sampled", "w3", "breakdown", "transformers")
 # What a variant after the first is measured on: the rows the FP8 comparison needs.
 LATER_VARIANT_WORKLOADS = frozenset({"w1", "ttft", "w2", "breakdown"})
-VARIANT_FLAGS = {"bf16": (), "fp8": ("--quantization", "fp8"), "fp8-kv": ("--kv-cache-dtype", "fp8_e4m3")}
+VARIANT_FLAGS = {
+    "bf16": (),
+    "fp8": ("--quantization", "fp8"),
+    "fp8-kv": ("--kv-cache-dtype", "fp8_e4m3"),
+    "fp8-all": ("--quantization", "fp8", "--kv-cache-dtype", "fp8_e4m3"),
+}
 BREAKDOWN_ARGS = {
     "fp8": {"quantization": "fp8"},
     "fp8-kv": {"kv_cache_dtype": "fp8_e4m3"},
+    "fp8-all": {"quantization": "fp8", "kv_cache_dtype": "fp8_e4m3"},
 }  # the same, in-process
+FP8_WEIGHTS = frozenset({"fp8", "fp8-all"})  # variants whose weight bytes (the roofline's) are e4m3
 SAMPLED = {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "presence_penalty": 0.5}
 # Prompt seeds of their own, so no workload's prompts share a prefix with another's
 # (the prefix cache stays at 0% hits between workloads and between W3 rates). Sampled W2 had
@@ -521,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     r["variants"] = {}
     todo = {}
     for i, name in enumerate(args.variants):
-        weight_bytes = param_bytes(config, fp8=name == "fp8")
+        weight_bytes = param_bytes(config, fp8=name in FP8_WEIGHTS)
         v = r["variants"][name] = {
             "weight_gb": weight_bytes / 1e9,
             "roofline_tokens_per_s": bw / weight_bytes,
