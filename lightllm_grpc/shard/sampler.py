@@ -150,8 +150,14 @@ class Sampler:
 
     def _step(self, rows: np.ndarray) -> _Step:
         params = torch.from_numpy(self.params[rows]).to(self.device, non_blocking=True)
-        ints = np.stack([self.seed[rows], self.generated[rows], rows])
-        seeds, counters, dev_rows = torch.from_numpy(ints).to(self.device, non_blocking=True).unbind(0)
+        # One copy for the three: its rows an even number of int64s apart, so each starts 16-byte
+        # aligned whatever the batch (Triton compiles a kernel per pointer alignment: an odd
+        # batch's counters would otherwise compile one more sampling kernel mid-serving).
+        b = len(rows)
+        ints = np.zeros((3, b + (b & 1)), dtype=np.int64)
+        ints[0, :b], ints[1, :b], ints[2, :b] = self.seed[rows], self.generated[rows], rows
+        dev = torch.from_numpy(ints).to(self.device, non_blocking=True)
+        seeds, counters, dev_rows = dev[:, :b].unbind(0)
         return _Step(params, seeds, counters, dev_rows)
 
     def _process(
