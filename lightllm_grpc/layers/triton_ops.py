@@ -357,7 +357,11 @@ def _norm_fusable(step: AddNormLinear, fp8: bool = False) -> bool:
 
 
 def _name(matmul: Matmul) -> str:
-    return "cuBLAS" if matmul is F.linear else f"GEMV {getattr(matmul, 'config', matmul)}"
+    if matmul is F.linear:
+        return "cuBLAS"
+    if isinstance(matmul, Fp8Matmul):
+        return "W8A16 GEMV (tune_fp8_gemv's tiles)"
+    return f"GEMV {getattr(matmul, 'config', matmul)}"
 
 
 def _rotating(w: torch.Tensor) -> Callable[[Callable[[torch.Tensor], object]], Callable[[], object]]:
