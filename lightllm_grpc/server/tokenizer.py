@@ -13,12 +13,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from tokenizers import Tokenizer
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lightllm_grpc.server.errors import RequestError, invalid
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CHAT_CONTENT_SPECIAL_TOKENS = ("plain", "parse")
 
@@ -27,6 +30,11 @@ class PromptTokenizer:
     def __init__(self, model_dir: Path, chat_content_special_tokens: str = "plain") -> None:
         if chat_content_special_tokens not in CHAT_CONTENT_SPECIAL_TOKENS:
             raise ValueError(f"chat_content_special_tokens must be one of {CHAT_CONTENT_SPECIAL_TOKENS}")
+        # Imported here, not with the module: transformers takes ~1 s to import, and the
+        # server builds its tokenizer on a thread while the shards start (server/app.py), so
+        # the coordinator spawns its shards that much sooner.
+        from transformers import AutoTokenizer
+
         self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(model_dir))
         # The Rust tokenizer behind the fast HF one: batch decoding without Python overhead.
         self.backend = self.hf.backend_tokenizer
