@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,14 @@ def sampled_request(text: str, seed: int, max_new: int = 24) -> pb.GenerateReque
     req.stopping.max_new_tokens = max_new
     req.stopping.ignore_eos = True
     return req
+
+
+def test_both_processes_freeze_their_startup_objects(server) -> None:
+    """The coordinator and its shard each freeze what start-up left (after warm-up), so no full
+    garbage collection walks torch, transformers and the model while requests are served."""
+    log = server.log_path.read_text(errors="replace")
+    for process in ("coordinator", "shard"):
+        assert re.search(rf"{process}: \d+ start-up objects frozen out of garbage collection", log), process
 
 
 def test_stream_deltas_concatenate_to_unary_result(server, tokenizer) -> None:

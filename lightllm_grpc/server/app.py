@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from lightllm_grpc.config import ServerConfig
+from lightllm_grpc.gc_freeze import freeze_startup_objects
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.proto import shard_pb2
@@ -418,6 +419,7 @@ async def start_coordinator(cfg: ServerConfig) -> Coordinator:
         await client.close()
         procs.stop()
         raise
+    freeze_startup_objects("coordinator")  # torch, transformers and the tokenizer stay for good
     log.info("%s", _summary(cfg, infos, static.model.name, engine.scheduler.kv_capacity, front))
     return Coordinator(server, engine, client, procs, port, health, front)
 

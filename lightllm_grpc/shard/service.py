@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from lightllm_grpc.gc_freeze import freeze_startup_objects
 from lightllm_grpc.proto import shard_pb2, shard_pb2_grpc
 from lightllm_grpc.shard.grammar import ConstraintError
 from lightllm_grpc.shard.runner import PendingStep
@@ -56,6 +57,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     async def Warmup(self, request: shard_pb2.WarmupRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         warmup(self.shard, request.max_prefill_tokens, request.max_batch_size)
+        # Here, not in warmup(): a test process that builds several shards must not freeze them.
+        freeze_startup_objects("shard")  # the model and the graphs live as long as the process
         return shard_pb2.WarmupResponse(seconds=time.perf_counter() - start)
 
     async def ClearCache(self, request: shard_pb2.ClearCacheRequest, context: grpc.aio.ServicerContext):
