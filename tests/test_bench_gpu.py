@@ -129,6 +129,9 @@ def test_main_runs_the_chosen_workloads_per_variant(
     assert r["ours"] == bf16 and r["roofline_tokens_per_s"] == 3e12 / 16e9
     assert [w["request_rate"] for w in bf16["w3"]] == [100, 200] and "w3" not in fp8  # W3: first only
     assert bf16["ttft"]["completed"] == fp8["ttft"]["completed"] == 2
+    each = bf16["ttft"]["ttft_ms_each"]  # every request's, in send order
+    assert len(each) == 2 and all(0 < t <= 60_000 for t in each)
+    assert max(each) == pytest.approx(bf16["ttft"]["ttft_ms"]["p99"], rel=0.05)
     assert "transformers" not in r and "fp8: ttft" in r["phase_seconds"]
     assert "| 200 req/s | bf16 | 3 (0) |" in (tmp_path / "bench-gpu.md").read_text()
 
