@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lightllm_grpc_kernels._launch import check_index, check_rows, dot_precision, on_gpu
-from lightllm_grpc_kernels.gemv import GemvConfig, gemv
+from lightllm_grpc_kernels._launch import check_rows, dot_precision, on_gpu
+from lightllm_grpc_kernels.gemv import GemvConfig, check_weight, gemv
 
 FP8 = torch.float8_e4m3fn
 DOT_ROWS = 16  # tl.dot's smallest M tile: 2..16 tokens cost one pass over the weight
@@ -111,16 +111,13 @@ def fp8_gemv(
     contiguous), scale fp32 [N] and bias [N] in x's dtype; returns [M, N] in x's dtype.
     Any M works; it is meant for a few (each 16 more tokens read the weight again)."""
     check_rows(x, "x", 2)
-    check_rows(w, "w", 2, FP8)
     assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), f"x: unsupported {x.dtype}"
+    cfg = config or Fp8GemvConfig()
+    if x.shape[0] == 1:
+        return gemv(x, w, cfg, scale, bias)  # which checks w, scale and bias itself
+    check_weight(x, w, scale, bias)
     (m, k), n = x.shape, w.shape[0]
     assert w.shape[1] == k, f"x {tuple(x.shape)} does not match w {tuple(w.shape)}"
-    check_index(scale, "scale", n, torch.float32)
-    if bias is not None:
-        check_index(bias, "bias", n, x.dtype)
-    cfg = config or Fp8GemvConfig()
-    if m == 1:
-        return gemv(x, w, cfg, scale, bias)
     if not on_gpu(x):  # the interpreter wants few, large programs
         cfg = Fp8GemvConfig(block_n=max(16, min(64, triton.next_power_of_2(n))),
                             block_k=max(16, min(256, triton.next_power_of_2(k))))  # fmt: skip

@@ -151,7 +151,7 @@ def _add_rmsnorm_gemv_kernel(
                SCALED, HAS_BIAS)  # fmt: skip
 
 
-def _check_weight(
+def check_weight(
     x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
 ) -> None:
     """``w`` [N, K] in ``x``'s dtype; or e4m3 with its fp32 ``scale`` [N] (and a ``bias`` [N] in
@@ -203,7 +203,7 @@ def gemv(
     """``x @ w.T`` for x [1, K] and w [N, K] of one dtype (last dims contiguous); returns [1, N].
     With ``scale``: w is e4m3 and the result ``(x @ w.T) * scale + bias``, as ``fp8_gemv``."""
     check_rows(x, "x", 2)
-    _check_weight(x, w, scale, bias)
+    check_weight(x, w, scale, bias)
     assert x.shape[0] == 1, f"gemv takes one row, got x {tuple(x.shape)}"
     assert x.shape[1] == w.shape[1], f"x {tuple(x.shape)} does not match w {tuple(w.shape)}"
     return _launch(_gemv_kernel, x, w, config, scale, bias)
@@ -219,7 +219,7 @@ def silu_gemv(
     """``silu_and_mul(h) @ w.T`` for the gate_up output h [1, 2K] (gate then up) and w [N, K]
     of one dtype, without the [1, K] intermediate; returns [1, N]. ``scale``, ``bias``: as ``gemv``."""
     check_rows(h, "h", 2)
-    _check_weight(h, w, scale, bias)
+    check_weight(h, w, scale, bias)
     assert h.shape[0] == 1, f"silu_gemv takes one row, got h {tuple(h.shape)}"
     assert h.shape[1] == 2 * w.shape[1], (
         f"h {tuple(h.shape)} must be [1, 2 * {w.shape[1]}] for w {tuple(w.shape)}"
@@ -242,7 +242,7 @@ def add_rmsnorm_gemv(
     materialising the norm's output. ``residual`` is read only: the sum goes to a new tensor
     (returned). Without a residual it is ``(rmsnorm(x) @ w.T, x)``. ``scale``, ``bias``: as ``gemv``."""
     check_rows(x, "x", 2)
-    _check_weight(x, w, scale, bias)
+    check_weight(x, w, scale, bias)
     assert x.shape[0] == 1, f"add_rmsnorm_gemv takes one row, got x {tuple(x.shape)}"
     assert x.shape[1] == w.shape[1], f"x {tuple(x.shape)} does not match w {tuple(w.shape)}"
     assert norm_weight.shape == (w.shape[1],) and norm_weight.dtype == x.dtype, (

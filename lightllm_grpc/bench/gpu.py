@@ -55,7 +55,6 @@ BREAKDOWN_ARGS = {
     "fp8-kv": {"kv_cache_dtype": "fp8_e4m3"},
     "fp8-all": {"quantization": "fp8", "kv_cache_dtype": "fp8_e4m3"},
 }  # the same, in-process
-FP8_WEIGHTS = frozenset({"fp8", "fp8-all"})  # variants whose weight bytes (the roofline's) are e4m3
 SAMPLED = {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "presence_penalty": 0.5}
 # Prompt seeds of their own, so no workload's prompts share a prefix with another's
 # (the prefix cache stays at 0% hits between workloads and between W3 rates). Sampled W2 had
@@ -532,7 +531,8 @@ def main(argv: list[str] | None = None) -> None:
     r["variants"] = {}
     todo = {}
     for i, name in enumerate(args.variants):
-        weight_bytes = param_bytes(config, fp8=name in FP8_WEIGHTS)
+        # A variant with FP8 linear layers has e4m3 weight bytes, so its own roofline.
+        weight_bytes = param_bytes(config, fp8="--quantization" in VARIANT_FLAGS[name])
         v = r["variants"][name] = {
             "weight_gb": weight_bytes / 1e9,
             "roofline_tokens_per_s": bw / weight_bytes,
