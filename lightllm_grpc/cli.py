@@ -92,6 +92,12 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="TP on GPU: NCCL for every all-reduce, not the P2P one-/two-shot kernels for small ones",
     )
+    p.add_argument(
+        "--disable-fused-all-reduce",
+        action="store_true",
+        help="TP on GPU: keep the P2P all-reduce a kernel of its own, not folded into the norm "
+        "kernels that read its sum (the barrier-free path for the smallest messages)",
+    )
 
 
 def _add_tls_flags(p: argparse.ArgumentParser) -> None:
@@ -123,6 +129,7 @@ def _engine_config(args: argparse.Namespace, model: Path, tp_size: int) -> Shard
         cuda_graph_max_prefill_tokens=args.cuda_graph_max_prefill_tokens,
         cuda_graph_max_mixed_tokens=args.cuda_graph_max_mixed_tokens,
         custom_all_reduce=not args.disable_custom_all_reduce,
+        fused_all_reduce=not args.disable_fused_all_reduce,
         max_prefill_tokens=args.max_prefill_tokens,
     )
 

@@ -121,6 +121,9 @@ class ShardConfig:
     cuda_graph_max_mixed_tokens: int = 512
     # TP > 1 on GPU: small all-reduces over P2P symmetric memory; False: NCCL for all sizes.
     custom_all_reduce: bool = True
+    # With it, messages up to 512 KiB take the barrier-free P2P path, which the norm kernels
+    # that read the sum run inside themselves (no all-reduce launch); False: its own kernels.
+    fused_all_reduce: bool = True
     # Largest prefill the coordinator sends; sizes the activation peak when profiling memory.
     max_prefill_tokens: int = 8192
 

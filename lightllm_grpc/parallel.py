@@ -1,11 +1,14 @@
 """Tensor-parallel group state: rank, world size and the collectives layers call in forward.
 
-All-reduce has two implementations on GPU. NCCL serves every size. For the small messages
+All-reduce has three implementations on GPU. NCCL serves every size. For the small messages
 of decode (batch x hidden, a few hundred KB), ``CustomAllReduce`` sums over peer-to-peer
 device memory instead: each rank copies its partial sum into a buffer every rank of the
 host can read (``torch.distributed._symmetric_memory``), and one kernel reads the peers'
-buffers and adds. docs/multihost.md says why this wins at small sizes and why it never
-uses NVLink multicast.
+buffers and adds. Up to ``LAMPORT_MAX_BYTES`` it pushes into the peers' buffers without any
+barrier (``lightllm_grpc_kernels.lamport``), and the layers that read a sum (the residual add
++ RMSNorm, alone or folded into the next GEMV) do that all-reduce in their own kernel
+(``lamport_for``). docs/multihost.md says why this wins at small sizes and why it never uses
+NVLink multicast.
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ import logging
 import socket
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from lightllm_grpc_kernels.lamport import LamportBuffers
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,9 @@ ONE_SHOT_MAX_BYTES = 512 * 1024
 MAX_BUFFER_BYTES = 8 * 1024 * 1024
 # The symmetric-memory kernels add these dtypes only; float16 models keep NCCL.
 CUSTOM_DTYPES = (torch.bfloat16, torch.float32)
+# Messages up to this size (per rank) go through the barrier-free buffers: decode up to 64 rows
+# of a 4096-wide bf16 model. Each rank keeps 3 slots of this per peer.
+LAMPORT_MAX_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,16 +62,26 @@ class CustomAllReduce:
     next call overwrites it.
     """
 
-    def __init__(self, buffer: torch.Tensor, group_name: str, one_shot_max: int = ONE_SHOT_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        buffer: torch.Tensor,
+        group_name: str,
+        one_shot_max: int = ONE_SHOT_MAX_BYTES,
+        lamport: LamportBuffers | None = None,
+    ) -> None:
         self.buffer = buffer
         self.group_name = group_name
         self.one_shot_max = one_shot_max
+        # The barrier-free path for the smallest messages (None: off, e.g. to compare without it).
+        self.lamport = lamport
         self.max_bytes = buffer.numel() * buffer.element_size()
         # torch builds that have it fold the copy into the buffer into the one-shot kernel.
         self.fused_copy = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
 
     def path(self, x: torch.Tensor) -> str:
-        """``one_shot``, ``two_shot`` or ``nccl`` for this message."""
+        """``lamport``, ``one_shot``, ``two_shot`` or ``nccl`` for this message."""
+        if self.lamport_for(x) is not None:
+            return "lamport"
         nbytes = x.numel() * x.element_size()
         # The kernels need a contiguous input in whole 4-byte words, and they write 16-byte
         # vectors into it: a view must start 16 bytes into its (aligned) allocation.
@@ -73,6 +93,11 @@ class CustomAllReduce:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` across ranks in place (as ``dist.all_reduce`` does) and return it."""
         path = self.path(x)
+        if path == "lamport":
+            from lightllm_grpc_kernels.lamport import lamport_all_reduce
+
+            lamport_all_reduce(x.view(-1, x.shape[-1]), self.lamport)
+            return x
         if path == "nccl":
             dist.all_reduce(x)
             return x
@@ -90,15 +115,23 @@ class CustomAllReduce:
             flat.copy_(buf)
         return x
 
+    def lamport_for(self, x: torch.Tensor) -> LamportBuffers | None:
+        """The barrier-free buffers if ``x`` (a partial sum of one or more rows) fits them."""
+        lamport = self.lamport
+        if lamport is None or not lamport.fits(x):
+            return None
+        return lamport
+
 
 def build_custom_all_reduce(
-    max_bytes: int, dtype: torch.dtype, device: torch.device
+    max_bytes: int, dtype: torch.dtype, device: torch.device, barrier_free: bool = True
 ) -> tuple[CustomAllReduce | None, str]:
     """Rendezvous a symmetric buffer across the group; every rank must call this.
 
     Returns the all-reduce (None: keep NCCL) and a line for the start-up log saying which
     path is in use and why. All ranks agree: if any rank cannot map its peers' memory
-    (no P2P between the cards, ranks on several hosts), all keep NCCL.
+    (no P2P between the cards, ranks on several hosts), all keep NCCL. ``barrier_free``: also
+    the barrier-free buffers for the smallest messages (``CustomAllReduce.lamport``), by vote too.
     """
     if dtype not in CUSTOM_DTYPES:
         return None, f"all-reduce: NCCL ({dtype} has no P2P all-reduce kernel)"
@@ -118,12 +151,41 @@ def build_custom_all_reduce(
     if _all_agree(buffer is not None, device):
         _, why = _attempt(lambda: symm_mem.rendezvous(buffer, group.group_name))
         if _all_agree(not why, device):
-            custom = CustomAllReduce(buffer, group.group_name)
+            lamport, lamport_why = None, "--disable-fused-all-reduce"
+            if barrier_free:
+                lamport, lamport_why = _attempt(
+                    lambda: _lamport_buffers(int(size.item()), dtype, device, group)
+                )
+                lamport = lamport if _all_agree(lamport is not None, device) else None
+            custom = CustomAllReduce(buffer, group.group_name, lamport=lamport)
+            small = (
+                f"barrier-free <= {lamport.max_elems * dtype.itemsize >> 10} KiB (folded into the norms)"
+                if lamport
+                else f"barrier-free off: {lamport_why or 'a peer failed'}"
+            )
             return custom, (
-                f"all-reduce: P2P over symmetric memory (one-shot <= {custom.one_shot_max >> 10} KiB, "
-                f"two-shot <= {custom.max_bytes >> 10} KiB, NCCL above; no multicast)"
+                f"all-reduce: P2P over symmetric memory ({small}, one-shot <= {custom.one_shot_max >> 10} "
+                f"KiB, two-shot <= {custom.max_bytes >> 10} KiB, NCCL above; no multicast)"
             )
     return None, f"all-reduce: NCCL (P2P symmetric memory unavailable on some rank: {why or 'a peer failed'})"
+
+
+def _lamport_buffers(max_bytes: int, dtype: torch.dtype, device: torch.device, group) -> LamportBuffers:
+    """This rank's barrier-free buffers, rendezvoused with the group's (collective)."""
+    import torch.distributed._symmetric_memory as symm_mem
+    from lightllm_grpc_kernels.lamport import STATE_LEN, LamportBuffers, new_buffers
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    max_elems = min(max_bytes, LAMPORT_MAX_BYTES) // dtype.itemsize
+    bits = new_buffers(dtype, world, max_elems, device, alloc=symm_mem.empty)
+    handle = symm_mem.rendezvous(bits, group.group_name)
+    # The buffer may sit at an offset in its symmetric allocation: the same on every rank.
+    offset = bits.data_ptr() - handle.buffer_ptrs[rank]
+    table = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
+    state = torch.zeros(STATE_LEN, dtype=torch.int32, device=device)
+    torch.cuda.synchronize(device)  # every rank's sentinel fill is done before any peer pushes
+    dist.barrier()
+    return LamportBuffers(bits, table, state, rank, world, max_elems)
 
 
 def _attempt(fn):
@@ -176,6 +238,12 @@ def set_custom_all_reduce(custom: CustomAllReduce | None) -> None:
 def custom_all_reduce() -> CustomAllReduce | None:
     """The P2P all-reduce in use, if any (benchmarks swap it for NCCL and back)."""
     return _custom
+
+
+def lamport_for(x: torch.Tensor) -> LamportBuffers | None:
+    """The barrier-free all-reduce buffers, when ``x`` (a partial sum) can use them: a kernel that
+    reads the sum may then do the all-reduce itself (``lightllm_grpc_kernels.lamport``)."""
+    return None if _custom is None else _custom.lamport_for(x)
 
 
 def tp_rank() -> int:

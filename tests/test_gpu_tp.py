@@ -34,8 +34,13 @@ def test_custom_all_reduce_equals_nccl_eagerly_and_in_cuda_graphs() -> None:
     assert not bad, bad
     paths = {(c["dtype"], c["path"]) for c in result["cases"]}
     for dtype in ("torch.bfloat16", "torch.float32"):
-        for path in ("one_shot", "two_shot", "nccl"):
+        for path in ("lamport", "one_shot", "two_shot", "nccl"):
             assert (dtype, path) in paths, f"no {dtype} case took the {path} path: {result['cases']}"
+    # The norm kernels with the barrier-free all-reduce folded in, mixed sizes in one graph.
+    assert len(result["fused"]) == 2, result["fused"]
+    for f in result["fused"]:
+        assert f["eager_max_diff"] == 0 and f["graph_max_diff"] == 0, f
+        assert f["state"][5] == 0, f  # no wait gave up
 
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen2"])

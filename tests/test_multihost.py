@@ -393,12 +393,62 @@ def test_custom_all_reduce_in_the_tp_layers_matches_plain_all_reduce(tmp_path) -
         for name, (logits, calls) in results.items():
             torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0, msg=name)
             layers = 2 * 2 + 1  # two per decoder layer and the embedding's
+            # + 1: the prefill's final norm all-reduces only the rows it samples (3, in the buffer).
+            small = 4 * layers + 1
             want = (
-                {"one_shot": 4 * layers, "two_shot": 0}
+                {"one_shot": small, "two_shot": 0}
                 if name != "two_shot"
-                else {"one_shot": 0, "two_shot": 4 * layers}
+                else {"one_shot": 0, "two_shot": small}
             )
             assert calls == want, (name, calls)
+
+
+def _lamport_worker(rank: int, init_file: str, model_dir: Path, prompts, bufs, out_file: str) -> None:
+    from lightllm_grpc_kernels.lamport import COUNTER, ERROR, STATE_LEN, LamportBuffers
+
+    from lightllm_grpc.parallel import ParallelState, set_parallel_state
+
+    set_parallel_state(ParallelState(rank, 2))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    calls = {"one_shot": 0, "two_shot": 0}
+    lib = _gloo_symm_mem_ops(calls)
+    try:
+        # Both ranks' buffers in shared memory, each at the address this process maps it.
+        table = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+        state = torch.zeros(STATE_LEN, dtype=torch.int32)
+        lamport = LamportBuffers(bufs[rank], table, state, rank, 2, bufs[rank].numel() // 6, 10**7)
+        set_custom_all_reduce(CustomAllReduce(torch.zeros(8 * 64), "0", lamport=lamport))
+        logits = greedy_logits(model_dir, prompts, 4)
+        torch.save((logits, dict(calls), int(state[COUNTER]), int(state[ERROR])), f"{out_file}.{rank}")
+    finally:
+        set_custom_all_reduce(None)
+        del lib
+        dist.destroy_process_group()
+
+
+def test_barrier_free_all_reduce_in_the_tp_layers_matches_tp1(tmp_path, monkeypatch) -> None:
+    """Two gloo ranks whose barrier-free buffers are shared CPU memory and whose kernels run in
+    Triton's interpreter, concurrently: the layers leave their partial sums to the norms that
+    read them (AddNormLinear, the final norm), which all-reduce inside the norm kernel; TP=2
+    logits equal TP=1's. Every small message takes that path (no one-shot call is left)."""
+    from lightllm_grpc_kernels.lamport import SLOTS, new_buffers
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks inherit it
+    model_dir = make_tiny_model("llama3", tmp_path / "m", vocab_size=512)
+    prompts = [[5, 9, 200, 17, 3, 8, 90], [44, 2], [7] * 11]
+    expected = greedy_logits(model_dir, prompts, 4)
+    hidden = 64 * 4
+    bufs = [new_buffers(torch.float32, 2, 3 * hidden, "cpu").share_memory_() for _ in range(2)]
+    assert bufs[0].numel() == SLOTS * 2 * 3 * hidden
+    out = str(tmp_path / "logits")
+    mp.spawn(_lamport_worker, (str(tmp_path / "init"), model_dir, prompts, bufs, out), nprocs=2)
+    for rank in range(2):
+        logits, calls, counter, error = torch.load(f"{out}.{rank}")
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+        # 4 decode steps of 5 reads of a partial sum (the first layer's input, two per layer
+        # after it), and the prefill's final norm (its 3 sampled rows); the 20-token prefill's
+        # other messages exceed the buffers (gloo).
+        assert (counter, error, calls) == (4 * 5 + 1, 0, {"one_shot": 0, "two_shot": 0})
 
 
 def _vote_worker(rank: int, init_file: str, out_file: str) -> None:
@@ -454,9 +504,10 @@ def test_ranks_agree_on_the_all_reduce_path_when_one_rank_cannot_map_peer_memory
         "rendezvous fails on rank 1": (False, False),
         "real, on CPU": (False, False),
     }
-    assert a0["ok"][1].startswith(
-        "all-reduce: P2P over symmetric memory (one-shot <= 512 KiB, two-shot <= 1024 KiB"
-    )
+    assert a0["ok"][1].startswith("all-reduce: P2P over symmetric memory (")
+    assert "one-shot <= 512 KiB, two-shot <= 1024 KiB" in a0["ok"][1]
+    # The barrier-free buffers need real symmetric memory: both ranks keep it off, and say why.
+    assert "barrier-free off: RuntimeError" in a0["ok"][1] and "barrier-free off" in a1["ok"][1]
     # The rank that failed says why; the other, that a peer failed.
     assert a0["allocate fails on rank 0"][1].endswith("RuntimeError: no P2P here)")
     assert a1["allocate fails on rank 0"][1].endswith("a peer failed)")

@@ -4,11 +4,13 @@
 GPU (``--world-size``, default 2) and prints rank 0's result as JSON:
 
   --check  the custom all-reduce equals NCCL's sum, bf16 and fp32, at sizes that take the
-           one-shot, two-shot and NCCL paths, eagerly and inside a CUDA graph replayed with
-           new input (tests/test_gpu_tp.py runs this)
-  --time   microseconds per all-reduce of one-shot, two-shot and NCCL at 8 KiB..8 MiB of
-           bf16, each as 20 back-to-back calls captured in a CUDA graph (so launch costs are
-           those of a decode graph)
+           barrier-free, one-shot, two-shot and NCCL paths, eagerly and inside a CUDA graph
+           replayed with new input; and the norm kernels that fold the barrier-free all-reduce
+           in equal NCCL's sum then the plain kernels, mixed in one graph of several sizes
+           (tests/test_gpu_tp.py runs this)
+  --time   microseconds per all-reduce of barrier-free, one-shot, two-shot and NCCL at
+           8 KiB..8 MiB of bf16, each as 20 back-to-back calls captured in a CUDA graph (so
+           launch costs are those of a decode graph)
 """
 
 from __future__ import annotations
@@ -109,35 +111,113 @@ def _mismatch(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check(device: torch.device) -> dict:
-    cases = []
+    cases, fused = [], []
     for dtype in (torch.bfloat16, torch.float32):
         custom, line = build_custom_all_reduce(CHECK_BUFFER_BYTES, dtype, device)
-        if custom is None:
+        if custom is None or custom.lamport is None:
             raise RuntimeError(f"no custom all-reduce for {dtype}: {line}")
-        set_custom_all_reduce(custom)
-        for rows in CHECK_ROWS:
-            x = _inputs(rows, dtype, device, rows)
-            eager = _mismatch(all_reduce(x.clone()), _nccl_sum(x))
-            static = torch.zeros_like(x)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                all_reduce(static.clone())  # warm-up outside the graph, as CudaGraphDecoder does
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = all_reduce(static * 1)
-            graphed = 0.0
-            for trial in range(3):  # new input each replay: the graph must not hold old data
-                static.copy_(_inputs(rows, dtype, device, 100 + trial + rows))
-                graph.replay()
-                graphed = max(graphed, _mismatch(out, _nccl_sum(static)))
-            cases.append(
-                {"dtype": str(dtype), "rows": rows, "bytes": x.numel() * x.element_size(),
-                 "path": custom.path(x), "eager_max_diff": eager, "graph_max_diff": graphed}
-            )  # fmt: skip
+        lamport = custom.lamport
+        fused.append(_check_fused(lamport, dtype, device))
+        cases += _check_paths(custom, dtype, device)
+        custom.lamport = None  # the one-shot kernel for the sizes the barrier-free path takes
+        cases += _check_paths(custom, dtype, device)
         set_custom_all_reduce(None)
-    return {"world_size": dist.get_world_size(), "cases": cases}
+    return {"world_size": dist.get_world_size(), "cases": cases, "fused": fused}
+
+
+def _check_paths(custom: CustomAllReduce, dtype: torch.dtype, device: torch.device) -> list[dict]:
+    cases = []
+    set_custom_all_reduce(custom)
+    for rows in CHECK_ROWS:
+        x = _inputs(rows, dtype, device, rows)
+        eager = _mismatch(all_reduce(x.clone()), _nccl_sum(x))
+        static = torch.zeros_like(x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            all_reduce(static.clone())  # warm-up outside the graph, as CudaGraphDecoder does
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = all_reduce(static * 1)
+        graphed = 0.0
+        for trial in range(3):  # new input each replay: the graph must not hold old data
+            static.copy_(_inputs(rows, dtype, device, 100 + trial + rows))
+            graph.replay()
+            graphed = max(graphed, _mismatch(out, _nccl_sum(static)))
+        cases.append(
+            {"dtype": str(dtype), "rows": rows, "bytes": x.numel() * x.element_size(),
+             "path": custom.path(x), "eager_max_diff": eager, "graph_max_diff": graphed}
+        )  # fmt: skip
+    return cases
+
+
+def _check_fused(lamport, dtype: torch.dtype, device: torch.device) -> dict:
+    """The kernels that fold the barrier-free all-reduce in, in one CUDA graph of mixed sizes
+    (so the slots, their clearing and the counter are exercised across sizes and replays):
+    each output equals NCCL's sum followed by the plain kernel, bit for bit on two ranks."""
+    from lightllm_grpc_kernels.gemv import add_rmsnorm_gemv
+    from lightllm_grpc_kernels.lamport import lamport_add_rmsnorm, lamport_all_reduce
+    from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm
+
+    gen = torch.Generator(device=device).manual_seed(7)  # the same weights on every rank
+    norm_w = torch.randn(HIDDEN, generator=gen, device=device).to(dtype)
+    w = (torch.randn(1024, HIDDEN, generator=gen, device=device) / 64).to(dtype)
+    plan = [("gemv", 1), ("norm", 5), ("sum", 64 if dtype == torch.bfloat16 else 32), ("gemv", 1),
+            ("norm", 1), ("sum", 3), ("gemv", 1)]  # fmt: skip
+    static = {i: torch.zeros(rows, HIDDEN, device=device, dtype=dtype) for i, (_, rows) in enumerate(plan)}
+    residual = {i: torch.zeros_like(t) for i, t in static.items()}
+
+    def run() -> list[torch.Tensor]:
+        outs = []
+        for i, (kind, _) in enumerate(plan):
+            x, res = static[i].clone(), residual[i].clone()
+            if kind == "gemv":
+                y, stream = add_rmsnorm_gemv(x, res, norm_w, 1e-5, w, lamport=lamport)
+                outs += [y, stream]
+            elif kind == "norm":
+                outs += [lamport_add_rmsnorm(x, res, norm_w, 1e-5, lamport), res]
+            else:
+                outs.append(lamport_all_reduce(x, lamport))
+        return outs
+
+    def want() -> list[torch.Tensor]:
+        outs = []
+        for i, (kind, _) in enumerate(plan):
+            total, res = _nccl_sum(static[i]), residual[i].clone()
+            if kind == "gemv":
+                outs += list(add_rmsnorm_gemv(total, res, norm_w, 1e-5, w))
+            elif kind == "norm":
+                outs += [fused_add_rmsnorm(total, res, norm_w, 1e-5), res]
+            else:
+                outs.append(total)
+        return outs
+
+    def fill(seed: int) -> None:
+        for i, t in static.items():
+            t.copy_(_inputs(t.shape[0], dtype, device, seed + i)[:, :HIDDEN])
+            residual[i].copy_(_inputs(t.shape[0], dtype, device, 500 + seed + i))
+            dist.broadcast(residual[i], 0)  # the residual stream is the same on every rank
+
+    fill(1)
+    eager = max(_mismatch(g, r) for g, r in zip(run(), want(), strict=True))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed_outs = run()
+    graphed = 0.0
+    for trial in range(5):
+        fill(100 + 10 * trial)
+        graph.replay()
+        if trial == 2:
+            run()  # eager calls between replays move the counter too
+        graphed = max(graphed, max(_mismatch(g, r) for g, r in zip(graphed_outs, want(), strict=True)))
+    state = lamport.state.tolist()
+    return {"dtype": str(dtype), "eager_max_diff": eager, "graph_max_diff": graphed, "state": state}
 
 
 def _per_call_us(fn, x: torch.Tensor, replays: int = 20) -> float:
@@ -169,11 +249,20 @@ def timing(device: torch.device) -> dict:
         raise RuntimeError(line)
     one_shot = CustomAllReduce(custom.buffer, custom.group_name, one_shot_max=custom.max_bytes)
     two_shot = CustomAllReduce(custom.buffer, custom.group_name, one_shot_max=0)
-    paths = {"one_shot_us": one_shot, "two_shot_us": two_shot, "nccl_us": dist.all_reduce}
+    lamport = CustomAllReduce(custom.buffer, custom.group_name, lamport=custom.lamport)
+    paths = {
+        "lamport_us": lamport,
+        "one_shot_us": one_shot,
+        "two_shot_us": two_shot,
+        "nccl_us": dist.all_reduce,
+    }
     rows = []
     for nbytes in TIME_BYTES:
-        x = torch.randn(nbytes // 2, device=device).to(torch.bfloat16)
-        times = {name: _per_call_us(fn, x) for name, fn in paths.items()}
+        x = torch.randn(nbytes // 2 // HIDDEN, HIDDEN, device=device).to(torch.bfloat16)
+        times = {
+            name: _per_call_us(fn, x) if name != "lamport_us" or fn.path(x) == "lamport" else None
+            for name, fn in paths.items()
+        }
         rows.append({"bytes": nbytes, **times, "chosen": custom.path(x)})
     return {"world_size": dist.get_world_size(), "card": torch.cuda.get_device_name(), "sizes": rows}
 
@@ -181,12 +270,13 @@ def timing(device: torch.device) -> dict:
 def render(t: dict) -> str:
     lines = [
         f"All-reduce of bf16 on {t['world_size']}x {t['card']}, us per call (20 per CUDA graph):\n",
-        "| bytes | one-shot | two-shot | NCCL | chosen |",
-        "| --- | --- | --- | --- | --- |",
+        "| bytes | barrier-free | one-shot | two-shot | NCCL | chosen |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
+    keys = ("lamport_us", "one_shot_us", "two_shot_us", "nccl_us")
     for r in t["sizes"]:
         size = f"{r['bytes'] >> 10} KiB" if r["bytes"] < 1 << 20 else f"{r['bytes'] >> 20} MiB"
-        us = " | ".join(f"{r[k]:.1f}" for k in ("one_shot_us", "two_shot_us", "nccl_us"))
+        us = " | ".join("-" if r.get(k) is None else f"{r[k]:.1f}" for k in keys)
         lines.append(f"| {size} | {us} | {r['chosen']} |")
     return "\n".join(lines) + "\n"
 

@@ -1,13 +1,16 @@
 """``python -m lightllm_grpc.bench.gpu_tp --out DIR``: TP=1 against TP=2 on two GPUs, and what
 the all-reduce costs (8B Llama-3 shape, bf16, random weights via ``--load-format dummy``).
 
-  1. all-reduce alone (bench/allreduce.py --time): one-shot, two-shot and NCCL, 8 KiB..8 MiB
+  1. all-reduce alone (bench/allreduce.py --time): barrier-free, one-shot, two-shot and NCCL,
+     8 KiB..8 MiB
   2. one decode step without the server, in one process per rank: CUDA-graph replay time at
      batch 1 and 64 (context 128), and the all-reduce kernels' share of the replay's kernel
-     time (torch.profiler); at TP=2 with the P2P all-reduce, then recaptured with NCCL
+     time (torch.profiler); at TP=2 with the P2P all-reduce folded into the norms, then
+     recaptured with it as kernels of their own, then with NCCL
   3. through the gRPC API: W1 (batch-1 decode, in 128 / out 256, best of 3 runs) and W2
-     (1,000 x in 256 / out 256, all at once) at TP=1, at TP=2, and at TP=2 with
-     --disable-custom-all-reduce (W2 there tells whether two-shot beats NCCL at big batches)
+     (1,000 x in 256 / out 256, all at once) at TP=1, at TP=2, at TP=2 with
+     --disable-fused-all-reduce, and with --disable-custom-all-reduce (W2 there tells whether
+     two-shot beats NCCL at big batches)
 
 About 6 minutes on 2x H100. Writes ``bench-gpu-tp.json`` and ``bench-gpu-tp.md`` into ``--out``.
 """
@@ -76,7 +79,7 @@ def _measure(runner, world_size: int) -> dict:
             torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         total = sum(e.device_time for e in kernels) / 20 / 1e3
-        names = ("allreduce", "all_reduce")
+        names = ("allreduce", "all_reduce", "lamport")
         ar = sum(e.device_time for e in kernels if any(n in e.name.lower() for n in names)) / 20 / 1e3
         table = kernel_table(prof, 20)
         out[str(batch)] = {
@@ -113,13 +116,22 @@ def breakdown_rank(rank: int, world_size: int, init: str, model_dir: Path) -> di
         return {"tp1": _measure(runner, 1)}
     custom = custom_all_reduce()
     result = {"p2p" if custom else "nccl": _measure(runner, world_size)}
-    if custom is not None:  # the same step with NCCL: recapture the graphs without the P2P path
-        set_custom_all_reduce(None)
+
+    def recapture() -> None:
         graphs = CudaGraphDecoder(
             runner.forward, runner.req_to_token, runner.pad_row, runner.pad_slot, rows, runner.device
         )
         graphs.capture()
         runner.decode_forward = graphs
+
+    if custom is not None and custom.lamport is not None:
+        # The same step with the P2P all-reduce as kernels of their own (not in the norms).
+        custom.lamport = None
+        recapture()
+        result["p2p-unfused"] = _measure(runner, world_size)
+    if custom is not None:  # the same step with NCCL: recapture the graphs without the P2P path
+        set_custom_all_reduce(None)
+        recapture()
         result["nccl"] = _measure(runner, world_size)
     return result
 
@@ -155,13 +167,18 @@ def _per_step_estimate(micro: dict, batch: int, key: str, layers: int, hidden: i
     """ms of all-reduce per decode step from the microbenchmark: 2 per layer + the embedding's."""
     nbytes = batch * hidden * 2
     row = next((r for r in micro["sizes"] if r["bytes"] >= nbytes), micro["sizes"][-1])
-    return (2 * layers + 1) * row[key] / 1e3
+    return (2 * layers + 1) * row[key] / 1e3 if row.get(key) is not None else float("nan")
 
 
 def render(r: dict) -> str:
     env, serve, dec = r["environment"], r["serve"], r.get("decode", {})
-    cols = [("tp1", "TP=1"), ("tp2", "TP=2, P2P all-reduce"), ("tp2-nccl", "TP=2, NCCL only")]
-    dec_key = {"tp1": "tp1", "tp2": "p2p", "tp2-nccl": "nccl"}
+    cols = [
+        ("tp1", "TP=1"),
+        ("tp2", "TP=2, P2P all-reduce in the norms"),
+        ("tp2-unfused", "TP=2, P2P all-reduce kernels"),
+        ("tp2-nccl", "TP=2, NCCL only"),
+    ]
+    dec_key = {"tp1": "tp1", "tp2": "p2p", "tp2-unfused": "p2p-unfused", "tp2-nccl": "nccl"}
 
     def w1(name: str) -> str:
         if name not in serve:
@@ -192,7 +209,7 @@ def render(r: dict) -> str:
     micro = r.get("allreduce")
 
     def estimate(name: str) -> str:
-        key = {"tp2": "one_shot_us", "tp2-nccl": "nccl_us"}.get(name)
+        key = {"tp2-unfused": "lamport_us", "tp2-nccl": "nccl_us"}.get(name)
         if micro is None or key is None:
             return "-"
         return " / ".join(f"{_per_step_estimate(micro, b, key, 32, 4096):.3f}" for b in BATCHES)
@@ -269,7 +286,12 @@ def main(argv: list[str] | None = None) -> None:
             progress(f"decode step without the server, TP={tp}")
             decode.update(allreduce.run_group(MODULE, tp, ["--model-dir", str(model_dir)], timeout=300))
         result["decode"] = decode
-    servers = [("tp1", 1, ()), ("tp2", 2, ()), ("tp2-nccl", 2, ("--disable-custom-all-reduce",))]
+    servers = [
+        ("tp1", 1, ()),
+        ("tp2", 2, ()),
+        ("tp2-unfused", 2, ("--disable-fused-all-reduce",)),
+        ("tp2-nccl", 2, ("--disable-custom-all-reduce",)),
+    ]
     if args.skip_serve:
         servers = []
     result["serve"] = {}

@@ -16,9 +16,13 @@ from lightllm_grpc.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+    """``reduce_output=False``: with tensor parallelism, forward returns this rank's rows only (zeros
+    for tokens another rank owns), and the layer that reads them all-reduces (``AddNormLinear``)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, reduce_output: bool = True) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        self.reduce_output = reduce_output
         self.num_embeddings = num_embeddings
         self.rows_per_rank = -(-num_embeddings // self.tp_size)
         self.vocab_start = self.tp_rank * self.rows_per_rank
@@ -41,7 +45,7 @@ class VocabParallelEmbedding(nn.Module):
         owned = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         local_ids = torch.where(owned, input_ids - self.vocab_start, 0)
         y = F.embedding(local_ids, self.weight).masked_fill(~owned.unsqueeze(-1), 0)
-        return all_reduce(y)
+        return all_reduce(y) if self.reduce_output else y
 
 
 class ParallelLMHead(VocabParallelEmbedding):

@@ -187,12 +187,21 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial products are summed with an all-reduce in forward."""
+    """Input features split across ranks; partial products are summed with an all-reduce in
+    forward, or (``reduce_output=False``) by the layer that reads them (``AddNormLinear``'s
+    ``reduce_input``), which can fold the all-reduce into its own kernel."""
 
     def __init__(
-        self, input_size: int, output_size: int, bias: bool = False, *, method: LinearMethod
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        *,
+        method: LinearMethod,
+        reduce_output: bool = True,
     ) -> None:
         super().__init__(_divide(input_size, tp_size(), "input size"), output_size, bias, method)
+        self.reduce_output = reduce_output and self.tp_size > 1
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         if param.dim() == 1:  # the bias is not sharded
@@ -204,4 +213,4 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Only rank 0 adds the bias, so the all-reduce sums it exactly once.
         y = self.matmul(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        return all_reduce(y) if self.tp_size > 1 else y
+        return all_reduce(y) if self.reduce_output else y

@@ -9,7 +9,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lightllm_grpc.parallel import all_reduce, lamport_for, tp_size
+
 if TYPE_CHECKING:
+    from lightllm_grpc_kernels.lamport import LamportBuffers
+
     from lightllm_grpc.layers.linear import LinearBase
     from lightllm_grpc.layers.ops import Ops
 
@@ -52,17 +56,29 @@ class RMSNorm(nn.Module):
         return self._add_rms_norm(x, residual, self.weight, self.eps)
 
 
-# (norm, linear, x, residual | None) -> (linear(norm(residual + x)), residual + x): how an
-# ``AddNormLinear`` runs its pair.
+# (norm, linear, x, residual | None, lamport | None) -> (linear(norm(residual + x)), residual + x):
+# how an ``AddNormLinear`` runs its pair. With ``lamport`` (barrier-free all-reduce buffers), x
+# is this rank's partial sum and the step sums it across the group first, in its own kernel.
 NormLinearStep = Callable[
-    ["RMSNorm", "LinearBase", torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]
+    ["RMSNorm", "LinearBase", torch.Tensor, "torch.Tensor | None", "LamportBuffers | None"],
+    tuple[torch.Tensor, torch.Tensor],
 ]
 
 
 def norm_then_linear(
-    norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None
+    norm: RMSNorm,
+    linear: LinearBase,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    lamport: LamportBuffers | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pair as two ops: the norm's forward, then the linear layer's."""
+    """The pair as two ops: the norm's forward, then the linear layer's (with ``lamport``, the
+    norm kernel that all-reduces x first)."""
+    if lamport is not None:
+        from lightllm_grpc_kernels.lamport import lamport_add_rmsnorm
+
+        hidden = lamport_add_rmsnorm(x, residual, norm.weight, norm.eps, lamport)
+        return linear(hidden), x if residual is None else residual
     hidden, residual = norm(x, residual)
     return linear(hidden), residual
 
@@ -78,12 +94,23 @@ class AddNormLinear(nn.Module):
     own names); this module only runs them, by ``step``: ``norm_then_linear`` unless warm-up
     bound one kernel for both at one token (``triton_ops.tune_norm_gemv``; only for a
     column-parallel linear, whose forward has no collective to keep).
+
+    ``reduce_input``: with tensor parallelism, x is this rank's partial sum (the row-parallel
+    layer before it leaves the all-reduce to its reader), and this step all-reduces it: inside
+    its own kernel where the barrier-free buffers take it (``parallel.lamport_for``), else by
+    ``all_reduce`` first. One rank alone has nothing to reduce.
     """
 
-    def __init__(self, norm: RMSNorm, linear: LinearBase) -> None:
+    def __init__(self, norm: RMSNorm, linear: LinearBase, reduce_input: bool = False) -> None:
         super().__init__()
         self.pair = (norm, linear)  # a tuple, so they are not registered twice as submodules
         self.step: NormLinearStep = norm_then_linear
+        self.reduce_input = reduce_input and tp_size() > 1
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.step(*self.pair, x, residual)
+        if self.reduce_input:
+            lamport = lamport_for(x)
+            if lamport is not None:
+                return self.step(*self.pair, x, residual, lamport)
+            x = all_reduce(x)
+        return self.step(*self.pair, x, residual, None)

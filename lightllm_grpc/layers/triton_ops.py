@@ -31,6 +31,7 @@ from lightllm_grpc_kernels.fp8_gemv import (
     fp8_gemv,
 )
 from lightllm_grpc_kernels.gemv import GEMV_CONFIGS, GemvConfig, add_rmsnorm_gemv, gemv, silu_gemv
+from lightllm_grpc_kernels.lamport import LamportBuffers
 from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 from lightllm_grpc_kernels.rotary import apply_rotary
 from torch import nn
@@ -133,21 +134,27 @@ class NormGemvStep:
     kernel (``add_rmsnorm_gemv``: the norm's output is never written; the new residual stream
     comes back in a new tensor, so no program overwrites the residual the others read); more
     tokens run the norm, then the linear layer, as before. For a column-parallel linear only
-    (its forward is the matmul alone: nothing, such as a collective, is skipped). ``fp8``: the
+    (its forward is the matmul alone: nothing, such as a collective, is skipped). With
+    ``lamport`` the kernel also all-reduces x, the row-parallel layer's partial sum. ``fp8``: the
     linear is an FP8 one (e4m3 weight; the kernel applies its ``weight_scale`` and bias)."""
 
     config: GemvConfig
     fp8: bool = False
 
     def __call__(
-        self, norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None
+        self,
+        norm: RMSNorm,
+        linear: LinearBase,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        lamport: LamportBuffers | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[0] != 1:
-            return norm_then_linear(norm, linear, x, residual)
+            return norm_then_linear(norm, linear, x, residual, lamport)
         args = (x, residual, norm.weight, norm.eps, linear.weight, self.config)
         if self.fp8:
-            return add_rmsnorm_gemv(*args, linear.weight_scale, linear.bias)
-        y, residual = add_rmsnorm_gemv(*args)
+            return add_rmsnorm_gemv(*args, linear.weight_scale, linear.bias, lamport)
+        y, residual = add_rmsnorm_gemv(*args, lamport=lamport)
         return (y if linear.bias is None else y + linear.bias), residual
 
 

@@ -33,6 +33,7 @@ from lightllm_grpc.layers.norm import AddNormLinear, RMSNorm
 from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.layers.rotary import RotaryEmbedding
 from lightllm_grpc.models.config import ModelConfig
+from lightllm_grpc.parallel import all_reduce
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,13 @@ class LlamaAttention(nn.Module):
             config.attention_bias,
             method=ops.linear(f"{prefix}.qkv_proj"),
         )
+        # Its partial sums go to the post-attention norm, which all-reduces them (AddNormLinear).
         self.o_proj = RowParallelLinear(
-            config.q_size, config.hidden_size, config.o_proj_bias, method=ops.linear(f"{prefix}.o_proj")
+            config.q_size,
+            config.hidden_size,
+            config.o_proj_bias,
+            method=ops.linear(f"{prefix}.o_proj"),
+            reduce_output=False,
         )
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
@@ -144,8 +150,13 @@ class LlamaMLP(nn.Module, ActIntoDown):
             config.hidden_size, [inter, inter], config.mlp_bias, method=ops.linear(f"{prefix}.gate_up_proj")
         )
         self.act_fn = SiluAndMul(ops)
+        # Its partial sums go to the next layer's input norm (or the final norm), which all-reduces.
         self.down_proj = RowParallelLinear(
-            inter, config.hidden_size, config.mlp_bias, method=ops.linear(f"{prefix}.down_proj")
+            inter,
+            config.hidden_size,
+            config.mlp_bias,
+            method=ops.linear(f"{prefix}.down_proj"),
+            reduce_output=False,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,8 +190,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         # Each norm with the projection that reads it, as one step (warm-up may make it one kernel).
-        self.attn_in = AddNormLinear(self.input_layernorm, self.self_attn.qkv_proj)
-        self.mlp_in = AddNormLinear(self.post_attention_layernorm, self.mlp.gate_up_proj)
+        # With TP their inputs are partial sums (embedding, down_proj, o_proj): they all-reduce.
+        self.attn_in = AddNormLinear(self.input_layernorm, self.self_attn.qkv_proj, reduce_input=True)
+        self.mlp_in = AddNormLinear(self.post_attention_layernorm, self.mlp.gate_up_proj, reduce_input=True)
 
     def forward(
         self,
@@ -219,7 +231,8 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, ops: Ops, prefix: str) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # Partial rows with TP: the first layer's input norm all-reduces them.
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, reduce_output=False)
         rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling, ops
         )
@@ -238,8 +251,9 @@ class LlamaModel(nn.Module):
         return self.final_norm(hidden, residual, batch.logits_indices)
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The last add + RMSNorm, of the token rows ``rows`` only."""
-        return self.norm(hidden[rows], residual[rows])[0]
+        """The last add + RMSNorm, of the token rows ``rows`` only. ``hidden`` is the last
+        down_proj's partial sum (TP): only those rows are all-reduced."""
+        return self.norm(all_reduce(hidden[rows]), residual[rows])[0]
 
     def piece(
         self,

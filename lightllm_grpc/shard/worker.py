@@ -102,7 +102,9 @@ def setup_all_reduce(
         line = "all-reduce: NCCL (--disable-custom-all-reduce)"
     else:
         # The largest decode or graphed-prefill message: one hidden-state row per token.
-        custom, line = build_custom_all_reduce(rows * hidden * dtype.itemsize, dtype, device)
+        custom, line = build_custom_all_reduce(
+            rows * hidden * dtype.itemsize, dtype, device, barrier_free=cfg.fused_all_reduce
+        )
     set_custom_all_reduce(custom)
     log.info("%s", line)
 
