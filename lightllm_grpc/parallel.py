@@ -14,6 +14,7 @@ NVLink multicast.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import warnings
 from dataclasses import dataclass
@@ -185,7 +186,9 @@ def _lamport_buffers(max_bytes: int, dtype: torch.dtype, device: torch.device, g
     state = torch.zeros(STATE_LEN, dtype=torch.int32, device=device)
     torch.cuda.synchronize(device)  # every rank's sentinel fill is done before any peer pushes
     dist.barrier()
-    return LamportBuffers(bits, table, state, rank, world, max_elems)
+    # Debugging a hang: a wait that spins this many times gives up and raises the error flag.
+    max_spins = int(os.environ.get("LIGHTLLM_GRPC_LAMPORT_MAX_SPINS", "-1"))
+    return LamportBuffers(bits, table, state, rank, world, max_elems, max_spins)
 
 
 def _attempt(fn):

@@ -42,6 +42,7 @@ from lightllm_grpc_kernels.lamport import (
     lamport_open,
     lamport_push,
     lamport_sum,
+    lamport_wait,
     sentinel,
 )
 from lightllm_grpc_kernels.rmsnorm import add_rows, inv_rms, normed, squares
@@ -79,7 +80,7 @@ PLAIN, SILU_AND_MUL, ADD_RMSNORM = tl.constexpr(0), tl.constexpr(1), tl.constexp
 def _load_x(
     x_ptr, res_ptr, cols, col_mask, k, lp_bits, lp_state, lp_rank, lp_max, lp_spins, slot,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, LAMPORT: tl.constexpr, LP_WORLD: tl.constexpr,
-    SENT: tl.constexpr, WAIT: tl.constexpr,
+    SENT: tl.constexpr,
 ):  # fmt: skip
     # The K-slice of the GEMV's input before its prologue's last step (ADD_RMSNORM: the summed row).
     if PROLOGUE == SILU_AND_MUL:
@@ -87,9 +88,9 @@ def _load_x(
         up = tl.load(x_ptr + k + cols, mask=col_mask, other=0.0)
         return silu_mul(gate, up)
     x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
-    if LAMPORT:  # x is this rank's partial sum: the group's sum replaces it
+    if LAMPORT:  # x is this rank's partial sum: the group's sum (arrived: lamport_wait) replaces it
         x = lamport_sum(x, lp_bits, lp_state, lp_rank, lp_max, slot, cols, col_mask, lp_spins,
-                        LP_WORLD, SENT, WAIT)  # fmt: skip
+                        LP_WORLD, SENT, False)  # fmt: skip
     if PROLOGUE == ADD_RMSNORM and HAS_RESIDUAL:
         x = add_rows(x, tl.load(res_ptr + cols, mask=col_mask, other=0.0))
     return x
@@ -103,7 +104,7 @@ def _gemv_body(
     lp_bits, lp_table, lp_state, lp_rank, lp_max, lp_spins,  # LAMPORT only
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    LAMPORT: tl.constexpr, LP_WORLD: tl.constexpr, SENT: tl.constexpr,
+    LAMPORT: tl.constexpr, LP_WORLD: tl.constexpr, SENT: tl.constexpr, LP_FULL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -118,13 +119,15 @@ def _gemv_body(
                 cols = start + tl.arange(0, BLOCK_K)
                 own = tl.load(x_ptr + cols, mask=cols < k, other=0.0)
                 lamport_push(own, lp_table, lp_rank, lp_max, slot, cols, cols < k, LP_WORLD)
+        # Once for the whole row: the loads below then need no wait (nor volatile) and pipeline.
+        lamport_wait(lp_bits, lp_state, lp_rank, lp_max, slot, k, lp_spins, LP_WORLD, SENT, LP_FULL)
     if PROLOGUE == ADD_RMSNORM:
         # The whole row's statistic, in every program (fp64: the same bits as rmsnorm.py's in any order).
         sq = tl.zeros([BLOCK_K], dtype=tl.float64)
         for start in tl.range(0, k, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             x = _load_x(x_ptr, res_ptr, cols, cols < k, k, lp_bits, lp_state, lp_rank, lp_max, lp_spins,
-                        slot, PROLOGUE, HAS_RESIDUAL, LAMPORT, LP_WORLD, SENT, True)  # fmt: skip
+                        slot, PROLOGUE, HAS_RESIDUAL, LAMPORT, LP_WORLD, SENT)  # fmt: skip
             sq += squares(x)
         rstd = inv_rms(tl.sum(sq, axis=0), k, eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -132,7 +135,7 @@ def _gemv_body(
         cols = start + tl.arange(0, BLOCK_K)
         col_mask = cols < k
         x = _load_x(x_ptr, res_ptr, cols, col_mask, k, lp_bits, lp_state, lp_rank, lp_max, lp_spins,
-                    slot, PROLOGUE, HAS_RESIDUAL, LAMPORT, LP_WORLD, SENT, False)  # fmt: skip
+                    slot, PROLOGUE, HAS_RESIDUAL, LAMPORT, LP_WORLD, SENT)  # fmt: skip
         if PROLOGUE == ADD_RMSNORM:
             if HAS_RESIDUAL or LAMPORT:  # one program writes the new stream (the sum with LAMPORT)
                 tl.store(res_out_ptr + cols, x, mask=col_mask & (pid == 0))
@@ -159,7 +162,7 @@ def _gemv_kernel(
 ):  # fmt: skip
     _gemv_body(x_ptr, w_ptr, y_ptr, n, k, stride_w, x_ptr, x_ptr, x_ptr, 0.0, scale_ptr, bias_ptr,
                x_ptr, x_ptr, x_ptr, 0, 0, 0,
-               BLOCK_N, BLOCK_K, NUM_STAGES, PLAIN, False, SCALED, HAS_BIAS, False, 1, 0)  # fmt: skip
+               BLOCK_N, BLOCK_K, NUM_STAGES, PLAIN, False, SCALED, HAS_BIAS, False, 1, 0, 1)  # fmt: skip
 
 
 @triton.jit
@@ -170,7 +173,8 @@ def _silu_gemv_kernel(
 ):  # fmt: skip
     _gemv_body(h_ptr, w_ptr, y_ptr, n, k, stride_w, h_ptr, h_ptr, h_ptr, 0.0, scale_ptr, bias_ptr,
                h_ptr, h_ptr, h_ptr, 0, 0, 0,
-               BLOCK_N, BLOCK_K, NUM_STAGES, SILU_AND_MUL, False, SCALED, HAS_BIAS, False, 1, 0)  # fmt: skip
+               BLOCK_N, BLOCK_K, NUM_STAGES, SILU_AND_MUL, False, SCALED, HAS_BIAS,
+               False, 1, 0, 1)  # fmt: skip
 
 
 @triton.jit
@@ -179,12 +183,12 @@ def _add_rmsnorm_gemv_kernel(
     lp_bits, lp_table, lp_state, lp_rank, lp_max, lp_spins,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    LAMPORT: tl.constexpr, LP_WORLD: tl.constexpr, SENT: tl.constexpr,
+    LAMPORT: tl.constexpr, LP_WORLD: tl.constexpr, SENT: tl.constexpr, LP_FULL: tl.constexpr,
 ):  # fmt: skip
     _gemv_body(x_ptr, w_ptr, y_ptr, n, k, stride_w, res_ptr, res_out_ptr, norm_w_ptr, eps,
                scale_ptr, bias_ptr, lp_bits, lp_table, lp_state, lp_rank, lp_max, lp_spins,
                BLOCK_N, BLOCK_K, NUM_STAGES, ADD_RMSNORM, HAS_RESIDUAL, SCALED, HAS_BIAS, LAMPORT,
-               LP_WORLD, SENT)  # fmt: skip
+               LP_WORLD, SENT, LP_FULL)  # fmt: skip
 
 
 def check_weight(
@@ -304,7 +308,7 @@ def add_rmsnorm_gemv(
     y = _launch(_add_rmsnorm_gemv_kernel, x, w, config, scale, bias,
                 x if residual is None else residual, summed, norm_weight, eps, *lp,
                 HAS_RESIDUAL=residual is not None, LAMPORT=lamport is not None, LP_WORLD=world,
-                SENT=sent)  # fmt: skip
+                SENT=sent, LP_FULL=1 if lamport is None else triton.next_power_of_2(w.shape[1]))  # fmt: skip
     return y, summed
 
 

@@ -133,27 +133,51 @@ def lamport_push(own, table_ptr, rank, max_elems, slot, offs, mask, WORLD: tl.co
 
 
 @triton.jit
+def _spin(ptr, mask, state_ptr, max_spins, SENT: tl.constexpr):
+    """Load ``ptr`` until no element under ``mask`` is the sentinel; returns the bits."""
+    v = tl.load(ptr, mask=mask, other=0, volatile=True)
+    spins = 0
+    while (tl.sum(((v == SENT) & mask).to(tl.int32), axis=0) > 0) & (spins != max_spins):
+        v = tl.load(ptr, mask=mask, other=0, volatile=True)
+        spins += 1
+    if spins == max_spins:
+        tl.store(state_ptr + _ERROR, 1)
+    return v
+
+
+@triton.jit
+def lamport_wait(
+    bits_ptr, state_ptr, rank, max_elems, slot, n, max_spins,
+    WORLD: tl.constexpr, SENT: tl.constexpr, FULL: tl.constexpr,
+):  # fmt: skip
+    """Wait until every peer's push of the first ``n`` (<= ``FULL``) elements of ``slot`` has
+    arrived: one load of the whole row per try, so a wide row costs one round trip, not one
+    per slice."""
+    offs = tl.arange(0, FULL)
+    for r in tl.static_range(WORLD):
+        if r != rank:
+            _spin(_slot(bits_ptr, slot, r, WORLD, max_elems) + offs, offs < n, state_ptr, max_spins, SENT)
+
+
+@triton.jit
 def lamport_sum(
     own, bits_ptr, state_ptr, rank, max_elems, slot, offs, mask, max_spins,
     WORLD: tl.constexpr, SENT: tl.constexpr, WAIT: tl.constexpr,
 ):  # fmt: skip
     """The sum over ranks, in rank order in fp32, rounded to ``own``'s dtype: ``own`` for this
     rank, the peers' pushes from this rank's buffer. ``WAIT``: spin until every element has
-    arrived (off when this program has already waited for them)."""
+    arrived; without it the caller has waited (``lamport_wait``), and the loads bypass L1
+    (``.cg``) but may be pipelined."""
     acc = tl.zeros_like(own).to(tl.float32)
     for r in tl.static_range(WORLD):
         if r == rank:
             acc += own.to(tl.float32)
         else:
             ptr = _slot(bits_ptr, slot, r, WORLD, max_elems) + offs
-            v = tl.load(ptr, mask=mask, other=0, volatile=True)
             if WAIT:
-                spins = 0
-                while (tl.sum(((v == SENT) & mask).to(tl.int32), axis=0) > 0) & (spins != max_spins):
-                    v = tl.load(ptr, mask=mask, other=0, volatile=True)
-                    spins += 1
-                if spins == max_spins:
-                    tl.store(state_ptr + _ERROR, 1)
+                v = _spin(ptr, mask, state_ptr, max_spins, SENT)
+            else:
+                v = tl.load(ptr, mask=mask, other=0, cache_modifier=".cg")
             acc += v.to(own.dtype, bitcast=True).to(tl.float32)
     return acc.to(own.dtype)
 

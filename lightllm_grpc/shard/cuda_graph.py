@@ -99,6 +99,9 @@ class CudaGraphDecoder:
         # 5.4 GiB at 512 rows, an out-of-memory at 1,024 on a 141 GB card).
         vocab = self.forward(self.ids[:1], self._batch(1)).shape[-1]
         self.logits = torch.empty(self.sizes[-1], vocab, dtype=torch.float32, device=self.ids.device)
+        # The side stream runs after the forward above: under TP, two forwards in flight at once
+        # would interleave their collectives (the barrier-free all-reduce counts its calls).
+        stream.wait_stream(torch.cuda.current_stream())
         for bs in reversed(self.sizes):
             for cascade in (True, False) if bs >= CASCADE_MIN_BATCH else (False,):
                 batch = self._batch(bs, cascade)

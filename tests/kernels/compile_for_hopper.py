@@ -41,9 +41,9 @@ NORM_GEMV = {
     **dict.fromkeys(("lp_bits", "lp_table", "lp_state"), "*i32"),
     **dict.fromkeys(("lp_rank", "lp_max", "lp_spins"), "i32"),
 }
-NO_LAMPORT = {"LAMPORT": False, "LP_WORLD": 1, "SENT": 0}
+NO_LAMPORT = {"LAMPORT": False, "LP_WORLD": 1, "SENT": 0, "LP_FULL": 1}
 # Two ranks' bf16 all-reduce folded in (lamport.py): the bits are int16, the sentinel -0.0's.
-LAMPORT = {"LAMPORT": True, "LP_WORLD": 2, "SENT": -(1 << 15)}
+LAMPORT = {"LAMPORT": True, "LP_WORLD": 2, "SENT": -(1 << 15), "LP_FULL": 4096}
 LAMPORT_ROWS = {
     **dict.fromkeys(("x_ptr", "res_ptr", "w_ptr", "out_ptr"), "*bf16"),
     "bits_ptr": "*i16",
