@@ -120,7 +120,7 @@ def _gemv_body(
                 own = tl.load(x_ptr + cols, mask=cols < k, other=0.0)
                 lamport_push(own, lp_table, lp_rank, lp_max, slot, cols, cols < k, LP_WORLD)
         # Once for the whole row: the loads below then need no wait (nor volatile) and pipeline.
-        lamport_wait(lp_bits, lp_state, lp_rank, lp_max, slot, k, lp_spins, LP_WORLD, SENT, LP_FULL)
+        lamport_wait(lp_bits, lp_state, lp_rank, lp_max, slot, k, lp_spins, LP_WORLD, SENT, LP_FULL, BLOCK_K)
     if PROLOGUE == ADD_RMSNORM:
         # The whole row's statistic, in every program (fp64: the same bits as rmsnorm.py's in any order).
         sq = tl.zeros([BLOCK_K], dtype=tl.float64)

@@ -148,15 +148,26 @@ def _spin(ptr, mask, state_ptr, max_spins, SENT: tl.constexpr):
 @triton.jit
 def lamport_wait(
     bits_ptr, state_ptr, rank, max_elems, slot, n, max_spins,
-    WORLD: tl.constexpr, SENT: tl.constexpr, FULL: tl.constexpr,
+    WORLD: tl.constexpr, SENT: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Wait until every peer's push of the first ``n`` (<= ``FULL``) elements of ``slot`` has
-    arrived: one load of the whole row per try, so a wide row costs one round trip, not one
-    per slice."""
-    offs = tl.arange(0, FULL)
+    arrived. Each try loads the whole row in ``BLOCK`` slices unrolled (independent loads, in
+    flight together), so a wide row costs one round trip per try, not one per slice."""
+    offs = tl.arange(0, BLOCK)
     for r in tl.static_range(WORLD):
         if r != rank:
-            _spin(_slot(bits_ptr, slot, r, WORLD, max_elems) + offs, offs < n, state_ptr, max_spins, SENT)
+            base = _slot(bits_ptr, slot, r, WORLD, max_elems)
+            missing = 1
+            spins = 0
+            while (missing > 0) & (spins != max_spins):
+                missing = 0
+                for start in tl.static_range(0, FULL, BLOCK):
+                    mask = start + offs < n
+                    v = tl.load(base + start + offs, mask=mask, other=0, volatile=True)
+                    missing += tl.sum(((v == SENT) & mask).to(tl.int32), axis=0)
+                spins += 1
+            if missing > 0:
+                tl.store(state_ptr + _ERROR, 1)
 
 
 @triton.jit

@@ -2,8 +2,9 @@
 
 ``python -m tests.kernels.compile_for_hopper [case ...]`` prints ``{case: "ok" | error}`` as
 JSON. Triton's front end and its bundled ptxas run on the CPU, so a kernel the interpreter
-accepts but the compiler rejects (a non-constexpr global, a lowering that does not exist)
-fails here, not on the GPU. It must run without ``TRITON_INTERPRET`` (the tests' conftest sets
+accepts but the compiler rejects (a non-constexpr global, a lowering that does not exist, a
+layout pass that fails once the arguments are specialised as a launch would) fails here,
+not on the GPU. It must run without ``TRITON_INTERPRET`` (the tests' conftest sets
 it, so ``test_kernels_compile_for_hopper.py`` runs this in a subprocess).
 """
 
@@ -27,7 +28,7 @@ GEMV = {
     "scale_ptr": "*bf16",
     "bias_ptr": "*bf16",
 }
-GEMV_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 256, "NUM_STAGES": 3, "SCALED": False, "HAS_BIAS": False}
+GEMV_BLOCKS = {"BLOCK_N": 8, "BLOCK_K": 512, "NUM_STAGES": 3, "SCALED": False, "HAS_BIAS": False}
 # An FP8 layer's one-token GEMV: e4m3 weight, fp32 scales, a bias in the model dtype.
 FP8_GEMV = {**GEMV, "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
 FP8_BLOCKS = {**GEMV_BLOCKS, "BLOCK_K": 512, "SCALED": True, "HAS_BIAS": True}
@@ -146,7 +147,16 @@ def compile_case(kernel: object, types: dict[str, str], constexprs: dict[str, ob
     names = list(kernel.arg_names)
     if sorted(names) != sorted(signature):
         return f"argument names {sorted(signature)} != the kernel's {names}"
-    source = ASTSource(fn=kernel, signature={n: signature[n] for n in names}, constexprs=constexprs)
+    # What a launch on the GPU specializes on: 16-aligned pointers, int arguments divisible
+    # by 16 (hidden sizes, strides). Some lowerings fail only with these (the layout passes).
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, n in enumerate(names)
+        if signature[n] != "constexpr" and not signature[n].startswith("fp")
+    }
+    source = ASTSource(
+        fn=kernel, signature={n: signature[n] for n in names}, constexprs=constexprs, attrs=attrs
+    )
     try:
         compiled = triton.compile(source, target=HOPPER, options={"num_warps": 4, "enable_fp_fusion": fma})
     except Exception as e:
