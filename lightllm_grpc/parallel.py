@@ -4,11 +4,10 @@ All-reduce has three implementations on GPU. NCCL serves every size. For the sma
 of decode (batch x hidden, a few hundred KB), ``CustomAllReduce`` sums over peer-to-peer
 device memory instead: each rank copies its partial sum into a buffer every rank of the
 host can read (``torch.distributed._symmetric_memory``), and one kernel reads the peers'
-buffers and adds. Up to ``LAMPORT_MAX_BYTES`` it pushes into the peers' buffers without any
-barrier (``lightllm_grpc_kernels.lamport``), and the layers that read a sum (the residual add
-+ RMSNorm, alone or folded into the next GEMV) do that all-reduce in their own kernel
-(``lamport_for``). docs/multihost.md says why this wins at small sizes and why it never uses
-NVLink multicast.
+buffers and adds. From 2 rows up to ``LAMPORT_MAX_BYTES`` it pushes into the peers' buffers
+without any barrier (``lightllm_grpc_kernels.lamport``), and the layers that read a sum (the
+residual add + RMSNorm) do that all-reduce in their own kernel (``lamport_for``).
+docs/multihost.md says why this wins at small sizes and why it never uses NVLink multicast.
 """
 
 from __future__ import annotations
@@ -40,6 +39,10 @@ CUSTOM_DTYPES = (torch.bfloat16, torch.float32)
 # Messages up to this size (per rank) go through the barrier-free buffers: decode up to 64 rows
 # of a 4096-wide bf16 model. Each rank keeps 3 slots of this per peer.
 LAMPORT_MAX_BYTES = 512 * 1024
+# And from this many rows: at one row (batch-1 decode) the one-shot kernel measured as fast
+# (2x H200, 8B shape: decode step 3.016 ms one-shot vs 3.076 ms folded into the norms), at
+# 64 rows the folded path saves 8% (3.907 -> 3.599 ms). BENCHMARKS.md.
+LAMPORT_MIN_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,10 @@ class CustomAllReduce:
         return x
 
     def lamport_for(self, x: torch.Tensor) -> LamportBuffers | None:
-        """The barrier-free buffers if ``x`` (a partial sum of one or more rows) fits them."""
+        """The barrier-free buffers if ``x`` (a partial sum of ``LAMPORT_MIN_ROWS`` rows or more)
+        fits them."""
         lamport = self.lamport
-        if lamport is None or not lamport.fits(x):
+        if lamport is None or not lamport.fits(x) or x.numel() < LAMPORT_MIN_ROWS * x.shape[-1]:
             return None
         return lamport
 

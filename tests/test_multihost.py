@@ -451,6 +451,21 @@ def test_barrier_free_all_reduce_in_the_tp_layers_matches_tp1(tmp_path, monkeypa
         assert (counter, error, calls) == (4 * 5 + 1, 0, {"one_shot": 0, "two_shot": 0})
 
 
+def test_the_barrier_free_path_takes_two_rows_or_more_that_fit() -> None:
+    """One row (batch-1 decode) keeps the one-shot kernel, which measured as fast there; from
+    two rows up to the buffers' size the barrier-free path (and the norms that fold it in)."""
+    from lightllm_grpc_kernels.lamport import STATE_LEN, LamportBuffers, new_buffers
+
+    bits = new_buffers(torch.float32, 2, 4 * 8, "cpu")
+    state = torch.zeros(STATE_LEN, dtype=torch.int32)
+    lamport = LamportBuffers(bits, torch.zeros(2, dtype=torch.int64), state, 0, 2, 4 * 8)
+    custom = CustomAllReduce(torch.zeros(64), "0", lamport=lamport)
+    assert [custom.path(torch.zeros(rows, 8)) for rows in (1, 2, 4, 5)] == [
+        "one_shot", "lamport", "lamport", "one_shot"
+    ]  # fmt: skip
+    assert custom.lamport_for(torch.zeros(1, 8)) is None and custom.lamport_for(torch.zeros(3, 8)) is lamport
+
+
 def _vote_worker(rank: int, init_file: str, out_file: str) -> None:
     """Each scenario: which step fails on which rank; every rank must reach the same answer."""
     import torch.distributed._symmetric_memory as symm_mem

@@ -36,15 +36,6 @@ import triton.language as tl
 
 from lightllm_grpc_kernels._launch import check_index, check_rows, on_gpu
 from lightllm_grpc_kernels.activation import silu_mul
-from lightllm_grpc_kernels.lamport import (
-    LamportBuffers,
-    lamport_close,
-    lamport_open,
-    lamport_push,
-    lamport_sum,
-    lamport_wait,
-    sentinel,
-)
 from lightllm_grpc_kernels.rmsnorm import add_rows, inv_rms, normed, squares
 
 
@@ -77,20 +68,13 @@ PLAIN, SILU_AND_MUL, ADD_RMSNORM = tl.constexpr(0), tl.constexpr(1), tl.constexp
 
 
 @triton.jit
-def _load_x(
-    x_ptr, res_ptr, cols, col_mask, k, lp_bits, lp_state, lp_rank, lp_max, lp_spins, slot,
-    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, LAMPORT: tl.constexpr, LP_WORLD: tl.constexpr,
-    SENT: tl.constexpr,
-):  # fmt: skip
+def _load_x(x_ptr, res_ptr, cols, col_mask, k, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     # The K-slice of the GEMV's input before its prologue's last step (ADD_RMSNORM: the summed row).
     if PROLOGUE == SILU_AND_MUL:
         gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
         up = tl.load(x_ptr + k + cols, mask=col_mask, other=0.0)
         return silu_mul(gate, up)
     x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
-    if LAMPORT:  # x is this rank's partial sum: the group's sum (arrived: lamport_wait) replaces it
-        x = lamport_sum(x, lp_bits, lp_state, lp_rank, lp_max, slot, cols, col_mask, lp_spins,
-                        LP_WORLD, SENT, False)  # fmt: skip
     if PROLOGUE == ADD_RMSNORM and HAS_RESIDUAL:
         x = add_rows(x, tl.load(res_ptr + cols, mask=col_mask, other=0.0))
     return x
@@ -101,43 +85,27 @@ def _gemv_body(
     x_ptr, w_ptr, y_ptr, n, k, stride_w,
     res_ptr, res_out_ptr, norm_w_ptr, eps,  # ADD_RMSNORM only
     scale_ptr, bias_ptr,  # SCALED only (HAS_BIAS: bias_ptr too)
-    lp_bits, lp_table, lp_state, lp_rank, lp_max, lp_spins,  # LAMPORT only
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    LAMPORT: tl.constexpr, LP_WORLD: tl.constexpr, SENT: tl.constexpr, LP_FULL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
-    slot = 0
-    if LAMPORT:  # the all-reduce of x folded in (lamport.py): program 0 pushes, every program sums
-        nprog = tl.num_programs(0)
-        c, slot = lamport_open(lp_state, lp_bits, lp_rank, lp_max, pid, nprog, LP_WORLD, BLOCK_K, SENT)
-        if pid == 0:
-            for start in tl.range(0, k, BLOCK_K):
-                cols = start + tl.arange(0, BLOCK_K)
-                own = tl.load(x_ptr + cols, mask=cols < k, other=0.0)
-                lamport_push(own, lp_table, lp_rank, lp_max, slot, cols, cols < k, LP_WORLD)
-        # Once for the whole row: the loads below then need no wait (nor volatile) and pipeline.
-        lamport_wait(lp_bits, lp_state, lp_rank, lp_max, slot, k, lp_spins, LP_WORLD, SENT, LP_FULL, BLOCK_K)
     if PROLOGUE == ADD_RMSNORM:
         # The whole row's statistic, in every program (fp64: the same bits as rmsnorm.py's in any order).
         sq = tl.zeros([BLOCK_K], dtype=tl.float64)
         for start in tl.range(0, k, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
-            x = _load_x(x_ptr, res_ptr, cols, cols < k, k, lp_bits, lp_state, lp_rank, lp_max, lp_spins,
-                        slot, PROLOGUE, HAS_RESIDUAL, LAMPORT, LP_WORLD, SENT)  # fmt: skip
-            sq += squares(x)
+            sq += squares(_load_x(x_ptr, res_ptr, cols, cols < k, k, PROLOGUE, HAS_RESIDUAL))
         rstd = inv_rms(tl.sum(sq, axis=0), k, eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for start in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
         cols = start + tl.arange(0, BLOCK_K)
         col_mask = cols < k
-        x = _load_x(x_ptr, res_ptr, cols, col_mask, k, lp_bits, lp_state, lp_rank, lp_max, lp_spins,
-                    slot, PROLOGUE, HAS_RESIDUAL, LAMPORT, LP_WORLD, SENT)  # fmt: skip
+        x = _load_x(x_ptr, res_ptr, cols, col_mask, k, PROLOGUE, HAS_RESIDUAL)
         if PROLOGUE == ADD_RMSNORM:
-            if HAS_RESIDUAL or LAMPORT:  # one program writes the new stream (the sum with LAMPORT)
+            if HAS_RESIDUAL:  # one program writes the new residual stream
                 tl.store(res_out_ptr + cols, x, mask=col_mask & (pid == 0))
             x = normed(x, rstd, tl.load(norm_w_ptr + cols, mask=col_mask, other=0.0))
         x = x.to(tl.float32)
@@ -149,8 +117,6 @@ def _gemv_body(
         if HAS_BIAS:
             y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
-    if LAMPORT:
-        lamport_close(lp_state, c, slot, k, pid, nprog)
 
 
 # One kernel per prologue, so that a profile names them apart; each is the body above.
@@ -161,8 +127,7 @@ def _gemv_kernel(
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     _gemv_body(x_ptr, w_ptr, y_ptr, n, k, stride_w, x_ptr, x_ptr, x_ptr, 0.0, scale_ptr, bias_ptr,
-               x_ptr, x_ptr, x_ptr, 0, 0, 0,
-               BLOCK_N, BLOCK_K, NUM_STAGES, PLAIN, False, SCALED, HAS_BIAS, False, 1, 0, 1)  # fmt: skip
+               BLOCK_N, BLOCK_K, NUM_STAGES, PLAIN, False, SCALED, HAS_BIAS)  # fmt: skip
 
 
 @triton.jit
@@ -172,23 +137,18 @@ def _silu_gemv_kernel(
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     _gemv_body(h_ptr, w_ptr, y_ptr, n, k, stride_w, h_ptr, h_ptr, h_ptr, 0.0, scale_ptr, bias_ptr,
-               h_ptr, h_ptr, h_ptr, 0, 0, 0,
-               BLOCK_N, BLOCK_K, NUM_STAGES, SILU_AND_MUL, False, SCALED, HAS_BIAS,
-               False, 1, 0, 1)  # fmt: skip
+               BLOCK_N, BLOCK_K, NUM_STAGES, SILU_AND_MUL, False, SCALED, HAS_BIAS)  # fmt: skip
 
 
 @triton.jit
 def _add_rmsnorm_gemv_kernel(
     x_ptr, w_ptr, y_ptr, n, k, stride_w, scale_ptr, bias_ptr, res_ptr, res_out_ptr, norm_w_ptr, eps,
-    lp_bits, lp_table, lp_state, lp_rank, lp_max, lp_spins,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    LAMPORT: tl.constexpr, LP_WORLD: tl.constexpr, SENT: tl.constexpr, LP_FULL: tl.constexpr,
 ):  # fmt: skip
     _gemv_body(x_ptr, w_ptr, y_ptr, n, k, stride_w, res_ptr, res_out_ptr, norm_w_ptr, eps,
-               scale_ptr, bias_ptr, lp_bits, lp_table, lp_state, lp_rank, lp_max, lp_spins,
-               BLOCK_N, BLOCK_K, NUM_STAGES, ADD_RMSNORM, HAS_RESIDUAL, SCALED, HAS_BIAS, LAMPORT,
-               LP_WORLD, SENT, LP_FULL)  # fmt: skip
+               scale_ptr, bias_ptr, BLOCK_N, BLOCK_K, NUM_STAGES, ADD_RMSNORM, HAS_RESIDUAL,
+               SCALED, HAS_BIAS)  # fmt: skip
 
 
 def check_weight(
@@ -276,15 +236,11 @@ def add_rmsnorm_gemv(
     config: GemvConfig | None = None,
     scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    lamport: LamportBuffers | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(residual + x) @ w.T, residual + x)`` for x, residual [1, K], the norm's weight [K]
     and w [N, K], all of one dtype: ``fused_add_rmsnorm`` then ``gemv``, bit for bit, without
     materialising the norm's output. ``residual`` is read only: the sum goes to a new tensor
-    (returned). Without a residual it is ``(rmsnorm(x) @ w.T, x)``. ``scale``, ``bias``: as ``gemv``.
-    ``lamport``: x is this rank's partial sum, and the group's sum (``lamport.py``, every rank
-    calls it) takes its place; the returned stream is then ``residual + sum`` (without a
-    residual, the sum), in a new tensor."""
+    (returned). Without a residual it is ``(rmsnorm(x) @ w.T, x)``. ``scale``, ``bias``: as ``gemv``."""
     check_rows(x, "x", 2)
     check_weight(x, w, scale, bias)
     assert x.shape[0] == 1, f"add_rmsnorm_gemv takes one row, got x {tuple(x.shape)}"
@@ -293,22 +249,15 @@ def add_rmsnorm_gemv(
         "norm weight: [K] of x's dtype"
     )
     assert norm_weight.is_contiguous(), "norm weight must be contiguous"
-    if residual is not None:
-        check_rows(residual, "residual", 2, x.dtype)
-        assert residual.shape == x.shape, f"residual {tuple(residual.shape)} != x {tuple(x.shape)}"
-    if lamport is None:
-        lp, world, sent = (x, x, x, 0, 0, 0), 1, 0
-    else:
-        assert lamport.fits(x), f"x {tuple(x.shape)} {x.dtype} does not fit the all-reduce buffers"
-        bits, table, state, rank, world, max_elems, max_spins = lamport
-        lp, sent = (bits, table, state, rank, max_elems, max_spins), sentinel(bits.dtype)
-    # Program 0 writes the new stream (the sum, with a Lamport all-reduce) to a new tensor:
-    # every program reads x and the residual.
-    summed = torch.empty_like(x) if residual is not None or lamport is not None else x
-    y = _launch(_add_rmsnorm_gemv_kernel, x, w, config, scale, bias,
-                x if residual is None else residual, summed, norm_weight, eps, *lp,
-                HAS_RESIDUAL=residual is not None, LAMPORT=lamport is not None, LP_WORLD=world,
-                SENT=sent, LP_FULL=1 if lamport is None else triton.next_power_of_2(w.shape[1]))  # fmt: skip
+    if residual is None:  # a valid pointer for the unread residual arguments
+        y = _launch(_add_rmsnorm_gemv_kernel, x, w, config, scale, bias, x, x, norm_weight, eps,
+                    HAS_RESIDUAL=False)  # fmt: skip
+        return y, x
+    check_rows(residual, "residual", 2, x.dtype)
+    assert residual.shape == x.shape, f"residual {tuple(residual.shape)} != x {tuple(x.shape)}"
+    summed = torch.empty_like(x)
+    y = _launch(_add_rmsnorm_gemv_kernel, x, w, config, scale, bias, residual, summed, norm_weight, eps,
+                HAS_RESIDUAL=True)  # fmt: skip
     return y, summed
 
 

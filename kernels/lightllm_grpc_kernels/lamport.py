@@ -22,9 +22,7 @@ into that slot (call ``c + 3``) waits on this rank's push of ``c + 2``.
 
 The counter moves once per call: every program reads it first, takes a ticket, and the
 program that takes the last ticket stores ``c + 1`` (so no program can see the new value).
-Programs of one kernel never wait on each other: in the row kernel each program pushes and
-reads its own row; in the GEMV every program reads the whole row and program 0 pushes it
-(the scheduler starts program 0 first).
+Programs of one kernel never wait on each other: each program pushes and reads its own row.
 
 A peer that never pushes leaves the reader spinning, as NCCL would hang: ``max_spins`` (tests)
 bounds the wait and raises the error flag ``state[ERROR]`` instead.
@@ -146,49 +144,18 @@ def _spin(ptr, mask, state_ptr, max_spins, SENT: tl.constexpr):
 
 
 @triton.jit
-def lamport_wait(
-    bits_ptr, state_ptr, rank, max_elems, slot, n, max_spins,
-    WORLD: tl.constexpr, SENT: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Wait until every peer's push of the first ``n`` (<= ``FULL``) elements of ``slot`` has
-    arrived. Each try loads the whole row in ``BLOCK`` slices unrolled (independent loads, in
-    flight together), so a wide row costs one round trip per try, not one per slice."""
-    offs = tl.arange(0, BLOCK)
-    for r in tl.static_range(WORLD):
-        if r != rank:
-            base = _slot(bits_ptr, slot, r, WORLD, max_elems)
-            missing = 1
-            spins = 0
-            while (missing > 0) & (spins != max_spins):
-                missing = 0
-                for start in tl.static_range(0, FULL, BLOCK):
-                    mask = start + offs < n
-                    v = tl.load(base + start + offs, mask=mask, other=0, volatile=True)
-                    missing += tl.sum(((v == SENT) & mask).to(tl.int32), axis=0)
-                spins += 1
-            if missing > 0:
-                tl.store(state_ptr + _ERROR, 1)
-
-
-@triton.jit
 def lamport_sum(
     own, bits_ptr, state_ptr, rank, max_elems, slot, offs, mask, max_spins,
-    WORLD: tl.constexpr, SENT: tl.constexpr, WAIT: tl.constexpr,
+    WORLD: tl.constexpr, SENT: tl.constexpr,
 ):  # fmt: skip
     """The sum over ranks, in rank order in fp32, rounded to ``own``'s dtype: ``own`` for this
-    rank, the peers' pushes from this rank's buffer. ``WAIT``: spin until every element has
-    arrived; without it the caller has waited (``lamport_wait``), and the loads bypass L1
-    (``.cg``) but may be pipelined."""
+    rank, the peers' pushes from this rank's buffer once every element has arrived."""
     acc = tl.zeros_like(own).to(tl.float32)
     for r in tl.static_range(WORLD):
         if r == rank:
             acc += own.to(tl.float32)
         else:
-            ptr = _slot(bits_ptr, slot, r, WORLD, max_elems) + offs
-            if WAIT:
-                v = _spin(ptr, mask, state_ptr, max_spins, SENT)
-            else:
-                v = tl.load(ptr, mask=mask, other=0, cache_modifier=".cg")
+            v = _spin(_slot(bits_ptr, slot, r, WORLD, max_elems) + offs, mask, state_ptr, max_spins, SENT)
             acc += v.to(own.dtype, bitcast=True).to(tl.float32)
     return acc.to(own.dtype)
 
@@ -221,7 +188,7 @@ def _lamport_rows_kernel(
     offs = row.to(tl.int64) * n_cols + cols
     own = tl.load(x_ptr + offs, mask=mask, other=0.0)
     lamport_push(own, table_ptr, rank, max_elems, slot, offs, mask, WORLD)
-    x = lamport_sum(own, bits_ptr, state_ptr, rank, max_elems, slot, offs, mask, max_spins, WORLD, SENT, True)
+    x = lamport_sum(own, bits_ptr, state_ptr, rank, max_elems, slot, offs, mask, max_spins, WORLD, SENT)
     lamport_close(state_ptr, c, slot, nprog * n_cols, row, nprog)
     if NORM:
         if HAS_RESIDUAL:

@@ -20,6 +20,7 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,6 @@ from lightllm_grpc_kernels.fp8_gemv import (
     fp8_gemv,
 )
 from lightllm_grpc_kernels.gemv import GEMV_CONFIGS, GemvConfig, add_rmsnorm_gemv, gemv, silu_gemv
-from lightllm_grpc_kernels.lamport import LamportBuffers
 from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 from lightllm_grpc_kernels.rotary import apply_rotary
 from torch import nn
@@ -50,6 +50,9 @@ from lightllm_grpc.layers.fp8 import (
 )
 from lightllm_grpc.layers.linear import ColumnParallelLinear, LinearBase, Matmul
 from lightllm_grpc.layers.norm import AddNormLinear, RMSNorm, norm_then_linear
+
+if TYPE_CHECKING:
+    from lightllm_grpc_kernels.lamport import LamportBuffers
 
 __all__ = [
     "add_rms_norm",
@@ -135,7 +138,8 @@ class NormGemvStep:
     comes back in a new tensor, so no program overwrites the residual the others read); more
     tokens run the norm, then the linear layer, as before. For a column-parallel linear only
     (its forward is the matmul alone: nothing, such as a collective, is skipped). With
-    ``lamport`` the kernel also all-reduces x, the row-parallel layer's partial sum. ``fp8``: the
+    ``lamport`` (x a partial sum to all-reduce first) the pair runs as the norm kernel that
+    all-reduces, then the linear layer: ``norm_then_linear``. ``fp8``: the
     linear is an FP8 one (e4m3 weight; the kernel applies its ``weight_scale`` and bias)."""
 
     config: GemvConfig
@@ -149,12 +153,12 @@ class NormGemvStep:
         residual: torch.Tensor | None,
         lamport: LamportBuffers | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] != 1:
+        if x.shape[0] != 1 or lamport is not None:
             return norm_then_linear(norm, linear, x, residual, lamport)
         args = (x, residual, norm.weight, norm.eps, linear.weight, self.config)
         if self.fp8:
-            return add_rmsnorm_gemv(*args, linear.weight_scale, linear.bias, lamport)
-        y, residual = add_rmsnorm_gemv(*args, lamport=lamport)
+            return add_rmsnorm_gemv(*args, linear.weight_scale, linear.bias)
+        y, residual = add_rmsnorm_gemv(*args)
         return (y if linear.bias is None else y + linear.bias), residual
 
 

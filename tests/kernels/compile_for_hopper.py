@@ -39,12 +39,8 @@ NORM_GEMV = {
     "res_out_ptr": "*bf16",
     "norm_w_ptr": "*bf16",
     "eps": "fp32",
-    **dict.fromkeys(("lp_bits", "lp_table", "lp_state"), "*i32"),
-    **dict.fromkeys(("lp_rank", "lp_max", "lp_spins"), "i32"),
 }
-NO_LAMPORT = {"LAMPORT": False, "LP_WORLD": 1, "SENT": 0, "LP_FULL": 1}
-# Two ranks' bf16 all-reduce folded in (lamport.py): the bits are int16, the sentinel -0.0's.
-LAMPORT = {"LAMPORT": True, "LP_WORLD": 2, "SENT": -(1 << 15), "LP_FULL": 4096}
+# Two ranks' bf16 all-reduce (lamport.py): the bits are int16, the sentinel -0.0's.
 LAMPORT_ROWS = {
     **dict.fromkeys(("x_ptr", "res_ptr", "w_ptr", "out_ptr"), "*bf16"),
     "bits_ptr": "*i16",
@@ -99,8 +95,7 @@ def cases() -> dict[str, tuple[object, dict[str, str], dict[str, object], bool]]
         importlib.import_module(f"lightllm_grpc_kernels.{m}") for m in modules
     )
     bf16_pool = {**STORE, "k_buf_ptr": "*bf16", "v_buf_ptr": "*bf16"}
-    with_res, no_res = ({**GEMV_BLOCKS, **NO_LAMPORT, "HAS_RESIDUAL": r} for r in (True, False))
-    lamport_norm = {**NORM_GEMV, "lp_bits": "*i16", "lp_table": "*i64"}
+    with_res, no_res = ({**GEMV_BLOCKS, "HAS_RESIDUAL": r} for r in (True, False))
     rows = {"WORLD": 2, "BLOCK": 4096, "SENT": -(1 << 15)}
     fp8_norm = {**NORM_GEMV, **FP8_GEMV}
     fp8, same = ({**STORE_CONSTS, "KV_FP8": f} for f in (True, False))
@@ -114,13 +109,7 @@ def cases() -> dict[str, tuple[object, dict[str, str], dict[str, object], bool]]
         "add_rmsnorm_gemv fp8": (
             gemv._add_rmsnorm_gemv_kernel,
             fp8_norm,
-            {**FP8_BLOCKS, **NO_LAMPORT, "HAS_RESIDUAL": True},
-            True,
-        ),
-        "add_rmsnorm_gemv lamport": (
-            gemv._add_rmsnorm_gemv_kernel,
-            lamport_norm,
-            {**GEMV_BLOCKS, **LAMPORT, "HAS_RESIDUAL": True},
+            {**FP8_BLOCKS, "HAS_RESIDUAL": True},
             True,
         ),
         "lamport all-reduce": (

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightllm_grpc_kernels.gemv import add_rmsnorm_gemv
 from lightllm_grpc_kernels.lamport import (
     BITS,
     COUNTER,
@@ -99,24 +98,6 @@ def test_add_rmsnorm_reads_the_group_sum(with_residual: bool) -> None:
         assert torch.equal(outs[r], want)
         # The new stream in place: the residual, or (none) x, which now holds the sum.
         assert torch.equal(streams[r] if with_residual else partials[r], want_stream)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("with_residual", [True, False])
-def test_add_rmsnorm_gemv_folds_the_all_reduce_in(dtype: torch.dtype, with_residual: bool) -> None:
-    group = Group(dtype)
-    torch.manual_seed(1)
-    norm_w = torch.randn(COLS, dtype=dtype)
-    w = torch.randn(96, COLS, dtype=dtype)  # several programs: only program 0 pushes
-    residual = torch.randn(1, COLS, dtype=dtype) if with_residual else None
-    for _ in range(4):  # the counter and the slots move on with every call
-        partials = [torch.randn(1, COLS, dtype=dtype) for _ in range(WORLD)]
-        want_y, want_stream = add_rmsnorm_gemv(lamport_ref(partials), residual, norm_w, EPS, w)
-        outs = group.call(lambda x, b: add_rmsnorm_gemv(x, residual, norm_w, EPS, w, lamport=b), partials)
-        for y, stream in outs:
-            assert torch.equal(y, want_y) and torch.equal(stream, want_stream)
-    assert [int(b.state[COUNTER]) for b in group.ranks] == [4, 4]
-    assert all(int(b.state[1]) == 0 for b in group.ranks)  # every ticket handed back
 
 
 def test_a_peer_that_never_pushes_raises_the_error_flag_instead_of_hanging() -> None:

@@ -34,7 +34,6 @@ def compiled() -> dict[str, str]:
         "gemv fp8",
         "silu_gemv fp8",
         "add_rmsnorm_gemv fp8",
-        "add_rmsnorm_gemv lamport",
         "lamport all-reduce",
         "lamport add_rmsnorm",
         "rotary_store_kv fp8",
