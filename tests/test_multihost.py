@@ -262,6 +262,9 @@ def test_tls_and_all_reduce_flags_reach_the_configs(tmp_path) -> None:
     base = ["shard", "--model", str(model), "--rank", "0", "--world-size", "1", "--listen", "127.0.0.1:1"]
     args = build_parser().parse_args([*base, "--disable-custom-all-reduce"])
     assert shard_config(args).custom_all_reduce is False
+    assert shard_config(build_parser().parse_args(base)).fused_all_reduce is True
+    args = build_parser().parse_args([*base, "--disable-fused-all-reduce"])
+    assert shard_config(args).fused_all_reduce is False and shard_config(args).custom_all_reduce is True
     with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
         shard_config(build_parser().parse_args([*base, "--tls-cert", str(pem)]))
     unix = [*base[:-1], "unix:///tmp/s.sock", "--tls-cert", str(pem), "--tls-key", str(pem)]
