@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -20,11 +21,33 @@ from lightllm_grpc.shard.worker import Shard, dtype_name
 log = logging.getLogger(__name__)
 # How often to look for the next step while the device runs the current one.
 POLL_S = 0.0001
+# Once the step stream has ended, how long a step still on the device may take before the
+# shard gives up on it: no one will read its result, and a step that never finishes (a peer
+# shard died inside an all-reduce: the barrier-free one has no watchdog, NCCL's fires after
+# minutes) would otherwise block this process in ``finish`` for ever.
+ABANDON_S = 30.0
+
+
+def _exit_abandoned(step_id: int, waited: float) -> None:
+    log.error(
+        "step %d still on the device %.0f s after the coordinator's step stream ended (a peer "
+        "shard died inside a collective, or the device hangs): exiting without it",
+        step_id, waited,
+    )  # fmt: skip
+    logging.shutdown()
+    os._exit(1)  # a normal exit would wait on the device too
 
 
 class ShardService(shard_pb2_grpc.ShardServicer):
-    def __init__(self, shard: Shard) -> None:
+    def __init__(
+        self,
+        shard: Shard,
+        abandon_after_s: float = ABANDON_S,
+        on_abandon: Callable[[int, float], None] = _exit_abandoned,
+    ) -> None:
         self.shard = shard
+        self.abandon_after_s = abandon_after_s
+        self.on_abandon = on_abandon  # (step id, seconds waited): the default exits the process
         # Set when the coordinator's step stream ends: the coordinator closed it or died (a
         # remote coordinator, whose death no parent-death signal reports). Either way no one
         # will send this shard another step, so its process exits.
@@ -106,6 +129,10 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                         return
                     pending = self._launch(msg)
                 following = await _next_before_done(queue, pending)
+                stranded = following is None and not _is_done(pending)  # the stream ended mid-step
+                if stranded and not await _settles(pending, self.abandon_after_s):
+                    self.on_abandon(pending.step_id, self.abandon_after_s)
+                    return
                 after = self._launch(following) if following is not None else None
                 yield self._finish(pending)
                 if following is None and reader.done() and queue.empty():
@@ -142,6 +169,20 @@ async def _pump(requests: AsyncIterator[shard_pb2.StepRequest], queue: asyncio.Q
         queue.put_nowait(None)
 
 
+def _is_done(pending: PendingStep | shard_pb2.StepResult) -> bool:
+    return isinstance(pending, shard_pb2.StepResult) or pending.done()
+
+
+async def _settles(pending: PendingStep, seconds: float) -> bool:
+    """Whether ``pending`` finishes on the device within ``seconds`` (waiting without blocking)."""
+    deadline = time.monotonic() + seconds
+    while not pending.done():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 async def _next_before_done(
     queue: asyncio.Queue, pending: PendingStep | shard_pb2.StepResult
 ) -> shard_pb2.StepRequest | None:
@@ -149,6 +190,6 @@ async def _next_before_done(
     while True:
         if not queue.empty():
             return queue.get_nowait()  # None when the stream ended
-        if isinstance(pending, shard_pb2.StepResult) or pending.done():
+        if _is_done(pending):
             return None
         await asyncio.sleep(POLL_S)
