@@ -158,15 +158,12 @@ def build_custom_all_reduce(
         if _all_agree(not why, device):
             lamport, lamport_why = None, "--disable-fused-all-reduce"
             if barrier_free:
-                lamport, lamport_why = _attempt(
-                    lambda: _lamport_buffers(int(size.item()), dtype, device, group)
-                )
-                lamport = lamport if _all_agree(lamport is not None, device) else None
+                lamport, lamport_why = _build_lamport(int(size.item()), dtype, device, group)
             custom = CustomAllReduce(buffer, group.group_name, lamport=lamport)
             small = (
                 f"barrier-free <= {lamport.max_elems * dtype.itemsize >> 10} KiB (folded into the norms)"
                 if lamport
-                else f"barrier-free off: {lamport_why or 'a peer failed'}"
+                else f"barrier-free off: {lamport_why}"
             )
             return custom, (
                 f"all-reduce: P2P over symmetric memory ({small}, one-shot <= {custom.one_shot_max >> 10} "
@@ -175,15 +172,35 @@ def build_custom_all_reduce(
     return None, f"all-reduce: NCCL (P2P symmetric memory unavailable on some rank: {why or 'a peer failed'})"
 
 
-def _lamport_buffers(max_bytes: int, dtype: torch.dtype, device: torch.device, group) -> LamportBuffers:
-    """This rank's barrier-free buffers, rendezvoused with the group's (collective)."""
+def _build_lamport(
+    max_bytes: int, dtype: torch.dtype, device: torch.device, group
+) -> tuple[LamportBuffers | None, str]:
+    """The barrier-free buffers, or None and why. Collective, with a vote after each step (as
+    for the one-shot buffer), so no rank enters the rendezvous that another gave up before."""
     import torch.distributed._symmetric_memory as symm_mem
-    from lightllm_grpc_kernels.lamport import STATE_LEN, LamportBuffers, new_buffers
+
+    max_elems = min(max_bytes, LAMPORT_MAX_BYTES) // dtype.itemsize
+    bits, why = _attempt(lambda: _lamport_alloc(dtype, max_elems, device))
+    if not _all_agree(bits is not None, device):
+        return None, why or "a peer failed"
+    handle, why = _attempt(lambda: symm_mem.rendezvous(bits, group.group_name))
+    if not _all_agree(handle is not None, device):
+        return None, why or "a peer failed"
+    return _lamport_from(bits, handle, max_elems, device), ""
+
+
+def _lamport_alloc(dtype: torch.dtype, max_elems: int, device: torch.device) -> torch.Tensor:
+    """This rank's barrier-free buffer in symmetric memory, filled with the sentinel."""
+    import torch.distributed._symmetric_memory as symm_mem
+    from lightllm_grpc_kernels.lamport import new_buffers
+
+    return new_buffers(dtype, dist.get_world_size(), max_elems, device, alloc=symm_mem.empty)
+
+
+def _lamport_from(bits: torch.Tensor, handle, max_elems: int, device: torch.device) -> LamportBuffers:
+    from lightllm_grpc_kernels.lamport import STATE_LEN, LamportBuffers
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    max_elems = min(max_bytes, LAMPORT_MAX_BYTES) // dtype.itemsize
-    bits = new_buffers(dtype, world, max_elems, device, alloc=symm_mem.empty)
-    handle = symm_mem.rendezvous(bits, group.group_name)
     # The buffer may sit at an offset in its symmetric allocation: the same on every rank.
     offset = bits.data_ptr() - handle.buffer_ptrs[rank]
     table = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)

@@ -504,9 +504,33 @@ def _vote_worker(rank: int, init_file: str, out_file: str) -> None:
         )
         answers["real, on CPU"] = (answers["real, on CPU"][0] is not None, answers["real, on CPU"][1])
         answers["float16"] = parallel.build_custom_all_reduce(1 << 20, torch.float16, torch.device("cpu"))[1]
+        answers["barrier-free allocation fails on rank 0"] = _barrier_free_vote(rank, parallel, symm_mem)
         torch.save(answers, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def _barrier_free_vote(rank: int, parallel, symm_mem) -> tuple[bool, bool, str, int]:
+    """The one-shot buffer maps on both ranks; the barrier-free one cannot be allocated on rank
+    0. Returns (custom kept, barrier-free on, the log line, rendezvous calls made)."""
+    real = parallel._allocate, parallel._lamport_alloc, symm_mem.rendezvous
+    rendezvous_calls = []
+
+    def lamport_alloc(dtype, max_elems, device):
+        if rank == 0:
+            raise RuntimeError("out of memory")
+        return torch.zeros(3 * 2 * max_elems, dtype=torch.int16)
+
+    parallel._allocate = lambda nbytes, dtype, device, devices: torch.empty(
+        nbytes // dtype.itemsize, dtype=dtype
+    )
+    parallel._lamport_alloc = lamport_alloc
+    symm_mem.rendezvous = lambda buffer, group: rendezvous_calls.append(buffer.dtype) or object()
+    try:
+        custom, line = parallel.build_custom_all_reduce(1 << 20, torch.bfloat16, torch.device("cpu"))
+    finally:
+        parallel._allocate, parallel._lamport_alloc, symm_mem.rendezvous = real
+    return custom is not None, custom is not None and custom.lamport is not None, line, len(rendezvous_calls)
 
 
 def test_ranks_agree_on_the_all_reduce_path_when_one_rank_cannot_map_peer_memory(tmp_path) -> None:
@@ -515,7 +539,8 @@ def test_ranks_agree_on_the_all_reduce_path_when_one_rank_cannot_map_peer_memory
     out = str(tmp_path / "answers")
     mp.spawn(_vote_worker, (str(tmp_path / "init"), out), nprocs=2)
     a0, a1 = (torch.load(f"{out}.{r}") for r in range(2))
-    decided = {name: (a0[name][0], a1[name][0]) for name in a0 if name != "float16"}
+    barrier_free = "barrier-free allocation fails on rank 0"
+    decided = {name: (a0[name][0], a1[name][0]) for name in a0 if name not in ("float16", barrier_free)}
     assert decided == {
         "ok": (True, True),
         "allocate fails on rank 0": (False, False),
@@ -526,6 +551,13 @@ def test_ranks_agree_on_the_all_reduce_path_when_one_rank_cannot_map_peer_memory
     assert "one-shot <= 512 KiB, two-shot <= 1024 KiB" in a0["ok"][1]
     # The barrier-free buffers need real symmetric memory: both ranks keep it off, and say why.
     assert "barrier-free off: RuntimeError" in a0["ok"][1] and "barrier-free off" in a1["ok"][1]
+    # One rank cannot allocate them: both keep the one-shot path without them, and rank 1
+    # never entered the rendezvous rank 0 gave up before (one call: the one-shot buffer's).
+    kept0, on0, line0, calls0 = a0[barrier_free]
+    kept1, on1, line1, calls1 = a1[barrier_free]
+    assert (kept0, on0, kept1, on1, calls0, calls1) == (True, False, True, False, 1, 1)
+    assert "barrier-free off: RuntimeError: out of memory" in line0
+    assert "barrier-free off: a peer failed" in line1
     # The rank that failed says why; the other, that a peer failed.
     assert a0["allocate fails on rank 0"][1].endswith("RuntimeError: no P2P here)")
     assert a1["allocate fails on rank 0"][1].endswith("a peer failed)")
