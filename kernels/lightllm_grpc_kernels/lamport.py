@@ -7,9 +7,10 @@ buffer and adds them, in rank order, in fp32. No flag or barrier says "the data 
 the buffer is kept filled with a sentinel (the bits of -0.0, which the pushes never carry: a
 pushed -0.0 becomes +0.0, the same number for every use of a sum), and a reader spins on its
 own memory until no element is the sentinel. So a call costs one write over NVLink and no
-round trip, and it can live in the prologue of the kernel that consumes the sum (the
-residual add + RMSNorm, alone or folded into the next projection's GEMV), which removes the
-all-reduce's launch from the decode step.
+round trip, and it can live in the kernel that consumes the sum (here the residual add +
+RMSNorm), which removes the all-reduce's launch from the decode step. (Folded into the
+one-token qkv GEMV it did not pay: the wait for the peer's row moved into the GEMV, whose
+weight reads cannot start before the normalised row exists; BENCHMARKS.md.)
 
 Three slots take turns, by a call counter kept on the device (so CUDA graphs, replayed in
 any order, stay in step; every rank makes the same calls in the same order, as with NCCL).
