@@ -56,29 +56,17 @@ class RMSNorm(nn.Module):
         return self._add_rms_norm(x, residual, self.weight, self.eps)
 
 
-# (norm, linear, x, residual | None, lamport | None) -> (linear(norm(residual + x)), residual + x):
-# how an ``AddNormLinear`` runs its pair. With ``lamport`` (barrier-free all-reduce buffers), x
-# is this rank's partial sum and the step sums it across the group first, in its own kernel.
+# (norm, linear, x, residual | None) -> (linear(norm(residual + x)), residual + x): how an
+# ``AddNormLinear`` runs its pair.
 NormLinearStep = Callable[
-    ["RMSNorm", "LinearBase", torch.Tensor, "torch.Tensor | None", "LamportBuffers | None"],
-    tuple[torch.Tensor, torch.Tensor],
+    ["RMSNorm", "LinearBase", torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]
 ]
 
 
 def norm_then_linear(
-    norm: RMSNorm,
-    linear: LinearBase,
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    lamport: LamportBuffers | None = None,
+    norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pair as two ops: the norm's forward, then the linear layer's (with ``lamport``, the
-    norm kernel that all-reduces x first)."""
-    if lamport is not None:
-        from lightllm_grpc_kernels.lamport import lamport_add_rmsnorm
-
-        hidden = lamport_add_rmsnorm(x, residual, norm.weight, norm.eps, lamport)
-        return linear(hidden), x if residual is None else residual
+    """The pair as two ops: the norm's forward, then the linear layer's."""
     hidden, residual = norm(x, residual)
     return linear(hidden), residual
 
@@ -96,9 +84,10 @@ class AddNormLinear(nn.Module):
     column-parallel linear, whose forward has no collective to keep).
 
     ``reduce_input``: with tensor parallelism, x is this rank's partial sum (the row-parallel
-    layer before it leaves the all-reduce to its reader), and this step all-reduces it: inside
-    its own kernel where the barrier-free buffers take it (``parallel.lamport_for``), else by
-    ``all_reduce`` first. One rank alone has nothing to reduce.
+    layer before it leaves the all-reduce to its reader), and this step all-reduces it: where
+    the barrier-free buffers take it (``parallel.lamport_for``), the norm kernel does, and the
+    linear layer follows (whatever ``step`` is bound); else ``all_reduce`` first, then ``step``.
+    One rank alone has nothing to reduce.
     """
 
     def __init__(self, norm: RMSNorm, linear: LinearBase, reduce_input: bool = False) -> None:
@@ -111,6 +100,15 @@ class AddNormLinear(nn.Module):
         if self.reduce_input:
             lamport = lamport_for(x)
             if lamport is not None:
-                return self.step(*self.pair, x, residual, lamport)
+                return self._reduce_norm_then_linear(x, residual, lamport)
             x = all_reduce(x)
-        return self.step(*self.pair, x, residual, None)
+        return self.step(*self.pair, x, residual)
+
+    def _reduce_norm_then_linear(
+        self, x: torch.Tensor, residual: torch.Tensor | None, lamport: LamportBuffers
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from lightllm_grpc_kernels.lamport import lamport_add_rmsnorm
+
+        norm, linear = self.pair
+        hidden = lamport_add_rmsnorm(x, residual, norm.weight, norm.eps, lamport)
+        return linear(hidden), x if residual is None else residual  # the new stream, in place

@@ -20,7 +20,6 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +49,6 @@ from lightllm_grpc.layers.fp8 import (
 )
 from lightllm_grpc.layers.linear import ColumnParallelLinear, LinearBase, Matmul
 from lightllm_grpc.layers.norm import AddNormLinear, RMSNorm, norm_then_linear
-
-if TYPE_CHECKING:
-    from lightllm_grpc_kernels.lamport import LamportBuffers
 
 __all__ = [
     "add_rms_norm",
@@ -137,24 +133,17 @@ class NormGemvStep:
     kernel (``add_rmsnorm_gemv``: the norm's output is never written; the new residual stream
     comes back in a new tensor, so no program overwrites the residual the others read); more
     tokens run the norm, then the linear layer, as before. For a column-parallel linear only
-    (its forward is the matmul alone: nothing, such as a collective, is skipped). With
-    ``lamport`` (x a partial sum to all-reduce first) the pair runs as the norm kernel that
-    all-reduces, then the linear layer: ``norm_then_linear``. ``fp8``: the
+    (its forward is the matmul alone: nothing, such as a collective, is skipped). ``fp8``: the
     linear is an FP8 one (e4m3 weight; the kernel applies its ``weight_scale`` and bias)."""
 
     config: GemvConfig
     fp8: bool = False
 
     def __call__(
-        self,
-        norm: RMSNorm,
-        linear: LinearBase,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        lamport: LamportBuffers | None = None,
+        self, norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] != 1 or lamport is not None:
-            return norm_then_linear(norm, linear, x, residual, lamport)
+        if x.shape[0] != 1:
+            return norm_then_linear(norm, linear, x, residual)
         args = (x, residual, norm.weight, norm.eps, linear.weight, self.config)
         if self.fp8:
             return add_rmsnorm_gemv(*args, linear.weight_scale, linear.bias)
