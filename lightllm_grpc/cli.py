@@ -263,6 +263,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="export a span per request (queue, prefill, decode) over OTLP/gRPC to this host:port, "
         "under the caller's W3C trace context; needs the tracing extra",
     )
+    p.add_argument(
+        "--step-trace",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write one JSON line per completed step to PATH (truncated at start): its send and "
+        "result times, shard time, delivery time, batch and the requests that got their first "
+        "token, to tell where a latency tail went (docs/operations.md); off when unset",
+    )
     _add_tls_flags(p)
     p.add_argument(
         "--shard-tls-ca",
@@ -450,6 +459,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         stall_timeout_s=args.stall_timeout or None,
         metrics_port=args.metrics_port,
         otlp_traces_endpoint=args.otlp_traces_endpoint,
+        step_trace=args.step_trace,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

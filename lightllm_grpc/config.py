@@ -174,6 +174,8 @@ class ServerConfig:
     metrics_port: int | None = None
     # OTLP/gRPC collector (host:port) for a span per request (the tracing extra); None: off.
     otlp_traces_endpoint: str | None = None
+    # A JSON line per completed step written here (docs/operations.md, "Step trace"); None: off.
+    step_trace: Path | None = None
     # TLS: certificate chain and key (PEM); with client_ca, clients need a certificate it signed.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -217,6 +219,8 @@ class ServerConfig:
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")  # fmt: skip
         check_tls_flags(self.tls_cert, self.tls_key, self.tls_client_ca)
+        if self.step_trace is not None and not self.step_trace.parent.is_dir():
+            raise ValueError(f"--step-trace {self.step_trace}: no such directory {self.step_trace.parent}")
         if (self.shard_tls_cert is None) != (self.shard_tls_key is None):
             raise ValueError("--shard-tls-cert and --shard-tls-key go together")
         if self.shard_tls_cert is not None and self.shard_tls_ca is None:

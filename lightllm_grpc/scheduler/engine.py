@@ -19,6 +19,7 @@ from lightllm_grpc.scheduler.output_processor import OutputProcessor
 from lightllm_grpc.scheduler.request import FinishReason, Request, RequestOutput, TokenLogprob
 from lightllm_grpc.scheduler.scheduler import Scheduler, StepPlan
 from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError
+from lightllm_grpc.scheduler.step_trace import StepTrace
 
 log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2
@@ -59,6 +60,7 @@ class Engine:
         shards: ShardClient,
         depth: int = PIPELINE_DEPTH,
         step_timeout: float | None = None,
+        trace: StepTrace | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.outputs = outputs
@@ -78,6 +80,7 @@ class Engine:
         self.last_step_at = time.monotonic()
         self.observer: RequestObserver | None = None
         self._last_result_at = 0.0
+        self.trace = trace  # --step-trace: a line per completed step; closed by stop()
 
     def observe(self, observer: RequestObserver) -> None:
         """Install the one observer of request and step times (the frontend's metrics)."""
@@ -93,6 +96,8 @@ class Engine:
             await asyncio.gather(self._task, return_exceptions=True)
         for req in self.scheduler.live():
             self.outputs.abort(req, "server is shutting down")
+        if self.trace is not None:
+            self.trace.close()
 
     def drain(self) -> None:
         """Shutting down: refuse new requests and end live ones with FINISH_REASON_ABORT.
@@ -155,6 +160,8 @@ class Engine:
                 self._fail(None, exc)
                 continue
             if not self._inflight:
+                if self.trace is not None:
+                    self.trace.flush()  # idle: the trace on disk is complete up to now
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -167,13 +174,17 @@ class Engine:
                 self._fail(plan, exc)
                 continue
             self._inflight.popleft()
-            self._observe_step(plan, result)  # before the next schedule(), which the time informs
+            period = self._observe_step(plan, result)  # before the next schedule(), which the time informs
+            filling = time.perf_counter()
             try:
                 await self._fill()  # keep the GPU busy while this step's tokens are processed
             except ShardError as exc:
                 self._fail(None, exc)
             delivered = time.perf_counter()
-            self._deliver(plan, result)
+            if self.trace is not None and self.trace.on:
+                self._deliver_traced(plan, result, period, delivered - filling)
+            else:
+                self._deliver(plan, result)
             self._account(result, waited, delivered)
             await asyncio.sleep(0)  # let handlers stream what was just delivered
 
@@ -186,7 +197,7 @@ class Engine:
             plan.sent_at = time.monotonic()
             await self.shards.send(plan.message)
 
-    def _observe_step(self, plan: StepPlan, result: shard_pb2.StepResult) -> None:
+    def _observe_step(self, plan: StepPlan, result: shard_pb2.StepResult) -> float:
         """Step time: from when the shards could start on it (sent, or the previous result
         came back, whichever is later) to its result: the period that sets decode speed.
 
@@ -200,6 +211,7 @@ class Engine:
         self._last_result_at = now
         shard = result.forward_seconds
         self.scheduler.observe_step(plan, min(period, shard) if shard > 0 else period)
+        return period
 
     def _account(self, result: shard_pb2.StepResult, waited: float, delivered: float) -> None:
         self.last_step_at = time.monotonic()
@@ -227,6 +239,22 @@ class Engine:
             lp = _logprob(result, i, k, req.output.top_logprobs) if req.output.logprobs else None
             items.append((req, token, lp))
         self.outputs.process(items)
+
+    def _deliver_traced(
+        self, plan: StepPlan, result: shard_pb2.StepResult, period: float, fill_s: float
+    ) -> None:
+        """``_deliver``, then the step's line in the step trace."""
+        assert self.trace is not None
+        # Exact: a token voided by a preemption or an end sets no first_token_at.
+        first = [req for req in plan.sampled if req.first_token_at is None]
+        start = time.perf_counter()
+        self._deliver(plan, result)
+        deliver_s = time.perf_counter() - start
+        first = [req for req in first if req.first_token_at is not None]
+        result_at = self._last_result_at  # this step's, set by _observe_step
+        self.trace.record(
+            plan, result, result_at=result_at, period=period, fill_s=fill_s, deliver_s=deliver_s, first=first
+        )
 
     def _fail(self, plan: StepPlan | None, exc: ShardError) -> None:
         """Fail the requests of a step that failed; if the shards are gone, fail everything."""

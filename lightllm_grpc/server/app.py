@@ -31,6 +31,7 @@ from lightllm_grpc.scheduler.remote_shards import (
 from lightllm_grpc.scheduler.sampling import SamplingOptions
 from lightllm_grpc.scheduler.scheduler import Scheduler
 from lightllm_grpc.scheduler.shard_client import ShardClient, ShardError, ShardProcesses, ShardRefused
+from lightllm_grpc.scheduler.step_trace import StepTrace
 from lightllm_grpc.server.health import Health, enable_reflection
 from lightllm_grpc.server.metrics import MetricsCollector, MetricsServer, RequestMetrics, metrics_registry
 from lightllm_grpc.server.request_builder import Limits, RequestBuilder
@@ -206,8 +207,19 @@ def _engine(
         sched.max_n,
         sampling.model_defaults(cfg.shard.model),
     )
-    engine = Engine(scheduler, outputs, client, step_timeout=cfg.step_timeout_s)
+    engine = Engine(scheduler, outputs, client, step_timeout=cfg.step_timeout_s, trace=_step_trace(cfg))
     return engine, RequestBuilder(tok, limits, compact_json=cfg.json_whitespace == "compact")
+
+
+def _step_trace(cfg: ServerConfig) -> StepTrace | None:
+    if cfg.step_trace is None:
+        return None
+    try:
+        trace = StepTrace.open(cfg.step_trace)
+    except OSError as exc:
+        raise StartupError(f"--step-trace {cfg.step_trace}: {exc.strerror or exc}") from exc
+    log.info("step trace: a JSON line per completed step to %s", cfg.step_trace)
+    return trace
 
 
 class StartupError(RuntimeError):
