@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,19 @@ def test_render_two_variants_with_the_new_rows(measured: dict) -> None:
     assert "weight-read floor 5.35 ms" in md and "0.27x greedy W2" in md
     assert "Online W3: 6 requests per rate" in md and "| 50 req/s | bf16 | 6 (0) |" in md
     assert "B128" not in md and "Phases (s): bf16: server start 60" in md
+
+
+def test_w3_rows_state_the_offered_load_against_the_all_at_once_throughput(measured: dict) -> None:
+    (w,) = measured["w3"]
+    offered = 50.0 * w["total_output_tokens"] / 6  # 6 requests at 50 req/s
+    flood = {**w, "request_rate": math.inf, "output_token_throughput": 2 * offered}
+    result = {"variants": {"bf16": {"ours": {"w3": [w, flood]}}}}
+    rows = [line for line in gpu._w3_table(result).splitlines() if line.startswith("| ")]
+    assert f"| 50 req/s | bf16 | 6 (0) | {offered:.0f} (50%) |" in rows[2]
+    assert "| inf req/s | bf16 | 6 (0) | all at once |" in rows[3]
+    # Without an all-at-once run there is nothing to compare with: the offered rate alone.
+    only = gpu._w3_table({"variants": {"bf16": {"ours": {"w3": [w]}}}})
+    assert f"| 50 req/s | bf16 | 6 (0) | {offered:.0f} |" in only
 
 
 def test_render_keeps_the_older_layout() -> None:

@@ -7,7 +7,9 @@ Workloads (8B Llama-3 shape, random weights via ``--load-format dummy``), chosen
   w2        1,000 requests of in 256 / out 256 with ignore_eos, all submitted at once (output tokens/s)
   sampled   W2 sampled: temperature 0.8, top-p 0.9, top-k 50, presence penalty 0.5
   w3        online: Poisson arrivals at each ``--w3-rates``, in U[64, 1024] / out U[32, 512]
-            (TTFT, TPOT and ITL p50/p99, output tokens/s), through ``bench serve``'s driver
+            (TTFT, TPOT and ITL p50/p99, output tokens/s), through ``bench serve``'s driver; the
+            rate ``inf`` (a default) sends them all at once: the server's throughput for the
+            mix, against which the report states each rate's offered load
   breakdown batch-1 decode without the server (CUDA graph replay, shard runner step)
   transformers  the eager transformers baseline (bf16) at batch 1 and 128
 ``--variants bf16,fp8`` serves each variant in turn (fp8: ``--quantization fp8``; fp8-kv:
@@ -23,6 +25,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import math
 import shlex
 import statistics
 import time
@@ -415,24 +418,46 @@ def _rows(r: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _offered(w: dict) -> float:
+    """Output tokens a second that ``w``'s arrival rate asks for (its mean output length times
+    the rate); infinite for all at once."""
+    n = w["completed"] + sum(w["failed"].values())
+    return w["request_rate"] * w["total_output_tokens"] / max(n, 1)
+
+
+def _load(w: dict, capacity: float | None) -> str:
+    """``w``'s offered output rate, and its share of what the server sustained all at once."""
+    offered = _offered(w)
+    if math.isinf(offered):
+        return "all at once"
+    share = f" ({offered / capacity:.0%})" if capacity else ""
+    return f"{offered:.0f}{share}"
+
+
 def _w3_table(r: dict) -> str:
     lines = []
     for name, v in _variants(r).items():
-        for w in v["ours"].get("w3", []):
+        runs = v["ours"].get("w3", [])
+        # All at once, the server runs at its throughput for this mix: a rate asking for more
+        # output than that is over capacity, and its tails grow with the run's length.
+        capacity = next((w["output_token_throughput"] for w in runs if math.isinf(w["request_rate"])), None)
+        for w in runs:
             if not lines:
                 (in_lo, in_hi), (out_lo, out_hi) = w["input_range"], w["output_range"]
                 lines += [
                     f"\nOnline W3: {w['completed'] + sum(w['failed'].values())} requests per rate, Poisson "
                     f"arrivals, in U[{in_lo}, {in_hi}] / out U[{out_lo}, {out_hi}], greedy, ignore_eos "
-                    "(output tok/s over the whole run, arrival gaps included).\n",
-                    "| rate | variant | completed (failed) | output tok/s | TTFT p50 / p99 ms "
-                    "| TPOT p50 / p99 ms | ITL p50 / p99 ms |",
-                    "| --- | --- | --- | --- | --- | --- | --- |",
+                    "(output tok/s over the whole run, arrival gaps included; offered: the output "
+                    "tok/s the rate asks for, and its share of the all-at-once throughput: over 100% "
+                    "is more than the server sustains, and the tails then grow with the run).\n",
+                    "| rate | variant | completed (failed) | offered out tok/s | output tok/s "
+                    "| TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- |",
                 ]
             pct = [f"{w[k]['median']:.1f} / {w[k]['p99']:.1f}" for k in ("ttft_ms", "tpot_ms", "itl_ms")]
             lines.append(
                 f"| {w['request_rate']:g} req/s | {name} | {w['completed']} ({sum(w['failed'].values())}) "
-                f"| {w['output_token_throughput']:.0f} | {' | '.join(pct)} |"
+                f"| {_load(w, capacity)} | {w['output_token_throughput']:.0f} | {' | '.join(pct)} |"
             )
     return "\n".join(lines) + "\n" if lines else ""
 
@@ -506,7 +531,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--w2-requests", type=int, default=1000)
     p.add_argument("--sampled-requests", type=int, default=1000)
     p.add_argument("--ttft-requests", type=int, default=20)
-    p.add_argument("--w3-rates", type=_rates, default=[24.0, 48.0], help="req/s, comma-separated")
+    p.add_argument(
+        "--w3-rates",
+        type=_rates,
+        default=[24.0, 48.0, math.inf],
+        help="req/s, comma-separated; inf: all at once (the server's throughput for the mix)",
+    )
     p.add_argument("--w3-requests", type=int, default=600, help="per rate")
     p.add_argument("--w3-input", type=_length_range, default=(64, 1024), help="low,high prompt tokens")
     p.add_argument("--w3-output", type=_length_range, default=(32, 512), help="low,high output tokens")
