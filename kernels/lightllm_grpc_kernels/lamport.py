@@ -98,7 +98,7 @@ def _slot(base, slot, src, world, max_elems):
 
 
 @triton.jit
-def lamport_open(
+def _open_call(
     state_ptr, bits_ptr, rank, max_elems, pid, nprog,
     WORLD: tl.constexpr, BLOCK: tl.constexpr, SENT: tl.constexpr,
 ):  # fmt: skip
@@ -120,7 +120,7 @@ def lamport_open(
 
 
 @triton.jit
-def lamport_push(own, table_ptr, rank, max_elems, slot, offs, mask, WORLD: tl.constexpr):
+def _push_row(own, table_ptr, rank, max_elems, slot, offs, mask, WORLD: tl.constexpr):
     """Write this rank's values ``own`` at ``offs`` of slot ``slot`` in every peer's buffer."""
     bits_ty = tl.int16 if own.dtype.primitive_bitwidth == 16 else tl.int32
     # +0.0 for -0.0: the sentinel's bits never travel as data.
@@ -145,7 +145,7 @@ def _spin(ptr, mask, state_ptr, max_spins, SENT: tl.constexpr):
 
 
 @triton.jit
-def lamport_sum(
+def _sum_row(
     own, bits_ptr, state_ptr, rank, max_elems, slot, offs, mask, max_spins,
     WORLD: tl.constexpr, SENT: tl.constexpr,
 ):  # fmt: skip
@@ -162,7 +162,7 @@ def lamport_sum(
 
 
 @triton.jit
-def lamport_close(state_ptr, c, slot, used, pid, nprog):
+def _close_call(state_ptr, c, slot, used, pid, nprog):
     """Record the elements this call wrote in its slot (for the clear two calls on) and move
     the counter once every program has read it."""
     if pid == 0:
@@ -185,12 +185,12 @@ def _lamport_rows_kernel(
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    c, slot = lamport_open(state_ptr, bits_ptr, rank, max_elems, row, nprog, WORLD, BLOCK, SENT)
+    c, slot = _open_call(state_ptr, bits_ptr, rank, max_elems, row, nprog, WORLD, BLOCK, SENT)
     offs = row.to(tl.int64) * n_cols + cols
     own = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    lamport_push(own, table_ptr, rank, max_elems, slot, offs, mask, WORLD)
-    x = lamport_sum(own, bits_ptr, state_ptr, rank, max_elems, slot, offs, mask, max_spins, WORLD, SENT)
-    lamport_close(state_ptr, c, slot, nprog * n_cols, row, nprog)
+    _push_row(own, table_ptr, rank, max_elems, slot, offs, mask, WORLD)
+    x = _sum_row(own, bits_ptr, state_ptr, rank, max_elems, slot, offs, mask, max_spins, WORLD, SENT)
+    _close_call(state_ptr, c, slot, nprog * n_cols, row, nprog)
     if NORM:
         if HAS_RESIDUAL:
             x = add_rows(x, tl.load(res_ptr + offs, mask=mask, other=0.0))
