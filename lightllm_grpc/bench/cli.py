@@ -1,6 +1,7 @@
 """``lightllm-grpc bench``: ``bench load`` (a fixed workload), ``bench serve`` (datasets, arrival
-rates and latency percentiles against one or more running servers) and ``bench sim`` (admission
-rules compared by simulating the scheduler on the CPU)."""
+rates and latency percentiles against one or more running servers), ``bench sim`` (admission
+rules compared by simulating the scheduler on the CPU) and ``bench trace`` (where first tokens'
+time went, from a ``serve --step-trace`` file)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from lightllm_grpc.bench.datasets import (
 from lightllm_grpc.bench.load import Workload, run_load
 from lightllm_grpc.bench.report import format_summary
 from lightllm_grpc.bench.serve import Traffic, as_conversations, serve_benchmark
+from lightllm_grpc.bench.trace_report import trace_main
 from lightllm_grpc.config import SchedulerConfig
 from lightllm_grpc.proto import generation_pb2 as pb
 
@@ -41,6 +43,25 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_serve_parser(bsub)
     _add_sim_parser(bsub)
+    _add_trace_parser(bsub)
+
+
+def _add_trace_parser(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser(
+        "trace",
+        help="split each first token's time into its parts, from a serve --step-trace file",
+        description="Reads a serve --step-trace file and prints p50/p90/p99/max of each part of "
+        "the time to first token as the engine saw it (docs/operations.md, Step trace).",
+    )
+    p.add_argument("trace", type=Path, help="the --step-trace file (JSON lines)")
+    p.add_argument(
+        "--ttft-json",
+        type=Path,
+        default=None,
+        help="a bench gpu result with a ttft workload: adds the client's TTFT and what it spent "
+        "outside the engine (its requests matched to the trace's last first tokens, in order)",
+    )
+    p.add_argument("--slow-ms", type=float, default=None, help="also list the first tokens slower than this")
 
 
 def _add_serve_parser(bsub: argparse._SubParsersAction) -> None:
@@ -147,6 +168,8 @@ def bench_main(args: argparse.Namespace) -> int:
         return serve_main(args)
     if args.bench_command == "sim":
         return sim_main(args)
+    if args.bench_command == "trace":
+        return trace_main(args.trace, args.ttft_json, args.slow_ms)
     return load_main(args)
 
 
