@@ -162,10 +162,16 @@ def test_lines_are_written_in_batches_and_on_close(tmp_path) -> None:
     assert [line["step"] for line in _lines(path)] == [1, 2, 3]
 
 
-def test_the_engine_flushes_the_trace_when_it_goes_idle(tmp_path) -> None:
-    path = tmp_path / "steps.jsonl"
+def _engine_holding_lines(path: Path) -> Engine:
+    """An engine whose trace writes only when flushed or closed (never by line count)."""
     engine, _ = make_engine(4096, 4, 8)
     engine.trace = StepTrace(path.open("w"), flush_lines=10_000)
+    return engine
+
+
+def test_the_engine_flushes_the_trace_when_it_goes_idle(tmp_path) -> None:
+    path = tmp_path / "steps.jsonl"
+    engine = _engine_holding_lines(path)
 
     async def main() -> None:
         engine.start()
@@ -181,8 +187,7 @@ def test_the_engine_flushes_the_trace_when_it_goes_idle(tmp_path) -> None:
 
 def test_stopping_a_busy_engine_writes_the_lines_still_held(tmp_path) -> None:
     path = tmp_path / "steps.jsonl"
-    engine, _ = make_engine(4096, 4, 8)
-    engine.trace = StepTrace(path.open("w"), flush_lines=10_000)
+    engine = _engine_holding_lines(path)
 
     async def main() -> None:
         engine.start()
