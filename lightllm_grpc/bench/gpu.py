@@ -418,11 +418,15 @@ def _rows(r: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _sent(w: dict) -> int:
+    """Requests a W3 run sent: completed and failed."""
+    return w["completed"] + sum(w["failed"].values())
+
+
 def _offered(w: dict) -> float:
     """Output tokens a second that ``w``'s arrival rate asks for (its mean output length times
     the rate); infinite for all at once."""
-    n = w["completed"] + sum(w["failed"].values())
-    return w["request_rate"] * w["total_output_tokens"] / max(n, 1)
+    return w["request_rate"] * w["total_output_tokens"] / max(_sent(w), 1)
 
 
 def _load(w: dict, capacity: float | None) -> str:
@@ -445,7 +449,7 @@ def _w3_table(r: dict) -> str:
             if not lines:
                 (in_lo, in_hi), (out_lo, out_hi) = w["input_range"], w["output_range"]
                 lines += [
-                    f"\nOnline W3: {w['completed'] + sum(w['failed'].values())} requests per rate, Poisson "
+                    f"\nOnline W3: {_sent(w)} requests per rate, Poisson "
                     f"arrivals, in U[{in_lo}, {in_hi}] / out U[{out_lo}, {out_hi}], greedy, ignore_eos "
                     "(output tok/s over the whole run, arrival gaps included; offered: the output "
                     "tok/s the rate asks for, and its share of the all-at-once throughput: over 100% "

@@ -20,10 +20,11 @@ the client's TTFT less ``engine``: gRPC in and out, request building, and the cl
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 PARTS = ("queue", "to_send", "shard", "messages", "after", "engine")
 
@@ -82,10 +83,8 @@ def client_ttfts(bench_json: Path) -> list[float]:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile ``q`` (0..100) of ``values``."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
-    return ordered[rank - 1]
+    """Nearest-rank percentile ``q`` (0..100) of ``values``: always a value that was measured."""
+    return float(np.percentile(values, q, method="inverted_cdf"))
 
 
 def report(tokens: Sequence[FirstToken], slow_ms: float | None = None) -> str:
