@@ -46,9 +46,14 @@ def make_runners(model_dir: Path, ops: Ops, grammars: object | None = None) -> t
         modes: list[ForwardMode] = []
 
         def forward(
-            ids: torch.Tensor, batch: ForwardBatch, kv=kv, logits=logits, modes=modes
+            ids: torch.Tensor,
+            batch: ForwardBatch,
+            logits_out: torch.Tensor | None = None,
+            kv=kv,
+            logits=logits,
+            modes=modes,
         ) -> torch.Tensor:
-            out = model(ids, batch, kv)
+            out = model(ids, batch, kv, logits_out)
             logits.append(out.clone())  # the sampler edits logits in place
             modes.append(batch.mode)
             return out

@@ -342,6 +342,7 @@ def test_decode_graphs_share_one_logits_buffer(tmp_path) -> None:
     bytes: 5.4 GiB at 512 rows of Llama 3, an out-of-memory at 1,024; measured 0.56 GiB after);
     the graphs' logits equal the eager forward's."""
     from lightllm_grpc.config import ShardConfig
+    from lightllm_grpc.shard import decode_inputs
     from lightllm_grpc.shard.cuda_graph import CudaGraphDecoder
     from lightllm_grpc.shard.worker import build_shard
 
@@ -353,7 +354,7 @@ def test_decode_graphs_share_one_logits_buffer(tmp_path) -> None:
     )  # fmt: skip
     runner = build_shard(cfg, 0, 1, None).runner
     graphs = CudaGraphDecoder(
-        runner.forward, runner.req_to_token, runner.pad_row, runner.pad_slot, rows, "cuda"
+        runner.forward, runner.req_to_token, runner.last_token, runner.pad_row, runner.pad_slot, rows, "cuda"
     )
     torch.cuda.synchronize()
     free = torch.cuda.mem_get_info()[0]
@@ -368,13 +369,17 @@ def test_decode_graphs_share_one_logits_buffer(tmp_path) -> None:
         assert out.data_ptr() == graphs.logits.data_ptr()
     with torch.inference_mode():
         for bs in (3, 100):  # two sizes, replayed one after the other
-            batch = graphs._batch(bs)  # the graphs' own buffers: each row one token in its own slot
-            batch.req_rows.copy_(torch.arange(bs, dtype=torch.int32))
-            batch.out_slots.copy_(torch.arange(bs))
-            runner.req_to_token[:bs, 0] = torch.arange(bs, dtype=torch.int32, device="cuda")
+            rows = np.arange(bs)  # each row one token (position 0) in its own slot
             ids = torch.randint(3, vocab, (bs,), device="cuda")
-            ref = runner.forward(ids, batch).clone()
-            torch.testing.assert_close(graphs(ids, batch), ref, rtol=1e-4, atol=1e-4)
+            runner.last_token[:bs] = ids
+            inputs = decode_inputs.pack(rows, rows * 0, rows, [], bs, runner.pad_row, runner.pad_slot)
+            eager = decode_inputs.DecodeInputs.view(torch.from_numpy(inputs).cuda(), bs)
+            ref = runner.forward(*decode_inputs.prepare(eager, graphs.consts, runner.req_to_token,
+                                                        runner.last_token, 1, False)).clone()  # fmt: skip
+            logits, tokens, _ = graphs.run(rows, rows * 0, rows, [])
+            torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+            if tokens is not None:
+                assert torch.equal(tokens, ref.argmax(dim=-1)) and torch.equal(runner.last_token[:bs], tokens)
 
 
 def test_cascade_decode_graphs_keep_greedy_parity(tmp_path) -> None:

@@ -3,6 +3,7 @@ gives what the prefill part and the decode part give as two steps (tests/runner_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ def test_mixed_steps_match_separate_prefill_and_decode(model_dir: Path) -> None:
     merged, separate = run_parity(model_dir, Ops.native(), VOCAB)
     assert merged.modes.count(ForwardMode.MIXED) == 3
     assert ForwardMode.MIXED not in separate.modes
-    # Decode-only steps still go through decode_forward (the CUDA-graph entry on GPU).
+    # Decode-only steps stay decode steps (which replay CUDA graphs on GPU).
     assert merged.modes.count(ForwardMode.DECODE) == 2
 
 
@@ -42,9 +43,10 @@ class RecordingGrammars:
         self.forwards: list[torch.Tensor] = []
         self.events: list[tuple[str, int, object]] = []
 
-    def pending(self, rows: np.ndarray, input_ids: torch.Tensor) -> _Pending:
-        self.events.append(("pending", len(self.forwards), _Pending(rows, input_ids)))
-        return _Pending(rows, input_ids)
+    def pending(self, rows: np.ndarray, input_ids: Callable[[], torch.Tensor]) -> _Pending:
+        pending = _Pending(rows, input_ids())
+        self.events.append(("pending", len(self.forwards), pending))
+        return pending
 
     def accept(self, pending: _Pending) -> None:
         self.events.append(("accept", len(self.forwards), pending))

@@ -274,7 +274,7 @@ def decode_breakdown(
     warmup(shard, 256, 4)
     runner = shard.runner
     runner.step(prefill_step(0, context, runner.kv_capacity))
-    graph = runner.decode_forward.graphs[1]
+    graph = runner.decode_graphs.graphs[1]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):

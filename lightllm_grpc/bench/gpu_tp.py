@@ -62,7 +62,7 @@ def _measure(runner, world_size: int) -> dict:
     first_slot = max(BATCHES) * CONTEXT  # past every row's prompt: same slots each step
     for batch in BATCHES:
         runner.step(_decode_step(batch, first_slot))  # fills the graph's inputs for this batch
-        graphs = runner.decode_forward
+        graphs = runner.decode_graphs
         graph = graphs.graphs[min(s for s in graphs.sizes if s >= batch)]
         if world_size > 1:
             dist.barrier()
@@ -97,8 +97,7 @@ def _measure(runner, world_size: int) -> dict:
 def breakdown_rank(rank: int, world_size: int, init: str, model_dir: Path) -> dict:
     from lightllm_grpc.config import ShardConfig
     from lightllm_grpc.parallel import custom_all_reduce, set_custom_all_reduce
-    from lightllm_grpc.shard.cuda_graph import CudaGraphDecoder
-    from lightllm_grpc.shard.warmup import warmup
+    from lightllm_grpc.shard.warmup import capture_decode_graphs, warmup
     from lightllm_grpc.shard.worker import build_shard, prefill_step
 
     rows = max(BATCHES)
@@ -118,11 +117,7 @@ def breakdown_rank(rank: int, world_size: int, init: str, model_dir: Path) -> di
     result = {"p2p" if custom else "nccl": _measure(runner, world_size)}
 
     def recapture() -> None:
-        graphs = CudaGraphDecoder(
-            runner.forward, runner.req_to_token, runner.pad_row, runner.pad_slot, rows, runner.device
-        )
-        graphs.capture()
-        runner.decode_forward = graphs
+        capture_decode_graphs(runner, rows)
 
     if custom is not None and custom.lamport is not None:
         # The same step with the P2P all-reduce as kernels of their own (not in the norms).

@@ -97,7 +97,7 @@ def profile_decode(
         step = prefill_step(row, context, runner.kv_capacity)
         step.prefill.slots[:] = [row * context + i for i in range(context)]
         runner.step(step)
-    graphs, runner.decode_forward = runner.decode_forward, runner.forward  # eager, to see kernels
+    graphs, runner.decode_graphs = runner.decode_graphs, None  # eager, to see kernels
     step = _decode_step(batch, context)
     runner.step(step)
     torch.cuda.synchronize()
@@ -106,7 +106,7 @@ def profile_decode(
             runner.step(step)
         torch.cuda.synchronize()
     rows = kernel_table(prof, steps)
-    runner.decode_forward = graphs
+    runner.decode_graphs = graphs
     # The served steps also leave this batch (its rows and context lengths) in the graph's input
     # buffers, so the replays below attend over the real context (after capture they hold padding).
     step_ms = _served_step_ms(runner, step)

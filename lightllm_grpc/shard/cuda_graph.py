@@ -12,10 +12,13 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
-from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
+from lightllm_grpc.layers.forward_batch import ForwardBatch
+from lightllm_grpc.shard import decode_inputs
 
 log = logging.getLogger(__name__)
 
@@ -30,94 +33,121 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     return [s for s in sizes if s <= max_batch] or [1]
 
 
-class CudaGraphDecoder:
-    """Drop-in replacement for the decode forward: ``(input_ids, batch) -> logits``.
+# Graphs of at most this many rows also take the argmax of their logits and store it as each
+# row's last token: an all-greedy step (batch 1 above all) then needs no launch after the
+# replay but the tokens' copy to the host. Larger graphs leave that to the sampler (an
+# argmax over 32 x 128k fp32 logits is ~6 µs, wasted when the step samples).
+GREEDY_IN_GRAPH_MAX = 32
 
-    ``pad_row`` is a req_to_token row and ``pad_slot`` a KV slot that no request ever
-    uses; padded entries attend over that row (length 1) and write to that slot.
+
+class _EagerReplay:
+    """Stands in for a CUDA graph where there is none (CPU tests): replay runs the captured step."""
+
+    def __init__(self, step: Callable[[], torch.Tensor]) -> None:
+        self.step = step
+
+    def replay(self) -> None:
+        self.step()
+
+
+class CudaGraphDecoder:
+    """Decode steps of up to ``sizes[-1]`` rows as replays of captured graphs.
+
+    A step's inputs arrive packed (shard/decode_inputs.py) in one host-to-device copy; the
+    graph writes their slots into req_to_token, gathers each row's last token from
+    ``last_token``, runs the forward and, up to ``GREEDY_IN_GRAPH_MAX`` rows, takes the
+    argmax and stores it into ``last_token``. ``pad_row`` is a req_to_token row and
+    ``pad_slot`` a KV slot that no request ever uses; padded entries attend over that row
+    (length 1) and write to that slot. ``cuda_graphs=False`` runs the same steps eagerly.
     """
 
     def __init__(
         self,
         forward,
         req_to_token: torch.Tensor,
+        last_token: torch.Tensor,
         pad_row: int,
         pad_slot: int,
         max_batch: int,
-        device: torch.device,
+        device: torch.device | str,
+        cuda_graphs: bool = True,
     ) -> None:
         self.forward = forward
         self.req_to_token = req_to_token
+        self.last_token = last_token
         self.pad_row, self.pad_slot = pad_row, pad_slot
         self.sizes = graph_batch_sizes(max_batch)
+        self.cuda_graphs = cuda_graphs
         n = self.sizes[-1]
-        i64, i32 = torch.int64, torch.int32
-        self.ids = torch.zeros(n, dtype=i64, device=device)
-        self.positions = torch.zeros(n, dtype=i64, device=device)
-        self.slots = torch.full((n,), pad_slot, dtype=i64, device=device)
-        self.rows = torch.full((n,), pad_row, dtype=i32, device=device)
-        self.seq_lens = torch.ones(n, dtype=i32, device=device)
-        self.arange32 = torch.arange(n, dtype=i32, device=device)
-        self.arange64 = torch.arange(n, dtype=i64, device=device)
-        self.ones = torch.ones(n, dtype=i32, device=device)
-        self.shared_lens = torch.zeros(n, dtype=i32, device=device)
-        self.group_sizes = torch.zeros(n, dtype=i32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.packed = torch.zeros(decode_inputs.buffer_size(n), dtype=torch.int64, device=device)
+        self.consts = decode_inputs.DecodeConstants.make(n, device)
+        self.tokens = torch.zeros(n, dtype=torch.int64, device=device)
+        self.inputs = {bs: decode_inputs.DecodeInputs.view(self.packed, bs) for bs in self.sizes}
+        self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
         self.cascade_outputs: dict[int, torch.Tensor] = {}
         self.logits: torch.Tensor | None = None  # [max batch, vocab] fp32: every graph's output
         self.pool = None  # the graphs' memory pool, once captured
 
-    def _batch(self, bs: int, cascade: bool = False) -> ForwardBatch:
-        batch = ForwardBatch(
-            mode=ForwardMode.DECODE,
-            positions=self.positions[:bs],
-            out_slots=self.slots[:bs],
-            req_rows=self.rows[:bs],
-            seq_lens=self.seq_lens[:bs],
-            q_starts=self.arange32[:bs],
-            q_lens=self.ones[:bs],
-            req_to_token=self.req_to_token,
-            logits_indices=self.arange64[:bs],
-            max_q_len=1,
-            max_seq_len=self.req_to_token.shape[1],
+    def fits(self, batch_size: int) -> bool:
+        return batch_size <= self.sizes[-1]
+
+    def _step(self, bs: int, cascade: bool) -> Callable[[], torch.Tensor]:
+        """What the graph of ``bs`` rows runs: inputs, forward and (small graphs) argmax."""
+        inputs = self.inputs[bs]
+
+        def step() -> torch.Tensor:
+            assert self.logits is not None
+            logits = self.forward(*self._prepare(bs, cascade), logits_out=self.logits[:bs])
+            if bs <= GREEDY_IN_GRAPH_MAX:
+                torch.argmax(logits, dim=-1, out=self.tokens[:bs])
+                self.last_token[inputs.rows] = self.tokens[:bs]
+            return logits
+
+        return step
+
+    def _prepare(self, bs: int, cascade: bool) -> tuple[torch.Tensor, ForwardBatch]:
+        max_len = self.req_to_token.shape[1]
+        return decode_inputs.prepare(
+            self.inputs[bs], self.consts, self.req_to_token, self.last_token, max_len, cascade
         )
-        if cascade:
-            batch.shared_lens, batch.group_sizes = self.shared_lens[:bs], self.group_sizes[:bs]
-        return batch
+
+    def _start(self) -> None:
+        """Every entry padding (what capture runs on), and the logits buffer."""
+        empty = np.empty(0, dtype=np.int64)
+        host = decode_inputs.pack(empty, empty, empty, [], self.sizes[-1], self.pad_row, self.pad_slot)
+        self.packed.copy_(torch.from_numpy(host))
+        vocab = self.forward(*self._prepare(1, False)).shape[-1]
+        self.logits = torch.empty(self.sizes[-1], vocab, dtype=torch.float32, device=self.packed.device)
 
     @torch.inference_mode()
     def capture(self) -> None:
+        if not self.cuda_graphs:
+            return self._capture_eager()
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info()[0]
-        self.req_to_token[self.pad_row, 0] = self.pad_slot
-        pool = None
-        stream = torch.cuda.Stream()
         # Every graph writes its logits into one shared buffer: were each graph's output its own
         # tensor in the pool, the outputs would add up (sum of the sizes x vocab x 4 bytes:
         # 5.4 GiB at 512 rows, an out-of-memory at 1,024 on a 141 GB card).
-        vocab = self.forward(self.ids[:1], self._batch(1)).shape[-1]
-        self.logits = torch.empty(self.sizes[-1], vocab, dtype=torch.float32, device=self.ids.device)
+        self._start()
+        pool = None
+        stream = torch.cuda.Stream()
         # The side stream runs after the forward above: under TP, two forwards in flight at once
         # would interleave their collectives (the barrier-free all-reduce counts its calls).
         stream.wait_stream(torch.cuda.current_stream())
         for bs in reversed(self.sizes):
             for cascade in (True, False) if bs >= CASCADE_MIN_BATCH else (False,):
-                batch = self._batch(bs, cascade)
-                out = self.logits[:bs]
+                step = self._step(bs, cascade)
                 with torch.cuda.stream(stream):
                     for _ in range(2):  # compile kernels and settle the allocator first
-                        self.forward(self.ids[:bs], batch, logits_out=out)
+                        step()
                 stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    output = self.forward(self.ids[:bs], batch, logits_out=out)
+                    output = step()
                 pool = graph.pool()
-                graphs, outputs = (
-                    (self.cascade_graphs, self.cascade_outputs) if cascade else (self.graphs, self.outputs)
-                )
-                graphs[bs], outputs[bs] = graph, output
+                self._keep(bs, cascade, graph, output)
         torch.cuda.synchronize()
         self.pool = pool
         log.info(
@@ -130,28 +160,38 @@ class CudaGraphDecoder:
             (free_before - torch.cuda.mem_get_info()[0]) / 2**20,
         )
 
-    def __call__(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        bs = batch.batch_size
-        if bs > self.sizes[-1]:
-            return self.forward(input_ids, batch)
+    def _capture_eager(self) -> None:
+        self._start()
+        for bs in self.sizes:
+            for cascade in (True, False) if bs >= CASCADE_MIN_BATCH else (False,):
+                step = self._step(bs, cascade)
+                self._keep(bs, cascade, _EagerReplay(step), self.logits[:bs])
+
+    def _keep(self, bs: int, cascade: bool, graph, output: torch.Tensor) -> None:
+        graphs, outputs = (
+            (self.cascade_graphs, self.cascade_outputs) if cascade else (self.graphs, self.outputs)
+        )
+        graphs[bs], outputs[bs] = graph, output
+
+    def run(
+        self, rows: np.ndarray, positions: np.ndarray, slots: np.ndarray, groups: list[np.ndarray]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Replay the step of ``rows`` (``fits`` their number) whose new tokens sit at
+        ``positions`` in ``slots``: their logits, their argmax (already stored as their last
+        tokens; None from graphs over ``GREEDY_IN_GRAPH_MAX`` rows) and their rows on the device."""
+        bs = rows.size
         size = self.sizes[bisect.bisect_left(self.sizes, bs)]
-        self.ids[:bs].copy_(input_ids)
-        self.positions[:bs].copy_(batch.positions)
-        self.slots[:bs].copy_(batch.out_slots)
-        self.rows[:bs].copy_(batch.req_rows)
-        self.seq_lens[:bs].copy_(batch.seq_lens)
-        if size > bs:  # earlier, larger batches left real rows and slots here
-            self.slots[bs:size].fill_(self.pad_slot)
-            self.rows[bs:size].fill_(self.pad_row)
-            self.seq_lens[bs:size].fill_(1)
-            self.positions[bs:size].zero_()
-        if batch.group_sizes is not None and size in self.cascade_graphs:
-            # Padding rows are in no group: zero their entries (a larger batch left some).
-            self.group_sizes[:bs].copy_(batch.group_sizes)
-            self.shared_lens[:bs].copy_(batch.shared_lens)
-            self.group_sizes[bs:size].zero_()
-            self.shared_lens[bs:size].zero_()
+        # Prefix groups only speed attention up: a graph without cascade attention ignores them exactly.
+        cascade = bool(groups) and size in self.cascade_graphs
+        host = decode_inputs.pack(
+            rows, positions, slots, groups if cascade else [], size, self.pad_row, self.pad_slot
+        )
+        self.packed[: host.size].copy_(torch.from_numpy(host), non_blocking=True)
+        if cascade:
             self.cascade_graphs[size].replay()
-            return self.cascade_outputs[size][:bs]
-        self.graphs[size].replay()  # prefix groups (if any) are only a speed-up: ignoring them is exact
-        return self.outputs[size][:bs]
+            logits = self.cascade_outputs[size][:bs]
+        else:
+            self.graphs[size].replay()
+            logits = self.outputs[size][:bs]
+        tokens = self.tokens[:bs] if size <= GREEDY_IN_GRAPH_MAX else None
+        return logits, tokens, self.inputs[size].rows[:bs]

@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -164,8 +165,8 @@ class PendingTokens:
         self.tokens = tokens
         self.event: torch.cuda.Event | None = None
         if tokens.is_cuda:
-            # The whole batch's ids, already gathered for the forward: no index to upload,
-            # and nothing here waits for the device.
+            # The whole batch's ids, in one pinned copy queued behind the previous step:
+            # nothing here waits for the device.
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self.tokens = host.copy_(tokens, non_blocking=True)
             self.event = torch.cuda.Event()
@@ -210,16 +211,17 @@ class RowGrammars:
         self.matchers.pop(row, None)
         self.unaccepted[row] = False
 
-    def pending(self, rows: np.ndarray, input_ids: torch.Tensor) -> PendingTokens | None:
-        """Start copying a decode batch's ``input_ids`` to the host when some of ``rows`` have
-        matchers that still need their previous token (call before queueing the forward)."""
+    def pending(self, rows: np.ndarray, input_ids: Callable[[], torch.Tensor]) -> PendingTokens | None:
+        """Start copying a decode batch's input ids (``input_ids()`` gives them, on the device) to
+        the host when some of ``rows`` have matchers that still need their previous token (call
+        before queueing the forward)."""
         if not self.matchers:
             return None
         want = self.unaccepted[rows]
         if not want.any():
             return None
         idx = np.flatnonzero(want)
-        return PendingTokens(idx, rows[idx], input_ids)
+        return PendingTokens(idx, rows[idx], input_ids())
 
     def accept(self, pending: PendingTokens) -> None:
         for row, token in zip(pending.rows.tolist(), pending.values()):

@@ -16,6 +16,8 @@ import torch
 from lightllm_grpc.layers.attention.base import KVCache
 from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
 from lightllm_grpc.proto import shard_pb2
+from lightllm_grpc.shard import decode_inputs
+from lightllm_grpc.shard.cuda_graph import CudaGraphDecoder
 from lightllm_grpc.shard.sampler import SampleOutput, Sampler
 
 # (input_ids, batch) -> float32 logits [B, V]
@@ -48,11 +50,13 @@ class ModelRunner:
         self.last_token = torch.zeros(max_rows + 1, dtype=torch.int64, device=device)
         # A shard builds its sampler first, so the memory profile sees its tables.
         self.sampler = sampler or Sampler(max_rows + 1, vocab_size, device)
-        # Decode, prefill and mixed steps may be replaced by CUDA-graph runners with the same
-        # signature (shard/cuda_graph.py, shard/prefill_graph.py, shard/piecewise_graph.py),
-        # which run what they cannot replay eagerly (or hand it to the next: a prefill graph
-        # gives what it cannot replay to the piecewise graphs).
-        self.decode_forward: ForwardFn = forward
+        self.consts = decode_inputs.DecodeConstants.make(max_rows + 1, device)
+        # Decode steps that fit replay CUDA graphs when set (shard/cuda_graph.py); prefill and
+        # mixed steps may be replaced by graph runners with the forward's signature
+        # (shard/prefill_graph.py, shard/piecewise_graph.py), which run what they cannot replay
+        # eagerly (or hand it to the next: a prefill graph gives what it cannot replay to the
+        # piecewise graphs).
+        self.decode_graphs: CudaGraphDecoder | None = None
         self.prefill_forward: ForwardFn = forward
         self.mixed_forward: ForwardFn = forward
         self._prompt_logprobs: torch.Tensor | None = None  # of the step being launched
@@ -116,7 +120,9 @@ class ModelRunner:
             input_ids = self.last_token[dev_rows[s.num_prefill :]]
             grammars = self.sampler.grammars
             # As in _decode: constrained rows' previous tokens leave before the forward is queued.
-            pending = grammars.pending(s.rows[s.num_prefill :], input_ids) if grammars is not None else None
+            pending = (
+                grammars.pending(s.rows[s.num_prefill :], lambda: input_ids) if grammars is not None else None
+            )
             ids[s.num_prefill_tokens :] = input_ids
         if s.want is not None and s.want.any():
             logits = self._forward_with_prompt_logprobs(ids, batch, p, s.want, s.offsets, s.lens)
@@ -207,40 +213,43 @@ class ModelRunner:
         positions = self.row_len[rows]
         if int(positions.max()) >= self.max_context:
             raise ValueError(f"sequence longer than the shard's max context {self.max_context}")
-        b = rows.size
-        host = np.concatenate([rows, positions, d.slots, positions + 1]).astype(np.int64)
-        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
-        d_rows, d_pos, d_slots, d_seq = dev.view(4, b)
-        self.req_to_token[d_rows, d_pos] = d_slots.to(torch.int32)
-        arange = torch.arange(b, device=self.device)
-        batch = ForwardBatch(
-            mode=ForwardMode.DECODE,
-            positions=d_pos,
-            out_slots=d_slots,
-            req_rows=d_rows.to(torch.int32),
-            seq_lens=d_seq.to(torch.int32),
-            q_starts=arange.to(torch.int32),
-            q_lens=torch.ones(b, dtype=torch.int32, device=self.device),
-            req_to_token=self.req_to_token,
-            logits_indices=arange,
-            max_q_len=1,
-            max_seq_len=int(positions.max()) + 1,
-        )
-        groups = _groups(d, b)
-        if groups:
-            host_groups = torch.from_numpy(np.stack(groups).astype(np.int32))
-            batch.shared_lens, batch.group_sizes = host_groups.to(self.device, non_blocking=True).unbind(0)
+        slots = np.asarray(d.slots, dtype=np.int64)
+        groups = _groups(d, rows.size)
         grammars = self.sampler.grammars
-        # Constrained rows' previous tokens leave for the host before this forward is queued,
-        # so reading them below waits for the previous step only, not for this forward.
-        input_ids = self.last_token[d_rows]
-        pending = grammars.pending(rows, input_ids) if grammars is not None else None
-        logits = self.decode_forward(input_ids, batch)
+        # Constrained rows' previous tokens leave for the host before this forward is queued
+        # (a decode graph overwrites them), so reading them waits for the previous step only.
+        pending = (
+            grammars.pending(rows, lambda: self.last_token[torch.from_numpy(rows).to(self.device)])
+            if grammars is not None
+            else None
+        )
+        graphs = self.decode_graphs
+        tokens = None
+        if graphs is not None and graphs.fits(rows.size):
+            logits, tokens, dev_rows = graphs.run(rows, positions, slots, groups)
+        else:
+            logits, dev_rows = self._decode_eagerly(rows, positions, slots, groups)
         if pending is not None:
             assert grammars is not None
             grammars.accept(pending)
         self.row_len[rows] += 1
-        return self._sample(logits, rows, d_rows)
+        if tokens is not None and self.sampler.plain_argmax(rows):
+            self.sampler.record_argmax(rows)  # the graph stored the tokens as the rows' last ones
+            return rows, SampleOutput(tokens, None, None, None)
+        return self._sample(logits, rows, dev_rows)
+
+    def _decode_eagerly(
+        self, rows: np.ndarray, positions: np.ndarray, slots: np.ndarray, groups: list[np.ndarray]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward of a decode batch that no graph takes: its logits and rows on the device."""
+        b = rows.size
+        host = decode_inputs.pack(rows, positions, slots, groups, b, self.pad_row, self.pad_slot)
+        inputs = decode_inputs.DecodeInputs.view(torch.from_numpy(host).to(self.device, non_blocking=True), b)
+        max_len = int(positions.max()) + 1
+        ids, batch = decode_inputs.prepare(
+            inputs, self.consts, self.req_to_token, self.last_token, max_len, bool(groups)
+        )
+        return self.forward(ids, batch), inputs.rows
 
     def _sample(
         self, logits: torch.Tensor, rows: np.ndarray, dev_rows: torch.Tensor

@@ -148,6 +148,22 @@ class Sampler:
         self._record(rows, penalized, step, tokens)
         return _with_logprobs(tokens, logprobs_raw, k)
 
+    def plain_argmax(self, rows: np.ndarray) -> bool:
+        """Whether ``sample`` gives these rows their logits' argmax and nothing else: greedy, no
+        penalty, bias, suppressed ids, constraint or logprobs (a decode graph's own argmax is
+        then the step's tokens; see ``record_argmax``)."""
+        if (self.params[rows, TEMPERATURE] > 0).any() or self.want_logprobs[rows].any():
+            return False
+        if self.penalized[rows].any() or self.has_bias[rows].any():
+            return False
+        if (self.generated[rows] < self.min_new[rows]).any():
+            return False
+        return self.grammars is None or not self.grammars.constrained(rows).size
+
+    def record_argmax(self, rows: np.ndarray) -> None:
+        """What ``sample`` records for rows that ``plain_argmax`` approved, without sampling."""
+        self.generated[rows] += 1
+
     def _step(self, rows: np.ndarray) -> _Step:
         params = torch.from_numpy(self.params[rows]).to(self.device, non_blocking=True)
         # One copy for the three: its rows an even number of int64s apart, so each starts 16-byte

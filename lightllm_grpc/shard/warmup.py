@@ -14,6 +14,7 @@ from lightllm_grpc.shard import compile_watch
 from lightllm_grpc.shard.cuda_graph import CudaGraphDecoder
 from lightllm_grpc.shard.piecewise_graph import PiecewiseCudaGraphs
 from lightllm_grpc.shard.prefill_graph import CudaGraphPrefill
+from lightllm_grpc.shard.runner import ModelRunner
 from lightllm_grpc.shard.worker import Shard, prefill_step, profile_row
 
 
@@ -39,11 +40,7 @@ def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
     if shard.cuda_graphs and not shard.graph_batch_sizes:
         if shard.model is not None and shard.ops.tune is not None:
             shard.ops.tune(shard.model)  # Triton: one-token GEMV or cuBLAS, per layer, before capture
-        graphs = CudaGraphDecoder(
-            runner.forward, runner.req_to_token, runner.pad_row, runner.pad_slot, batch, runner.device
-        )
-        graphs.capture()
-        runner.decode_forward = graphs
+        graphs = capture_decode_graphs(runner, batch)
         shard.graph_batch_sizes = tuple(graphs.sizes)
         mixed_tokens = min(shard.mixed_graph_tokens, max_prefill_tokens + batch)
         if mixed_tokens > 0 and shard.model is not None:
@@ -63,3 +60,14 @@ def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
             runner.prefill_forward = prefill
             shard.prefill_graph_sizes = tuple(prefill.sizes)
     watch.arm()
+
+
+def capture_decode_graphs(runner: ModelRunner, max_batch: int) -> CudaGraphDecoder:
+    """Capture the decode graphs of batches up to ``max_batch`` and make the runner replay them."""
+    graphs = CudaGraphDecoder(
+        runner.forward, runner.req_to_token, runner.last_token, runner.pad_row, runner.pad_slot, max_batch,
+        runner.device,
+    )  # fmt: skip
+    graphs.capture()
+    runner.decode_graphs = graphs
+    return graphs
