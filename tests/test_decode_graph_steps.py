@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightllm_grpc.layers.forward_batch import ForwardBatch
 from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard import decode_inputs
@@ -47,11 +48,24 @@ def test_packed_inputs_pad_and_start_16_byte_aligned(size: int) -> None:
 
 
 def _graphed(rec: Recorded) -> CudaGraphDecoder:
+    """The runner replays (eagerly) graphs whose capture ran on padding rows only."""
     r = rec.runner
+    seen: list[tuple[list[int], list[int], list[int]]] = []
+
+    def forward(
+        ids: torch.Tensor, batch: ForwardBatch, logits_out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        seen.append((batch.req_rows.tolist(), batch.positions.tolist(), batch.out_slots.tolist()))
+        return r.forward(ids, batch, logits_out)
+
     graphs = CudaGraphDecoder(
-        r.forward, r.req_to_token, r.last_token, r.pad_row, r.pad_slot, MAX_ROWS, CPU, cuda_graphs=False
+        forward, r.req_to_token, r.last_token, r.pad_row, r.pad_slot, MAX_ROWS, CPU, cuda_graphs=False
     )
     graphs.capture()
+    assert sorted(len(rows) for rows, _, _ in seen) == [1, *graphs.sizes]  # the probe, then each size
+    for rows, positions, slots in seen:
+        assert set(rows) == {r.pad_row} and set(positions) == {0} and set(slots) == {r.pad_slot}
+    graphs.forward = r.forward
     r.decode_graphs = graphs
     return graphs
 

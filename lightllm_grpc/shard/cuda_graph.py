@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -113,11 +113,16 @@ class CudaGraphDecoder:
             self.inputs[bs], self.consts, self.req_to_token, self.last_token, max_len, cascade
         )
 
-    def _start(self) -> None:
-        """Every entry padding (what capture runs on), and the logits buffer."""
+    def _pad(self, bs: int) -> None:
+        """Fill the inputs of the graph of ``bs`` rows with padding (what capture runs on): the
+        layout depends on the size, so each size needs its own before its first run."""
         empty = np.empty(0, dtype=np.int64)
-        host = decode_inputs.pack(empty, empty, empty, [], self.sizes[-1], self.pad_row, self.pad_slot)
-        self.packed.copy_(torch.from_numpy(host))
+        host = decode_inputs.pack(empty, empty, empty, [], bs, self.pad_row, self.pad_slot)
+        self.packed[: host.size].copy_(torch.from_numpy(host))
+
+    def _start(self) -> None:
+        """The logits buffer, sized by a probe forward of one padding row."""
+        self._pad(1)
         vocab = self.forward(*self._prepare(1, False)).shape[-1]
         self.logits = torch.empty(self.sizes[-1], vocab, dtype=torch.float32, device=self.packed.device)
 
@@ -133,21 +138,20 @@ class CudaGraphDecoder:
         self._start()
         pool = None
         stream = torch.cuda.Stream()
-        # The side stream runs after the forward above: under TP, two forwards in flight at once
-        # would interleave their collectives (the barrier-free all-reduce counts its calls).
-        stream.wait_stream(torch.cuda.current_stream())
-        for bs in reversed(self.sizes):
-            for cascade in (True, False) if bs >= CASCADE_MIN_BATCH else (False,):
-                step = self._step(bs, cascade)
-                with torch.cuda.stream(stream):
-                    for _ in range(2):  # compile kernels and settle the allocator first
-                        step()
-                stream.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    output = step()
-                pool = graph.pool()
-                self._keep(bs, cascade, graph, output)
+        for bs, cascade, step in self._captures():
+            # The side stream runs after the padding's copy and the probe forward: under TP, two
+            # forwards in flight at once would interleave their collectives (the barrier-free
+            # all-reduce counts its calls).
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile kernels and settle the allocator first
+                    step()
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                output = step()
+            pool = graph.pool()
+            self._keep(bs, cascade, graph, output)
         torch.cuda.synchronize()
         self.pool = pool
         log.info(
@@ -162,10 +166,15 @@ class CudaGraphDecoder:
 
     def _capture_eager(self) -> None:
         self._start()
-        for bs in self.sizes:
+        for bs, cascade, step in self._captures():
+            self._keep(bs, cascade, _EagerReplay(step), step())
+
+    def _captures(self) -> Iterator[tuple[int, bool, Callable[[], torch.Tensor]]]:
+        """Each graph to capture, largest first, its inputs padding when it comes."""
+        for bs in reversed(self.sizes):
             for cascade in (True, False) if bs >= CASCADE_MIN_BATCH else (False,):
-                step = self._step(bs, cascade)
-                self._keep(bs, cascade, _EagerReplay(step), self.logits[:bs])
+                self._pad(bs)
+                yield bs, cascade, self._step(bs, cascade)
 
     def _keep(self, bs: int, cascade: bool, graph, output: torch.Tensor) -> None:
         graphs, outputs = (
