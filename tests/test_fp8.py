@@ -34,7 +34,7 @@ from lightllm_grpc.layers.linear import (
     RowParallelLinear,
 )
 from lightllm_grpc.layers.ops import Ops
-from lightllm_grpc.layers.quantization import QuantConfig
+from lightllm_grpc.layers.quant_config import QuantConfig
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.llama import LlamaForCausalLM
 from lightllm_grpc.models.loader import load_model

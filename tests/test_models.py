@@ -289,16 +289,16 @@ def test_config_fields(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     qwen3 = ModelConfig.from_pretrained(qwen3_dir)
     assert (qwen3.name, qwen3.architecture) == ("qwen3", "Qwen3ForCausalLM")
     assert qwen3.qk_norm and not qwen3.attention_bias and not qwen3.o_proj_bias
-    assert qwen3.eos_token_ids == (2, 7) and qwen3.bos_token_id == 1 and qwen3.dtype == torch.float32
+    assert qwen3.eos_token_ids == (2, 7) and qwen3.bos_token_id == 1 and qwen3.dtype == "float32"
     qwen2 = ModelConfig.from_pretrained(tiny_dirs["qwen2"])
     assert qwen2.attention_bias and not qwen2.o_proj_bias and qwen2.tie_word_embeddings
     llama3 = ModelConfig.from_pretrained(tiny_dirs["llama3"])
     assert llama3.rope_scaling is not None and llama3.rope_scaling["rope_type"] == "llama3"
     assert (llama3.num_kv_heads, llama3.head_dim, llama3.max_position_embeddings) == (2, 16, 512)
     assert resolve_dtype(llama3, "auto", "cpu") == torch.float32
-    assert resolve_dtype(dataclasses.replace(llama3, dtype=torch.bfloat16), "auto", "cuda") == torch.bfloat16
-    assert resolve_dtype(dataclasses.replace(llama3, dtype=torch.float16), "auto", "cuda") == torch.float16
-    assert resolve_dtype(dataclasses.replace(llama3, dtype=torch.float32), "auto", "cuda") == torch.bfloat16
+    assert resolve_dtype(dataclasses.replace(llama3, dtype="bfloat16"), "auto", "cuda") == torch.bfloat16
+    assert resolve_dtype(dataclasses.replace(llama3, dtype="float16"), "auto", "cuda") == torch.float16
+    assert resolve_dtype(dataclasses.replace(llama3, dtype="float32"), "auto", "cuda") == torch.bfloat16
     assert resolve_dtype(llama3, "float16", "cpu") == torch.float16
 
 

@@ -24,7 +24,8 @@ import torch
 
 from lightllm_grpc.layers import activation, norm, rotary
 from lightllm_grpc.layers.linear import UNQUANTIZED, LinearMethod, ShardId
-from lightllm_grpc.layers.quantization import QuantConfig, quantized_linear
+from lightllm_grpc.layers.quant_config import QuantConfig
+from lightllm_grpc.layers.quantization import quantized_linear
 
 if TYPE_CHECKING:
     from torch import nn

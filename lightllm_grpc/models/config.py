@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lightllm_grpc.layers.attention.base import KV_CACHE_DTYPES
-from lightllm_grpc.layers.quantization import QuantConfig
+from lightllm_grpc.config import KV_CACHE_DTYPES
+from lightllm_grpc.layers.quant_config import QuantConfig
 from lightllm_grpc.models.quantization import parse_kv_cache_scheme, parse_quantization
 
 # transformers' config-class defaults for keys a config.json may leave out, per architecture
@@ -41,12 +39,14 @@ _REQUIRED_ROPE_KEYS = {
 }
 
 _DEFAULT_ROPE_THETA = 10_000.0  # transformers' RotaryEmbeddingConfigMixin.default_theta
+# A checkpoint's dtype spellings -> the name ModelConfig keeps (torch-free: the coordinator
+# reads model configs too; models/loader.py maps the name to a torch dtype).
 _DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
+    "float32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
 }
 
 
@@ -75,7 +75,7 @@ class ModelConfig:
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
-    dtype: torch.dtype = torch.float32  # the checkpoint's dtype
+    dtype: str = "float32"  # the checkpoint's dtype: float32, float16 or bfloat16
     sliding_window: int | None = None  # informational; already folded into max_position_embeddings
     quantization: QuantConfig | None = None  # FP8 linear layers (docs/quantization.md); None: none
     # What the checkpoint declares for its KV cache: None, "fp8" (per-layer e4m3 scales among its
@@ -98,8 +98,8 @@ class ModelConfig:
             raise ValueError("max_position_embeddings, rope_theta and rms_norm_eps must be positive")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope_scaling needs a rope_type in {SUPPORTED_ROPE_TYPES}: {self.rope_scaling}")
-        if not self.dtype.is_floating_point:
-            raise ValueError(f"dtype must be floating point, got {self.dtype}")
+        if self.dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be one of {sorted(set(_DTYPES.values()))}, got {self.dtype!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 
@@ -259,9 +259,9 @@ def _first_id(*values: Any) -> int | None:
     return None
 
 
-def _dtype(name: str | None) -> torch.dtype:
+def _dtype(name: str | None) -> str:
     if name is None:
-        return torch.float32  # what transformers assumes for a config without a dtype
+        return "float32"  # what transformers assumes for a config without a dtype
     key = str(name).removeprefix("torch.")
     if key not in _DTYPES:
         raise ValueError(f"unsupported checkpoint dtype {name!r}; supported: {', '.join(_DTYPES)}")

@@ -13,8 +13,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from lightllm_grpc.models.tiny_tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,6 +45,8 @@ def ensure_default_model(root: Path | None = None) -> Path:
 
 
 def _build(out: Path) -> None:
+    # Imported here: the coordinator calls ensure_default_model and otherwise never needs torch.
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = save_tokenizer(VOCAB, out)

@@ -72,7 +72,7 @@ def resolve_dtype(
     if requested == "auto":
         if torch.device(device).type != "cuda":
             return torch.float32
-        return config.dtype if config.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        return _DTYPE_NAMES[config.dtype] if config.dtype in ("bfloat16", "float16") else torch.bfloat16
     if requested not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be 'auto' or one of {', '.join(_DTYPE_NAMES)}, got {requested!r}")
     return _DTYPE_NAMES[requested]

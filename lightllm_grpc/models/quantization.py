@@ -29,8 +29,8 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from lightllm_grpc.layers.attention.base import KV_CACHE_DTYPES
-from lightllm_grpc.layers.quantization import QuantConfig
+from lightllm_grpc.config import KV_CACHE_DTYPES
+from lightllm_grpc.layers.quant_config import QuantConfig
 
 if TYPE_CHECKING:
     from lightllm_grpc.models.config import ModelConfig

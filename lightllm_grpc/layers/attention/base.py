@@ -15,10 +15,9 @@ from lightllm_grpc.layers.fp8 import FP8, FP8_MAX
 if TYPE_CHECKING:
     from lightllm_grpc.layers.rotary import RotaryEmbedding
 
-__all__ = ["FP8", "KV_CACHE_DTYPES", "AttentionBackend", "KVCache", "quantize_kv"]
+__all__ = ["FP8", "AttentionBackend", "KVCache", "quantize_kv"]
 
 # --kv-cache-dtype: "auto" stores K/V in the model dtype; "fp8_e4m3" in e4m3 with per-layer scales.
-KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 
 
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
