@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from lightllm_grpc.proto import shard_pb2, shard_pb2_grpc
+from lightllm_grpc.server.app import STOP_TIMEOUT_S
 from tests.server_harness import ServerProcess, greedy_request, make_served_model
 
 
@@ -88,7 +89,11 @@ def test_stuck_shard_fails_calls_and_exits_after_the_step_timeout(tmp_path) -> N
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
             assert "step timeout" in err.details()
+        failed = time.monotonic()
         assert server.proc.wait(30) == 1
+        # The stuck shard is killed after a short grace, within the stop's bound (it waited
+        # 10 s for the stopped shard to handle SIGTERM, blocking the bound's own timer).
+        assert time.monotonic() - failed < STOP_TIMEOUT_S
         assert "the engine can no longer serve" in server.log()
     finally:
         if Path(f"/proc/{shard}").exists():

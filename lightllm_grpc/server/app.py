@@ -48,6 +48,10 @@ SHARD_WATCH_INTERVAL_S = 0.5
 UNREQUESTED_CALL_TIMEOUT_S = 3600
 DRAIN_POLL_S = 0.05
 STOP_TIMEOUT_S = 8.0  # the longest the final stop (after any drain) may take
+# How long shards get to exit after SIGTERM before SIGKILL: healthy ones (a normal stop), and
+# those of a dead engine, which may be stuck in a device call (a step timeout) and would only
+# hold the supervisor's restart back.
+SHARD_EXIT_S, DEAD_SHARD_EXIT_S = 5.0, 1.0
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
@@ -112,7 +116,8 @@ class Coordinator:
         await self.frontend.stop_metrics()
         await self.engine.stop()
         await self.shards.close()
-        self.procs.stop()
+        # On a thread: a blocking wait here would also block the stop's own timeout.
+        await asyncio.to_thread(self.procs.stop, DEAD_SHARD_EXIT_S if self.engine.dead else SHARD_EXIT_S)
 
 
 def _model_info(
