@@ -161,7 +161,8 @@ class Sampler:
         return self.grammars is None or not self.grammars.constrained(rows).size
 
     def record_argmax(self, rows: np.ndarray) -> None:
-        """What ``sample`` records for rows that ``plain_argmax`` approved, without sampling."""
+        """What ``sample`` records for rows that ``plain_argmax`` approved (one more generated
+        token each), without sampling."""
         self.generated[rows] += 1
 
     def _step(self, rows: np.ndarray) -> _Step:
@@ -253,7 +254,7 @@ class Sampler:
     def _record(
         self, rows: np.ndarray, penalized: np.ndarray, step: _Step | None, tokens: torch.Tensor
     ) -> None:
-        self.generated[rows] += 1
+        self.record_argmax(rows)  # the count every drawn token adds; penalized rows add more
         if step is None or not penalized.any():
             return
         add = torch.from_numpy(penalized.astype(np.int32) * 2).to(self.device, non_blocking=True)
