@@ -1,5 +1,6 @@
 """Triton kernels of the GPU path, each beside a thin launcher and a torch reference (``*_ref``)."""
 
+from lightllm_grpc_kernels._launch import programmatic_launch
 from lightllm_grpc_kernels.activation import silu_and_mul
 from lightllm_grpc_kernels.decode_attention import decode_attention, decode_num_splits, decode_workspace_rows
 from lightllm_grpc_kernels.prefill_attention import prefill_attention
@@ -16,6 +17,7 @@ __all__ = [
     "decode_workspace_rows",
     "fused_add_rmsnorm",
     "prefill_attention",
+    "programmatic_launch",
     "rmsnorm",
     "rotary_store_kv",
     "sample",

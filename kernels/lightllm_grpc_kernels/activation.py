@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from lightllm_grpc_kernels._launch import check_rows, on_gpu
+from lightllm_grpc_kernels._launch import check_rows, on_gpu, pdl, wait_for_predecessor
 
 
 @triton.jit
@@ -22,7 +22,10 @@ def silu_mul(gate, up):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr, PDL: tl.constexpr = False
+):
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -48,7 +51,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     grid = (n_rows, triton.cdiv(inter, block_size))
     # No FMA contraction, so the rounding of silu(gate) before the product is kept.
     _silu_and_mul_kernel[grid](
-        x, out, x.stride(0), out.stride(0), inter, BLOCK=block_size, enable_fp_fusion=False
+        x, out, x.stride(0), out.stride(0), inter, BLOCK=block_size, enable_fp_fusion=False, **pdl(x)
     )
     return out
 

@@ -32,6 +32,8 @@ from lightllm_grpc_kernels._launch import (
     dequantize_kv_ref,
     dot_precision,
     on_gpu,
+    pdl,
+    wait_for_predecessor,
 )
 
 _LOG2E = 1.4426950408889634
@@ -186,7 +188,9 @@ def _decode_stage1_kernel(
     BLOCK_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP8_F16: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_predecessor(PDL)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -284,7 +288,9 @@ def _shared_prefix_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_predecessor(PDL)
     # Program (b, kv head), for b the first row of a group (group_sizes[b] > 0): the group's
     # rows b .. b + size - 1 share K/V positions [0, prefix_lens[b]), so those keys are read
     # once for all of them: the queries of every row and head of the group form one tile.
@@ -332,7 +338,9 @@ def _decode_stage2_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_predecessor(PDL)
     # Program (b, h): merge the splits, weighting each by its share of the softmax. The partial
     # outputs of empty splits are never written, so their (garbage) values are selected away,
     # not multiplied by a zero weight. Both loads are independent: one memory round trip.
@@ -493,6 +501,7 @@ def cascade_decode_attention(
         num_heads, head_dim, GROUP=group, NUM_SPLITS=num_splits, KV_FP8=fp8, BLOCK_M=block_m,
         BLOCK_N=64 if gpu else 16, BLOCK_D=block(head_dim), DOT_PRECISION=dot_precision(q.dtype),
         num_warps=(8 if block_m >= 128 else 4) if gpu else 1, num_stages=2 if gpu else 1,
+        **pdl(q),
     )  # fmt: skip
     _stage1(
         q, k_buf, v_buf, req_to_token, req_rows, seq_lens, prefix_lens, mid_o, mid_lse, out, scale,
@@ -540,6 +549,7 @@ def _stage1(
         MERGE=counters is not None, BLOCK_G=max(16, block(group)), BLOCK_N=64 if gpu else 16,
         BLOCK_D=block(head_dim), BLOCK_S=block(num_splits), DOT_PRECISION=dot_precision(q.dtype),
         FP8_F16=q.dtype == torch.bfloat16, num_warps=warps if gpu else 1, num_stages=stages if gpu else 1,
+        **pdl(q),
     )  # fmt: skip
 
 
@@ -549,6 +559,7 @@ def _stage2(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, parts
     _decode_stage2_kernel[(batch, num_heads)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads, head_dim,
         NUM_SPLITS=parts, BLOCK_S=block(parts), BLOCK_D=block(head_dim), num_warps=4 if on_gpu(out) else 1,
+        **pdl(out),
     )  # fmt: skip
 
 

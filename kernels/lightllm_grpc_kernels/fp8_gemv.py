@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lightllm_grpc_kernels._launch import check_rows, dot_precision, on_gpu
+from lightllm_grpc_kernels._launch import check_rows, dot_precision, on_gpu, pdl, wait_for_predecessor
 from lightllm_grpc_kernels.gemv import GemvConfig, check_weight, gemv
 
 FP8 = torch.float8_e4m3fn
@@ -80,7 +80,9 @@ def _fp8_gemv_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_predecessor(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels: weight rows
     tokens = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask, token_mask = rows < n, tokens < m
@@ -130,6 +132,7 @@ def fp8_gemv(
         x, w, scale, scale if bias is None else bias, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=DOT_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(x.dtype), NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        **pdl(x),
     )  # fmt: skip
     return y
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lightllm_grpc_kernels._launch import block, check_rows
+from lightllm_grpc_kernels._launch import block, check_rows, pdl, wait_for_predecessor
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -31,7 +31,9 @@ def _per_token_quant_kernel(
     BLOCK: tl.constexpr,
     QMAX: tl.constexpr,
     SCALE_MIN: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < cols
@@ -75,6 +77,7 @@ def per_token_quant_fp8(
         QMAX=FP8_MAX,
         SCALE_MIN=MIN_SCALE,
         num_warps=min(16, max(1, size // 1024)),
+        **pdl(x),
     )
     return q, scale
 

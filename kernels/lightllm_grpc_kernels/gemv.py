@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lightllm_grpc_kernels._launch import check_index, check_rows, on_gpu
+from lightllm_grpc_kernels._launch import check_index, check_rows, on_gpu, pdl, wait_for_predecessor
 from lightllm_grpc_kernels.activation import silu_mul
 from lightllm_grpc_kernels.rmsnorm import add_rows, inv_rms, normed, squares
 
@@ -87,7 +87,9 @@ def _gemv_body(
     scale_ptr, bias_ptr,  # SCALED only (HAS_BIAS: bias_ptr too)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
@@ -124,31 +126,31 @@ def _gemv_body(
 def _gemv_kernel(
     x_ptr, w_ptr, y_ptr, n, k, stride_w, scale_ptr, bias_ptr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     _gemv_body(x_ptr, w_ptr, y_ptr, n, k, stride_w, x_ptr, x_ptr, x_ptr, 0.0, scale_ptr, bias_ptr,
-               BLOCK_N, BLOCK_K, NUM_STAGES, PLAIN, False, SCALED, HAS_BIAS)  # fmt: skip
+               BLOCK_N, BLOCK_K, NUM_STAGES, PLAIN, False, SCALED, HAS_BIAS, PDL)  # fmt: skip
 
 
 @triton.jit
 def _silu_gemv_kernel(
     h_ptr, w_ptr, y_ptr, n, k, stride_w, scale_ptr, bias_ptr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     _gemv_body(h_ptr, w_ptr, y_ptr, n, k, stride_w, h_ptr, h_ptr, h_ptr, 0.0, scale_ptr, bias_ptr,
-               BLOCK_N, BLOCK_K, NUM_STAGES, SILU_AND_MUL, False, SCALED, HAS_BIAS)  # fmt: skip
+               BLOCK_N, BLOCK_K, NUM_STAGES, SILU_AND_MUL, False, SCALED, HAS_BIAS, PDL)  # fmt: skip
 
 
 @triton.jit
 def _add_rmsnorm_gemv_kernel(
     x_ptr, w_ptr, y_ptr, n, k, stride_w, scale_ptr, bias_ptr, res_ptr, res_out_ptr, norm_w_ptr, eps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     _gemv_body(x_ptr, w_ptr, y_ptr, n, k, stride_w, res_ptr, res_out_ptr, norm_w_ptr, eps,
                scale_ptr, bias_ptr, BLOCK_N, BLOCK_K, NUM_STAGES, ADD_RMSNORM, HAS_RESIDUAL,
-               SCALED, HAS_BIAS)  # fmt: skip
+               SCALED, HAS_BIAS, PDL)  # fmt: skip
 
 
 def check_weight(
@@ -189,7 +191,7 @@ def _launch(
     kernel[grid](x, w, y, n, k, w.stride(0), scale_arg, scale_arg if bias is None else bias, *args,
                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
                  SCALED=scale is not None, HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
-                 **constexprs)  # fmt: skip
+                 **constexprs, **pdl(x))  # fmt: skip
     return y
 
 

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lightllm_grpc_kernels._launch import block, check_rows, on_gpu
+from lightllm_grpc_kernels._launch import block, check_rows, on_gpu, pdl, wait_for_predecessor
 from lightllm_grpc_kernels.rmsnorm import add_rows, inv_rms, normed, squares
 
 SLOTS = 3
@@ -179,7 +179,9 @@ def _lamport_rows_kernel(
     bits_ptr, table_ptr, state_ptr, rank, max_elems, max_spins,
     WORLD: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
     SENT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
+    wait_for_predecessor(PDL)
     # One program per row of a contiguous [rows, n_cols] partial sum.
     row = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -232,6 +234,7 @@ def _launch_rows(
         WORLD=world, NORM=norm, HAS_RESIDUAL=residual is not None, BLOCK=width, SENT=sentinel(bits.dtype),
         num_warps=min(max(width // 512, 1), 16) if on_gpu(x) else 1,
         enable_fp_fusion=False,  # the norm keeps HF's roundings, as rmsnorm.py
+        **pdl(x),
     )  # fmt: skip
     return out
 

@@ -18,6 +18,8 @@ from lightllm_grpc_kernels._launch import (
     dequantize_kv_ref,
     dot_precision,
     on_gpu,
+    pdl,
+    wait_for_predecessor,
 )
 
 _LOG2E = 1.4426950408889634
@@ -93,7 +95,9 @@ def _prefill_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_predecessor(PDL)
     # Program (b, h, m): query rows [m*BLOCK_M, (m+1)*BLOCK_M) of sequence b's new tokens, head h.
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -238,6 +242,7 @@ def prefill_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl(q),
     )
     return out
 

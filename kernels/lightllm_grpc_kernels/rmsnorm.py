@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lightllm_grpc_kernels._launch import block, check_rows, on_gpu
+from lightllm_grpc_kernels._launch import block, check_rows, on_gpu, pdl, wait_for_predecessor
 
 
 @triton.jit
@@ -59,7 +59,9 @@ def _rmsnorm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_predecessor(PDL)
     # One program per row; the whole row sits in registers (hidden sizes are at most a few thousand).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -100,6 +102,7 @@ def _launch(
         BLOCK=width,
         num_warps=min(max(width // 512, 1), 16) if on_gpu(x) else 1,
         enable_fp_fusion=False,  # keep the HF roundings: no FMA across them
+        **pdl(x),
     )  # fmt: skip
     return out
 

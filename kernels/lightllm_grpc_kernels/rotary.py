@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lightllm_grpc_kernels._launch import block, check_index, check_rows, on_gpu
+from lightllm_grpc_kernels._launch import block, check_index, check_rows, on_gpu, pdl, wait_for_predecessor
 
 
 @triton.jit
@@ -50,7 +50,9 @@ def _rotary_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_predecessor(PDL)
     # One program per token: q and k share the token's cos/sin row, loaded once.
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
@@ -96,6 +98,7 @@ def apply_rotary(
         BLOCK_HALF=block(half),
         num_warps=4 if on_gpu(q) else 1,
         enable_fp_fusion=False,
+        **pdl(q),
     )
     return q, k
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lightllm_grpc_kernels._launch import block, check_index, check_rows, on_gpu
+from lightllm_grpc_kernels._launch import block, check_index, check_rows, on_gpu, pdl, wait_for_predecessor
 
 _MAX_ROUNDS = 64  # a rejected winner removes itself from S at least; real rows need a few
 
@@ -63,7 +63,9 @@ def _sample_kernel(
     HASH: tl.constexpr,
     BLOCK: tl.constexpr,
     MAX_ROUNDS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_predecessor(PDL)
     r = tl.program_id(0).to(tl.int64)
     row = logits_ptr + r * stride_l
     noise_row = noise_ptr + r * stride_n
@@ -197,6 +199,7 @@ def sample(
         BLOCK=width,
         MAX_ROUNDS=_MAX_ROUNDS,
         num_warps=8 if on_gpu(logits) else 1,
+        **pdl(logits),
     )  # fmt: skip
     return out
 
@@ -236,7 +239,9 @@ def _penalty_kernel(
     stride_p,
     vocab,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_predecessor(PDL)
     b = tl.program_id(0).to(tl.int64)
     rep = tl.load(params_ptr + b * stride_p)
     presence = tl.load(params_ptr + b * stride_p + 1)
@@ -279,6 +284,7 @@ def apply_penalties(
         BLOCK=width,
         num_warps=8 if on_gpu(logits) else 1,
         enable_fp_fusion=False,  # the torch path rounds after each multiply
+        **pdl(logits),
     )  # fmt: skip
     return logits
 

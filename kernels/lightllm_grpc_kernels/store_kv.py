@@ -22,7 +22,9 @@ from lightllm_grpc_kernels._launch import (
     check_kv_cache,
     check_rows,
     on_gpu,
+    pdl,
     quantize_kv_ref,
+    wait_for_predecessor,
 )
 from lightllm_grpc_kernels.rotary import _rotate_heads, apply_rotary_ref, check_rotary
 
@@ -57,7 +59,9 @@ def _store_kv_kernel(
     FP8_MAX: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_predecessor(PDL)
     # One program per new token: K and V of all its kv heads in one [BLOCK_H, BLOCK_D] tile.
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + t)
@@ -114,6 +118,7 @@ def store_kv(
         FP8_MAX=FP8_KV_MAX,
         BLOCK_H=block(num_heads),
         BLOCK_D=block(head_dim),
+        **pdl(k),
     )
 
 
@@ -142,7 +147,9 @@ def _rotary_store_kv_kernel(
     stride_cos, stride_sin, num_q_heads, num_kv_heads, head_dim,
     KV_FP8: tl.constexpr, FP8_MAX: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
+    wait_for_predecessor(PDL)
     # One program per token: the token's cos/sin row is loaded once for q and k, as in
     # _rotary_kernel, and k goes to the pool rotated without a round trip through memory.
     t = tl.program_id(0).to(tl.int64)
@@ -207,6 +214,7 @@ def rotary_store_kv(
         BLOCK_D=block(head_dim),
         num_warps=4 if on_gpu(q) else 1,
         enable_fp_fusion=False,  # the rotary kernel's roundings: no FMA across them
+        **pdl(q),
     )  # fmt: skip
     return q
 

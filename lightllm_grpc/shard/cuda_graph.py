@@ -13,12 +13,14 @@ are that copy and the tokens' copy back (there were ~18 small launches; the chan
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+from lightllm_grpc_kernels import programmatic_launch
 
 from lightllm_grpc.layers.forward_batch import ForwardBatch
 from lightllm_grpc.shard import decode_inputs
@@ -41,6 +43,12 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 # replay but the tokens' copy to the host. Larger graphs leave that to the sampler (an
 # argmax over 32 x 128k fp32 logits is ~6 µs, wasted when the step samples).
 GREEDY_IN_GRAPH_MAX = 32
+
+# Graphs of at most this many rows launch their Triton kernels with programmatic dependent
+# launch (Hopper): each is scheduled while the one before drains. Measured on an H100, the
+# shard's decode loop, same machine (BENCHMARKS.md): batch 1 and 8 0.6-1.5% faster (FP8 and
+# bf16); batch 32 and 64, whose GEMMs are cuBLAS kernels between ours, 0.05-0.6% slower.
+PDL_MAX_BATCH = 8
 
 
 class _EagerReplay:
@@ -146,13 +154,15 @@ class CudaGraphDecoder:
             # forwards in flight at once would interleave their collectives (the barrier-free
             # all-reduce counts its calls).
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile kernels and settle the allocator first
-                    step()
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                output = step()
+            launch = programmatic_launch() if bs <= PDL_MAX_BATCH else contextlib.nullcontext()
+            with launch:
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # compile kernels and settle the allocator first
+                        step()
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    output = step()
             pool = graph.pool()
             self._keep(bs, cascade, graph, output)
         torch.cuda.synchronize()

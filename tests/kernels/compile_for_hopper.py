@@ -132,6 +132,8 @@ def cases() -> dict[str, tuple[object, dict[str, str], dict[str, object], bool]]
 
 
 def compile_case(kernel: object, types: dict[str, str], constexprs: dict[str, object], fma: bool) -> str:
+    # As launched on Hopper: with programmatic dependent launch, whose in-kernel wait the PTX must show.
+    constexprs = {**constexprs, "PDL": True}
     signature = {**types, **dict.fromkeys(constexprs, "constexpr")}
     names = list(kernel.arg_names)
     if sorted(names) != sorted(signature):
@@ -150,6 +152,8 @@ def compile_case(kernel: object, types: dict[str, str], constexprs: dict[str, ob
         compiled = triton.compile(source, target=HOPPER, options={"num_warps": 4, "enable_fp_fusion": fma})
     except Exception as e:
         return f"{type(e).__name__}: {e}"
+    if "griddepcontrol.wait" not in compiled.asm.get("ptx", ""):
+        return "no griddepcontrol.wait: the kernel would not wait for the one before it"
     return "ok" if compiled.asm.get("cubin") else "no cubin"
 
 
