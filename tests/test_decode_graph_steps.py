@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightllm_grpc_kernels import _launch
 
 from lightllm_grpc.layers.forward_batch import ForwardBatch
 from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard import decode_inputs
-from lightllm_grpc.shard.cuda_graph import GREEDY_IN_GRAPH_MAX, CudaGraphDecoder
+from lightllm_grpc.shard.cuda_graph import GREEDY_IN_GRAPH_MAX, PDL_MAX_BATCH, CudaGraphDecoder
 from lightllm_grpc.shard.sampler import Sampler
 from tests.model_factory import make_tiny_model
 from tests.runner_harness import CPU, MAX_ROWS, Recorded, Script, make_runners, row, scenario
@@ -51,11 +52,14 @@ def _graphed(rec: Recorded) -> CudaGraphDecoder:
     """The runner replays (eagerly) graphs whose capture ran on padding rows only."""
     r = rec.runner
     seen: list[tuple[list[int], list[int], list[int]]] = []
+    with_pdl: list[int] = []  # the sizes captured inside programmatic_launch()
 
     def forward(
         ids: torch.Tensor, batch: ForwardBatch, logits_out: torch.Tensor | None = None
     ) -> torch.Tensor:
         seen.append((batch.req_rows.tolist(), batch.positions.tolist(), batch.out_slots.tolist()))
+        if _launch._PDL_SCOPE.get():
+            with_pdl.append(len(batch.req_rows))
         return r.forward(ids, batch, logits_out)
 
     graphs = CudaGraphDecoder(
@@ -65,6 +69,7 @@ def _graphed(rec: Recorded) -> CudaGraphDecoder:
     assert sorted(len(rows) for rows, _, _ in seen) == [1, *graphs.sizes]  # the probe, then each size
     for rows, positions, slots in seen:
         assert set(rows) == {r.pad_row} and set(positions) == {0} and set(slots) == {r.pad_slot}
+    assert sorted(with_pdl) == [s for s in graphs.sizes if s <= PDL_MAX_BATCH]
     graphs.forward = r.forward
     r.decode_graphs = graphs
     return graphs

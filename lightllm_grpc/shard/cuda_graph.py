@@ -46,9 +46,15 @@ GREEDY_IN_GRAPH_MAX = 32
 
 # Graphs of at most this many rows launch their Triton kernels with programmatic dependent
 # launch (Hopper): each is scheduled while the one before drains. Measured on an H100, the
-# shard's decode loop, same machine (BENCHMARKS.md): batch 1 and 8 0.6-1.5% faster (FP8 and
+# shard's decode loop, same machine (BENCHMARKS.md): batch 1 and 8 0.6-1.6% faster (FP8 and
 # bf16); batch 32 and 64, whose GEMMs are cuBLAS kernels between ours, 0.05-0.6% slower.
 PDL_MAX_BATCH = 8
+
+
+def _launches(bs: int) -> contextlib.AbstractContextManager[None]:
+    """How the graph of ``bs`` rows launches its kernels: programmatic dependent launch up to
+    ``PDL_MAX_BATCH`` rows."""
+    return programmatic_launch() if bs <= PDL_MAX_BATCH else contextlib.nullcontext()
 
 
 class _EagerReplay:
@@ -154,8 +160,7 @@ class CudaGraphDecoder:
             # forwards in flight at once would interleave their collectives (the barrier-free
             # all-reduce counts its calls).
             stream.wait_stream(torch.cuda.current_stream())
-            launch = programmatic_launch() if bs <= PDL_MAX_BATCH else contextlib.nullcontext()
-            with launch:
+            with _launches(bs):
                 with torch.cuda.stream(stream):
                     for _ in range(2):  # compile kernels and settle the allocator first
                         step()
@@ -180,7 +185,9 @@ class CudaGraphDecoder:
     def _capture_eager(self) -> None:
         self._start()
         for bs, cascade, step in self._captures():
-            self._keep(bs, cascade, _EagerReplay(step), step())
+            with _launches(bs):  # as captured (no launch attribute on CPU)
+                output = step()
+            self._keep(bs, cascade, _EagerReplay(step), output)
 
     def _captures(self) -> Iterator[tuple[int, bool, Callable[[], torch.Tensor]]]:
         """Each graph to capture, largest first, its inputs padding when it comes."""
