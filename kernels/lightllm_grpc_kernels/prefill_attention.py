@@ -1,14 +1,28 @@
 """Causal attention for packed variable-length prefill chunks that may follow a cached prefix.
 
+Each program owns BLOCK_M query rows of one sequence's chunk and one head, and walks the keys in
+three runs: the cached prefix (read from the pool through ``req_to_token``, visible to every
+row), the chunk's keys before its block (visible to every row: no mask) and the diagonal block
+(causal mask). Given the chunk's own K/V as the layer computed them (``k``/``v``, rotated, rows
+aligned with q), the last two runs read them from there, contiguous: on Hopper through TMA
+tensor descriptors (whole tiles into shared memory, no address arithmetic per element), which
+measured 1.2-1.65x the pool-only kernel on an H100 (BENCHMARKS.md, "Prefill attention"); the
+prefix still needs the pool's per-token slots. Without them (or with an FP8 pool, whose rows
+differ from the layer's bf16 ones) every key is read from the pool. Blocks are visited longest
+first, so the heavy diagonal programs of long chunks do not start last.
+
 An FP8 (e4m3) pool is read as stored: tiles are converted to the queries' dtype (exact), the K
 scale folds into the softmax scale and the V scale multiplies the output.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lightllm_grpc_kernels._launch import (
     block,
@@ -26,50 +40,60 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tile(
-    acc,
-    m_i,
-    l_i,
-    q,
-    q_pos,
-    n_start,
-    kv_end,
-    slot_row,
-    k_buf_ptr,
-    v_buf_ptr,
-    kv_offset,
-    stride_bs,
-    offs_d,
-    d_mask,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+def _softmax_step(
+    acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr
 ):
-    # One online-softmax step over keys [n_start, n_start + BLOCK_N), scores in log2 units.
-    # K/V tiles in q's dtype: a no-op but for an FP8 pool (whose scales the caller applies).
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < kv_end
-    slots = tl.load(slot_row + offs_n, mask=n_mask, other=0).to(tl.int64)
-    kv_offs = slots[:, None] * stride_bs + kv_offset + offs_d[None, :]
-    kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_buf_ptr + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)
+    # One online-softmax step over a key tile, scores in log2 units. K/V arrive in q's dtype.
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if CAUSAL_MASK:
-        qk = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], qk, float("-inf"))
+    if MASKED:
+        qk = tl.where(visible, qk, float("-inf"))
     # Finite: every row sees key 0, which is in the first tile it visits.
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_buf_ptr + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
+def _pool_tile(k_buf_ptr, v_buf_ptr, slot_row, n_start, end, kv_offset, stride_bs, offs_d, d_mask, dtype,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    # Keys [n_start, n_start + BLOCK_N) of a sequence, those before ``end``, through its slots.
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < end
+    slots = tl.load(slot_row + offs_n, mask=n_mask, other=0).to(tl.int64)
+    offs = slots[:, None] * stride_bs + kv_offset + offs_d[None, :]
+    mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_buf_ptr + offs, mask=mask, other=0.0).to(dtype)
+    v = tl.load(v_buf_ptr + offs, mask=mask, other=0.0).to(dtype)
+    return k, v, offs_n, n_mask
+
+
+@triton.jit
+def _chunk_tile(
+    k_ptr, v_ptr, k_desc, v_desc, q_start, n_start, end, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
+    offs_d, d_mask, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    # The chunk's own keys [n_start, n_start + BLOCK_N), those before ``end``, from the layer's k/v.
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < end
+    if TMA:  # rows past the chunk belong to the next sequence or lie past T (zeros): masked by the caller
+        k = k_desc.load([q_start + n_start, kv_head * BLOCK_D])
+        v = v_desc.load([q_start + n_start, kv_head * BLOCK_D])
+    else:
+        rows = (q_start + offs_n).to(tl.int64)[:, None]
+        mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + rows * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(v_ptr + rows * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=mask, other=0.0)
+    return k, v, offs_n, n_mask
+
+
+@triton.jit
 def _prefill_attention_kernel(
     q_ptr,
+    k_ptr,
+    v_ptr,
     k_buf_ptr,
     v_buf_ptr,
     out_ptr,
@@ -80,17 +104,27 @@ def _prefill_attention_kernel(
     q_lens_ptr,
     k_scale_ptr,
     v_scale_ptr,
+    q_desc,
+    k_desc,
+    v_desc,
     qk_scale,
     stride_qt,
     stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
     stride_ot,
     stride_oh,
     stride_bs,
     stride_bh,
     stride_rt,
     head_dim,
+    num_m_blocks,
     GROUP: tl.constexpr,
     KV_FP8: tl.constexpr,
+    CHUNK_KV: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -98,54 +132,87 @@ def _prefill_attention_kernel(
     PDL: tl.constexpr = False,
 ):
     wait_for_predecessor(PDL)
-    # Program (b, h, m): query rows [m*BLOCK_M, (m+1)*BLOCK_M) of sequence b's new tokens, head h.
+    # Program (b, h, m): query rows [m*BLOCK_M, (m+1)*BLOCK_M) of sequence b's new tokens, head h;
+    # m counts down, so the blocks with the most keys are scheduled first.
     b = tl.program_id(0)
     h = tl.program_id(1)
-    m_start = tl.program_id(2) * BLOCK_M
+    m_start = (num_m_blocks - 1 - tl.program_id(2)) * BLOCK_M
     q_len = tl.load(q_lens_ptr + b)
-    if m_start >= q_len:
-        return  # the grid is sized by the longest chunk of the batch
-    seq_len = tl.load(seq_lens_ptr + b)
-    prefix_len = seq_len - q_len
-    q_start = tl.load(q_starts_ptr + b).to(tl.int64)
+    # No early return: the Hopper pipeliner wants structured control flow.
+    if m_start < q_len:
+        _attend_block(
+            q_ptr, k_ptr, v_ptr, k_buf_ptr, v_buf_ptr, out_ptr, req_to_token_ptr, req_rows_ptr, seq_lens_ptr,
+            q_starts_ptr, k_scale_ptr, v_scale_ptr, q_desc, k_desc, v_desc, qk_scale, stride_qt, stride_qh,
+            stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bs, stride_bh, stride_rt,
+            head_dim, b, h, m_start, q_len, GROUP, KV_FP8, CHUNK_KV, TMA, BLOCK_M, BLOCK_N, BLOCK_D,
+            DOT_PRECISION,
+        )  # fmt: skip
+
+
+@triton.jit
+def _attend_block(
+    q_ptr, k_ptr, v_ptr, k_buf_ptr, v_buf_ptr, out_ptr, req_to_token_ptr, req_rows_ptr, seq_lens_ptr,
+    q_starts_ptr, k_scale_ptr, v_scale_ptr, q_desc, k_desc, v_desc, qk_scale, stride_qt, stride_qh,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bs, stride_bh, stride_rt,
+    head_dim, b, h, m_start, q_len,
+    GROUP: tl.constexpr, KV_FP8: tl.constexpr, CHUNK_KV: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    prefix_len = tl.load(seq_lens_ptr + b) - q_len
+    q_start = tl.load(q_starts_ptr + b)
     slot_row = req_to_token_ptr + tl.load(req_rows_ptr + b).to(tl.int64) * stride_rt
-    kv_offset = (h // GROUP) * stride_bh
+    kv_head = h // GROUP
+    kv_offset = kv_head * stride_bh
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < q_len
     d_mask = offs_d < head_dim
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(
-        q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-        mask=m_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    # Absolute position of each query row: it sees keys 0..pos.
-    q_pos = prefix_len + offs_m
+    if TMA:
+        q = q_desc.load([q_start + m_start, h * BLOCK_D])
+    else:
+        q = tl.load(
+            q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            mask=m_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
     if KV_FP8:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Tiles wholly before the block's first query position are visible to every row: no causal
-    # mask there. Keys past its last query position are hidden from every row: stop there.
-    unmasked_end = (prefix_len + m_start + 1) // BLOCK_N * BLOCK_N
-    kv_end = prefix_len + tl.minimum(m_start + BLOCK_M, q_len)
-    for n_start in range(0, unmasked_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, q_pos, n_start, kv_end, slot_row, k_buf_ptr, v_buf_ptr, kv_offset,
-            stride_bs, offs_d, d_mask, qk_scale, BLOCK_N, False, DOT_PRECISION,
-        )  # fmt: skip
-    for n_start in range(unmasked_end, kv_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, q_pos, n_start, kv_end, slot_row, k_buf_ptr, v_buf_ptr, kv_offset,
-            stride_bs, offs_d, d_mask, qk_scale, BLOCK_N, True, DOT_PRECISION,
-        )  # fmt: skip
+    m_end = tl.minimum(m_start + BLOCK_M, q_len)
+    # Positions every row of the block sees: the prefix, and the chunk's keys before the block.
+    shared_end = prefix_len if CHUNK_KV else prefix_len + m_start
+    for n_start in range(0, shared_end, BLOCK_N):
+        k, v, offs_n, n_mask = _pool_tile(k_buf_ptr, v_buf_ptr, slot_row, n_start, shared_end, kv_offset,
+                                          stride_bs, offs_d, d_mask, q.dtype, BLOCK_N)  # fmt: skip
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, n_mask[None, :], True, DOT_PRECISION)
+    if CHUNK_KV:
+        # m_start is a multiple of BLOCK_N (BLOCK_M is), so these tiles need no mask.
+        for n_start in range(0, m_start, BLOCK_N):
+            k, v, offs_n, n_mask = _chunk_tile(k_ptr, v_ptr, k_desc, v_desc, q_start, n_start, m_end, kv_head,
+                                               stride_kt, stride_kh, stride_vt, stride_vh, offs_d, d_mask,
+                                               BLOCK_N, BLOCK_D, TMA)  # fmt: skip
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, None, False, DOT_PRECISION)
+        for n_start in range(m_start, m_end, BLOCK_N):
+            k, v, offs_n, n_mask = _chunk_tile(k_ptr, v_ptr, k_desc, v_desc, q_start, n_start, m_end, kv_head,
+                                               stride_kt, stride_kh, stride_vt, stride_vh, offs_d, d_mask,
+                                               BLOCK_N, BLOCK_D, TMA)  # fmt: skip
+            visible = (offs_n[None, :] <= offs_m[:, None]) & n_mask[None, :]
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, visible, True, DOT_PRECISION)
+    else:
+        # The diagonal from the pool, by absolute position: query i sits at prefix_len + i.
+        for n_start in range(shared_end, prefix_len + m_end, BLOCK_N):
+            k, v, offs_n, n_mask = _pool_tile(
+                k_buf_ptr, v_buf_ptr, slot_row, n_start, prefix_len + m_end, kv_offset, stride_bs, offs_d,
+                d_mask, q.dtype, BLOCK_N,
+            )  # fmt: skip
+            visible = (offs_n[None, :] <= prefix_len + offs_m[:, None]) & n_mask[None, :]
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, visible, True, DOT_PRECISION)
     if KV_FP8:
         acc = acc * tl.load(v_scale_ptr)
-
     tl.store(
         out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
         (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
@@ -153,16 +220,46 @@ def _prefill_attention_kernel(
     )
 
 
-def _blocks(q: torch.Tensor) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages); small tiles in the interpreter, which pays per element."""
+@functools.cache
+def _has_tma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether TMA descriptors can address these [T, heads, D] views: D a power of two and rows of
+    whole heads, base and row stride 16-byte aligned (the copy engine's rule)."""
+    for t in tensors:
+        size = t.element_size()
+        head_dim = t.shape[-1]
+        if head_dim & (head_dim - 1) or head_dim * size < 16 or t.stride(1) != head_dim:
+            return False
+        if t.data_ptr() % 16 or (t.stride(0) * size) % 16:
+            return False
+    return True
+
+
+def use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The default of ``prefill_attention(tma=None)``: chunk K/V through TMA where the GPU has it."""
+    if not q.is_cuda:
+        return False
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return _has_tma(index) and _tma_ready(q, k, v)
+
+
+def _blocks(q: torch.Tensor, max_q_len: int, tma: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); small tiles in the interpreter, which pays per
+    element. BLOCK_M is a multiple of BLOCK_N (the chunk's unmasked run starts on a tile)."""
     if not on_gpu(q):
         return 16, 16, 1, 1
     if q.shape[-1] > 128:
         return 64, 32, 4, 2
     if q.element_size() > 2:
         return 64, 64, 4, 2  # fp32 tiles of the 16-bit shape would overflow shared memory
-    # Best of seven configs on an H200 (H=32, Hkv=8, D=128, bf16): 268-357 TFLOP/s for chunks
-    # of 512 and more tokens.
+    if tma:
+        # Best of seven configs on an H100 (H=32, Hkv=8, D=128, bf16): 64-row blocks for chunks of
+        # up to ~1k tokens (more programs), 128 x 128 with three stages (229 KB of shared memory) above.
+        return (64, 64, 4, 3) if max_q_len <= 1024 else (128, 128, 8, 3)
+    # The pool-only kernel's best of seven on an H200: 268-357 TFLOP/s for chunks of 512+ tokens.
     return 128, 128, 8, 2
 
 
@@ -180,6 +277,9 @@ def prefill_attention(
     out: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of the packed new tokens q [T, H, D] over their sequences' K/V.
 
@@ -189,6 +289,10 @@ def prefill_attention(
     seq_lens[b] - q_lens[b] + i and attends to positions 0..that. max_q_len is a host-side
     upper bound of q_lens (it sizes the grid without a device sync). An e4m3 pool needs
     ``k_scale`` and ``v_scale`` (one fp32 element each): it holds K / k_scale and V / v_scale.
+
+    ``k``/``v`` [T, Hkv, D] (q's dtype, rows aligned with q's): the new tokens' keys (rotated)
+    and values as stored, read from there instead of the pool; ignored for an FP8 pool.
+    ``tma``: read them (and q) through TMA descriptors; None chooses (``use_tma``).
     Returns out [T, H, D].
     """
     check_rows(q, "q", 3)
@@ -206,15 +310,30 @@ def prefill_attention(
         ("q_lens", q_lens),
     ):
         check_index(t, name, batch, torch.int32)
+    chunk_kv = k is not None and v is not None and not fp8
+    if chunk_kv:
+        for name, t in (("k", k), ("v", v)):
+            check_rows(t, name, 3, q.dtype)
+            assert t.shape == (num_tokens, num_kv_heads, head_dim), f"{name} {tuple(t.shape)} vs q and pool"
+    tma = chunk_kv and (use_tma(q, k, v) if tma is None else tma)
     out = torch.empty_like(q) if out is None else out
     check_rows(out, "out", 3, q.dtype)
     assert out.shape == q.shape, f"out {tuple(out.shape)} != q {tuple(q.shape)}"
     if num_tokens == 0 or batch == 0 or max_q_len == 0:
         return out
-    block_m, block_n, num_warps, num_stages = _blocks(q)
-    grid = (batch, num_heads, triton.cdiv(max_q_len, block_m))
-    _prefill_attention_kernel[grid](
+    block_m, block_n, num_warps, num_stages = _blocks(q, max_q_len, tma)
+    descs = (None, None, None)
+    if tma:
+        assert _tma_ready(q, k, v), "tma=True needs rows of whole heads, 16-byte aligned, D a power of two"
+        descs = tuple(
+            TensorDescriptor(t, [num_tokens, t.shape[1] * head_dim], [t.stride(0), 1], [rows, head_dim])
+            for t, rows in ((q, block_m), (k, block_n), (v, block_n))
+        )
+    num_m_blocks = triton.cdiv(max_q_len, block_m)
+    _prefill_attention_kernel[(batch, num_heads, num_m_blocks)](
         q,
+        k if chunk_kv else q,  # unread unless CHUNK_KV
+        v if chunk_kv else q,
         k_buf,
         v_buf,
         out,
@@ -225,17 +344,25 @@ def prefill_attention(
         q_lens,
         k_scale,
         v_scale,
+        *descs,
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
+        k.stride(0) if chunk_kv else 0,
+        k.stride(1) if chunk_kv else 0,
+        v.stride(0) if chunk_kv else 0,
+        v.stride(1) if chunk_kv else 0,
         out.stride(0),
         out.stride(1),
         k_buf.stride(0),
         k_buf.stride(1),
         req_to_token.stride(0),
         head_dim,
+        num_m_blocks,
         GROUP=num_heads // num_kv_heads,
         KV_FP8=fp8,
+        CHUNK_KV=chunk_kv,
+        TMA=tma,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block(head_dim),

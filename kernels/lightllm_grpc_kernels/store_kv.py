@@ -1,8 +1,8 @@
 """Scatter a layer's new K and V rows into their slots of the KV pool; optionally rotate first.
 
-``rotary_store_kv`` is ``apply_rotary`` then ``store_kv`` in one launch: it rotates q in place
-and stores the rotated k (the pool is the only place k is read from afterwards: both
-attention kernels read keys from the pool), with the rotary kernel's roundings.
+``rotary_store_kv`` is ``apply_rotary`` then ``store_kv`` in one launch: it rotates q and k in
+place and stores the rotated k, with the rotary kernel's roundings. (Prefill attention reads a
+chunk's own keys from k, not the pool; decode reads only the pool.)
 
 An FP8 pool (``torch.float8_e4m3fn``) stores ``clamp(x / scale, -448, 448)`` rounded to
 e4m3, with one fp32 scale per layer for K and one for V (read from device memory, so a CUDA
@@ -151,7 +151,7 @@ def _rotary_store_kv_kernel(
 ):  # fmt: skip
     wait_for_predecessor(PDL)
     # One program per token: the token's cos/sin row is loaded once for q and k, as in
-    # _rotary_kernel, and k goes to the pool rotated without a round trip through memory.
+    # _rotary_kernel, and the rotated k goes to the pool and back to k from registers.
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
     slot = tl.load(slots_ptr + t)
@@ -169,9 +169,12 @@ def _rotary_store_kv_kernel(
     k1 = tl.load(k_lo, mask=mask, other=0.0)
     k2 = tl.load(k_lo + half, mask=mask, other=0.0)
     dst = k_buf_ptr + slot * stride_bs + offs_h * stride_bh + offs_half
-    # The same expressions as _rotate_heads, so the pool holds what rotary-then-store writes.
-    tl.store(dst, _to_pool(k1 * cos - k2 * sin, k_scale_ptr, pool_dtype, KV_FP8, FP8_MAX), mask=mask)
-    tl.store(dst + half, _to_pool(k2 * cos + k1 * sin, k_scale_ptr, pool_dtype, KV_FP8, FP8_MAX), mask=mask)
+    # The same expressions as _rotate_heads, so k and the pool hold what rotary-then-store writes.
+    r1, r2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
+    tl.store(k_lo, r1.to(dtype), mask=mask)
+    tl.store(k_lo + half, r2.to(dtype), mask=mask)
+    tl.store(dst, _to_pool(r1, k_scale_ptr, pool_dtype, KV_FP8, FP8_MAX), mask=mask)
+    tl.store(dst + half, _to_pool(r2, k_scale_ptr, pool_dtype, KV_FP8, FP8_MAX), mask=mask)
 
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     mask = (offs_h < num_kv_heads) & (offs_d < head_dim)
@@ -194,10 +197,10 @@ def rotary_store_kv(
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``apply_rotary(positions, q, k, cos, sin)`` then ``store_kv(k_buf, v_buf, k, v, slots, ...)``
-    in one launch, with the same results bit for bit; returns q (rotated in place).
+    in one launch, with the same results bit for bit (q and k rotated in place); returns q.
 
-    k itself is left as it was (unrotated): only the pool holds rotated keys. Arguments as
-    the two launchers take them (q [T, H, D], k and v [T, Hkv, D]; strides free but the last).
+    Arguments as the two launchers take them (q [T, H, D], k and v [T, Hkv, D]; strides free
+    but the last).
     """
     check_rotary(positions, q, k, cos, sin)
     num_tokens, num_kv_heads, head_dim = k.shape
@@ -232,8 +235,7 @@ def rotary_store_kv_ref(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Torch reference of :func:`rotary_store_kv` (rotates q in place, leaves k)."""
-    k = k.clone()
+    """Torch reference of :func:`rotary_store_kv` (rotates q and k in place)."""
     apply_rotary_ref(positions, q, k, cos, sin)
     store_kv_ref(k_buf, v_buf, k, v, slots, k_scale, v_scale)
     return q

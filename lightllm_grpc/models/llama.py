@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +65,14 @@ class KVCacheSpec:
         )  # fmt: skip
 
 
+class QKV(NamedTuple):
+    """A layer's attention inputs: q ``[T, H, D]`` and the K/V it stored ``[T, Hkv, D]`` (k rotated)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+
+
 class LlamaAttention(nn.Module):
     def __init__(
         self,
@@ -108,15 +116,16 @@ class LlamaAttention(nn.Module):
 
     def project(
         self, positions: torch.Tensor, hidden: torch.Tensor, out_slots: torch.Tensor, kv: KVCache
-    ) -> torch.Tensor:
+    ) -> QKV:
         """Everything before attention: q/k/v projections, q/k norms, rotary, and the store of
-        the new K/V at ``out_slots``. Returns q ``[T, H, D]``. Reads no other batch field, and
-        never syncs with the host: piecewise CUDA graphs capture it (shard/piecewise_graph.py)."""
+        the new K/V at ``out_slots``. Returns q ``[T, H, D]`` and the stored k (rotated) and v
+        ``[T, Hkv, D]``. Reads no other batch field, and never syncs with the host: piecewise
+        CUDA graphs capture it (shard/piecewise_graph.py)."""
         return self.project_qkv(positions, self.qkv_proj(hidden), out_slots, kv)
 
     def project_qkv(
         self, positions: torch.Tensor, qkv: torch.Tensor, out_slots: torch.Tensor, kv: KVCache
-    ) -> torch.Tensor:
+    ) -> QKV:
         """``project`` from the qkv projection's output on (the decoder layer computes it with
         the input norm, ``attn_in``)."""
         num_tokens = qkv.shape[0]
@@ -128,18 +137,21 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         if self.rotary_in_kv_store:  # rotary inside the store (one kernel on the Triton backend)
-            return self.backend.rotate_and_store(
+            q, k = self.backend.rotate_and_store(
                 q, k, v, self.layer_id, positions, out_slots, kv, self.rotary_emb
             )
-        q, k = self.rotary_emb(positions, q, k)
-        self.backend.store(k, v, self.layer_id, out_slots, kv)
-        return q
+        else:
+            q, k = self.rotary_emb(positions, q, k)
+            self.backend.store(k, v, self.layer_id, out_slots, kv)
+        return QKV(q, k, v)
 
     def attend(
-        self, q: torch.Tensor, batch: ForwardBatch, kv: KVCache, out: torch.Tensor | None = None
+        self, qkv: QKV, batch: ForwardBatch, kv: KVCache, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Attention of ``q`` ``[T, H, D]`` over the pool (the new K/V already stored), into ``out``."""
-        return self.backend.attend(q, self.layer_id, batch, kv, self.scale, out=out)
+        """Attention of ``qkv.q`` ``[T, H, D]`` over the pool (the new K/V already stored, and
+        also passed as they are), into ``out``."""
+        new_kv = (qkv.k, qkv.v)
+        return self.backend.attend(qkv.q, self.layer_id, batch, kv, self.scale, out=out, new_kv=new_kv)
 
 
 class LlamaMLP(nn.Module, ActIntoDown):
@@ -203,8 +215,8 @@ class LlamaDecoderLayer(nn.Module):
         kv: KVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(mlp output, residual stream)``; the next layer's norm adds them (fused)."""
-        q, residual = self.before_attention(positions, hidden, residual, batch.out_slots, kv)
-        return self.after_attention(self.self_attn.attend(q, batch, kv), residual)
+        qkv, residual = self.before_attention(positions, hidden, residual, batch.out_slots, kv)
+        return self.after_attention(self.self_attn.attend(qkv, batch, kv), residual)
 
     def before_attention(
         self,
@@ -213,8 +225,8 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         out_slots: torch.Tensor,
         kv: KVCache,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The input norm and ``self_attn.project``: ``(q [T, H, D], residual stream)``."""
+    ) -> tuple[QKV, torch.Tensor]:
+        """The input norm and ``self_attn.project``: ``(QKV, residual stream)``."""
         qkv, residual = self.attn_in(hidden, residual)  # input_layernorm, then qkv_proj
         return self.self_attn.project_qkv(positions, qkv, out_slots, kv), residual
 
@@ -263,12 +275,12 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,
         out_slots: torch.Tensor,
         kv: KVCache,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[QKV | torch.Tensor, torch.Tensor]:
         """Piece ``i`` of the ``num_layers + 1`` that ``forward`` is cut into at attention (what
         shard/piecewise_graph.py captures; attention runs between pieces). Piece 0 embeds
         ``x`` (token ids) and runs layer 0 up to its K/V store; piece i (1..L-1) finishes layer
         i - 1 from its attention output ``x`` and ``residual`` and runs layer i up to its K/V
-        store: these return ``(q, residual)``. Piece L finishes the last layer and returns
+        store: these return ``(QKV, residual)``. Piece L finishes the last layer and returns
         ``(mlp output, residual)`` for ``final_norm``. The same calls as ``forward``'s, in order."""
         if i == 0:
             hidden, residual = self.embed_tokens(x), None

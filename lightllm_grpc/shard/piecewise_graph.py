@@ -44,6 +44,7 @@ import torch
 
 from lightllm_grpc.layers.attention.base import KVCache
 from lightllm_grpc.layers.forward_batch import ForwardBatch, ForwardMode
+from lightllm_grpc.models.llama import QKV
 from lightllm_grpc.shard.prefill_graph import copy_tokens, prefill_graph_sizes
 
 if TYPE_CHECKING:
@@ -79,12 +80,16 @@ class PiecewiseCudaGraphs:
         self.num_layers = len(self.body.layers)
         attn = self.body.layers[0].self_attn
         heads, head_dim = attn.qkv_proj.num_heads, attn.head_dim  # this rank's heads
+        kv_heads = attn.qkv_proj.num_kv_heads
         dtype = self.body.embed_tokens.weight.dtype
         n, hidden = self.sizes[-1], model.config.hidden_size
         self.ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slots = torch.full((n,), pad_slot, dtype=torch.int64, device=device)
         self.q = torch.zeros(n, heads, head_dim, dtype=dtype, device=device)
+        # The stored K/V of the pieces' tokens: prefill attention reads a chunk's own keys here.
+        self.k = torch.zeros(n, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(n, kv_heads, head_dim, dtype=dtype, device=device)
         self.attn = torch.zeros(n, heads, head_dim, dtype=dtype, device=device)
         self.residual = torch.zeros(n, hidden, dtype=dtype, device=device)
         self.hidden = torch.zeros(n, hidden, dtype=dtype, device=device)
@@ -94,7 +99,8 @@ class PiecewiseCudaGraphs:
 
     @property
     def buffer_bytes(self) -> int:
-        tensors = (self.ids, self.positions, self.slots, self.q, self.attn, self.residual, self.hidden)
+        tensors = (self.ids, self.positions, self.slots, self.q, self.k, self.v, self.attn, self.residual)
+        tensors += (self.hidden,)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def fits(self, batch: ForwardBatch) -> bool:
@@ -123,7 +129,8 @@ class PiecewiseCudaGraphs:
             else:
                 self.piece(size, i)
             if i < self.num_layers:
-                self.body.layers[i].self_attn.attend(self.q[:t], batch, self.kv, out=self.attn[:t])
+                qkv = QKV(self.q[:t], self.k[:t], self.v[:t])
+                self.body.layers[i].self_attn.attend(qkv, batch, self.kv, out=self.attn[:t])
         rows = batch.logits_indices
         return self.model.logits(self.body.final_norm(self.hidden, self.residual, rows))
 
@@ -134,7 +141,11 @@ class PiecewiseCudaGraphs:
         else:
             x, residual = self.attn[:size], self.residual[:size]
         out, residual = self.body.piece(i, x, residual, self.positions[:size], self.slots[:size], self.kv)
-        (self.q if i < self.num_layers else self.hidden)[:size].copy_(out)
+        if isinstance(out, QKV):
+            for buf, t in zip((self.q, self.k, self.v), out, strict=True):
+                buf[:size].copy_(t)
+        else:
+            self.hidden[:size].copy_(out)
         if residual.data_ptr() != self.residual.data_ptr():  # the Triton add+norm updates it in place
             self.residual[:size].copy_(residual)
 

@@ -81,6 +81,16 @@ DECODE_CONSTS = {
     "GROUP": 4, "NUM_SPLITS": 32, "HAS_PREFIX": False, "KV_FP8": False, "MERGE": True,
     "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "BLOCK_S": 32, "DOT_PRECISION": "tf32", "FP8_F16": False,
 }  # fmt: skip
+PREFILL = {
+    **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "k_buf_ptr", "v_buf_ptr", "out_ptr"), "*bf16"),
+    **dict.fromkeys(
+        ("req_to_token_ptr", "req_rows_ptr", "seq_lens_ptr", "q_starts_ptr", "q_lens_ptr"), "*i32"
+    ),
+    **dict.fromkeys(("k_scale_ptr", "v_scale_ptr"), "*fp32"),
+    **dict.fromkeys((*STRIDES, "stride_ot", "stride_oh", "stride_rt", "head_dim", "num_m_blocks"), "i32"),
+    "qk_scale": "fp32",
+}
+PREFILL_CONSTS = {"GROUP": 4, "KV_FP8": False, "BLOCK_D": 128, "DOT_PRECISION": "tf32"}
 RMSNORM = {
     **dict.fromkeys(("x_ptr", "res_ptr", "w_ptr", "out_ptr"), "*bf16"),
     **dict.fromkeys(("stride_x", "stride_r", "stride_o", "n_cols"), "i32"),
@@ -88,10 +98,43 @@ RMSNORM = {
 }
 
 
-def cases() -> dict[str, tuple[object, dict[str, str], dict[str, object], bool]]:
-    """case -> (kernel, argument types, constexpr values, FMA contraction on)."""
-    modules = ("gemv", "store_kv", "rmsnorm", "decode_attention", "lamport")
-    gemv, store, norm, decode, lamport = (
+def _prefill_cases(kernel: object) -> dict[str, tuple]:
+    """Prefill attention as the launcher picks it on Hopper: the chunk's K/V through TMA descriptors
+    (both tile shapes, with their warps and stages), by pointers, or from the pool alone."""
+    no_desc = dict.fromkeys(("q_desc", "k_desc", "v_desc"), None)
+    pool = {**PREFILL_CONSTS, **no_desc, "CHUNK_KV": False, "TMA": False, "BLOCK_M": 128, "BLOCK_N": 128}
+    ptr = {**pool, "CHUNK_KV": True}
+    table = {
+        "prefill_attention pool": (kernel, PREFILL, pool, True, {"num_warps": 8, "num_stages": 2}),
+        "prefill_attention chunk by pointers": (
+            kernel,
+            PREFILL,
+            ptr,
+            True,
+            {"num_warps": 8, "num_stages": 2},
+        ),
+    }
+    for m, n, warps, stages in ((64, 64, 4, 3), (128, 128, 8, 3)):
+        descs = {
+            "q_desc": f"tensordesc<bf16[{m}, 128]>",
+            **dict.fromkeys(("k_desc", "v_desc"), f"tensordesc<bf16[{n}, 128]>"),
+        }
+        consts = {**PREFILL_CONSTS, "CHUNK_KV": True, "TMA": True, "BLOCK_M": m, "BLOCK_N": n}
+        options = {"num_warps": warps, "num_stages": stages}
+        table[f"prefill_attention chunk by TMA {m}x{n}"] = (
+            kernel,
+            {**PREFILL, **descs},
+            consts,
+            True,
+            options,
+        )
+    return table
+
+
+def cases() -> dict[str, tuple]:
+    """case -> (kernel, argument types, constexpr values, FMA contraction on[, compile options])."""
+    modules = ("gemv", "store_kv", "rmsnorm", "decode_attention", "lamport", "prefill_attention")
+    gemv, store, norm, decode, lamport, prefill = (
         importlib.import_module(f"lightllm_grpc_kernels.{m}") for m in modules
     )
     bf16_pool = {**STORE, "k_buf_ptr": "*bf16", "v_buf_ptr": "*bf16"}
@@ -128,10 +171,17 @@ def cases() -> dict[str, tuple[object, dict[str, str], dict[str, object], bool]]
         "rotary_store_kv bf16": (store._rotary_store_kv_kernel, bf16_pool, same, False),
         "fused_add_rmsnorm": (norm._rmsnorm_kernel, RMSNORM, {"HAS_RESIDUAL": True, "BLOCK": 4096}, False),
         "decode_attention merged in one launch": (decode._decode_stage1_kernel, DECODE, DECODE_CONSTS, True),
+        **_prefill_cases(prefill._prefill_attention_kernel),
     }
 
 
-def compile_case(kernel: object, types: dict[str, str], constexprs: dict[str, object], fma: bool) -> str:
+def compile_case(
+    kernel: object,
+    types: dict[str, str],
+    constexprs: dict[str, object],
+    fma: bool,
+    options: dict[str, int] | None = None,
+) -> str:
     # As launched on Hopper: with programmatic dependent launch, whose in-kernel wait the PTX must show.
     constexprs = {**constexprs, "PDL": True}
     signature = {**types, **dict.fromkeys(constexprs, "constexpr")}
@@ -143,13 +193,15 @@ def compile_case(kernel: object, types: dict[str, str], constexprs: dict[str, ob
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, n in enumerate(names)
-        if signature[n] != "constexpr" and not signature[n].startswith("fp")
+        if signature[n] != "constexpr" and not signature[n].startswith(("fp", "tensordesc"))
     }
     source = ASTSource(
         fn=kernel, signature={n: signature[n] for n in names}, constexprs=constexprs, attrs=attrs
     )
     try:
-        compiled = triton.compile(source, target=HOPPER, options={"num_warps": 4, "enable_fp_fusion": fma})
+        compiled = triton.compile(
+            source, target=HOPPER, options={"num_warps": 4, **(options or {}), "enable_fp_fusion": fma}
+        )
     except Exception as e:
         return f"{type(e).__name__}: {e}"
     if "griddepcontrol.wait" not in compiled.asm.get("ptx", ""):

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from lightllm_grpc_kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from lightllm_grpc_kernels.prefill_attention import prefill_attention, prefill_attention_ref, use_tma
 
 if TYPE_CHECKING:
     from conftest import PagedKV
@@ -28,37 +28,82 @@ GPU_CASES = [
 ]
 
 
-def _run(case: tuple, dtype: torch.dtype, device: torch.device, paged_kv: Callable[..., PagedKV]) -> None:
+def _run(
+    case: tuple,
+    dtype: torch.dtype,
+    device: torch.device,
+    paged_kv: Callable[..., PagedKV],
+    chunk: str = "pool",
+) -> None:
+    """``chunk``: where the new tokens' K/V are read: "pool" (through the slots), "ptr" or "tma"
+    (the layer's k/v, by pointers or TMA descriptors; the pool's copies of them are then NaN, so
+    reading them there fails)."""
     prefix_lens, q_lens, num_heads, num_kv_heads, head_dim = case
     kv = paged_kv(prefix_lens, q_lens, num_kv_heads, head_dim, dtype, device)
-    # q as a view of a fused qkv output (token stride wider than H * D).
+    # q, k, v as views of a fused qkv output (token stride wider than H * D).
     qkv = torch.randn(sum(q_lens), num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, device=device)
-    q = qkv[:, :num_heads]
+    q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    k.copy_(kv.k_buf[kv.out_slots])
+    v.copy_(kv.v_buf[kv.out_slots])
     scale = head_dim**-0.5
     args = (q, kv.k_buf, kv.v_buf, kv.req_to_token, kv.req_rows, kv.seq_lens, kv.q_starts, kv.q_lens)
+    ref = prefill_attention_ref(*args, scale)
     out = torch.full_like(q, float("nan"))
 
-    prefill_attention(*args, kv.max_q_len, scale, out=out)
+    if chunk == "pool":
+        prefill_attention(*args, kv.max_q_len, scale, out=out)
+    else:
+        kv.k_buf[kv.out_slots] = float("nan")
+        kv.v_buf[kv.out_slots] = float("nan")
+        prefill_attention(*args, kv.max_q_len, scale, out=out, k=k, v=v, tma=chunk == "tma")
 
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    torch.testing.assert_close(out, prefill_attention_ref(*args, scale), atol=tol, rtol=tol)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("chunk", ["pool", "ptr", "tma"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES)
 def test_prefill_attention_matches_reference(
-    case: tuple, dtype: torch.dtype, device: torch.device, paged_kv: Callable[..., PagedKV]
+    case: tuple, dtype: torch.dtype, chunk: str, device: torch.device, paged_kv: Callable[..., PagedKV]
 ) -> None:
-    _run(case, dtype, device, paged_kv)
+    _run(case, dtype, device, paged_kv, chunk)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("chunk", ["pool", "ptr", "tma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES + GPU_CASES)
 def test_prefill_attention_matches_reference_gpu(
-    case: tuple, dtype: torch.dtype, device: torch.device, paged_kv: Callable[..., PagedKV]
+    case: tuple, dtype: torch.dtype, chunk: str, device: torch.device, paged_kv: Callable[..., PagedKV]
 ) -> None:
-    _run(case, dtype, device, paged_kv)
+    if chunk == "tma" and not use_tma(*torch.zeros(3, 1, 1, 16, device=device, dtype=dtype)):
+        pytest.skip("TMA needs a Hopper-class GPU")
+    _run(case, dtype, device, paged_kv, chunk)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len", [1024, 1025, 3000])
+def test_prefill_attention_large_tiles_gpu(
+    q_len: int, device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    """Chunks over 1,024 tokens take the 128 x 128 tiles on Hopper; a prefix and ragged ends."""
+    _run(([17, 0], [q_len, 300], 32, 8, 128), torch.bfloat16, device, paged_kv, "tma")
+    _run(([0], [q_len], 32, 8, 128), torch.bfloat16, device, paged_kv, "ptr")
+
+
+def test_prefill_attention_chunk_kv_is_ignored_for_an_fp8_pool(
+    device: torch.device, paged_kv: Callable[..., PagedKV], fp8_pool
+) -> None:
+    """An FP8 pool holds rounded keys: reading the layer's bf16 ones would disagree with decode."""
+    kv = paged_kv([3, 0], [2, 5], 2, 64, torch.float32, device)
+    k_buf, v_buf, k_scale, v_scale = fp8_pool(kv)
+    q = torch.randn(7, 2, 64, device=device)
+    nan = torch.full((7, 2, 64), float("nan"), device=device)
+    args = (q, k_buf, v_buf, kv.req_to_token, kv.req_rows, kv.seq_lens, kv.q_starts, kv.q_lens)
+    out = prefill_attention(*args, 5, 0.125, k_scale=k_scale, v_scale=v_scale, k=nan, v=nan)
+    ref = prefill_attention_ref(*args, 0.125, k_scale, v_scale)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_prefill_attention_host_bound_may_exceed_q_lens(

@@ -130,6 +130,29 @@ def test_backend_prefill_with_and_without_prefix(
     _check(backend, [0, 13, 0], [9, 4, 1], 2, dtype, device, paged_kv)
 
 
+@pytest.mark.parametrize("num_prefill", [None, 2])
+def test_backend_prefill_reads_the_chunk_from_new_kv(
+    num_prefill: int | None, device: torch.device, paged_kv: Callable[..., PagedKV]
+) -> None:
+    """With ``new_kv``, prefill reads a chunk's own keys from it, not the pool: the pool's copies
+    are NaN here (the cached prefix and the decode rows still come from the pool)."""
+    dtype, num_kv_heads, head_dim = torch.float32, 2, 64
+    backend = TritonAttentionBackend(4, 8, head_dim, device, dtype)
+    cache, batch = _setup([0, 13, 6], [9, 4, 1], num_kv_heads, head_dim, dtype, device, paged_kv, num_prefill)
+    q = torch.randn(batch.num_tokens, 8, head_dim, dtype=dtype, device=device)
+    k = torch.randn(batch.num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    expected, _, _ = _reference(q, k, v, batch, cache, 0.125)
+    backend.store(k, v, LAYER, batch.out_slots, cache)
+    chunk = batch.out_slots[: batch.num_prefill_tokens or batch.num_tokens]
+    cache.k[LAYER][chunk] = float("nan")
+    cache.v[LAYER][chunk] = float("nan")
+
+    out = backend.attend(q, LAYER, batch, cache, 0.125, new_kv=(k, v))
+
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("num_splits", [None, 3])
 def test_backend_decode_batches_share_workspace(
     num_splits: int | None, device: torch.device, paged_kv: Callable[..., PagedKV]
@@ -335,13 +358,18 @@ def test_backend_rotates_in_its_store_as_rotary_then_store(
 
     expected = backend.forward(*rope(batch.positions, q.clone(), k.clone()), v, LAYER, batch, two_cache, 0.2)
     pos, slots = batch.positions, batch.out_slots
-    rotated = backend.rotate_and_store(q.clone(), k.clone(), v, LAYER, pos, slots, cache, rope)
-    out = backend.attend(rotated, LAYER, batch, cache, 0.2)
+    rotated, rotated_k = backend.rotate_and_store(q.clone(), k.clone(), v, LAYER, pos, slots, cache, rope)
+    out = backend.attend(rotated, LAYER, batch, cache, 0.2, new_kv=(rotated_k, v))
+    pool_only = backend.attend(rotated, LAYER, batch, cache, 0.2)
     torch_backend = TorchAttentionBackend()
-    torch_q = torch_backend.rotate_and_store(q.clone(), k.clone(), v, LAYER, pos, slots, torch_cache, rope)
-    torch_out = torch_backend.attend(torch_q, LAYER, batch, torch_cache, 0.2)
+    torch_q, torch_k = torch_backend.rotate_and_store(
+        q.clone(), k.clone(), v, LAYER, pos, slots, torch_cache, rope
+    )
+    torch_out = torch_backend.attend(torch_q, LAYER, batch, torch_cache, 0.2, new_kv=(torch_k, v))
 
-    assert torch.equal(rotated, rope(pos, q.clone(), k.clone())[0]) and torch.equal(torch_q, rotated)
+    ref_q, ref_k = rope(pos, q.clone(), k.clone())
+    assert torch.equal(rotated, ref_q) and torch.equal(torch_q, rotated)
+    assert torch.equal(rotated_k, ref_k) and torch.equal(torch_k, rotated_k)
     assert torch.equal(out, expected)
     for a, b in ((cache, two_cache), (cache, torch_cache)):
         assert torch.equal(a.k[LAYER].view(torch.uint8), b.k[LAYER].view(torch.uint8))
@@ -349,3 +377,5 @@ def test_backend_rotates_in_its_store_as_rotary_then_store(
     # The torch backend computes in fp32: within a 16-bit output's rounding of the kernels'.
     tol = 1.6e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(torch_out, expected, atol=tol, rtol=tol)
+    # Reading the chunk's keys from the pool instead: another tiling, the same attention.
+    torch.testing.assert_close(pool_only, out, atol=tol if dtype != torch.float32 else 1e-5, rtol=1e-3)

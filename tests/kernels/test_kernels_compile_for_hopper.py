@@ -40,6 +40,10 @@ def compiled() -> dict[str, str]:
         "rotary_store_kv bf16",
         "fused_add_rmsnorm",
         "decode_attention merged in one launch",
+        "prefill_attention pool",
+        "prefill_attention chunk by pointers",
+        "prefill_attention chunk by TMA 64x64",
+        "prefill_attention chunk by TMA 128x128",
     ],
 )
 def test_kernel_compiles_for_sm90(compiled: dict[str, str], case: str) -> None:

@@ -118,7 +118,7 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """Store k/v, then attend; see the class docstring."""
         self.store(k, v, layer, batch.out_slots, kv)
-        return self.attend(q, layer, batch, kv, scale)
+        return self.attend(q, layer, batch, kv, scale, new_kv=(k, v))
 
     @abstractmethod
     def store(
@@ -136,14 +136,14 @@ class AttentionBackend(ABC):
         out_slots: torch.Tensor,
         kv: KVCache,
         rope: RotaryEmbedding,
-    ) -> torch.Tensor:
-        """``rope(positions, q, k)``, then ``store`` of the rotated k with v; returns the rotated q.
-        q and k may be changed in place; what k holds afterwards is unspecified (attention reads
-        keys from the pool). Device-side only, like ``store``. This default is the two ops; a
-        backend may fuse them, bit for bit."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rope(positions, q, k)``, then ``store`` of the rotated k with v; returns the rotated
+        ``(q, k)`` (``attend``'s ``new_kv`` takes that k). Either may be rotated in place.
+        Device-side only, like ``store``. This default is the two ops; a backend may fuse them,
+        bit for bit."""
         q, k = rope(positions, q, k)
         self.store(k, v, layer, out_slots, kv)
-        return q
+        return q, k
 
     @abstractmethod
     def attend(
@@ -154,6 +154,9 @@ class AttentionBackend(ABC):
         kv: KVCache,
         scale: float,
         out: torch.Tensor | None = None,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attention of ``q`` over the pool, whose new K/V are already stored; written into
-        ``out`` (``[T, H, D]``, contiguous) when given, and returned."""
+        ``out`` (``[T, H, D]``, contiguous) when given, and returned. ``new_kv``: the new
+        tokens' ``(k, v)`` ``[T, Hkv, D]`` as stored (k rotated), rows aligned with q's; a
+        backend may read a prefill chunk's own keys from them rather than from the pool."""

@@ -74,7 +74,9 @@ class TorchAttentionBackend(AttentionBackend):
         kv: KVCache,
         scale: float,
         out: torch.Tensor | None = None,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        del new_kv  # the reference path reads every key from the pool
         scales = kv.scales(layer)  # (None, None) unless the pool is FP8
         if batch.mode is ForwardMode.DECODE:
             return _into(out, self._decode(q, kv.k[layer], kv.v[layer], batch, scale, *scales))

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 class TritonAttentionBackend(AttentionBackend):
     """Stores K/V with one scatter kernel (which also applies rotary in ``rotate_and_store``),
     then runs prefill or flash-decoding attention; a mixed batch runs both, each writing its
-    part of one output.
+    part of one output. Prefill reads a chunk's own K/V from ``new_kv`` when given (contiguous:
+    TMA on Hopper), and only the cached prefix through the pool's slots.
 
     The decode workspace (partial outputs and log-sum-exps of every split) is allocated once
     here for ``max_batch_size`` and shared by all layers, which run one after another; decode
@@ -79,10 +80,11 @@ class TritonAttentionBackend(AttentionBackend):
         out_slots: torch.Tensor,
         kv: KVCache,
         rope: RotaryEmbedding,
-    ) -> torch.Tensor:
-        """One kernel: q rotated in place, the rotated k and v into the pool (k itself unrotated)."""
-        return rotary_store_kv(kv.k[layer], kv.v[layer], q, k, v, out_slots, positions,
-                               rope.cos_cache, rope.sin_cache, *kv.scales(layer))  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One kernel: q and k rotated in place, the rotated k and v into the pool."""
+        rotary_store_kv(kv.k[layer], kv.v[layer], q, k, v, out_slots, positions,
+                        rope.cos_cache, rope.sin_cache, *kv.scales(layer))  # fmt: skip
+        return q, k
 
     def attend(
         self,
@@ -92,6 +94,7 @@ class TritonAttentionBackend(AttentionBackend):
         kv: KVCache,
         scale: float,
         out: torch.Tensor | None = None,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         assert q.dtype == self.dtype, f"q is {q.dtype}, backend built for {self.dtype}"
         assert q.shape[1:] == (self.num_heads, self.head_dim), f"q {tuple(q.shape)} vs backend heads"
@@ -100,11 +103,12 @@ class TritonAttentionBackend(AttentionBackend):
         if batch.mode is ForwardMode.DECODE:
             return self._decode(q, k_buf, v_buf, batch, scale, k_scale, v_scale, out=out)
         if batch.mode is ForwardMode.PREFILL:
-            return self._prefill(q, k_buf, v_buf, batch, scale, k_scale, v_scale, out=out)
+            return self._prefill(q, k_buf, v_buf, batch, scale, k_scale, v_scale, out, new_kv)
         prefill, decode = batch.split()
         tp = batch.num_prefill_tokens
         out = torch.empty_like(q) if out is None else out
-        self._prefill(q[:tp], k_buf, v_buf, prefill, scale, k_scale, v_scale, out=out[:tp])
+        chunk_kv = None if new_kv is None else (new_kv[0][:tp], new_kv[1][:tp])
+        self._prefill(q[:tp], k_buf, v_buf, prefill, scale, k_scale, v_scale, out[:tp], chunk_kv)
         self._decode(q[tp:], k_buf, v_buf, decode, scale, k_scale, v_scale, out=out[tp:])
         return out
 
@@ -118,7 +122,9 @@ class TritonAttentionBackend(AttentionBackend):
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        k, v = (None, None) if new_kv is None else new_kv
         return prefill_attention(
             q,
             k_buf,
@@ -133,6 +139,8 @@ class TritonAttentionBackend(AttentionBackend):
             k_scale=k_scale,
             v_scale=v_scale,
             out=out,
+            k=k,
+            v=v,
         )
 
     def _decode(
