@@ -326,12 +326,16 @@ def _prefill_torch(
 
 
 def bench_prefill_attention(graph: bool) -> list[Result]:
+    """Every key from the pool ("pool"), and the chunk's own K/V from the layer's output as the
+    server runs it ("chunk k/v": TMA descriptors on Hopper), each against torch's SDPA loop."""
     del graph  # prefill is compute-bound and launched eagerly in the server
     results = []
-    for prefix, q_len, batch in ((0, 2048, 1), (1024, 512, 4), (0, 256, 16)):
+    for prefix, q_len, batch in ((0, 2048, 1), (1024, 512, 4), (0, 256, 16), (0, 8192, 1), (8192, 8192, 1)):
         seq_lens = [prefix + q_len] * batch
         k_buf, v_buf, table, rows, lens = _paged(seq_lens)
         q = _randn(batch * q_len, HEADS, HEAD_DIM)
+        new_slots = table[:, prefix:].reshape(-1).long()
+        k, v = k_buf[new_slots], v_buf[new_slots]  # the chunk's K/V as the layer stored them
         q_lens = torch.full((batch,), q_len, dtype=torch.int32, device=DEVICE)
         q_starts = torch.arange(0, batch * q_len, q_len, dtype=torch.int32, device=DEVICE)
         scale = HEAD_DIM**-0.5
@@ -339,17 +343,21 @@ def bench_prefill_attention(graph: bool) -> list[Result]:
         ref_args = (q, k_buf, v_buf, table, lens, [q_len] * batch, scale)
         nbytes = _nbytes(k_buf, v_buf) + 2 * _nbytes(q)
         flops = 4 * batch * q_len * (prefix + (q_len + 1) / 2) * HEADS * HEAD_DIM
-        results.append(
-            _compare(
-                "prefill_attention",
-                f"B={batch} prefix={prefix} q={q_len}",
-                nbytes,
-                lambda a=args: prefill_attention(*a),
-                lambda a=ref_args: _prefill_torch(*a),
-                False,  # the torch loop syncs on lens.tolist(), so never through a graph
-                int(flops),
+        for name, kernel in (
+            ("prefill_attention pool", lambda a=args: prefill_attention(*a)),
+            ("prefill_attention chunk k/v", lambda a=args, k=k, v=v: prefill_attention(*a, k=k, v=v)),
+        ):
+            results.append(
+                _compare(
+                    name,
+                    f"B={batch} prefix={prefix} q={q_len}",
+                    nbytes,
+                    kernel,
+                    lambda a=ref_args: _prefill_torch(*a),
+                    False,  # the torch loop syncs on lens.tolist(), so never through a graph
+                    int(flops),
+                )
             )
-        )
     return results
 
 
