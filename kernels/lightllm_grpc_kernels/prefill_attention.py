@@ -6,8 +6,8 @@ row), the chunk's keys before its block (visible to every row: no mask) and the 
 (causal mask). Given the chunk's own K/V as the layer computed them (``k``/``v``, rotated, rows
 aligned with q), the last two runs read them from there, contiguous: on Hopper through TMA
 tensor descriptors (whole tiles into shared memory, no address arithmetic per element), which
-measured 1.2-1.65x the pool-only kernel on an H100 (BENCHMARKS.md, "Prefill attention"); the
-prefix still needs the pool's per-token slots. Without them (or with an FP8 pool, whose rows
+measured 1.1-1.6x the pool-only kernel's GPU time on an H100 (BENCHMARKS.md, "Prefill attention");
+the prefix still needs the pool's per-token slots. Without them (or with an FP8 pool, whose rows
 differ from the layer's bf16 ones) every key is read from the pool. Blocks are visited longest
 first, so the heavy diagonal programs of long chunks do not start last.
 
@@ -238,15 +238,24 @@ def _tma_ready(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The default of ``prefill_attention(tma=None)``: chunk K/V through TMA where the GPU has it."""
-    if not q.is_cuda:
+# Least attention work (tokens x max sequence length x heads x head_dim) for which TMA is chosen.
+# A launch with three host-side descriptors costs ~110 µs more host time than one with pointers
+# (Triton 3.6, H100), while on the GPU TMA wins at every size (BENCHMARKS.md, "Prefill attention"):
+# below ~2^36 (a 4k-token chunk of 32 x 128 heads, ~0.3 ms) the host cost would not be hidden.
+TMA_MIN_WORK = 1 << 36
+
+
+def use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_seq_len: int = 0) -> bool:
+    """The default of ``prefill_attention(tma=None)``: the chunk's K/V through TMA where the GPU
+    has it and the work (``max_seq_len``: a host bound of the sequences' lengths) pays its
+    launch."""
+    if not q.is_cuda or q.shape[0] * max_seq_len * q.shape[1] * q.shape[2] < TMA_MIN_WORK:
         return False
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     return _has_tma(index) and _tma_ready(q, k, v)
 
 
-def _blocks(q: torch.Tensor, max_q_len: int, tma: bool) -> tuple[int, int, int, int]:
+def _blocks(q: torch.Tensor, max_q_len: int, max_seq_len: int, tma: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages); small tiles in the interpreter, which pays per
     element. BLOCK_M is a multiple of BLOCK_N (the chunk's unmasked run starts on a tile)."""
     if not on_gpu(q):
@@ -256,10 +265,12 @@ def _blocks(q: torch.Tensor, max_q_len: int, tma: bool) -> tuple[int, int, int, 
     if q.element_size() > 2:
         return 64, 64, 4, 2  # fp32 tiles of the 16-bit shape would overflow shared memory
     if tma:
-        # Best of seven configs on an H100 (H=32, Hkv=8, D=128, bf16): 64-row blocks for chunks of
-        # up to ~1k tokens (more programs), 128 x 128 with three stages (229 KB of shared memory) above.
-        return (64, 64, 4, 3) if max_q_len <= 1024 else (128, 128, 8, 3)
-    # The pool-only kernel's best of seven on an H200: 268-357 TFLOP/s for chunks of 512+ tokens.
+        # Best of seven configs on an H100 (H=32, Hkv=8, D=128, bf16): 64-row blocks for chunks of up
+        # to 1k tokens without a cached prefix (more programs in flight), else 128 x 128 with three
+        # stages (229 KB of shared memory).
+        return (64, 64, 4, 3) if max_q_len <= 1024 and max_seq_len <= max_q_len else (128, 128, 8, 3)
+    # The pool-only kernel's best of seven on an H200 (268-357 TFLOP/s for chunks of 512+ tokens);
+    # with the chunk's K/V by pointers it is as fast or faster (1.0-1.2x on an H100).
     return 128, 128, 8, 2
 
 
@@ -280,6 +291,7 @@ def prefill_attention(
     k: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
     tma: bool | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of the packed new tokens q [T, H, D] over their sequences' K/V.
 
@@ -293,7 +305,8 @@ def prefill_attention(
     ``k``/``v`` [T, Hkv, D] (q's dtype, rows aligned with q's): the new tokens' keys (rotated)
     and values as stored, read from there instead of the pool; ignored for an FP8 pool.
     ``tma``: read them (and q) through TMA descriptors; None chooses (``use_tma``).
-    Returns out [T, H, D].
+    ``max_seq_len``: a host-side upper bound of seq_lens (None: no cached prefix is assumed);
+    it only chooses tiles. Returns out [T, H, D].
     """
     check_rows(q, "q", 3)
     num_tokens, num_heads, head_dim = q.shape
@@ -315,13 +328,14 @@ def prefill_attention(
         for name, t in (("k", k), ("v", v)):
             check_rows(t, name, 3, q.dtype)
             assert t.shape == (num_tokens, num_kv_heads, head_dim), f"{name} {tuple(t.shape)} vs q and pool"
-    tma = chunk_kv and (use_tma(q, k, v) if tma is None else tma)
+    max_seq_len = max_q_len if max_seq_len is None else max(max_seq_len, max_q_len)
+    tma = chunk_kv and (use_tma(q, k, v, max_seq_len) if tma is None else tma)
     out = torch.empty_like(q) if out is None else out
     check_rows(out, "out", 3, q.dtype)
     assert out.shape == q.shape, f"out {tuple(out.shape)} != q {tuple(q.shape)}"
     if num_tokens == 0 or batch == 0 or max_q_len == 0:
         return out
-    block_m, block_n, num_warps, num_stages = _blocks(q, max_q_len, tma)
+    block_m, block_n, num_warps, num_stages = _blocks(q, max_q_len, max_seq_len, tma)
     descs = (None, None, None)
     if tma:
         assert _tma_ready(q, k, v), "tma=True needs rows of whole heads, 16-byte aligned, D a power of two"

@@ -77,7 +77,7 @@ def test_prefill_attention_matches_reference(
 def test_prefill_attention_matches_reference_gpu(
     case: tuple, dtype: torch.dtype, chunk: str, device: torch.device, paged_kv: Callable[..., PagedKV]
 ) -> None:
-    if chunk == "tma" and not use_tma(*torch.zeros(3, 1, 1, 16, device=device, dtype=dtype)):
+    if chunk == "tma" and torch.cuda.get_device_capability(device)[0] < 9:
         pytest.skip("TMA needs a Hopper-class GPU")
     _run(case, dtype, device, paged_kv, chunk)
 
@@ -90,6 +90,18 @@ def test_prefill_attention_large_tiles_gpu(
     """Chunks over 1,024 tokens take the 128 x 128 tiles on Hopper; a prefix and ragged ends."""
     _run(([17, 0], [q_len, 300], 32, 8, 128), torch.bfloat16, device, paged_kv, "tma")
     _run(([0], [q_len], 32, 8, 128), torch.bfloat16, device, paged_kv, "ptr")
+
+
+@pytest.mark.gpu
+def test_tma_is_chosen_where_the_work_pays_its_launch(device: torch.device) -> None:
+    """Three host-side descriptors cost ~110 µs of host time a launch: only big chunks take TMA."""
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA needs a Hopper-class GPU")
+    qkv = torch.zeros(4096, 48, 128, dtype=torch.bfloat16, device=device)
+    q, k, v = qkv.split([32, 8, 8], dim=1)
+    assert use_tma(q, k, v, 4096) and not use_tma(q, k, v, 2048)
+    assert not use_tma(q[:512], k[:512], v[:512], 8192)  # 2^34: host-bound
+    assert not use_tma(q, k, v[:, :, :80], 4096)  # not a power-of-two head_dim
 
 
 def test_prefill_attention_chunk_kv_is_ignored_for_an_fp8_pool(

@@ -141,6 +141,7 @@ class TritonAttentionBackend(AttentionBackend):
             out=out,
             k=k,
             v=v,
+            max_seq_len=batch.max_seq_len,
         )
 
     def _decode(
