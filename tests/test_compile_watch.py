@@ -95,3 +95,21 @@ def test_warmup_arms_the_watch_once_its_own_passes_are_done(fresh_hooks, tmp_pat
     warmup(shard, max_prefill_tokens=16, max_batch_size=4)
     assert armed_during and not any(armed_during)
     assert watch.armed
+
+
+def test_warmup_runs_a_long_and_a_short_prefill(tmp_path) -> None:
+    """Prefill attention compiles one variant for long chunks (TMA on Hopper) and one for short
+    ones (pointers): warm-up runs a prefill of each size, so neither compiles under a request."""
+    from lightllm_grpc.config import ShardConfig
+    from lightllm_grpc.shard.warmup import SHORT_PREFILL, warmup
+    from lightllm_grpc.shard.worker import build_shard
+    from tests.model_factory import make_tiny_model
+
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3")
+    cfg = ShardConfig(model=model_dir, device="cpu", max_total_tokens=256, max_rows=4, max_context=64)
+    shard = build_shard(cfg, rank=0, world_size=1, init_method=None)
+    prefills: list[int] = []
+    step = shard.runner.step
+    shard.runner.step = lambda msg: (prefills.append(len(msg.prefill.slots)), step(msg))[1]
+    warmup(shard, max_prefill_tokens=48, max_batch_size=4)
+    assert [n for n in prefills if n] == [48, SHORT_PREFILL]

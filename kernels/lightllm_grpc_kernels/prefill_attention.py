@@ -120,7 +120,6 @@ def _prefill_attention_kernel(
     stride_bh,
     stride_rt,
     head_dim,
-    num_m_blocks,
     GROUP: tl.constexpr,
     KV_FP8: tl.constexpr,
     CHUNK_KV: tl.constexpr,
@@ -136,7 +135,7 @@ def _prefill_attention_kernel(
     # m counts down, so the blocks with the most keys are scheduled first.
     b = tl.program_id(0)
     h = tl.program_id(1)
-    m_start = (num_m_blocks - 1 - tl.program_id(2)) * BLOCK_M
+    m_start = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_M
     q_len = tl.load(q_lens_ptr + b)
     # No early return: the Hopper pipeliner wants structured control flow.
     if m_start < q_len:
@@ -255,7 +254,7 @@ def use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_seq_len: int 
     return _has_tma(index) and _tma_ready(q, k, v)
 
 
-def _blocks(q: torch.Tensor, max_q_len: int, max_seq_len: int, tma: bool) -> tuple[int, int, int, int]:
+def _blocks(q: torch.Tensor, tma: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages); small tiles in the interpreter, which pays per
     element. BLOCK_M is a multiple of BLOCK_N (the chunk's unmasked run starts on a tile)."""
     if not on_gpu(q):
@@ -265,10 +264,9 @@ def _blocks(q: torch.Tensor, max_q_len: int, max_seq_len: int, tma: bool) -> tup
     if q.element_size() > 2:
         return 64, 64, 4, 2  # fp32 tiles of the 16-bit shape would overflow shared memory
     if tma:
-        # Best of seven configs on an H100 (H=32, Hkv=8, D=128, bf16): 64-row blocks for chunks of up
-        # to 1k tokens without a cached prefix (more programs in flight), else 128 x 128 with three
-        # stages (229 KB of shared memory).
-        return (64, 64, 4, 3) if max_q_len <= 1024 and max_seq_len <= max_q_len else (128, 128, 8, 3)
+        # Best of seven configs on an H100 (H=32, Hkv=8, D=128, bf16) wherever the work is large
+        # enough for TMA (use_tma): 128 x 128 tiles, three stages (229 KB of shared memory).
+        return 128, 128, 8, 3
     # The pool-only kernel's best of seven on an H200 (268-357 TFLOP/s for chunks of 512+ tokens);
     # with the chunk's K/V by pointers it is as fast or faster (1.0-1.2x on an H100).
     return 128, 128, 8, 2
@@ -306,7 +304,7 @@ def prefill_attention(
     and values as stored, read from there instead of the pool; ignored for an FP8 pool.
     ``tma``: read them (and q) through TMA descriptors; None chooses (``use_tma``).
     ``max_seq_len``: a host-side upper bound of seq_lens (None: no cached prefix is assumed);
-    it only chooses tiles. Returns out [T, H, D].
+    it only weighs the work for that choice. Returns out [T, H, D].
     """
     check_rows(q, "q", 3)
     num_tokens, num_heads, head_dim = q.shape
@@ -335,7 +333,7 @@ def prefill_attention(
     assert out.shape == q.shape, f"out {tuple(out.shape)} != q {tuple(q.shape)}"
     if num_tokens == 0 or batch == 0 or max_q_len == 0:
         return out
-    block_m, block_n, num_warps, num_stages = _blocks(q, max_q_len, max_seq_len, tma)
+    block_m, block_n, num_warps, num_stages = _blocks(q, tma)
     descs = (None, None, None)
     if tma:
         assert _tma_ready(q, k, v), "tma=True needs rows of whole heads, 16-byte aligned, D a power of two"
@@ -343,8 +341,7 @@ def prefill_attention(
             TensorDescriptor(t, [num_tokens, t.shape[1] * head_dim], [t.stride(0), 1], [rows, head_dim])
             for t, rows in ((q, block_m), (k, block_n), (v, block_n))
         )
-    num_m_blocks = triton.cdiv(max_q_len, block_m)
-    _prefill_attention_kernel[(batch, num_heads, num_m_blocks)](
+    _prefill_attention_kernel[(batch, num_heads, triton.cdiv(max_q_len, block_m))](
         q,
         k if chunk_kv else q,  # unread unless CHUNK_KV
         v if chunk_kv else q,
@@ -372,7 +369,6 @@ def prefill_attention(
         k_buf.stride(1),
         req_to_token.stride(0),
         head_dim,
-        num_m_blocks,
         GROUP=num_heads // num_kv_heads,
         KV_FP8=fp8,
         CHUNK_KV=chunk_kv,

@@ -17,6 +17,8 @@ from lightllm_grpc.shard.prefill_graph import CudaGraphPrefill
 from lightllm_grpc.shard.runner import ModelRunner
 from lightllm_grpc.shard.worker import Shard, prefill_step, profile_row
 
+SHORT_PREFILL = 16
+
 
 def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
     watch = compile_watch.install()
@@ -24,8 +26,11 @@ def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
     runner = shard.runner
     capacity = runner.kv_capacity
     n = max(1, min(max_prefill_tokens, runner.max_context - 1, capacity))
-    runner.step(prefill_step(0, n, capacity))
-    runner.reset()
+    # The largest prefill, then a short one: prefill attention reads a long chunk's K/V through
+    # TMA and a short one's by pointers (two specializations; lightllm_grpc_kernels.prefill_attention).
+    for tokens in sorted({n, min(n, SHORT_PREFILL)}, reverse=True):
+        runner.step(prefill_step(0, tokens, capacity))
+        runner.reset()
     batch = max(1, min(max_batch_size, runner.max_rows))
     decode = shard_pb2.StepRequest(step_id=0)
     for row in range(batch):

@@ -87,7 +87,7 @@ PREFILL = {
         ("req_to_token_ptr", "req_rows_ptr", "seq_lens_ptr", "q_starts_ptr", "q_lens_ptr"), "*i32"
     ),
     **dict.fromkeys(("k_scale_ptr", "v_scale_ptr"), "*fp32"),
-    **dict.fromkeys((*STRIDES, "stride_ot", "stride_oh", "stride_rt", "head_dim", "num_m_blocks"), "i32"),
+    **dict.fromkeys((*STRIDES, "stride_ot", "stride_oh", "stride_rt", "head_dim"), "i32"),
     "qk_scale": "fp32",
 }
 PREFILL_CONSTS = {"GROUP": 4, "KV_FP8": False, "BLOCK_D": 128, "DOT_PRECISION": "tf32"}
@@ -99,36 +99,23 @@ RMSNORM = {
 
 
 def _prefill_cases(kernel: object) -> dict[str, tuple]:
-    """Prefill attention as the launcher picks it on Hopper: the chunk's K/V through TMA descriptors
-    (both tile shapes, with their warps and stages), by pointers, or from the pool alone."""
+    """Prefill attention as the launcher picks it on Hopper: the chunk's K/V through TMA descriptors,
+    by pointers, or from the pool alone (with their tiles, warps and stages)."""
+
+    def options(warps: int, stages: int) -> dict[str, int]:
+        return {"num_warps": warps, "num_stages": stages}
+
+    tiles = {**PREFILL_CONSTS, "BLOCK_M": 128, "BLOCK_N": 128}
     no_desc = dict.fromkeys(("q_desc", "k_desc", "v_desc"), None)
-    pool = {**PREFILL_CONSTS, **no_desc, "CHUNK_KV": False, "TMA": False, "BLOCK_M": 128, "BLOCK_N": 128}
+    pool = {**tiles, **no_desc, "CHUNK_KV": False, "TMA": False}
     ptr = {**pool, "CHUNK_KV": True}
-    table = {
-        "prefill_attention pool": (kernel, PREFILL, pool, True, {"num_warps": 8, "num_stages": 2}),
-        "prefill_attention chunk by pointers": (
-            kernel,
-            PREFILL,
-            ptr,
-            True,
-            {"num_warps": 8, "num_stages": 2},
-        ),
+    tma = {**tiles, "CHUNK_KV": True, "TMA": True}
+    descs = dict.fromkeys(no_desc, "tensordesc<bf16[128, 128]>")
+    return {
+        "prefill_attention pool": (kernel, PREFILL, pool, True, options(8, 2)),
+        "prefill_attention chunk by pointers": (kernel, PREFILL, ptr, True, options(8, 2)),
+        "prefill_attention chunk by TMA 128x128": (kernel, {**PREFILL, **descs}, tma, True, options(8, 3)),
     }
-    for m, n, warps, stages in ((64, 64, 4, 3), (128, 128, 8, 3)):
-        descs = {
-            "q_desc": f"tensordesc<bf16[{m}, 128]>",
-            **dict.fromkeys(("k_desc", "v_desc"), f"tensordesc<bf16[{n}, 128]>"),
-        }
-        consts = {**PREFILL_CONSTS, "CHUNK_KV": True, "TMA": True, "BLOCK_M": m, "BLOCK_N": n}
-        options = {"num_warps": warps, "num_stages": stages}
-        table[f"prefill_attention chunk by TMA {m}x{n}"] = (
-            kernel,
-            {**PREFILL, **descs},
-            consts,
-            True,
-            options,
-        )
-    return table
 
 
 def cases() -> dict[str, tuple]:

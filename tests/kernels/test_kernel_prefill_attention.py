@@ -87,7 +87,7 @@ def test_prefill_attention_matches_reference_gpu(
 def test_prefill_attention_large_tiles_gpu(
     q_len: int, device: torch.device, paged_kv: Callable[..., PagedKV]
 ) -> None:
-    """Chunks over 1,024 tokens take the 128 x 128 tiles on Hopper; a prefix and ragged ends."""
+    """TMA's 128 x 128 tiles and the pointer path on long chunks, with a prefix and ragged ends."""
     _run(([17, 0], [q_len, 300], 32, 8, 128), torch.bfloat16, device, paged_kv, "tma")
     _run(([0], [q_len], 32, 8, 128), torch.bfloat16, device, paged_kv, "ptr")
 

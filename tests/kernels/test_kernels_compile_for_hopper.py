@@ -42,7 +42,6 @@ def compiled() -> dict[str, str]:
         "decode_attention merged in one launch",
         "prefill_attention pool",
         "prefill_attention chunk by pointers",
-        "prefill_attention chunk by TMA 64x64",
         "prefill_attention chunk by TMA 128x128",
     ],
 )
