@@ -238,7 +238,7 @@ def _tma_ready(*tensors: torch.Tensor) -> bool:
 
 
 # Least attention work (tokens x max sequence length x heads x head_dim) for which TMA is chosen.
-# A launch with three host-side descriptors costs ~110 µs more host time than one with pointers
+# A launch with three host-side descriptors costs 40-130 µs more host time than one with pointers
 # (Triton 3.6, H100), while on the GPU TMA wins at every size (BENCHMARKS.md, "Prefill attention"):
 # below ~2^36 (a 4k-token chunk of 32 x 128 heads, ~0.3 ms) the host cost would not be hidden.
 TMA_MIN_WORK = 1 << 36
