@@ -6,7 +6,7 @@ row), the chunk's keys before its block (visible to every row: no mask) and the 
 (causal mask). Given the chunk's own K/V as the layer computed them (``k``/``v``, rotated, rows
 aligned with q), the last two runs read them from there, contiguous: on Hopper through TMA
 tensor descriptors (whole tiles into shared memory, no address arithmetic per element), which
-measured 1.1-1.6x the pool-only kernel's GPU time on an H100 (BENCHMARKS.md, "Prefill attention");
+measured 1.1-1.6x the pool-only kernel's GPU time on an H100 (BENCHMARKS.md, "Session of 2026-11-28, fourth");
 the prefix still needs the pool's per-token slots. Without them (or with an FP8 pool, whose rows
 differ from the layer's bf16 ones) every key is read from the pool. Blocks are visited longest
 first, so the heavy diagonal programs of long chunks do not start last.
@@ -239,16 +239,19 @@ def _tma_ready(*tensors: torch.Tensor) -> bool:
 
 # Least attention work (tokens x max sequence length x heads x head_dim) for which TMA is chosen.
 # A launch with three host-side descriptors costs 40-130 µs more host time than one with pointers
-# (Triton 3.6, H100), while on the GPU TMA wins at every size (BENCHMARKS.md, "Prefill attention"):
-# below ~2^36 (a 4k-token chunk of 32 x 128 heads, ~0.3 ms) the host cost would not be hidden.
+# (Triton 3.6, H100), while on the GPU TMA wins at every size (BENCHMARKS.md, "Session of
+# 2026-11-28, fourth"): below ~2^36 (a 4k-token chunk of 32 x 128 heads, ~0.3 ms of attention)
+# the host cost would not be hidden.
 TMA_MIN_WORK = 1 << 36
 
 
 def use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_seq_len: int = 0) -> bool:
     """The default of ``prefill_attention(tma=None)``: the chunk's K/V through TMA where the GPU
     has it and the work (``max_seq_len``: a host bound of the sequences' lengths) pays its
-    launch."""
-    if not q.is_cuda or q.shape[0] * max_seq_len * q.shape[1] * q.shape[2] < TMA_MIN_WORK:
+    launch. Only the measured tiles: 16-bit q, k and v, head_dim up to 128."""
+    if not q.is_cuda or q.element_size() != 2 or q.shape[2] > 128:
+        return False
+    if q.shape[0] * max_seq_len * q.shape[1] * q.shape[2] < TMA_MIN_WORK:
         return False
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     return _has_tma(index) and _tma_ready(q, k, v)

@@ -102,6 +102,7 @@ def test_tma_is_chosen_where_the_work_pays_its_launch(device: torch.device) -> N
     assert use_tma(q, k, v, 4096) and not use_tma(q, k, v, 2048)
     assert not use_tma(q[:512], k[:512], v[:512], 8192)  # 2^34: host-bound
     assert not use_tma(q, k, v[:, :, :80], 4096)  # not a power-of-two head_dim
+    assert not use_tma(q.float(), k.float(), v.float(), 4096)  # fp32 tiles were not measured
 
 
 def test_prefill_attention_chunk_kv_is_ignored_for_an_fp8_pool(
