@@ -23,8 +23,16 @@ def on_gpu(t: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _pdl_capable(device_index: int) -> bool:
+def _sm90_or_newer(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def hopper_or_newer(t: torch.Tensor) -> bool:
+    """Whether ``t`` is on a CUDA device of compute capability 9 or newer (programmatic
+    dependent launch, TMA tensor descriptors)."""
+    if not t.is_cuda:
+        return False
+    return _sm90_or_newer(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 @contextlib.contextmanager
@@ -51,10 +59,9 @@ def pdl(t: torch.Tensor) -> dict[str, bool]:
     ``programmatic_launch()``, unless ``LIGHTLLM_GRPC_PDL=0``. The launch attribute and the
     kernel's wait come from this one place, so no kernel is launched early without waiting.
     """
-    if not _PDL_SCOPE.get() or not t.is_cuda or os.environ.get(PDL_ENV, "1") == "0":
+    if not _PDL_SCOPE.get() or os.environ.get(PDL_ENV, "1") == "0" or not hopper_or_newer(t):
         return {"PDL": False}
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return {"PDL": True, "launch_pdl": True} if _pdl_capable(index) else {"PDL": False}
+    return {"PDL": True, "launch_pdl": True}
 
 
 @triton.jit

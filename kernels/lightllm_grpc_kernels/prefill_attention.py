@@ -17,8 +17,6 @@ scale folds into the softmax scale and the V scale multiplies the output.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +29,7 @@ from lightllm_grpc_kernels._launch import (
     check_rows,
     dequantize_kv_ref,
     dot_precision,
+    hopper_or_newer,
     on_gpu,
     pdl,
     wait_for_predecessor,
@@ -219,11 +218,6 @@ def _attend_block(
     )
 
 
-@functools.cache
-def _has_tma(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
 def _tma_ready(*tensors: torch.Tensor) -> bool:
     """Whether TMA descriptors can address these [T, heads, D] views: D a power of two and rows of
     whole heads, base and row stride 16-byte aligned (the copy engine's rule)."""
@@ -249,12 +243,11 @@ def use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_seq_len: int 
     """The default of ``prefill_attention(tma=None)``: the chunk's K/V through TMA where the GPU
     has it and the work (``max_seq_len``: a host bound of the sequences' lengths) pays its
     launch. Only the measured tiles: 16-bit q, k and v, head_dim up to 128."""
-    if not q.is_cuda or q.element_size() != 2 or q.shape[2] > 128:
+    if q.element_size() != 2 or q.shape[2] > 128:
         return False
     if q.shape[0] * max_seq_len * q.shape[1] * q.shape[2] < TMA_MIN_WORK:
         return False
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    return _has_tma(index) and _tma_ready(q, k, v)
+    return hopper_or_newer(q) and _tma_ready(q, k, v)
 
 
 def _blocks(q: torch.Tensor, tma: bool) -> tuple[int, int, int, int]:

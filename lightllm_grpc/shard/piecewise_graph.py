@@ -99,8 +99,8 @@ class PiecewiseCudaGraphs:
 
     @property
     def buffer_bytes(self) -> int:
-        tensors = (self.ids, self.positions, self.slots, self.q, self.k, self.v, self.attn, self.residual)
-        tensors += (self.hidden,)
+        tensors = (self.ids, self.positions, self.slots, self.q, self.k, self.v, self.attn)
+        tensors += (self.residual, self.hidden)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def fits(self, batch: ForwardBatch) -> bool:
