@@ -9,13 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightllm_grpc_kernels import _launch
+from lightllm_grpc_kernels import RELEASE_POLICIES, _launch
 
 from lightllm_grpc.layers.forward_batch import ForwardBatch
 from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard import decode_inputs
-from lightllm_grpc.shard.cuda_graph import GREEDY_IN_GRAPH_MAX, PDL_MAX_BATCH, CudaGraphDecoder
+from lightllm_grpc.shard.cuda_graph import (
+    GREEDY_IN_GRAPH_MAX,
+    PDL_MAX_BATCH,
+    CudaGraphDecoder,
+    fastest,
+    release_candidates,
+)
 from lightllm_grpc.shard.sampler import Sampler
 from tests.model_factory import make_tiny_model
 from tests.runner_harness import CPU, MAX_ROWS, Recorded, Script, make_runners, row, scenario
@@ -159,3 +165,19 @@ def test_plain_argmax_is_exactly_when_sample_is_the_argmax(option: str | None) -
         assert torch.equal(tokens, logits.argmax(dim=-1))
     elif option not in ("temperature", "logprobs"):  # these two may still draw the argmax
         assert tokens[1] != 7
+
+
+def test_small_graphs_try_every_release_policy_unless_one_is_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(_launch.PDL_ENV, raising=False)
+    assert release_candidates(1) == release_candidates(PDL_MAX_BATCH) == RELEASE_POLICIES
+    assert release_candidates(PDL_MAX_BATCH + 1) == ("wait",)  # launched without PDL: one capture
+    monkeypatch.setenv(_launch.PDL_ENV, "gemv")
+    assert release_candidates(1) == ("gemv",)
+    monkeypatch.setenv(_launch.PDL_ENV, "0")  # no PDL at all: the policy is moot, one capture
+    assert release_candidates(1) == ("wait",)
+
+
+def test_the_fastest_policy_is_kept_and_a_tie_keeps_the_first() -> None:
+    assert fastest({"wait": 2.78, "gemv": 2.72, "all": 2.67}) == "all"
+    assert fastest({"wait": 4.28, "gemv": 4.25, "all": 4.34}) == "gemv"
+    assert fastest({"wait": 1.0, "gemv": 1.0, "all": 1.0}) == "wait"

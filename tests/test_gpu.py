@@ -340,10 +340,12 @@ def test_decode_graphs_share_one_logits_buffer(tmp_path) -> None:
     """Every decode graph (plain and cascade) writes its logits into one [max batch, vocab] buffer,
     so capture memory does not grow with the sum of the batch sizes (it was sum x vocab x 4
     bytes: 5.4 GiB at 512 rows of Llama 3, an out-of-memory at 1,024; measured 0.56 GiB after);
-    the graphs' logits equal the eager forward's."""
+    the graphs' logits equal the eager forward's; the small graphs kept their fastest PDL release policy."""
+    from lightllm_grpc_kernels import RELEASE_POLICIES
+
     from lightllm_grpc.config import ShardConfig
     from lightllm_grpc.shard import decode_inputs
-    from lightllm_grpc.shard.cuda_graph import CudaGraphDecoder
+    from lightllm_grpc.shard.cuda_graph import PDL_MAX_BATCH, CudaGraphDecoder
     from lightllm_grpc.shard.worker import build_shard
 
     vocab, rows = 128000, 256  # a Llama 3 vocabulary: the logits dominate what the graphs keep
@@ -365,6 +367,11 @@ def test_decode_graphs_share_one_logits_buffer(tmp_path) -> None:
     assert grown < per_size / 3, f"{grown / 2**20:.0f} MiB; one logits tensor a graph: {per_size / 2**20:.0f}"
     assert graphs.logits is not None and graphs.logits.shape == (graphs.sizes[-1], vocab)
     assert len(graphs.cascade_outputs) > 0
+    # Graphs of up to PDL_MAX_BATCH rows were captured once per release policy; each keeps the fastest.
+    small = [s for s in graphs.sizes if s <= PDL_MAX_BATCH]
+    assert sorted(graphs.release) == sorted(graphs.release_times) == small
+    for bs, times in graphs.release_times.items():
+        assert tuple(times) == RELEASE_POLICIES and graphs.release[bs] == min(times, key=times.__getitem__)
     for out in [*graphs.outputs.values(), *graphs.cascade_outputs.values()]:
         assert out.data_ptr() == graphs.logits.data_ptr()
     with torch.inference_mode():

@@ -12,9 +12,23 @@ import torch
 import triton
 import triton.language as tl
 
-# LIGHTLLM_GRPC_PDL=0 launches every kernel without programmatic dependent launch.
+# LIGHTLLM_GRPC_PDL=0 launches every kernel without programmatic dependent launch; a policy's
+# name (see RELEASE_POLICIES) forces that policy instead of the per-graph choice.
 PDL_ENV = "LIGHTLLM_GRPC_PDL"
-_PDL_SCOPE = contextvars.ContextVar("lightllm_grpc_pdl", default=False)
+_PDL_SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("lightllm_grpc_pdl", default=None)
+
+# When a kernel lets the next one in the stream be scheduled (``griddepcontrol.launch_dependents``):
+# "wait": at its exit (the default trigger), "gemv": the one-token GEMVs at their start, the
+# rest at exit, "all": every kernel at its start. Releasing early lets the next kernel's
+# programs take the SMs the current one leaves idle in its last wave (a GEMV's tail) and hides
+# its launch, but the waiting programs also hold SM slots: which policy wins depends on the
+# graph (H200, batch-1 decode: "all" -3.8% for FP8 weights and +1% for bf16, "gemv" -1% for
+# bf16; BENCHMARKS.md), so decode graphs are captured with each and keep the fastest.
+RELEASE_POLICIES = ("wait", "gemv", "all")
+# The PDL constexpr of a kernel: 0 launched normally, WAIT_ONLY wait at the start, RELEASE_EARLY
+# release the next kernel at the start, then wait.
+WAIT_ONLY, RELEASE_EARLY = 1, 2
+_RELEASE_EARLY = tl.constexpr(RELEASE_EARLY)
 
 
 def on_gpu(t: torch.Tensor) -> bool:
@@ -36,21 +50,33 @@ def hopper_or_newer(t: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def programmatic_launch() -> Iterator[None]:
-    """Launches inside use programmatic dependent launch where the device has it (see ``pdl``).
+def programmatic_launch(release: str = "wait") -> Iterator[None]:
+    """Launches inside use programmatic dependent launch where the device has it (see ``pdl``),
+    and let their successors be scheduled as ``release`` (one of ``RELEASE_POLICIES``) says.
 
     Scoped, not global: it pays where a step is a chain of these kernels (decode graphs of up
     to 8 rows) and measured slower where they alternate with cuBLAS GEMMs (32 rows and more).
     """
-    token = _PDL_SCOPE.set(True)
+    assert release in RELEASE_POLICIES, f"release must be one of {RELEASE_POLICIES}, got {release!r}"
+    token = _PDL_SCOPE.set(release)
     try:
         yield
     finally:
         _PDL_SCOPE.reset(token)
 
 
-def pdl(t: torch.Tensor) -> dict[str, bool]:
-    """Launch keywords for a kernel that starts with ``wait_for_predecessor(PDL)``.
+def forced_release() -> str | None:
+    """The release policy ``LIGHTLLM_GRPC_PDL`` forces, or None (choose per graph). With "0" no
+    kernel uses PDL (``pdl``), so the policy is moot: "wait", and one capture does."""
+    value = os.environ.get(PDL_ENV, "")
+    if value == "0":
+        return "wait"
+    return value if value in RELEASE_POLICIES else None
+
+
+def pdl(t: torch.Tensor, gemv: bool = False) -> dict[str, int | bool]:
+    """Launch keywords for a kernel that starts with ``wait_for_predecessor(PDL)``; ``gemv``:
+    the kernel is a one-token GEMV (the "gemv" release policy).
 
     On Hopper (and newer) a kernel launched with programmatic dependent launch is scheduled
     while the kernel before it in the stream is still finishing, and waits for it in-kernel
@@ -59,16 +85,25 @@ def pdl(t: torch.Tensor) -> dict[str, bool]:
     ``programmatic_launch()``, unless ``LIGHTLLM_GRPC_PDL=0``. The launch attribute and the
     kernel's wait come from this one place, so no kernel is launched early without waiting.
     """
-    if not _PDL_SCOPE.get() or os.environ.get(PDL_ENV, "1") == "0" or not hopper_or_newer(t):
+    scope = _PDL_SCOPE.get()
+    if scope is None or os.environ.get(PDL_ENV) == "0" or not hopper_or_newer(t):
         return {"PDL": False}
-    return {"PDL": True, "launch_pdl": True}
+    release = forced_release() or scope
+    early = release == "all" or (release == "gemv" and gemv)
+    return {"PDL": RELEASE_EARLY if early else WAIT_ONLY, "launch_pdl": True}
 
 
 @triton.jit
 def wait_for_predecessor(PDL: tl.constexpr):
     """First statement of every kernel here: with PDL, wait until the previous kernel in the
-    stream has finished and its writes are visible (a no-op when launched without PDL)."""
+    stream has finished and its writes are visible (a no-op when launched without PDL).
+
+    ``PDL == RELEASE_EARLY`` first lets the next kernel be scheduled: safe, because that one
+    too waits for this one's completion before it reads or writes anything, and this one's
+    completion includes its own wait."""
     if PDL:
+        if PDL == _RELEASE_EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
 
 

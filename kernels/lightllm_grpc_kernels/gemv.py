@@ -191,7 +191,7 @@ def _launch(
     kernel[grid](x, w, y, n, k, w.stride(0), scale_arg, scale_arg if bias is None else bias, *args,
                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
                  SCALED=scale is not None, HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
-                 **constexprs, **pdl(x))  # fmt: skip
+                 **constexprs, **pdl(x, gemv=True))  # fmt: skip
     return y
 
 

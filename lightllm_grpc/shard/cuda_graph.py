@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from lightllm_grpc_kernels import programmatic_launch
+from lightllm_grpc_kernels import RELEASE_POLICIES, forced_release, programmatic_launch
 
 from lightllm_grpc.layers.forward_batch import ForwardBatch
 from lightllm_grpc.shard import decode_inputs
@@ -51,10 +51,44 @@ GREEDY_IN_GRAPH_MAX = 32
 PDL_MAX_BATCH = 8
 
 
-def _launches(bs: int) -> contextlib.AbstractContextManager[None]:
+# Replays timed per release policy when a graph of up to PDL_MAX_BATCH rows is captured with
+# each (after TIMING_WARMUP untimed ones): ~0.1 s of warm-up per size at batch 1.
+TIMING_REPLAYS, TIMING_WARMUP = 20, 3
+
+
+def _launches(bs: int, release: str = "wait") -> contextlib.AbstractContextManager[None]:
     """How the graph of ``bs`` rows launches its kernels: programmatic dependent launch up to
-    ``PDL_MAX_BATCH`` rows."""
-    return programmatic_launch() if bs <= PDL_MAX_BATCH else contextlib.nullcontext()
+    ``PDL_MAX_BATCH`` rows, with ``release`` as the policy for scheduling each kernel's successor."""
+    return programmatic_launch(release) if bs <= PDL_MAX_BATCH else contextlib.nullcontext()
+
+
+def release_candidates(bs: int) -> tuple[str, ...]:
+    """The release policies the graph of ``bs`` rows is captured with (the fastest is kept):
+    every one up to ``PDL_MAX_BATCH`` rows, unless ``LIGHTLLM_GRPC_PDL`` forces one; above it
+    the graph launches without PDL and one capture does."""
+    if bs > PDL_MAX_BATCH:
+        return ("wait",)
+    forced = forced_release()
+    return (forced,) if forced else RELEASE_POLICIES
+
+
+def fastest(times: dict[str, float]) -> str:
+    """The policy of least time (ms per replay); on a tie the first one."""
+    return min(times, key=times.__getitem__)
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = TIMING_REPLAYS) -> float:
+    """Mean GPU time of a replay of ``graph``. Under TP every rank replays the same graphs the
+    same number of times (their collectives pair up); each keeps its own fastest."""
+    for _ in range(TIMING_WARMUP):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
 
 
 class _EagerReplay:
@@ -106,6 +140,9 @@ class CudaGraphDecoder:
         self.cascade_outputs: dict[int, torch.Tensor] = {}
         self.logits: torch.Tensor | None = None  # [max batch, vocab] fp32: every graph's output
         self.pool = None  # the graphs' memory pool, once captured
+        # Each PDL graph's release policy and the replay times that chose it (ms per policy).
+        self.release: dict[int, str] = {}
+        self.release_times: dict[int, dict[str, float]] = {}
 
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.sizes[-1]
@@ -153,34 +190,56 @@ class CudaGraphDecoder:
         # tensor in the pool, the outputs would add up (sum of the sizes x vocab x 4 bytes:
         # 5.4 GiB at 512 rows, an out-of-memory at 1,024 on a 141 GB card).
         self._start()
-        pool = None
+        self.pool = None
         stream = torch.cuda.Stream()
         for bs, cascade, step in self._captures():
-            # The side stream runs after the padding's copy and the probe forward: under TP, two
-            # forwards in flight at once would interleave their collectives (the barrier-free
-            # all-reduce counts its calls).
-            stream.wait_stream(torch.cuda.current_stream())
-            with _launches(bs):
-                with torch.cuda.stream(stream):
-                    for _ in range(2):  # compile kernels and settle the allocator first
-                        step()
-                stream.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    output = step()
-            pool = graph.pool()
-            self._keep(bs, cascade, graph, output)
+            candidates = release_candidates(bs)
+            graphs = {release: self._capture_one(bs, step, release, stream) for release in candidates}
+            chosen = candidates[0]
+            if len(candidates) > 1:
+                self.release_times[bs] = {r: replay_ms(g) for r, (g, _) in graphs.items()}
+                chosen = fastest(self.release_times[bs])
+            if bs <= PDL_MAX_BATCH:
+                self.release[bs] = chosen
+            self._keep(bs, cascade, *graphs[chosen])
         torch.cuda.synchronize()
-        self.pool = pool
         log.info(
             "captured %d decode graphs (batch 1..%d) and %d with cascade attention in %.1fs, "
-            "%.0f MiB of GPU memory",
+            "%.0f MiB of GPU memory; PDL release policy per batch: %s",
             len(self.sizes),
             self.sizes[-1],
             len(self.cascade_graphs),
             time.perf_counter() - start,
             (free_before - torch.cuda.mem_get_info()[0]) / 2**20,
+            self._describe_release(),
         )
+
+    def _capture_one(
+        self, bs: int, step: Callable[[], torch.Tensor], release: str, stream: torch.cuda.Stream
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """One graph of ``step``, captured on ``stream`` into the shared pool."""
+        # The side stream runs after the padding's copy, the probe forward and any replay before:
+        # under TP, two forwards in flight at once would interleave their collectives (the
+        # barrier-free all-reduce counts its calls).
+        stream.wait_stream(torch.cuda.current_stream())
+        with _launches(bs, release):
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile kernels and settle the allocator first
+                    step()
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                output = step()
+        self.pool = graph.pool()
+        return graph, output
+
+    def _describe_release(self) -> str:
+        parts = []
+        for bs, release in sorted(self.release.items()):
+            times = self.release_times.get(bs)
+            timed = " (" + ", ".join(f"{r} {ms:.3f}" for r, ms in times.items()) + " ms)" if times else ""
+            parts.append(f"{bs}: {release}{timed}")
+        return "; ".join(parts) or f"none (no graph of up to {PDL_MAX_BATCH} rows)"
 
     def _capture_eager(self) -> None:
         self._start()

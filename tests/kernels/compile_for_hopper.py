@@ -15,6 +15,7 @@ import json
 import sys
 
 import triton
+from lightllm_grpc_kernels._launch import RELEASE_EARLY
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -169,8 +170,9 @@ def compile_case(
     fma: bool,
     options: dict[str, int] | None = None,
 ) -> str:
-    # As launched on Hopper: with programmatic dependent launch, whose in-kernel wait the PTX must show.
-    constexprs = {**constexprs, "PDL": True}
+    # As launched on Hopper with programmatic dependent launch, releasing the next kernel early:
+    # the PTX must show the release and the in-kernel wait (WAIT_ONLY compiles the wait alone).
+    constexprs = {**constexprs, "PDL": RELEASE_EARLY}
     signature = {**types, **dict.fromkeys(constexprs, "constexpr")}
     names = list(kernel.arg_names)
     if sorted(names) != sorted(signature):
@@ -191,8 +193,11 @@ def compile_case(
         )
     except Exception as e:
         return f"{type(e).__name__}: {e}"
-    if "griddepcontrol.wait" not in compiled.asm.get("ptx", ""):
+    ptx = compiled.asm.get("ptx", "")
+    if "griddepcontrol.wait" not in ptx:
         return "no griddepcontrol.wait: the kernel would not wait for the one before it"
+    if "griddepcontrol.launch_dependents" not in ptx:
+        return "no griddepcontrol.launch_dependents: the kernel would not release the next one early"
     return "ok" if compiled.asm.get("cubin") else "no cubin"
 
 

@@ -17,7 +17,7 @@ import textwrap
 import lightllm_grpc_kernels
 import pytest
 import torch
-from lightllm_grpc_kernels import _launch, programmatic_launch
+from lightllm_grpc_kernels import RELEASE_POLICIES, _launch, programmatic_launch
 from lightllm_grpc_kernels.decode_attention import decode_attention
 from lightllm_grpc_kernels.gemv import GemvConfig, add_rmsnorm_gemv, gemv, silu_gemv
 from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm
@@ -72,18 +72,39 @@ def test_every_kernel_waits_for_its_predecessor_before_anything_else(name: str) 
 def test_pdl_only_inside_the_scope_and_only_on_a_gpu() -> None:
     cpu = torch.zeros(1)
     assert _launch.pdl(cpu) == {"PDL": False}
-    with programmatic_launch():
+    with programmatic_launch("all"):
         assert _launch.pdl(cpu) == {"PDL": False}  # the interpreter has no launch attribute
     assert lightllm_grpc_kernels.programmatic_launch is programmatic_launch
 
 
+def test_release_policies_and_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(AssertionError, match="release must be one of"), programmatic_launch("early"):
+        pass
+    monkeypatch.delenv(_launch.PDL_ENV, raising=False)
+    assert _launch.forced_release() is None
+    for value, forced in (("0", "wait"), ("1", None), ("auto", None), *((p, p) for p in RELEASE_POLICIES)):
+        monkeypatch.setenv(_launch.PDL_ENV, value)
+        assert _launch.forced_release() == forced
+
+
 @pytest.mark.gpu
-def test_pdl_scope_and_switch_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pdl_scope_release_and_switch_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(_launch.PDL_ENV, raising=False)
     t = torch.zeros(1, device="cuda")
-    hopper = torch.cuda.get_device_capability()[0] >= 9
+    if torch.cuda.get_device_capability()[0] < 9:
+        with programmatic_launch("all"):
+            assert _launch.pdl(t) == {"PDL": False}
+        return
     assert _launch.pdl(t) == {"PDL": False}
-    with programmatic_launch():
-        assert _launch.pdl(t) == ({"PDL": True, "launch_pdl": True} if hopper else {"PDL": False})
+    wait = {"PDL": _launch.WAIT_ONLY, "launch_pdl": True}
+    early = {"PDL": _launch.RELEASE_EARLY, "launch_pdl": True}
+    # (policy, a GEMV's keywords, any other kernel's)
+    for release, gemv_kw, other_kw in (("wait", wait, wait), ("gemv", early, wait), ("all", early, early)):
+        with programmatic_launch(release):
+            assert _launch.pdl(t, gemv=True) == gemv_kw and _launch.pdl(t) == other_kw
+    with programmatic_launch("wait"):
+        monkeypatch.setenv(_launch.PDL_ENV, "all")  # forces one policy over the scope's
+        assert _launch.pdl(t) == early
         monkeypatch.setenv(_launch.PDL_ENV, "0")
         assert _launch.pdl(t) == {"PDL": False}
 
@@ -129,13 +150,15 @@ def _layer_chain(dtype: torch.dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("release", RELEASE_POLICIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_graph_with_pdl_gives_the_same_bits(dtype: torch.dtype) -> None:
+def test_a_graph_with_pdl_gives_the_same_bits(dtype: torch.dtype, release: str) -> None:
+    """Every release policy: the kernels released early still wait for their predecessor's data."""
     chain = _layer_chain(dtype)
     outputs = []
     for scoped in (False, True):
         stream = torch.cuda.Stream()
-        with programmatic_launch() if scoped else contextlib.nullcontext():
+        with programmatic_launch(release) if scoped else contextlib.nullcontext():
             with torch.cuda.stream(stream):
                 chain()
             stream.synchronize()
