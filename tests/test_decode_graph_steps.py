@@ -19,7 +19,7 @@ from lightllm_grpc.shard.cuda_graph import (
     GREEDY_IN_GRAPH_MAX,
     PDL_MAX_BATCH,
     CudaGraphDecoder,
-    fastest,
+    choose_release,
     release_candidates,
 )
 from lightllm_grpc.shard.sampler import Sampler
@@ -167,17 +167,21 @@ def test_plain_argmax_is_exactly_when_sample_is_the_argmax(option: str | None) -
         assert tokens[1] != 7
 
 
-def test_small_graphs_try_every_release_policy_unless_one_is_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_graphs_try_every_release_policy_whatever_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank captures and times as many graphs as the others, whatever its environment
+    (their collectives must pair up); a forced policy only decides which one is kept."""
+    for value in ("", "0", "gemv"):
+        monkeypatch.setenv(_launch.PDL_ENV, value)
+        assert release_candidates(1) == release_candidates(PDL_MAX_BATCH) == RELEASE_POLICIES
+        assert release_candidates(PDL_MAX_BATCH + 1) == ("wait",)  # launched without PDL: one capture
+
+
+def test_the_fastest_policy_is_kept_unless_one_is_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(_launch.PDL_ENV, raising=False)
-    assert release_candidates(1) == release_candidates(PDL_MAX_BATCH) == RELEASE_POLICIES
-    assert release_candidates(PDL_MAX_BATCH + 1) == ("wait",)  # launched without PDL: one capture
+    assert choose_release({"wait": 2.78, "gemv": 2.72, "all": 2.67}) == "all"
+    assert choose_release({"wait": 4.28, "gemv": 4.25, "all": 4.34}) == "gemv"
+    assert choose_release({"wait": 1.0, "gemv": 1.0, "all": 1.0}) == "wait"  # a tie keeps the first
     monkeypatch.setenv(_launch.PDL_ENV, "gemv")
-    assert release_candidates(1) == ("gemv",)
-    monkeypatch.setenv(_launch.PDL_ENV, "0")  # no PDL at all: the policy is moot, one capture
-    assert release_candidates(1) == ("wait",)
-
-
-def test_the_fastest_policy_is_kept_and_a_tie_keeps_the_first() -> None:
-    assert fastest({"wait": 2.78, "gemv": 2.72, "all": 2.67}) == "all"
-    assert fastest({"wait": 4.28, "gemv": 4.25, "all": 4.34}) == "gemv"
-    assert fastest({"wait": 1.0, "gemv": 1.0, "all": 1.0}) == "wait"
+    assert choose_release({"wait": 2.78, "gemv": 2.72, "all": 2.67}) == "gemv"
+    monkeypatch.setenv(_launch.PDL_ENV, "0")  # no PDL: the graphs are alike, "wait" names them
+    assert choose_release({"wait": 2.78, "gemv": 2.72, "all": 2.67}) == "wait"

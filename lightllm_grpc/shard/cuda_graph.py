@@ -63,18 +63,18 @@ def _launches(bs: int, release: str = "wait") -> contextlib.AbstractContextManag
 
 
 def release_candidates(bs: int) -> tuple[str, ...]:
-    """The release policies the graph of ``bs`` rows is captured with (the fastest is kept):
-    every one up to ``PDL_MAX_BATCH`` rows, unless ``LIGHTLLM_GRPC_PDL`` forces one; above it
-    the graph launches without PDL and one capture does."""
-    if bs > PDL_MAX_BATCH:
-        return ("wait",)
-    forced = forced_release()
-    return (forced,) if forced else RELEASE_POLICIES
+    """The release policies the graph of ``bs`` rows is captured with: every one up to
+    ``PDL_MAX_BATCH`` rows; above it the graph launches without PDL and one capture does.
+    Not the environment's to change: under TP every rank must capture and replay as many graphs
+    as the others, or their collectives stop pairing up (a shard started by hand on another
+    host may have another ``LIGHTLLM_GRPC_PDL``); ``choose_release`` applies a forced policy."""
+    return RELEASE_POLICIES if bs <= PDL_MAX_BATCH else ("wait",)
 
 
-def fastest(times: dict[str, float]) -> str:
-    """The policy of least time (ms per replay); on a tie the first one."""
-    return min(times, key=times.__getitem__)
+def choose_release(times: dict[str, float]) -> str:
+    """The policy to keep: the one ``LIGHTLLM_GRPC_PDL`` forces, else the one of least time
+    (ms per replay; on a tie the first)."""
+    return forced_release() or min(times, key=times.__getitem__)
 
 
 def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = TIMING_REPLAYS) -> float:
@@ -198,9 +198,7 @@ class CudaGraphDecoder:
             chosen = candidates[0]
             if len(candidates) > 1:
                 self.release_times[bs] = {r: replay_ms(g) for r, (g, _) in graphs.items()}
-                chosen = fastest(self.release_times[bs])
-            if bs <= PDL_MAX_BATCH:
-                self.release[bs] = chosen
+                chosen = self.release[bs] = choose_release(self.release_times[bs])
             self._keep(bs, cascade, *graphs[chosen])
         torch.cuda.synchronize()
         log.info(
