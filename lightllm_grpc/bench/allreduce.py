@@ -213,6 +213,8 @@ def _check_fused(lamport, dtype: torch.dtype, device: torch.device) -> dict:
 
 def _per_call_us(fn, x: torch.Tensor, replays: int = 20) -> float:
     """Microseconds per call of ``fn(x)`` captured CALLS_PER_GRAPH times in one graph."""
+    from lightllm_grpc.shard.cuda_graph import replay_ms
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -225,13 +227,7 @@ def _per_call_us(fn, x: torch.Tensor, replays: int = 20) -> float:
     graph.replay()
     dist.barrier()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * CALLS_PER_GRAPH)
+    return replay_ms(graph, replays, warmup=0) * 1e3 / CALLS_PER_GRAPH
 
 
 def timing(device: torch.device) -> dict:

@@ -264,6 +264,7 @@ def decode_breakdown(
     """Batch-1 decode without the server: the CUDA graph alone, and the shard runner's whole step."""
     from lightllm_grpc.config import ShardConfig
     from lightllm_grpc.proto import shard_pb2
+    from lightllm_grpc.shard.cuda_graph import replay_ms
     from lightllm_grpc.shard.warmup import warmup
     from lightllm_grpc.shard.worker import build_shard, prefill_step
 
@@ -274,14 +275,7 @@ def decode_breakdown(
     warmup(shard, 256, 4)
     runner = shard.runner
     runner.step(prefill_step(0, context, runner.kv_capacity))
-    graph = runner.decode_graphs.graphs[1]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    replay_ms = start.elapsed_time(end) / iters
+    graph_ms = replay_ms(runner.decode_graphs.graphs[1], iters, warmup=0)
     step = shard_pb2.StepRequest(step_id=1)
     step.decode.rows.append(0)
     step.decode.slots.append(context + 1)
@@ -289,9 +283,9 @@ def decode_breakdown(
     for _ in range(iters):
         runner.step(step)  # same slot each time: the timing is what matters here
     step_ms = (time.perf_counter() - t0) * 1e3 / iters
-    del shard, runner, graph
+    del shard, runner
     torch.cuda.empty_cache()
-    return {"graph_replay_ms": replay_ms, "runner_step_ms": step_ms}
+    return {"graph_replay_ms": graph_ms, "runner_step_ms": step_ms}
 
 
 def hf_generate_tps(model, batch: int, input_len: int, output_len: int) -> float:

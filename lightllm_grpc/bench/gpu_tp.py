@@ -57,6 +57,7 @@ def _measure(runner, world_size: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from lightllm_grpc.bench.profile_decode import kernel_table
+    from lightllm_grpc.shard.cuda_graph import replay_ms
 
     out = {}
     first_slot = max(BATCHES) * CONTEXT  # past every row's prompt: same slots each step
@@ -67,12 +68,7 @@ def _measure(runner, world_size: int) -> dict:
         if world_size > 1:
             dist.barrier()
         torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(100):
-            graph.replay()
-        end.record()
-        end.synchronize()
+        graph_ms = replay_ms(graph, 100, warmup=0)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
                 graph.replay()
@@ -83,7 +79,7 @@ def _measure(runner, world_size: int) -> dict:
         ar = sum(e.device_time for e in kernels if any(n in e.name.lower() for n in names)) / 20 / 1e3
         table = kernel_table(prof, 20)
         out[str(batch)] = {
-            "graph_replay_ms": start.elapsed_time(end) / 100,
+            "graph_replay_ms": graph_ms,
             "kernels_ms": total,
             "all_reduce_ms": ar,
             "all_reduce_share": ar / total if total else None,  # None: the profiler saw no kernels

@@ -81,6 +81,7 @@ def profile_decode(
 
     from lightllm_grpc.bench.gpu import prepare_model_dir
     from lightllm_grpc.config import ShardConfig
+    from lightllm_grpc.shard.cuda_graph import replay_ms
     from lightllm_grpc.shard.warmup import warmup
     from lightllm_grpc.shard.worker import build_shard, prefill_step
 
@@ -111,13 +112,7 @@ def profile_decode(
     # buffers, so the replays below attend over the real context (after capture they hold padding).
     step_ms = _served_step_ms(runner, step)
     graph = graphs.graphs[graphs.sizes[0] if batch == 1 else min(s for s in graphs.sizes if s >= batch)]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(100):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return {"graph_ms": start.elapsed_time(end) / 100, "step_ms": step_ms,
+    return {"graph_ms": replay_ms(graph, 100, warmup=0), "step_ms": step_ms,
             "kernels_ms": sum(t for _, t, _ in rows), "rows": rows}  # fmt: skip
 
 

@@ -21,6 +21,7 @@ import torch
 from lightllm_grpc.bench.gpu import prepare_model_dir
 from lightllm_grpc.config import ShardConfig
 from lightllm_grpc.proto import shard_pb2
+from lightllm_grpc.shard.cuda_graph import replay_ms
 from lightllm_grpc.shard.prefill_graph import CudaGraphPrefill
 from lightllm_grpc.shard.runner import ModelRunner
 from lightllm_grpc.shard.warmup import warmup
@@ -51,15 +52,7 @@ def _time_steps(runner: ModelRunner, step: shard_pb2.StepRequest, iters: int) ->
 
 
 def _time_replay(graphs: CudaGraphPrefill, size: int, iters: int) -> float:
-    graph = graphs.graphs[size]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+    return replay_ms(graphs.graphs[size], iters, warmup=1)
 
 
 def main(argv: list[str] | None = None) -> None:

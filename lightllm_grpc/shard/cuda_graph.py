@@ -77,10 +77,13 @@ def choose_release(times: dict[str, float]) -> str:
     return forced_release() or min(times, key=times.__getitem__)
 
 
-def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = TIMING_REPLAYS) -> float:
-    """Mean GPU time of a replay of ``graph``. Under TP every rank replays the same graphs the
-    same number of times (their collectives pair up); each keeps its own fastest."""
-    for _ in range(TIMING_WARMUP):
+def replay_ms(
+    graph: torch.cuda.CUDAGraph, replays: int = TIMING_REPLAYS, warmup: int = TIMING_WARMUP
+) -> float:
+    """Mean GPU time of a replay of ``graph`` over ``replays`` back to back, after ``warmup``
+    untimed ones. Under TP every rank must replay the same graphs as often (the collectives in
+    them pair up)."""
+    for _ in range(warmup):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
