@@ -108,20 +108,23 @@ def test_fp8_model_agrees_with_bf16(tmp_path: Path) -> None:
 
 def test_tuned_tiles_bind_per_shape_and_keep_the_numbers() -> None:
     """Warm-up tuning of the W8A16 kernel: every FP8 layer ends with its shape's chosen tiles
-    (one token and 2..16), and its outputs stay those of the untuned kernel."""
+    (one token, 2..16, and the few-token GEMV where it won), and its outputs stay those of the
+    untuned kernel at every token count, the few-token GEMV's included."""
     from torch import nn
 
     from lightllm_grpc.layers.fp8 import fp8_cuda_gemm
     from lightllm_grpc.layers.triton_ops import tune_fp8_gemv
 
     gate_up, down = _fp8_mlp()
-    x1, x8 = (torch.randn(m, 512, device="cuda", dtype=torch.bfloat16) for m in (1, 8))
+    xs = [torch.randn(m, 512, device="cuda", dtype=torch.bfloat16) for m in (1, 2, 3, 4, 8)]
     with torch.no_grad():
-        before = [down(gate_up(x)) for x in (x1, x8)]
+        before = [down(gate_up(x)) for x in xs]
         chosen = tune_fp8_gemv(nn.ModuleList([gate_up, down]))
-        after = [down(gate_up(x)) for x in (x1, x8)]
+        after = [down(gate_up(x)) for x in xs]
     assert set(chosen) == {(2048, 512), (512, 2048)}
     for layer in (gate_up, down):
         assert layer.matmul.gemm is fp8_cuda_gemm(*chosen[tuple(layer.weight.shape)])
+        rows, rows_max = chosen[tuple(layer.weight.shape)][2:]
+        assert rows_max in (0, 2, 4) and (rows is None) == (rows_max == 0)
     for a, b in zip(after, before, strict=True):
         assert _rel(a, b) < 1e-2  # other tiles sum in another order

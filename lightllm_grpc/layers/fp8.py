@@ -27,6 +27,7 @@ from lightllm_grpc.layers.linear import LinearBase, LinearMethod, Matmul, ShardI
 
 if TYPE_CHECKING:  # the kernels are imported only where they run
     from lightllm_grpc_kernels.fp8_gemv import Fp8GemvConfig
+    from lightllm_grpc_kernels.gemv import GemvConfig
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +129,35 @@ def fp8_linear_w8a16(
     return y.view(*x.shape[:-1], -1)
 
 
+def fp8_linear_gemv_rows(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: GemvConfig | None,
+) -> torch.Tensor:
+    """Weight-only for a few tokens (at most ``gemv_rows.MAX_ROWS``): the GEMV loop with a token
+    dimension, which converts each e4m3 weight once for all of them (no tl.dot tile)."""
+    from lightllm_grpc_kernels.gemv_rows import gemv_rows
+
+    rows = x.reshape(-1, x.shape[-1])
+    y = gemv_rows(rows if rows.stride(-1) == 1 else rows.contiguous(), weight, config, weight_scale, bias)
+    return y.view(*x.shape[:-1], -1)
+
+
 @functools.cache
-def fp8_cuda_gemm(one: Fp8GemvConfig | None = None, few: Fp8GemvConfig | None = None) -> Fp8Gemm:
+def fp8_cuda_gemm(
+    one: Fp8GemvConfig | None = None,
+    few: Fp8GemvConfig | None = None,
+    rows: GemvConfig | None = None,
+    rows_max: int = 0,
+) -> Fp8Gemm:
     """The Hopper path: W8A16 up to ``W8A16_MAX_M`` tokens (kernel tiles ``one`` for a single
-    token, ``few`` for 2..16; None: the default), W8A8 ``_scaled_mm`` above. Chosen by the token
-    count alone, so each decode CUDA graph (one per batch size) captures one path. One function
-    per pair of configs, shared by the layers that chose it (``triton_ops.tune_fp8_gemv``)."""
+    token, ``few`` for 2..16; None: the default), W8A8 ``_scaled_mm`` above. 2..``rows_max``
+    tokens go through ``fp8_linear_gemv_rows`` with tiles ``rows`` instead, where warm-up timed
+    that faster (0: never). Chosen by the token count alone, so each decode CUDA graph (one per
+    batch size) captures one path. One function per set of choices, shared by the layers that
+    made it (``triton_ops.tune_fp8_gemv``)."""
 
     def gemm(
         x: torch.Tensor,
@@ -145,6 +169,8 @@ def fp8_cuda_gemm(one: Fp8GemvConfig | None = None, few: Fp8GemvConfig | None = 
         m = x.shape[:-1].numel()
         if m > W8A16_MAX_M:
             return fp8_linear_scaled_mm(x, weight, weight_scale, input_scale, bias)
+        if 1 < m <= rows_max:
+            return fp8_linear_gemv_rows(x, weight, weight_scale, bias, rows)
         return fp8_linear_w8a16(x, weight, weight_scale, input_scale, bias, one if m == 1 else few)
 
     return gemm

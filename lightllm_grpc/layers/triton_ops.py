@@ -8,7 +8,8 @@ decode-sized matmuls per weight shape and binds the winners into each layer of t
 where that beats the activation kernel followed by the layer's matmul; ``tune_norm_gemv`` the
 GEMV with the residual add + RMSNorm folded into its loads for qkv and gate_up (the decoder's
 ``AddNormLinear`` steps) where that beats the norm kernel followed by the matmul;
-``tune_fp8_gemv`` the W8A16 kernel's tiles (for one token and for 2..16) of FP8 layers. The two
+``tune_fp8_gemv`` the W8A16 kernel's tiles (for one token and for 2..16) of FP8 layers, and
+whether 2..4 tokens go through the few-token GEMV (``gemv_rows``) instead. The two
 fusions run once for the unquantized layers and once for the FP8 ones (weight-only at one
 token: the same GEMV kernels read the e4m3 weight and apply its scales).
 """
@@ -31,6 +32,7 @@ from lightllm_grpc_kernels.fp8_gemv import (
     fp8_gemv,
 )
 from lightllm_grpc_kernels.gemv import GEMV_CONFIGS, GemvConfig, add_rmsnorm_gemv, gemv, silu_gemv
+from lightllm_grpc_kernels.gemv_rows import GEMV_ROWS_CONFIGS, MAX_ROWS, gemv_rows
 from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 from lightllm_grpc_kernels.rotary import apply_rotary
 from torch import nn
@@ -450,29 +452,75 @@ def _time_gemv(w: torch.Tensor) -> tuple[float, float, GemvConfig]:
     return cublas, best_ms, best
 
 
-def tune_fp8_gemv(model: nn.Module) -> dict[tuple[int, int], tuple[Fp8GemvConfig, Fp8GemvConfig]]:
+# What tune_fp8_gemv binds per weight shape: tiles for one token and for 2..16 (tl.dot), and the
+# few-token GEMV's tiles with the most tokens it takes (None, 0: not used).
+Fp8Choice = tuple[Fp8GemvConfig, Fp8GemvConfig, GemvConfig | None, int]
+
+
+def tune_fp8_gemv(model: nn.Module) -> dict[tuple[int, int], Fp8Choice]:
     """For each weight shape of ``model``'s FP8 layers on the Hopper path, time the W8A16
-    kernel's tile configs at one token and at ``W8A16_MAX_M`` tokens (inside CUDA graphs) and
-    bind the fastest of each into every layer of that shape. Returns the choices by shape."""
+    kernel's tile configs at one token and at ``W8A16_MAX_M`` tokens (inside CUDA graphs), and
+    the few-token GEMV against the chosen ``tl.dot`` tiles at ``MAX_ROWS`` and 2 tokens
+    (``pick_gemv_rows``); bind the choices into every layer of that shape. Returns them by shape."""
     layers = [m for m in model.modules() if is_fp8(m) and _untuned_fp8(m.matmul)]
     weights = {tuple(m.weight.shape): (m.weight, m.weight_scale) for m in layers}
-    chosen: dict[tuple[int, int], tuple[Fp8GemvConfig, Fp8GemvConfig]] = {}
+    chosen: dict[tuple[int, int], Fp8Choice] = {}
     for shape, (w, scale) in sorted(weights.items()):
         one_timed, few_timed = (_time_fp8_gemv(w, scale, m) for m in (1, W8A16_MAX_M))
         (one_ms, one), (few_ms, few) = (min(timed, key=lambda t: t[0]) for timed in (one_timed, few_timed))
         default_ms = {c: t for t, c in one_timed}[FP8_GEMV_CONFIGS[0]]
-        chosen[shape] = (one, few)
+        rows_timed = {m: _time_fp8_rows(w, scale, m, few) for m in (MAX_ROWS, 2)}
+        rows, rows_max = pick_gemv_rows(rows_timed)
+        chosen[shape] = (one, few, rows, rows_max)
         log.info(
             "FP8 weight %s: one token %.1f us (%.2f TB/s; default tiles %.1f us) with %s; "
-            "%d tokens %.1f us with %s",
+            "%d tokens %.1f us with %s; few-token GEMV %s",
             shape, one_ms * 1e3, w.numel() / one_ms / 1e9, default_ms * 1e3, one,
-            W8A16_MAX_M, few_ms * 1e3, few,
+            W8A16_MAX_M, few_ms * 1e3, few, _describe_rows(rows_timed, rows, rows_max),
         )  # fmt: skip
     for m in layers:
-        one, few = chosen[tuple(m.weight.shape)]
-        m.matmul = dataclasses.replace(m.matmul, gemm=fp8_cuda_gemm(one, few))
+        m.matmul = dataclasses.replace(m.matmul, gemm=fp8_cuda_gemm(*chosen[tuple(m.weight.shape)]))
     torch.cuda.empty_cache()
     return chosen
+
+
+# tokens -> (ms of the tl.dot tiles, [(ms, config) of each few-token GEMV candidate])
+RowsTimings = dict[int, tuple[float, list[tuple[float, GemvConfig]]]]
+
+
+def pick_gemv_rows(timed: RowsTimings) -> tuple[GemvConfig | None, int]:
+    """The few-token GEMV's fastest tiles and the most tokens it should take: the largest token
+    count at which it beat the ``tl.dot`` tiles (then it wins below too: fewer FMAs per weight
+    byte, the same read), or ``(None, 0)`` where it never did."""
+    for m in sorted(timed, reverse=True):
+        dot_ms, candidates = timed[m]
+        best_ms, best = min(candidates, key=lambda t: t[0])
+        if best_ms < dot_ms:
+            return best, m
+    return None, 0
+
+
+def _describe_rows(timed: RowsTimings, rows: GemvConfig | None, rows_max: int) -> str:
+    times = ", ".join(
+        f"{m} tokens {min(t for t, _ in c) * 1e3:.1f} vs tl.dot {dot * 1e3:.1f} us"
+        for m, (dot, c) in timed.items()
+    )
+    return f"for 2..{rows_max} tokens with {rows} ({times})" if rows else f"not used ({times})"
+
+
+def _time_fp8_rows(
+    w: torch.Tensor, scale: torch.Tensor, tokens: int, few: Fp8GemvConfig
+) -> tuple[float, list[tuple[float, GemvConfig]]]:
+    """``tokens`` rows through the chosen ``tl.dot`` tiles, and through each few-token GEMV tile."""
+    import triton.testing
+
+    rotating = _rotating(w)
+    x = torch.randn(tokens, w.shape[1], device=w.device, dtype=torch.bfloat16)
+    dot_ms = triton.testing.do_bench_cudagraph(rotating(lambda m: fp8_gemv(x, m, scale, None, few)))
+    return dot_ms, [
+        (triton.testing.do_bench_cudagraph(rotating(lambda m, c=c: gemv_rows(x, m, c, scale))), c)
+        for c in GEMV_ROWS_CONFIGS
+    ]
 
 
 def _untuned_fp8(matmul: object) -> bool:

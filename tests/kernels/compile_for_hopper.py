@@ -33,6 +33,13 @@ GEMV_BLOCKS = {"BLOCK_N": 8, "BLOCK_K": 512, "NUM_STAGES": 3, "SCALED": False, "
 # An FP8 layer's one-token GEMV: e4m3 weight, fp32 scales, a bias in the model dtype.
 FP8_GEMV = {**GEMV, "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
 FP8_BLOCKS = {**GEMV_BLOCKS, "BLOCK_K": 512, "SCALED": True, "HAS_BIAS": True}
+# gemv_rows.py: a few tokens' rows of x, strided.
+GEMV_ROWS = {
+    **GEMV,
+    "x_ptr": "*bf16",
+    **dict.fromkeys(("m", "stride_x", "stride_y"), "i32"),
+}
+GEMV_ROWS_BLOCKS = {**GEMV_BLOCKS, "ROWS": 4, "BLOCK_K": 256}
 NORM_GEMV = {
     **GEMV,
     "x_ptr": "*bf16",
@@ -121,8 +128,8 @@ def _prefill_cases(kernel: object) -> dict[str, tuple]:
 
 def cases() -> dict[str, tuple]:
     """case -> (kernel, argument types, constexpr values, FMA contraction on[, compile options])."""
-    modules = ("gemv", "store_kv", "rmsnorm", "decode_attention", "lamport", "prefill_attention")
-    gemv, store, norm, decode, lamport, prefill = (
+    modules = ("gemv", "store_kv", "rmsnorm", "decode_attention", "lamport", "prefill_attention", "gemv_rows")
+    gemv, store, norm, decode, lamport, prefill, gemv_rows = (
         importlib.import_module(f"lightllm_grpc_kernels.{m}") for m in modules
     )
     bf16_pool = {**STORE, "k_buf_ptr": "*bf16", "v_buf_ptr": "*bf16"}
@@ -136,6 +143,13 @@ def cases() -> dict[str, tuple]:
         "add_rmsnorm_gemv": (gemv._add_rmsnorm_gemv_kernel, NORM_GEMV, with_res, True),
         "add_rmsnorm_gemv no residual": (gemv._add_rmsnorm_gemv_kernel, NORM_GEMV, no_res, True),
         "gemv fp8": (gemv._gemv_kernel, {**FP8_GEMV, "x_ptr": "*bf16"}, FP8_BLOCKS, True),
+        "gemv_rows": (gemv_rows._gemv_rows_kernel, GEMV_ROWS, GEMV_ROWS_BLOCKS, True),
+        "gemv_rows fp8": (
+            gemv_rows._gemv_rows_kernel,
+            {**GEMV_ROWS, **FP8_GEMV, "x_ptr": "*bf16"},
+            {**GEMV_ROWS_BLOCKS, "BLOCK_N": 4, "BLOCK_K": 512, "SCALED": True, "HAS_BIAS": True},
+            True,
+        ),
         "silu_gemv fp8": (gemv._silu_gemv_kernel, {**FP8_GEMV, "h_ptr": "*bf16"}, FP8_BLOCKS, True),
         "add_rmsnorm_gemv fp8": (
             gemv._add_rmsnorm_gemv_kernel,

@@ -90,3 +90,40 @@ def test_fp8_layers_dispatch_on_token_count(monkeypatch: pytest.MonkeyPatch, dev
         fp8.fp8_linear_cuda(torch.randn(shape, device=device), layer.weight, layer.weight_scale, None, None)
     assert large_calls == [(17, 96), (3, 6, 96)]
     assert fp8.W8A16_MAX_M == 16
+
+
+def test_a_few_tokens_take_the_few_token_gemv_where_tuned(
+    monkeypatch: pytest.MonkeyPatch, device: torch.device
+) -> None:
+    """``fp8_cuda_gemm(rows=, rows_max=)``: 2..rows_max tokens through ``gemv_rows`` (run here in
+    the interpreter), one token and rows_max+1.. through the W8A16 kernel, as warm-up bound them."""
+    from lightllm_grpc_kernels.gemv import GemvConfig
+
+    from lightllm_grpc.layers import fp8
+
+    x_all, w, scale, b = _inputs(6, 40, 96, torch.float32, device, True)
+    gemm = fp8.fp8_cuda_gemm(None, None, GemvConfig(8, 64), 4)
+    assert gemm is fp8.fp8_cuda_gemm(None, None, GemvConfig(8, 64), 4)  # shared by the layers that chose it
+    calls: dict[str, list[int]] = {"fp8_linear_gemv_rows": [], "fp8_linear_w8a16": []}
+    for name, seen in calls.items():
+        real = getattr(fp8, name)
+        monkeypatch.setattr(fp8, name, lambda x, *a, seen=seen, real=real: seen.append(len(x)) or real(x, *a))
+    rows_calls, w8a16_calls = calls.values()
+    for m in range(1, 7):
+        x = x_all[:m]
+        _check(gemm(x, w, scale, None, b), fp8_gemv_ref(x, w, scale, b))
+    assert rows_calls == [2, 3, 4] and w8a16_calls == [1, 5, 6]
+    rows_calls.clear()
+    fp8.fp8_cuda_gemm()(x_all[:2], w, scale, None, b)  # untuned: never
+    assert rows_calls == []
+
+
+def test_the_few_token_gemv_takes_the_most_tokens_at_which_it_won() -> None:
+    from lightllm_grpc_kernels.gemv import GemvConfig
+
+    from lightllm_grpc.layers.triton_ops import pick_gemv_rows
+
+    a, b = GemvConfig(8, 256), GemvConfig(4, 512)
+    assert pick_gemv_rows({4: (0.030, [(0.025, a), (0.020, b)]), 2: (0.028, [(0.018, a)])}) == (b, 4)
+    assert pick_gemv_rows({4: (0.020, [(0.025, a), (0.021, b)]), 2: (0.028, [(0.018, a)])}) == (a, 2)
+    assert pick_gemv_rows({4: (0.020, [(0.025, a)]), 2: (0.018, [(0.018, a)])}) == (None, 0)  # a tie: no

@@ -28,6 +28,7 @@ MODULES = (
     "fp8_gemv",
     "fp8_quant",
     "gemv",
+    "gemv_rows",
     "lamport",
     "prefill_attention",
     "rmsnorm",
