@@ -127,3 +127,5 @@ def test_the_few_token_gemv_takes_the_most_tokens_at_which_it_won() -> None:
     assert pick_gemv_rows({4: (0.030, [(0.025, a), (0.020, b)]), 2: (0.028, [(0.018, a)])}) == (b, 4)
     assert pick_gemv_rows({4: (0.020, [(0.025, a), (0.021, b)]), 2: (0.028, [(0.018, a)])}) == (a, 2)
     assert pick_gemv_rows({4: (0.020, [(0.025, a)]), 2: (0.018, [(0.018, a)])}) == (None, 0)  # a tie: no
+    assert pick_gemv_rows({4: (0.030, []), 2: (0.028, [(0.018, a)])}) == (a, 2)  # none right at 4
+    assert pick_gemv_rows({4: (0.030, []), 2: (0.028, [])}) == (None, 0)
