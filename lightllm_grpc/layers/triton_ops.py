@@ -505,6 +505,8 @@ def pick_gemv_rows(timed: RowsTimings) -> tuple[GemvConfig | None, int]:
 def _describe_rows(timed: RowsTimings, rows: GemvConfig | None, rows_max: int) -> str:
     times = ", ".join(
         f"{m} tokens {min(t for t, _ in c) * 1e3:.1f} vs tl.dot {dot * 1e3:.1f} us"
+        if c
+        else f"{m} tokens: no tile gave tl.dot's numbers"
         for m, (dot, c) in timed.items()
     )
     return f"for 2..{rows_max} tokens with {rows} ({times})" if rows else f"not used ({times})"

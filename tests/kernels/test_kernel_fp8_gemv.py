@@ -129,3 +129,16 @@ def test_the_few_token_gemv_takes_the_most_tokens_at_which_it_won() -> None:
     assert pick_gemv_rows({4: (0.020, [(0.025, a)]), 2: (0.018, [(0.018, a)])}) == (None, 0)  # a tie: no
     assert pick_gemv_rows({4: (0.030, []), 2: (0.028, [(0.018, a)])}) == (a, 2)  # none right at 4
     assert pick_gemv_rows({4: (0.030, []), 2: (0.028, [])}) == (None, 0)
+
+
+def test_the_few_token_gemv_choice_is_logged_with_its_timings() -> None:
+    from lightllm_grpc_kernels.gemv import GemvConfig
+
+    from lightllm_grpc.layers.triton_ops import _describe_rows
+
+    a = GemvConfig(8, 256)
+    timed = {4: (0.030, [(0.025, a)]), 2: (0.028, [])}
+    line = _describe_rows(timed, a, 4)
+    assert line.startswith("for 2..4 tokens with GemvConfig(") and "4 tokens 25.0 vs tl.dot 30.0 us" in line
+    assert "2 tokens: no tile gave tl.dot's numbers" in line
+    assert _describe_rows({2: (0.010, [(0.020, a)])}, None, 0).startswith("not used (2 tokens 20.0 vs")
