@@ -91,6 +91,16 @@ def test_render_two_variants_with_the_new_rows(measured: dict) -> None:
     assert "B128" not in md and "Phases (s): bf16: server start 60" in md
 
 
+def test_render_the_small_batch_row() -> None:
+    small = {"2": {"tpot_p50_ms": 6.6}, "4": {"tpot_p50_ms": 7.2}}
+    result = {"variants": {"bf16": _variant(187.0, 6.0, 15000.0, small=small)}}
+    rows = [line for line, *_ in gpu._rows(result)]
+    cells = next(r for r in gpu._rows(result) if r[0].startswith("Decode at"))
+    assert cells == ("Decode at 2 / 4 streams (in 128 / out 256)", "6.60 / 7.20 ms/token", "—",
+                     "1.10x / 1.20x W1's time per token")  # fmt: skip
+    assert len(rows) == 3  # W1, the small batches, W2
+
+
 def test_w3_rows_state_the_offered_load_against_the_all_at_once_throughput(measured: dict) -> None:
     (w,) = measured["w3"]
     offered = 50.0 * w["total_output_tokens"] / 6  # 6 requests at 50 req/s
@@ -133,7 +143,8 @@ def test_main_runs_the_chosen_workloads_per_variant(
     monkeypatch.setattr(gpu, "prepare_model_dir", lambda out: tmp_path / "model")
     env = dict.fromkeys(("card", "date", "torch", "triton", "transformers", "grpcio"), "x")
     monkeypatch.setattr(gpu, "environment", lambda: env)
-    flags = ["--out", str(tmp_path), "--only", "ttft,w3,transformers", "--skip-transformers"]
+    monkeypatch.setattr(gpu, "SMALL_OUTPUT", 4)  # the CPU model's decode steps are slow
+    flags = ["--out", str(tmp_path), "--only", "ttft,w3,small,transformers", "--skip-transformers"]
     flags += ["--ttft-requests", "2", "--w3-rates", "100,200", "--w3-requests", "3"]
     gpu.main([*flags, "--w3-input", "4,8", "--w3-output", "2,3"])
     r = json.loads((tmp_path / "bench-gpu.json").read_text())
@@ -143,6 +154,11 @@ def test_main_runs_the_chosen_workloads_per_variant(
     assert r["ours"] == bf16 and r["roofline_tokens_per_s"] == 3e12 / 16e9
     assert [w["request_rate"] for w in bf16["w3"]] == [100, 200] and "w3" not in fp8  # W3: first only
     assert bf16["ttft"]["completed"] == fp8["ttft"]["completed"] == 2
+    for ours in (bf16, fp8):  # a few streams at once, each count its own run
+        assert list(ours["small"]) == ["2", "4"]
+        for n, s in ours["small"].items():
+            assert s["output_tokens"] == 4 * int(n) and s["tpot_p50_ms"] > 0
+            assert (s["workload"]["num_requests"], s["workload"]["concurrency"]) == (int(n), int(n))
     each = bf16["ttft"]["ttft_ms_each"]  # every request's, in send order
     assert len(each) == 2 and all(0 < t <= 60_000 for t in each)
     assert max(each) == pytest.approx(bf16["ttft"]["ttft_ms"]["p99"], rel=0.05)

@@ -44,9 +44,12 @@ from lightllm_grpc.bench.server import LocalServer
 from lightllm_grpc.models.tiny_tokenizer import save_tokenizer
 from lightllm_grpc.proto import generation_pb2 as pb
 
-WORKLOADS = ("w1", "ttft", "b128", "w2", "sampled", "w3", "breakdown", "transformers")
+WORKLOADS = ("w1", "small", "ttft", "b128", "w2", "sampled", "w3", "breakdown", "transformers")
 # What a variant after the first is measured on: the rows the FP8 comparison needs.
-LATER_VARIANT_WORKLOADS = frozenset({"w1", "ttft", "w2", "breakdown"})
+LATER_VARIANT_WORKLOADS = frozenset({"w1", "small", "ttft", "w2", "breakdown"})
+# "small": decode at these numbers of concurrent streams (where the decode graphs of 2-4 rows
+# run), each stream in SMALL_INPUT / out SMALL_OUTPUT tokens.
+SMALL_STREAMS, SMALL_INPUT, SMALL_OUTPUT = (2, 4), 128, 256
 VARIANT_FLAGS = {
     "bf16": (),
     "fp8": ("--quantization", "fp8"),
@@ -62,7 +65,7 @@ SAMPLED = {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "presence_penalty": 0.
 # Prompt seeds of their own, so no workload's prompts share a prefix with another's
 # (the prefix cache stays at 0% hits between workloads and between W3 rates). Sampled W2 had
 # W2's seed until 2026-11-27: run after W2 on one server, its prompts hit the prefix cache.
-TTFT_SEED, W3_SEED, B128_SEED, SAMPLED_SEED = 1000, 2000, 3000, 4000
+TTFT_SEED, W3_SEED, B128_SEED, SAMPLED_SEED, SMALL_SEED = 1000, 2000, 3000, 4000, 5000
 
 
 def copy_bandwidth(nbytes: int = 4 << 30, iters: int = 20) -> float:
@@ -113,6 +116,19 @@ def w1(address: str, vocab: int) -> dict:
     runs = [run(run_load(address, Workload(1, 128, 256, 1, vocab, seed=s))) for s in range(3)]
     best = min((r.as_dict() for r in runs), key=lambda d: d["tpot_p50_ms"])
     return {"w1": best, "w1_runs_tpot_ms": [r.tpot_p50_ms for r in runs]}
+
+
+def small_batches(address: str, vocab: int) -> dict:
+    """Decode at a few concurrent streams (``SMALL_STREAMS``, all sent at once), one run per count:
+    the time per output token where the decode graphs of 2-4 rows run (the few-token paths)."""
+    return {
+        "small": {
+            str(n): run(
+                run_load(address, Workload(n, SMALL_INPUT, SMALL_OUTPUT, n, vocab, SMALL_SEED + n))
+            ).as_dict()
+            for n in SMALL_STREAMS
+        }
+    }
 
 
 def sampled_w2(address: str, requests: int, vocab: int) -> dict:
@@ -194,6 +210,7 @@ class Bench:
         args, vocab, n_w2 = self.args, self.vocab, self.args.w2_requests
         steps: dict[str, Callable[[str], dict]] = {
             "w1": lambda a: w1(a, vocab),
+            "small": lambda a: small_batches(a, vocab),
             "ttft": lambda a: {"ttft": ttft(a, args.ttft_requests)},
             "b128": lambda a: {
                 "b128": run(run_load(a, Workload(128, 512, 256, 128, vocab, B128_SEED))).as_dict()
@@ -375,6 +392,15 @@ def _rows(r: dict) -> list[tuple[str, str, str, str]]:
             f"{o['w1']['tpot_p50_ms']:.2f} ms/token = {tps(o):.1f} tok/s",
             _cell(hf.get("w1_tokens_per_s"), "{:.1f} tok/s"),
             f"{tps(o) / roof:.0%} of {roof_name} {roof:.0f} tok/s{vs}",
+        ))  # fmt: skip
+    for _, tag, _, o in each("small"):
+        small = o["small"]
+        rows.append((
+            f"Decode at {' / '.join(small)} streams (in {SMALL_INPUT} / out {SMALL_OUTPUT}){tag}",
+            " / ".join(f"{s['tpot_p50_ms']:.2f}" for s in small.values()) + " ms/token",
+            "—",
+            " / ".join(_ratio(s["tpot_p50_ms"], o["w1"]["tpot_p50_ms"], "{:.2f}x") for s in small.values())
+            + " W1's time per token" if "w1" in o else "—",
         ))  # fmt: skip
     for _, tag, v, o in each("ttft"):
         t, floor, n = o["ttft"]["ttft_ms"], v["weight_read_ms"], o["ttft"]["completed"]
