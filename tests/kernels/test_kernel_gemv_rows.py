@@ -8,6 +8,8 @@ import torch
 from lightllm_grpc_kernels.fp8_gemv import FP8
 from lightllm_grpc_kernels.gemv_rows import GEMV_ROWS_CONFIGS, MAX_ROWS, gemv_rows, gemv_rows_ref
 
+from tests.kernels.test_kernel_fp8_gemv import _check  # the same tolerances as the W8A16 kernel's
+
 
 def _inputs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, fp8: bool, bias: bool):
     gen = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
@@ -18,14 +20,6 @@ def _inputs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, fp
     scale = (torch.rand(n, generator=gen) * 1e-3 + 1e-5).to(device)
     b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
     return x, w, scale, b
-
-
-def _check(out: torch.Tensor, ref: torch.Tensor) -> None:
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    tol = 1e-4 if ref.dtype == torch.float32 else 1e-2
-    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    assert rel < tol, rel
-    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
