@@ -185,3 +185,17 @@ def test_the_fastest_policy_is_kept_unless_one_is_forced(monkeypatch: pytest.Mon
     assert choose_release({"wait": 2.78, "gemv": 2.72, "all": 2.67}) == "gemv"
     monkeypatch.setenv(_launch.PDL_ENV, "0")  # no PDL: the graphs are alike, "wait" names them
     assert choose_release({"wait": 2.78, "gemv": 2.72, "all": 2.67}) == "wait"
+
+
+def test_the_capture_log_names_each_small_graphs_policy_and_times() -> None:
+    graphs = CudaGraphDecoder.__new__(CudaGraphDecoder)  # the formatter alone: no model, no capture
+    graphs.release, graphs.release_times = {}, {}
+    assert graphs._describe_release() == f"none (no graph of up to {PDL_MAX_BATCH} rows)"
+    graphs.release = {2: "wait", 1: "all"}
+    graphs.release_times = {
+        1: {"wait": 2.74, "gemv": 2.684, "all": 2.6241},
+        2: {"wait": 4.3, "gemv": 4.31, "all": 4.8},
+    }
+    assert graphs._describe_release() == (
+        "1: all (wait 2.740, gemv 2.684, all 2.624 ms); 2: wait (wait 4.300, gemv 4.310, all 4.800 ms)"
+    )
