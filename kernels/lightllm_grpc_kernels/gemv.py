@@ -153,6 +153,11 @@ def _add_rmsnorm_gemv_kernel(
                SCALED, HAS_BIAS, PDL)  # fmt: skip
 
 
+def interpreter_config(n: int, k: int) -> GemvConfig:
+    """The tiles for a weight [N, K] in Triton's interpreter (CPU), which wants few, large programs."""
+    return GemvConfig(block_n=min(64, triton.next_power_of_2(n)), block_k=min(256, triton.next_power_of_2(k)))
+
+
 def check_weight(
     x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
 ) -> None:
@@ -181,10 +186,8 @@ def _launch(
     """``kernel`` (one of the three above) over ``w``'s rows, with ``args`` after the shared ones."""
     n, k = w.shape
     cfg = config or GemvConfig()
-    if not on_gpu(x):  # the interpreter wants few, large programs
-        cfg = GemvConfig(
-            block_n=min(64, triton.next_power_of_2(n)), block_k=min(256, triton.next_power_of_2(k))
-        )
+    if not on_gpu(x):
+        cfg = interpreter_config(n, k)
     y = x.new_empty((1, n))
     grid = (triton.cdiv(n, cfg.block_n),)
     scale_arg = x if scale is None else scale  # a valid pointer the unscaled kernel never reads

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from lightllm_grpc_kernels._launch import check_rows, on_gpu, pdl, wait_for_predecessor
-from lightllm_grpc_kernels.gemv import GemvConfig, check_weight
+from lightllm_grpc_kernels.gemv import GemvConfig, check_weight, interpreter_config
 
 MAX_ROWS = 4  # tokens per call: each adds a [BLOCK_N, BLOCK_K] fp32 accumulator per program
 
@@ -82,10 +82,8 @@ def gemv_rows(
     assert 1 <= m <= MAX_ROWS, f"gemv_rows takes 1..{MAX_ROWS} rows, got x {tuple(x.shape)}"
     assert w.shape[1] == k, f"x {tuple(x.shape)} does not match w {tuple(w.shape)}"
     cfg = config or GEMV_ROWS_CONFIGS[0]
-    if not on_gpu(x):  # the interpreter wants few, large programs
-        cfg = GemvConfig(
-            block_n=min(64, triton.next_power_of_2(n)), block_k=min(256, triton.next_power_of_2(k))
-        )
+    if not on_gpu(x):
+        cfg = interpreter_config(n, k)
     y = x.new_empty((m, n))
     scale_arg = x if scale is None else scale  # a valid pointer the unscaled kernel never reads
     _gemv_rows_kernel[(triton.cdiv(n, cfg.block_n),)](

@@ -94,13 +94,18 @@ def fp8_linear_scaled_mm(
     with row-wise scales (``scale_a [M, 1]``, ``scale_b [1, N]``, fp32) writes bf16."""
     from lightllm_grpc_kernels.fp8_quant import per_token_quant_fp8
 
-    rows = x.reshape(-1, x.shape[-1])
-    xq, x_scale = per_token_quant_fp8(rows if rows.stride(-1) == 1 else rows.contiguous(), input_scale)
+    xq, x_scale = per_token_quant_fp8(_token_rows(x), input_scale)
     # weight is row-major [N, K]: its transpose is the column-major [K, N] operand _scaled_mm wants.
     y = torch._scaled_mm(
         xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16
     )
     return _output(y, x, bias)  # row-wise scaling writes bf16 only; an fp16 model pays one cast
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[tokens, K]`` with a unit last stride, as the kernels take it."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _output(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -124,8 +129,7 @@ def fp8_linear_w8a16(
     dtype. ``config``: the kernel's tiles (None: its default)."""
     from lightllm_grpc_kernels.fp8_gemv import fp8_gemv
 
-    rows = x.reshape(-1, x.shape[-1])
-    y = fp8_gemv(rows if rows.stride(-1) == 1 else rows.contiguous(), weight, weight_scale, bias, config)
+    y = fp8_gemv(_token_rows(x), weight, weight_scale, bias, config)
     return y.view(*x.shape[:-1], -1)
 
 
@@ -140,8 +144,7 @@ def fp8_linear_gemv_rows(
     dimension, which converts each e4m3 weight once for all of them (no tl.dot tile)."""
     from lightllm_grpc_kernels.gemv_rows import gemv_rows
 
-    rows = x.reshape(-1, x.shape[-1])
-    y = gemv_rows(rows if rows.stride(-1) == 1 else rows.contiguous(), weight, config, weight_scale, bias)
+    y = gemv_rows(_token_rows(x), weight, config, weight_scale, bias)
     return y.view(*x.shape[:-1], -1)
 
 
