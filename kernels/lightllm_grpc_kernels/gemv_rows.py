@@ -2,15 +2,19 @@
 
 At 2-4 tokens a step is still a read of the weights, but the paths for more than one token
 leave much of the bandwidth unused: ``fp8_gemv``'s ``tl.dot`` tiles pad the tokens to 16 rows
-and convert every e4m3 weight to the activations' dtype in the MMA's layout (the FP8 decode
-graph took 4.29 ms at 2 rows against 2.74 at one on an H200, BENCHMARKS.md). This kernel is
-``gemv.py``'s loop with a token dimension: each program streams a slab of ``BLOCK_N`` weight
-rows once, converts each weight to fp32 once, and multiplies it into every token's
-accumulator (fp32 FMAs, so up to 4 tokens stay cheap beside the weight read). An e4m3 weight
-takes its per-row scale and the bias in the fp32 epilogue, as in ``gemv.py``.
+and convert every e4m3 weight to the activations' dtype in the MMA's layout (1.4-1.6 TB/s on an
+H200 against 3.6-4.3 at one token), and cuBLAS runs the small bf16 shapes at 3.1-3.6 TB/s.
 
-Serving uses it where warm-up timed it faster than the alternative for that weight shape and
-token count (``layers/triton_ops.tune_fp8_gemv``).
+This kernel is ``gemv.py``'s loop with the tokens unrolled: each program streams a slab of
+``BLOCK_N`` weight rows once, converts each weight to fp32 once, and multiplies it into one
+``[BLOCK_N, BLOCK_K]`` accumulator per token, each in the weight tile's own layout. (A first
+version held the tokens as a third dimension of one accumulator; the compiler then moved every
+weight tile into that 3-D layout, and it ran 20-40% slower: BENCHMARKS.md.) The token count is a
+constexpr, so 3 tokens compile their own kernel rather than padding to 4. An e4m3 weight takes
+its per-row scale and the bias in the fp32 epilogue, as in ``gemv.py``.
+
+Serving uses it per weight shape and token count where warm-up timed it faster than the
+alternative (``layers/triton_ops.tune_fp8_gemv`` and ``tune_gemv``).
 """
 
 from __future__ import annotations
@@ -24,21 +28,50 @@ from lightllm_grpc_kernels.gemv import GemvConfig, check_weight, interpreter_con
 
 MAX_ROWS = 4  # tokens per call: each adds a [BLOCK_N, BLOCK_K] fp32 accumulator per program
 
-# Candidates warm-up times per weight shape: slabs narrow enough that 4 accumulators fit in
-# registers (MAX_ROWS x BLOCK_N x BLOCK_K / threads <= 64 fp32 each), most pipelined.
+# Candidates warm-up times per weight shape and token count: those that were fastest at 2-4
+# tokens on an H200 for the 8B shapes, e4m3 or bf16 (BENCHMARKS.md). Each is compiled for each
+# token count, so the list is kept short; (16, 512, 4, 3) spills registers at 4 tokens (ptxas)
+# and only wins at 2-3.
 GEMV_ROWS_CONFIGS = (
+    GemvConfig(16, 256, 4, 4),
+    GemvConfig(16, 256, 4, 3),
     GemvConfig(8, 256, 4, 3),
-    GemvConfig(4, 512, 4, 3),
-    GemvConfig(16, 128, 4, 3),
-    GemvConfig(4, 256, 4, 3),
-    GemvConfig(8, 512, 8, 2),
-    GemvConfig(8, 256, 4, 1),
+    GemvConfig(8, 512, 4, 3),
+    GemvConfig(16, 512, 4, 3),
 )
+
+# What warm-up binds for a weight: ``rows[m - 2]`` is the config for m tokens (2..MAX_ROWS), None
+# where another kernel was faster; an empty tuple: never this kernel.
+RowsConfigs = tuple[GemvConfig | None, ...]
+
+
+def rows_config(rows: RowsConfigs, m: int) -> GemvConfig | None:
+    """The config ``rows`` holds for ``m`` tokens, or None (not bound for that count)."""
+    return rows[m - 2] if 2 <= m < len(rows) + 2 else None
+
+
+@triton.jit
+def _token_step(acc, w, x_row_ptr, cols, col_mask):
+    # One token's share of a K-slice: its x slice, in the weight tile's column layout.
+    x = tl.load(x_row_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    return acc + w * x[None, :]
+
+
+@triton.jit
+def _token_out(
+    y_row_ptr, acc, rows, row_mask, scale_ptr, bias_ptr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    y = tl.sum(acc, axis=1)
+    if SCALED:  # an e4m3 weight: its per-row scale, then the bias, in fp32 (gemv.py's epilogue)
+        y *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(y_row_ptr + rows, y.to(y_row_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
 def _gemv_rows_kernel(
-    x_ptr, w_ptr, y_ptr, m, n, k, stride_x, stride_w, stride_y, scale_ptr, bias_ptr,
+    x_ptr, w_ptr, y_ptr, n, k, stride_x, stride_w, stride_y, scale_ptr, bias_ptr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
@@ -46,24 +79,31 @@ def _gemv_rows_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
-    tokens = tl.arange(0, ROWS)
-    token_mask = tokens < m
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
-    x_rows = x_ptr + tokens[:, None].to(tl.int64) * stride_x
-    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    # One accumulator per token; those past ROWS are never updated, and the compiler drops them.
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
     for start in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
         cols = start + tl.arange(0, BLOCK_K)
         col_mask = cols < k
-        x = tl.load(x_rows + cols[None, :], mask=token_mask[:, None] & col_mask[None, :], other=0.0)
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
-    y = tl.sum(acc, axis=2)
-    if SCALED:  # an e4m3 weight: its per-row scale, then the bias, in fp32 (gemv.py's epilogue)
-        y *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + tokens[:, None].to(tl.int64) * stride_y + rows[None, :]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=token_mask[:, None] & row_mask[None, :])
+        w = w.to(tl.float32)  # once, for every token
+        acc0 = _token_step(acc0, w, x_ptr, cols, col_mask)
+        if ROWS > 1:
+            acc1 = _token_step(acc1, w, x_ptr + stride_x, cols, col_mask)
+        if ROWS > 2:
+            acc2 = _token_step(acc2, w, x_ptr + 2 * stride_x, cols, col_mask)
+        if ROWS > 3:
+            acc3 = _token_step(acc3, w, x_ptr + 3 * stride_x, cols, col_mask)
+    _token_out(y_ptr, acc0, rows, row_mask, scale_ptr, bias_ptr, SCALED, HAS_BIAS)
+    if ROWS > 1:
+        _token_out(y_ptr + stride_y, acc1, rows, row_mask, scale_ptr, bias_ptr, SCALED, HAS_BIAS)
+    if ROWS > 2:
+        _token_out(y_ptr + 2 * stride_y, acc2, rows, row_mask, scale_ptr, bias_ptr, SCALED, HAS_BIAS)
+    if ROWS > 3:
+        _token_out(y_ptr + 3 * stride_y, acc3, rows, row_mask, scale_ptr, bias_ptr, SCALED, HAS_BIAS)
 
 
 def gemv_rows(
@@ -87,9 +127,8 @@ def gemv_rows(
     y = x.new_empty((m, n))
     scale_arg = x if scale is None else scale  # a valid pointer the unscaled kernel never reads
     _gemv_rows_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), scale_arg,
-        scale_arg if bias is None else bias,
-        ROWS=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
+        x, w, y, n, k, x.stride(0), w.stride(0), y.stride(0), scale_arg, scale_arg if bias is None else bias,
+        ROWS=m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
         SCALED=scale is not None, HAS_BIAS=bias is not None, num_warps=cfg.num_warps, **pdl(x, gemv=True),
     )  # fmt: skip
     return y

@@ -28,6 +28,7 @@ from lightllm_grpc.layers.linear import LinearBase, LinearMethod, Matmul, ShardI
 if TYPE_CHECKING:  # the kernels are imported only where they run
     from lightllm_grpc_kernels.fp8_gemv import Fp8GemvConfig
     from lightllm_grpc_kernels.gemv import GemvConfig
+    from lightllm_grpc_kernels.gemv_rows import RowsConfigs
 
 log = logging.getLogger(__name__)
 
@@ -150,17 +151,14 @@ def fp8_linear_gemv_rows(
 
 @functools.cache
 def fp8_cuda_gemm(
-    one: Fp8GemvConfig | None = None,
-    few: Fp8GemvConfig | None = None,
-    rows: GemvConfig | None = None,
-    rows_max: int = 0,
+    one: Fp8GemvConfig | None = None, few: Fp8GemvConfig | None = None, rows: RowsConfigs = ()
 ) -> Fp8Gemm:
     """The Hopper path: W8A16 up to ``W8A16_MAX_M`` tokens (kernel tiles ``one`` for a single
-    token, ``few`` for 2..16; None: the default), W8A8 ``_scaled_mm`` above. 2..``rows_max``
-    tokens go through ``fp8_linear_gemv_rows`` with tiles ``rows`` instead, where warm-up timed
-    that faster (0: never). Chosen by the token count alone, so each decode CUDA graph (one per
-    batch size) captures one path. One function per set of choices, shared by the layers that
-    made it (``triton_ops.tune_fp8_gemv``)."""
+    token, ``few`` for 2..16; None: the default), W8A8 ``_scaled_mm`` above. A token count that
+    ``rows`` binds (``gemv_rows.rows_config``) goes through ``fp8_linear_gemv_rows`` with its
+    tiles instead, where warm-up timed that faster. Chosen by the token count alone, so each
+    decode CUDA graph (one per batch size) captures one path. One function per set of choices,
+    shared by the layers that made it (``triton_ops.tune_fp8_gemv``)."""
 
     def gemm(
         x: torch.Tensor,
@@ -172,8 +170,11 @@ def fp8_cuda_gemm(
         m = x.shape[:-1].numel()
         if m > W8A16_MAX_M:
             return fp8_linear_scaled_mm(x, weight, weight_scale, input_scale, bias)
-        if 1 < m <= rows_max:
-            return fp8_linear_gemv_rows(x, weight, weight_scale, bias, rows)
+        from lightllm_grpc_kernels.gemv_rows import rows_config
+
+        config = rows_config(rows, m)
+        if config is not None:
+            return fp8_linear_gemv_rows(x, weight, weight_scale, bias, config)
         return fp8_linear_w8a16(x, weight, weight_scale, input_scale, bias, one if m == 1 else few)
 
     return gemm

@@ -8,8 +8,9 @@ decode-sized matmuls per weight shape and binds the winners into each layer of t
 where that beats the activation kernel followed by the layer's matmul; ``tune_norm_gemv`` the
 GEMV with the residual add + RMSNorm folded into its loads for qkv and gate_up (the decoder's
 ``AddNormLinear`` steps) where that beats the norm kernel followed by the matmul;
-``tune_fp8_gemv`` the W8A16 kernel's tiles (for one token and for 2..16) of FP8 layers, and
-whether 2..4 tokens go through the few-token GEMV (``gemv_rows``) instead. The two
+``tune_gemv_rows`` which of 2..4 tokens go through the few-token GEMV (``gemv_rows``) rather than
+cuBLAS; ``tune_fp8_gemv`` the W8A16 kernel's tiles (for one token and for 2..16) of FP8 layers,
+and which of 2..4 tokens go through the few-token GEMV instead. The two
 fusions run once for the unquantized layers and once for the FP8 ones (weight-only at one
 token: the same GEMV kernels read the e4m3 weight and apply its scales).
 """
@@ -32,7 +33,7 @@ from lightllm_grpc_kernels.fp8_gemv import (
     fp8_gemv,
 )
 from lightllm_grpc_kernels.gemv import GEMV_CONFIGS, GemvConfig, add_rmsnorm_gemv, gemv, silu_gemv
-from lightllm_grpc_kernels.gemv_rows import GEMV_ROWS_CONFIGS, MAX_ROWS, gemv_rows
+from lightllm_grpc_kernels.gemv_rows import GEMV_ROWS_CONFIGS, MAX_ROWS, RowsConfigs, gemv_rows, rows_config
 from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 from lightllm_grpc_kernels.rotary import apply_rotary
 from torch import nn
@@ -62,6 +63,7 @@ __all__ = [
     "silu_gemv_matmul",
     "tune_fp8_gemv",
     "tune_gemv",
+    "tune_gemv_rows",
     "tune_matmuls",
     "tune_norm_gemv",
     "tune_silu_gemv",
@@ -96,15 +98,21 @@ def attention_backend(
 
 @dataclass(frozen=True)
 class GemvMatmul:
-    """A layer's matmul that runs one-token inputs through the GEMV kernel with ``config``, the
-    rest through cuBLAS."""
+    """A layer's matmul that runs one-token inputs through the GEMV kernel with ``config`` (None:
+    cuBLAS), the token counts ``rows`` binds through the few-token GEMV (``gemv_rows``), the rest
+    through cuBLAS."""
 
-    config: GemvConfig
+    config: GemvConfig | None
+    rows: RowsConfigs = ()
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.shape[0] != 1:
+        m = x.shape[0]
+        if m == 1 and self.config is not None:
+            y = gemv(x, weight, self.config)
+        elif (config := rows_config(self.rows, m)) is not None:
+            y = gemv_rows(x, weight, config)
+        else:
             return F.linear(x, weight, bias)
-        y = gemv(x, weight, self.config)
         return y if bias is None else y + bias
 
 
@@ -153,16 +161,25 @@ class NormGemvStep:
         return (y if linear.bias is None else y + linear.bias), residual
 
 
-@functools.cache
-def gemv_matmul(config: GemvConfig) -> Matmul:
-    """The ``GemvMatmul`` of ``config``: one object per config, shared by the layers that chose it."""
-    return GemvMatmul(config)
+def gemv_matmul(config: GemvConfig | None, rows: RowsConfigs = ()) -> Matmul:
+    """The ``GemvMatmul`` of ``config`` and ``rows``: one object per pair, shared by the layers
+    that chose it."""
+    return _gemv_matmul(config, rows)
 
 
 @functools.cache
-def silu_gemv_matmul(config: GemvConfig) -> Matmul:
-    """The ``SiluGemvMatmul`` of ``config``, one per config."""
-    return SiluGemvMatmul(config)
+def _gemv_matmul(config: GemvConfig | None, rows: RowsConfigs) -> Matmul:
+    return GemvMatmul(config, rows)
+
+
+def silu_gemv_matmul(config: GemvConfig, fallback: Matmul = F.linear) -> Matmul:
+    """The ``SiluGemvMatmul`` of ``config`` with ``fallback`` for more tokens, one per pair."""
+    return _silu_gemv_matmul(config, fallback)
+
+
+@functools.cache
+def _silu_gemv_matmul(config: GemvConfig, fallback: Matmul) -> Matmul:
+    return SiluGemvMatmul(config, fallback=fallback)
 
 
 def norm_gemv_step(config: GemvConfig, fp8: bool = False) -> NormGemvStep:
@@ -193,11 +210,17 @@ def _gemv_kind(layer: nn.Module, fp8: bool) -> bool:
 def _cublas_layers(model: nn.Module) -> list[LinearBase | ParallelLMHead]:
     """Layers that multiply with cuBLAS (not quantized ones); a head tied to the embedding is left
     out, as the embedding's weight is never tuned."""
+    return [m for m in _tunable_layers(model) if m.matmul is F.linear]
+
+
+def _tunable_layers(model: nn.Module) -> list[LinearBase | ParallelLMHead]:
+    """The linear layers and LM head whose matmul warm-up may rebind; not a head tied to the
+    embedding (the embedding's weight is never tuned)."""
     params = dict(model.named_parameters())  # a tied head's weight appears once, as the embedding
     return [
         m
         for name, m in model.named_modules()
-        if isinstance(m, (LinearBase, ParallelLMHead)) and m.matmul is F.linear and f"{name}.weight" in params
+        if isinstance(m, (LinearBase, ParallelLMHead)) and f"{name}.weight" in params
     ]
 
 
@@ -234,12 +257,36 @@ def use_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig]) -> in
     return changed
 
 
+def tune_gemv_rows(model: nn.Module, min_gain: float = 0.03) -> dict[tuple[int, int], RowsConfigs]:
+    """For each weight shape of ``model``'s unquantized layers (cuBLAS or ``tune_gemv``'s GEMV
+    at one token), time cuBLAS and the few-token GEMV at each of 2..``MAX_ROWS`` tokens (inside
+    CUDA graphs); bind the GEMV for the counts where it is faster by ``min_gain`` into every
+    layer of that shape, beside its one-token choice. Returns the bound counts' configs by shape."""
+    layers = [m for m in _tunable_layers(model) if _unquantized(m)]
+    weights = {tuple(m.weight.shape): m.weight for m in layers}
+    chosen: dict[tuple[int, int], RowsConfigs] = {}
+    for shape, w in sorted(weights.items()):
+        timed = _rows_timings(w, F.linear)
+        rows = pick_gemv_rows(timed, min_gain)
+        if rows:
+            chosen[shape] = rows
+        log.info("weight %s at 2..%d tokens: %s", shape, MAX_ROWS, _describe_rows(timed, rows, "cuBLAS"))
+    for layer in layers:
+        rows = chosen.get(tuple(layer.weight.shape))
+        if rows:
+            layer.matmul = gemv_matmul(getattr(layer.matmul, "config", None), rows)
+    torch.cuda.empty_cache()
+    return chosen
+
+
 def tune_matmuls(model: nn.Module, fuse: bool = True) -> None:
-    """The warm-up hook of the Triton ops: ``tune_gemv`` and ``tune_fp8_gemv``, then (unless
-    ``fuse`` is False, as the decode profile's baseline asks) ``tune_silu_gemv`` and
+    """The warm-up hook of the Triton ops: ``tune_gemv``, ``tune_gemv_rows`` and
+    ``tune_fp8_gemv``, then (unless ``fuse`` is False, as the decode profile's baseline asks)
+    ``tune_silu_gemv`` and
     ``tune_norm_gemv`` for the unquantized layers, then for the FP8 ones (each fusion is timed
     against the matmul the first two bound)."""
     tune_gemv(model)
+    tune_gemv_rows(model)
     tune_fp8_gemv(model)
     if fuse:
         for fp8 in (False, True):
@@ -278,8 +325,8 @@ def use_silu_gemv(model: nn.Module, configs: dict[tuple[int, int], GemvConfig], 
                 continue
             if fp8:
                 m.fuse_act_into_down(SiluGemvMatmul(config, down.weight_scale, down.matmul))
-            else:
-                m.fuse_act_into_down(silu_gemv_matmul(config))
+            else:  # more tokens keep the layer's matmul (the few-token GEMV where tune_gemv_rows bound it)
+                m.fuse_act_into_down(silu_gemv_matmul(config, down.matmul))
             changed += 1
     return changed
 
@@ -363,6 +410,8 @@ def _name(matmul: Matmul) -> str:
         return "cuBLAS"
     if isinstance(matmul, Fp8Matmul):
         return "W8A16 GEMV (tune_fp8_gemv's tiles)"
+    if isinstance(matmul, GemvMatmul) and matmul.config is None:  # the GEMV only for 2..4 tokens
+        return "cuBLAS"
     return f"GEMV {getattr(matmul, 'config', matmul)}"
 
 
@@ -453,14 +502,14 @@ def _time_gemv(w: torch.Tensor) -> tuple[float, float, GemvConfig]:
 
 
 # What tune_fp8_gemv binds per weight shape: tiles for one token and for 2..16 (tl.dot), and the
-# few-token GEMV's tiles with the most tokens it takes (None, 0: not used).
-Fp8Choice = tuple[Fp8GemvConfig, Fp8GemvConfig, GemvConfig | None, int]
+# few-token GEMV's tiles for the token counts where it was faster (gemv_rows.RowsConfigs).
+Fp8Choice = tuple[Fp8GemvConfig, Fp8GemvConfig, RowsConfigs]
 
 
 def tune_fp8_gemv(model: nn.Module) -> dict[tuple[int, int], Fp8Choice]:
     """For each weight shape of ``model``'s FP8 layers on the Hopper path, time the W8A16
     kernel's tile configs at one token and at ``W8A16_MAX_M`` tokens (inside CUDA graphs), and
-    the few-token GEMV against the chosen ``tl.dot`` tiles at ``MAX_ROWS`` and 2 tokens
+    the few-token GEMV against the chosen ``tl.dot`` tiles at each of 2..``MAX_ROWS`` tokens
     (``pick_gemv_rows``); bind the choices into every layer of that shape. Returns them by shape."""
     layers = [m for m in model.modules() if is_fp8(m) and _untuned_fp8(m.matmul)]
     weights = {tuple(m.weight.shape): (m.weight, m.weight_scale) for m in layers}
@@ -469,14 +518,15 @@ def tune_fp8_gemv(model: nn.Module) -> dict[tuple[int, int], Fp8Choice]:
         one_timed, few_timed = (_time_fp8_gemv(w, scale, m) for m in (1, W8A16_MAX_M))
         (one_ms, one), (few_ms, few) = (min(timed, key=lambda t: t[0]) for timed in (one_timed, few_timed))
         default_ms = {c: t for t, c in one_timed}[FP8_GEMV_CONFIGS[0]]
-        rows_timed = {m: _time_fp8_rows(w, scale, m, few) for m in (MAX_ROWS, 2)}
-        rows, rows_max = pick_gemv_rows(rows_timed)
-        chosen[shape] = (one, few, rows, rows_max)
+        tiles = functools.partial(_fp8_tiles, scale=scale, config=few)
+        rows_timed = _rows_timings(w, tiles, scale, torch.bfloat16)
+        rows = pick_gemv_rows(rows_timed)
+        chosen[shape] = (one, few, rows)
         log.info(
             "FP8 weight %s: one token %.1f us (%.2f TB/s; default tiles %.1f us) with %s; "
             "%d tokens %.1f us with %s; few-token GEMV %s",
             shape, one_ms * 1e3, w.numel() / one_ms / 1e9, default_ms * 1e3, one,
-            W8A16_MAX_M, few_ms * 1e3, few, _describe_rows(rows_timed, rows, rows_max),
+            W8A16_MAX_M, few_ms * 1e3, few, _describe_rows(rows_timed, rows, "tl.dot"),
         )  # fmt: skip
     for m in layers:
         m.matmul = dataclasses.replace(m.matmul, gemm=fp8_cuda_gemm(*chosen[tuple(m.weight.shape)]))
@@ -484,58 +534,85 @@ def tune_fp8_gemv(model: nn.Module) -> dict[tuple[int, int], Fp8Choice]:
     return chosen
 
 
-# tokens -> (ms of the tl.dot tiles, [(ms, config) of each few-token GEMV candidate])
+# tokens -> (ms of the alternative, [(ms, config) of each few-token GEMV candidate])
 RowsTimings = dict[int, tuple[float, list[tuple[float, GemvConfig]]]]
 
 
-def pick_gemv_rows(timed: RowsTimings) -> tuple[GemvConfig | None, int]:
-    """The few-token GEMV's fastest tiles and the most tokens it should take: the largest token
-    count at which it beat the ``tl.dot`` tiles (then it wins below too: fewer FMAs per weight
-    byte, the same read), or ``(None, 0)`` where it never did."""
-    for m in sorted(timed, reverse=True):
-        dot_ms, candidates = timed[m]
-        if not candidates:  # none gave the tl.dot tiles' numbers (_time_fp8_rows)
-            continue
-        best_ms, best = min(candidates, key=lambda t: t[0])
-        if best_ms < dot_ms:
-            return best, m
-    return None, 0
+def pick_gemv_rows(timed: RowsTimings, min_gain: float = 0.0) -> RowsConfigs:
+    """Per token count of ``timed`` (2, 3, ...): the few-token GEMV's fastest tiles where they beat
+    the alternative by ``min_gain``, else None; trailing Nones dropped (``()``: never)."""
+    rows = []
+    for m in range(2, 2 + len(timed)):
+        base_ms, candidates = timed[m]
+        best_ms, best = min(candidates, key=lambda t: t[0], default=(float("inf"), None))
+        rows.append(best if best_ms < base_ms * (1 - min_gain) else None)
+    while rows and rows[-1] is None:
+        rows.pop()
+    return tuple(rows)
 
 
-def _describe_rows(timed: RowsTimings, rows: GemvConfig | None, rows_max: int) -> str:
-    times = ", ".join(
-        f"{m} tokens {min(t for t, _ in c) * 1e3:.1f} vs tl.dot {dot * 1e3:.1f} us"
-        if c
-        else f"{m} tokens: no tile gave tl.dot's numbers"
-        for m, (dot, c) in timed.items()
-    )
-    return f"for 2..{rows_max} tokens with {rows} ({times})" if rows else f"not used ({times})"
+def _describe_rows(timed: RowsTimings, rows: RowsConfigs, base: str) -> str:
+    def count(m: int, base_ms: float, candidates: list[tuple[float, GemvConfig]]) -> str:
+        if not candidates:
+            return f"{m} tokens: no tile gave {base}'s numbers"
+        config = rows_config(rows, m)
+        took = f"GEMV {config}" if config else base
+        best_ms = min(t for t, _ in candidates)
+        return f"{m} tokens {best_ms * 1e3:.1f} vs {base} {base_ms * 1e3:.1f} us -> {took}"
+
+    return "; ".join(count(m, *timed[m]) for m in sorted(timed))
 
 
-def _time_fp8_rows(
-    w: torch.Tensor, scale: torch.Tensor, tokens: int, few: Fp8GemvConfig
+def _fp8_tiles(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, config: Fp8GemvConfig) -> torch.Tensor:
+    return fp8_gemv(x, w, scale, None, config)
+
+
+def _rows_timings(
+    w: torch.Tensor,
+    alternative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scale: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> RowsTimings:
+    """``_time_rows`` at each of 2..``MAX_ROWS`` tokens of random activations (``dtype``: w's by
+    default; an e4m3 ``w`` comes with its ``scale``)."""
+    rotating = _rotating(w)
+    return {
+        m: _time_rows(
+            w,
+            torch.randn(m, w.shape[1], device=w.device, dtype=dtype or w.dtype),
+            alternative,
+            scale,
+            rotating,
+        )
+        for m in range(2, MAX_ROWS + 1)
+    }
+
+
+def _time_rows(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    alternative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scale: torch.Tensor | None,
+    rotating: Callable[[Callable[[torch.Tensor], object]], Callable[[], object]],
 ) -> tuple[float, list[tuple[float, GemvConfig]]]:
-    """``tokens`` rows through the chosen ``tl.dot`` tiles, and through each few-token GEMV tile
-    that gives their numbers (to bf16 rounding and summation order; one that does not is logged
-    and left out, so a kernel that is wrong on this GPU is never bound)."""
+    """``x``'s rows through ``alternative(x, w)`` (cuBLAS, or an FP8 layer's tl.dot tiles), and
+    through each few-token GEMV tile (``scale``: w's, if e4m3) that gives its numbers (to bf16
+    rounding and summation order; one that does not is logged and left out, so a kernel that
+    is wrong on this GPU is never bound). Inside CUDA graphs, on ``rotating`` copies of ``w``."""
     import triton.testing
 
-    rotating = _rotating(w)
-    x = torch.randn(tokens, w.shape[1], device=w.device, dtype=torch.bfloat16)
-    dot_ms = triton.testing.do_bench_cudagraph(rotating(lambda m: fp8_gemv(x, m, scale, None, few)))
-    ref = fp8_gemv(x, w, scale, None, few).float()
+    base_ms = triton.testing.do_bench_cudagraph(rotating(lambda m: alternative(x, m)))
+    ref = alternative(x, w).float()
     timed = []
     for c in GEMV_ROWS_CONFIGS:
         err = ((gemv_rows(x, w, c, scale).float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         if not err < 1e-2:
-            log.error(
-                "few-token GEMV %s at %d tokens: relative error %.3g against tl.dot; not used", c, tokens, err
-            )
+            log.error("few-token GEMV %s at %d tokens: relative error %.3g; not used", c, len(x), err)
             continue
         timed.append(
             (triton.testing.do_bench_cudagraph(rotating(lambda m, c=c: gemv_rows(x, m, c, scale))), c)
         )
-    return dot_ms, timed
+    return base_ms, timed
 
 
 def _untuned_fp8(matmul: object) -> bool:

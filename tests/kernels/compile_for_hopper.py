@@ -34,11 +34,7 @@ GEMV_BLOCKS = {"BLOCK_N": 8, "BLOCK_K": 512, "NUM_STAGES": 3, "SCALED": False, "
 FP8_GEMV = {**GEMV, "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
 FP8_BLOCKS = {**GEMV_BLOCKS, "BLOCK_K": 512, "SCALED": True, "HAS_BIAS": True}
 # gemv_rows.py: a few tokens' rows of x, strided.
-GEMV_ROWS = {
-    **GEMV,
-    "x_ptr": "*bf16",
-    **dict.fromkeys(("m", "stride_x", "stride_y"), "i32"),
-}
+GEMV_ROWS = {**GEMV, "x_ptr": "*bf16", **dict.fromkeys(("stride_x", "stride_y"), "i32")}
 GEMV_ROWS_BLOCKS = {**GEMV_BLOCKS, "ROWS": 4, "BLOCK_K": 256}
 NORM_GEMV = {
     **GEMV,

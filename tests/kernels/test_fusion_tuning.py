@@ -199,6 +199,7 @@ def test_profile_decode_unfuses_before_warmup(tiny: Path, monkeypatch: pytest.Mo
     shard = SimpleNamespace(model=model, ops=Ops.triton())
     tuned = []
     monkeypatch.setattr(triton_ops, "tune_gemv", lambda m: tuned.append("gemv"))
+    monkeypatch.setattr(triton_ops, "tune_gemv_rows", lambda m: tuned.append("rows"))
     monkeypatch.setattr(triton_ops, "tune_fp8_gemv", lambda m: tuned.append("fp8"))
     monkeypatch.setattr(triton_ops, "tune_silu_gemv", lambda m, fp8: tuned.append(f"silu fp8={fp8}"))
     monkeypatch.setattr(triton_ops, "tune_norm_gemv", lambda m, fp8: tuned.append(f"norm fp8={fp8}"))
@@ -206,11 +207,11 @@ def test_profile_decode_unfuses_before_warmup(tiny: Path, monkeypatch: pytest.Mo
     unfuse(shard)
     shard.ops.tune(model)
 
-    assert tuned == ["gemv", "fp8"]
+    assert tuned == ["gemv", "rows", "fp8"]
     assert not any(layer.self_attn.rotary_in_kv_store for layer in model.model.layers)
     Ops.triton().tune(model)
     fusions = ["silu fp8=False", "norm fp8=False", "silu fp8=True", "norm fp8=True"]
-    assert tuned[2:] == ["gemv", "fp8", *fusions]  # the fusions time against the tuned matmuls
+    assert tuned[3:] == ["gemv", "rows", "fp8", *fusions]  # the fusions time against the tuned matmuls
 
 
 def test_fp8_fusions_are_timed_with_the_w8a16_tiles_and_the_layers_scales(

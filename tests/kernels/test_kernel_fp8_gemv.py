@@ -95,15 +95,16 @@ def test_fp8_layers_dispatch_on_token_count(monkeypatch: pytest.MonkeyPatch, dev
 def test_a_few_tokens_take_the_few_token_gemv_where_tuned(
     monkeypatch: pytest.MonkeyPatch, device: torch.device
 ) -> None:
-    """``fp8_cuda_gemm(rows=, rows_max=)``: 2..rows_max tokens through ``gemv_rows`` (run here in
-    the interpreter), one token and rows_max+1.. through the W8A16 kernel, as warm-up bound them."""
+    """``fp8_cuda_gemm(rows=)``: the token counts ``rows`` binds (here 2 and 4) go through
+    ``gemv_rows`` (run here in the interpreter); one token, 3 and 5.. through the W8A16 kernel."""
     from lightllm_grpc_kernels.gemv import GemvConfig
 
     from lightllm_grpc.layers import fp8
 
     x_all, w, scale, b = _inputs(6, 40, 96, torch.float32, device, True)
-    gemm = fp8.fp8_cuda_gemm(None, None, GemvConfig(8, 64), 4)
-    assert gemm is fp8.fp8_cuda_gemm(None, None, GemvConfig(8, 64), 4)  # shared by the layers that chose it
+    rows = (GemvConfig(8, 64), None, GemvConfig(4, 32))
+    gemm = fp8.fp8_cuda_gemm(None, None, rows)
+    assert gemm is fp8.fp8_cuda_gemm(None, None, rows)  # shared by the layers that chose it
     calls: dict[str, list[int]] = {"fp8_linear_gemv_rows": [], "fp8_linear_w8a16": []}
     for name, seen in calls.items():
         real = getattr(fp8, name)
@@ -112,23 +113,25 @@ def test_a_few_tokens_take_the_few_token_gemv_where_tuned(
     for m in range(1, 7):
         x = x_all[:m]
         _check(gemm(x, w, scale, None, b), fp8_gemv_ref(x, w, scale, b))
-    assert rows_calls == [2, 3, 4] and w8a16_calls == [1, 5, 6]
+    assert rows_calls == [2, 4] and w8a16_calls == [1, 3, 5, 6]
     rows_calls.clear()
     fp8.fp8_cuda_gemm()(x_all[:2], w, scale, None, b)  # untuned: never
     assert rows_calls == []
 
 
-def test_the_few_token_gemv_takes_the_most_tokens_at_which_it_won() -> None:
+def test_the_few_token_gemv_is_chosen_per_token_count() -> None:
     from lightllm_grpc_kernels.gemv import GemvConfig
 
     from lightllm_grpc.layers.triton_ops import pick_gemv_rows
 
     a, b = GemvConfig(8, 256), GemvConfig(4, 512)
-    assert pick_gemv_rows({4: (0.030, [(0.025, a), (0.020, b)]), 2: (0.028, [(0.018, a)])}) == (b, 4)
-    assert pick_gemv_rows({4: (0.020, [(0.025, a), (0.021, b)]), 2: (0.028, [(0.018, a)])}) == (a, 2)
-    assert pick_gemv_rows({4: (0.020, [(0.025, a)]), 2: (0.018, [(0.018, a)])}) == (None, 0)  # a tie: no
-    assert pick_gemv_rows({4: (0.030, []), 2: (0.028, [(0.018, a)])}) == (a, 2)  # none right at 4
-    assert pick_gemv_rows({4: (0.030, []), 2: (0.028, [])}) == (None, 0)
+    timed = {2: (0.028, [(0.018, a), (0.017, b)]), 3: (0.020, [(0.025, a)]), 4: (0.030, [(0.020, a)])}
+    assert pick_gemv_rows(timed) == (b, None, a)  # each count its fastest tiles, or None
+    assert pick_gemv_rows({**timed, 4: (0.020, [(0.020, a)])}) == (b,)  # a tie loses; trailing Nones go
+    assert pick_gemv_rows({**timed, 2: (0.028, [])}) == (None, None, a)  # no tile right at 2
+    assert pick_gemv_rows({2: (0.010, [(0.0098, a)])}, min_gain=0.03) == ()  # under the margin
+    assert pick_gemv_rows({2: (0.010, [(0.0096, a)])}, min_gain=0.03) == (a,)
+    assert pick_gemv_rows({2: (0.028, [])}) == ()
 
 
 def test_the_few_token_gemv_choice_is_logged_with_its_timings() -> None:
@@ -137,8 +140,9 @@ def test_the_few_token_gemv_choice_is_logged_with_its_timings() -> None:
     from lightllm_grpc.layers.triton_ops import _describe_rows
 
     a = GemvConfig(8, 256)
-    timed = {4: (0.030, [(0.025, a)]), 2: (0.028, [])}
-    line = _describe_rows(timed, a, 4)
-    assert line.startswith("for 2..4 tokens with GemvConfig(") and "4 tokens 25.0 vs tl.dot 30.0 us" in line
-    assert "2 tokens: no tile gave tl.dot's numbers" in line
-    assert _describe_rows({2: (0.010, [(0.020, a)])}, None, 0).startswith("not used (2 tokens 20.0 vs")
+    timed = {2: (0.028, []), 3: (0.030, [(0.025, a)]), 4: (0.020, [(0.025, a)])}
+    line = _describe_rows(timed, (None, a), "tl.dot")
+    assert line.startswith(
+        "2 tokens: no tile gave tl.dot's numbers; 3 tokens 25.0 vs tl.dot 30.0 us -> GEMV Gemv"
+    )
+    assert line.endswith("; 4 tokens 25.0 vs tl.dot 20.0 us -> tl.dot")

@@ -1,5 +1,5 @@
 """The few-token GEMV (``gemv_rows``) against its torch reference: unscaled weights of x's dtype
-and e4m3 weights with per-row scales and a bias, 1..4 tokens (3 fills 4 rows, masked)."""
+and e4m3 weights with per-row scales and a bias, 1..4 tokens (each count its own kernel)."""
 
 from __future__ import annotations
 

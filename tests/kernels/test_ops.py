@@ -186,6 +186,51 @@ def test_rotary_in_the_kv_store_changes_no_logit_bf16(kv_cache_dtype: str, tmp_p
     torch.testing.assert_close(_logits(native, PROMPTS, DECODE), expected, rtol=2e-2, atol=2e-2)
 
 
+def test_a_few_tokens_take_the_few_token_gemv_where_bound(
+    monkeypatch: pytest.MonkeyPatch, device: torch.device
+) -> None:
+    """``GemvMatmul(config, rows)``: one token through the GEMV (cuBLAS without a config), the
+    token counts ``rows`` binds (here 2 and 4) through ``gemv_rows``, others through cuBLAS; the
+    bias added once on every path."""
+    gen = torch.Generator().manual_seed(3)
+    x_all, w, bias = (torch.randn(*s, generator=gen).to(device) for s in ((5, 48), (24, 48), (24,)))
+    rows = (GemvConfig(8, 32), None, GemvConfig(4, 16))
+    seen: list[int] = []
+    real = triton_ops.gemv_rows
+    monkeypatch.setattr(triton_ops, "gemv_rows", lambda x, *a: seen.append(len(x)) or real(x, *a))
+    for config in (GemvConfig(8, 32), None):
+        matmul = triton_ops.gemv_matmul(config, rows)
+        assert matmul is triton_ops.gemv_matmul(config, rows)  # one per choice, shared by its layers
+        for m in range(1, 6):
+            x = x_all[:m]
+            torch.testing.assert_close(matmul(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+        assert seen == [2, 4]
+        seen.clear()
+
+
+def test_the_fused_down_projection_keeps_the_few_token_gemv(tmp_path: Path, device: torch.device) -> None:
+    """SiLU folded into a down projection at one token leaves its two-token steps to the matmul
+    the layer had (the few-token GEMV where ``tune_gemv_rows`` bound it), not cuBLAS; the
+    logits of both models match at every step."""
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3", standard_init=True)
+    split, fused = _load(model_dir, Ops.triton(), device), _load(model_dir, Ops.triton(), device)
+    down = tuple(split.model.layers[0].mlp.down_proj.weight.shape)
+    config, rows = GemvConfig(), (GemvConfig(8, 32),)
+    for model in (split, fused):
+        for layer in model.model.layers:
+            layer.mlp.down_proj.matmul = triton_ops.gemv_matmul(None, rows)
+
+    assert triton_ops.use_silu_gemv(fused, {down: config}) == len(fused.model.layers)
+
+    rows_matmul = triton_ops.gemv_matmul(None, rows)
+    for layer in fused.model.layers:
+        assert layer.mlp.down_proj.matmul is triton_ops.silu_gemv_matmul(config, rows_matmul)
+        assert layer.mlp.down_proj.matmul.fallback is rows_matmul
+    torch.testing.assert_close(
+        _logits(fused, PROMPTS, DECODE), _logits(split, PROMPTS, DECODE), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_gemv_is_bound_per_layer(tmp_path: Path, device: torch.device) -> None:
     """What warm-up tuning does when the GEMV kernel wins: only that model's layers of the chosen
     shapes change, and one-token decode still matches the native model."""
@@ -334,12 +379,13 @@ def test_tune_silu_gemv_keeps_the_logits_bf16(tmp_path: Path) -> None:
     one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
     triton_ops.tune_gemv(fast)
     before = _logits(fast, one, steps)
+    unfused = [layer.mlp.down_proj.matmul for layer in fast.model.layers]
 
     chosen = triton_ops.tune_silu_gemv(fast)
 
-    for layer in fast.model.layers:
+    for layer, was in zip(fast.model.layers, unfused, strict=True):
         config = chosen.get(tuple(layer.mlp.down_proj.weight.shape))
-        fused = config is not None and layer.mlp.down_proj.matmul is triton_ops.silu_gemv_matmul(config)
+        fused = config is not None and layer.mlp.down_proj.matmul is triton_ops.silu_gemv_matmul(config, was)
         assert fused == (config is not None) == isinstance(layer.mlp.act_fn, torch.nn.Identity)
     torch.testing.assert_close(_logits(fast, one, steps), before, rtol=2e-2, atol=2e-2)
 
@@ -363,3 +409,25 @@ def test_tune_gemv_binds_the_winners_in_its_own_model_only(tmp_path: Path) -> No
             assert m.matmul is (F.linear if config is None else triton_ops.gemv_matmul(config))
     assert _bound_ops(native) == NATIVE_OPS
     torch.testing.assert_close(_logits(fast, one, steps), before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_tune_gemv_rows_binds_per_token_count_beside_the_one_token_choice(tmp_path: Path) -> None:
+    """After ``tune_gemv``, ``tune_gemv_rows`` gives each unquantized layer its shape's few-token
+    choices and keeps its one-token one; logits of two- and one-row decode steps hold (bf16)."""
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3", standard_init=True)
+    fast = _load(model_dir, Ops.triton(), torch.device("cuda"), dtype=torch.bfloat16)
+    one_token = triton_ops.tune_gemv(fast)
+    before = _logits(fast, PROMPTS, DECODE), _logits(fast, [PROMPTS[1]], [[d[0]] for d in DECODE])
+
+    chosen = triton_ops.tune_gemv_rows(fast)
+
+    for m in fast.modules():
+        if isinstance(m, (LinearBase, ParallelLMHead)):
+            shape = tuple(m.weight.shape)
+            config, rows = one_token.get(shape), chosen.get(shape, ())
+            assert m.matmul is (triton_ops.gemv_matmul(config, rows) if config or rows else F.linear)
+            assert all(len(r) <= 3 and r[-1] is not None for r in chosen.values())
+    after = _logits(fast, PROMPTS, DECODE), _logits(fast, [PROMPTS[1]], [[d[0]] for d in DECODE])
+    for a, b in zip(after, before, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
