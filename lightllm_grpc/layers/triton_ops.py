@@ -273,7 +273,7 @@ def tune_gemv_rows(model: nn.Module, min_gain: float = 0.03) -> dict[tuple[int, 
         log.info("weight %s at 2..%d tokens: %s", shape, MAX_ROWS, _describe_rows(timed, rows, "cuBLAS"))
     for layer in layers:
         rows = chosen.get(tuple(layer.weight.shape))
-        if rows:
+        if rows:  # the layer's matmul is cuBLAS (no config) or a GemvMatmul (_unquantized)
             layer.matmul = gemv_matmul(getattr(layer.matmul, "config", None), rows)
     torch.cuda.empty_cache()
     return chosen
@@ -282,9 +282,8 @@ def tune_gemv_rows(model: nn.Module, min_gain: float = 0.03) -> dict[tuple[int, 
 def tune_matmuls(model: nn.Module, fuse: bool = True) -> None:
     """The warm-up hook of the Triton ops: ``tune_gemv``, ``tune_gemv_rows`` and
     ``tune_fp8_gemv``, then (unless ``fuse`` is False, as the decode profile's baseline asks)
-    ``tune_silu_gemv`` and
-    ``tune_norm_gemv`` for the unquantized layers, then for the FP8 ones (each fusion is timed
-    against the matmul the first two bound)."""
+    ``tune_silu_gemv`` and ``tune_norm_gemv`` for the unquantized layers, then for the FP8 ones
+    (each fusion is timed at one token against the matmul the first three bound)."""
     tune_gemv(model)
     tune_gemv_rows(model)
     tune_fp8_gemv(model)

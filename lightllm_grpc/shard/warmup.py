@@ -44,7 +44,7 @@ def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
     runner.reset()
     if shard.cuda_graphs and not shard.graph_batch_sizes:
         if shard.model is not None and shard.ops.tune is not None:
-            shard.ops.tune(shard.model)  # Triton: one-token GEMV or cuBLAS, per layer, before capture
+            shard.ops.tune(shard.model)  # Triton: GEMV or cuBLAS per layer and token count
         graphs = capture_decode_graphs(runner, batch)
         shard.graph_batch_sizes = tuple(graphs.sizes)
         mixed_tokens = min(shard.mixed_graph_tokens, max_prefill_tokens + batch)
