@@ -111,3 +111,17 @@ def test_image_pins_grpc_packages_to_one_release() -> None:
     versions = dict(re.findall(r'"(grpcio(?:-[a-z-]+)?)==([0-9.]+)"', text))
     assert {"grpcio", "grpcio-health-checking", "grpcio-reflection"} <= set(versions)
     assert len(set(versions.values())) == 1, versions
+
+
+def test_the_kernel_cache_is_on_a_volume(pod) -> None:
+    """Warm-up's compiled kernels land where the pod mounts a volume, so a restarted container
+    does not compile them again (docs/deploy.md)."""
+    env = re.search(r"^ENV TRITON_CACHE_DIR=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M)
+    assert env, "the image sets TRITON_CACHE_DIR"
+    (container,) = pod["spec"]["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    holder = [n for n, path in mounts.items() if Path(env.group(1)).is_relative_to(path)]
+    assert holder, f"no volume holds {env.group(1)}: {mounts}"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    writable = not any(m["name"] == holder[0] and m.get("readOnly") for m in container["volumeMounts"])
+    assert writable and holder[0] in volumes
