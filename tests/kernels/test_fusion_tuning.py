@@ -16,6 +16,7 @@ from lightllm_grpc_kernels.gemv import GemvConfig
 
 from lightllm_grpc.bench import fusions
 from lightllm_grpc.layers import triton_ops
+from lightllm_grpc.layers.linear import LinearBase
 from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.models.config import ModelConfig
 from lightllm_grpc.models.loader import load_model
@@ -259,3 +260,39 @@ def test_fp8_fusions_are_timed_with_the_w8a16_tiles_and_the_layers_scales(
     assert layer.mlp.down_proj.matmul.scale is layer.mlp.down_proj.weight_scale
     assert reference.matmul.gemm is fp8.fp8_linear_ref  # never fused
     assert layer.attn_in.step is triton_ops.norm_gemv_step(best, fp8=True)
+
+
+def test_tune_gemv_rows_binds_per_count_beside_the_one_token_choice(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each unquantized weight shape is timed once, against cuBLAS; a shape's layers get the
+    counts where the GEMV won by the margin, keeping their one-token GEMV; a layer of another
+    method (FP8's, say) and a shape that never won keep their matmul."""
+    model = _model(tiny)
+    layer = model.model.layers[0]
+    qkv, o, down = layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.down_proj
+    triton_ops.use_gemv(model, {tuple(qkv.weight.shape): GemvConfig()})
+    other = model.model.layers[1].self_attn.o_proj
+    other.matmul = lambda x, w, b: F.linear(x, w, b)  # some other method's matmul
+    wins = {tuple(qkv.weight.shape): (0.5, 1.0, 0.99), tuple(o.weight.shape): (0.99, 0.5, 2.0)}
+    timed_shapes = []
+
+    def timings(w, alternative):
+        assert alternative is F.linear
+        timed_shapes.append(tuple(w.shape))
+        gemv_ms = wins.get(tuple(w.shape), (2.0, 2.0, 2.0))
+        return {m: (1.0, [(ms, CONFIG)]) for m, ms in zip((2, 3, 4), gemv_ms, strict=True)}
+
+    monkeypatch.setattr(triton_ops, "_rows_timings", timings)
+    chosen = triton_ops.tune_gemv_rows(model)
+
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, LinearBase)}
+    assert sorted(timed_shapes) == sorted(shapes | {tuple(model.lm_head.weight.shape)})  # once each
+    assert chosen == {tuple(qkv.weight.shape): (CONFIG,), tuple(o.weight.shape): (None, CONFIG)}
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        assert attn.qkv_proj.matmul is triton_ops.gemv_matmul(GemvConfig(), (CONFIG,))
+        if i != 1:
+            assert attn.o_proj.matmul is triton_ops.gemv_matmul(None, (None, CONFIG))
+        assert layer.mlp.down_proj.matmul is F.linear and down.matmul is F.linear
+    assert other.matmul is not F.linear and not isinstance(other.matmul, triton_ops.GemvMatmul)
