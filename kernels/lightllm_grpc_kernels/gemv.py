@@ -113,12 +113,20 @@ def _gemv_body(
         x = x.to(tl.float32)
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
+    store_output_row(y_ptr, acc, rows, row_mask, scale_ptr, bias_ptr, SCALED, HAS_BIAS)
+
+
+@triton.jit
+def store_output_row(
+    y_row_ptr, acc, rows, row_mask, scale_ptr, bias_ptr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    # One token's outputs from its [BLOCK_N, BLOCK_K] accumulator (gemv_rows.py's too).
     y = tl.sum(acc, axis=1)
     if SCALED:  # an e4m3 weight: its per-row scale, then the bias, in fp32 (fp8_gemv's epilogue)
         y *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
         if HAS_BIAS:
             y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(y_row_ptr + rows, y.to(y_row_ptr.dtype.element_ty), mask=row_mask)
 
 
 # One kernel per prologue, so that a profile names them apart; each is the body above.

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from lightllm_grpc_kernels._launch import check_rows, on_gpu, pdl, wait_for_predecessor
-from lightllm_grpc_kernels.gemv import GemvConfig, check_weight, interpreter_config
+from lightllm_grpc_kernels.gemv import GemvConfig, check_weight, interpreter_config, store_output_row
 
 MAX_ROWS = 4  # tokens per call: each adds a [BLOCK_N, BLOCK_K] fp32 accumulator per program
 
@@ -58,18 +58,6 @@ def _token_step(acc, w, x_row_ptr, cols, col_mask):
 
 
 @triton.jit
-def _token_out(
-    y_row_ptr, acc, rows, row_mask, scale_ptr, bias_ptr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr
-):
-    y = tl.sum(acc, axis=1)
-    if SCALED:  # an e4m3 weight: its per-row scale, then the bias, in fp32 (gemv.py's epilogue)
-        y *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    tl.store(y_row_ptr + rows, y.to(y_row_ptr.dtype.element_ty), mask=row_mask)
-
-
-@triton.jit
 def _gemv_rows_kernel(
     x_ptr, w_ptr, y_ptr, n, k, stride_x, stride_w, stride_y, scale_ptr, bias_ptr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -97,13 +85,13 @@ def _gemv_rows_kernel(
             acc2 = _token_step(acc2, w, x_ptr + 2 * stride_x, cols, col_mask)
         if ROWS > 3:
             acc3 = _token_step(acc3, w, x_ptr + 3 * stride_x, cols, col_mask)
-    _token_out(y_ptr, acc0, rows, row_mask, scale_ptr, bias_ptr, SCALED, HAS_BIAS)
+    store_output_row(y_ptr, acc0, rows, row_mask, scale_ptr, bias_ptr, SCALED, HAS_BIAS)
     if ROWS > 1:
-        _token_out(y_ptr + stride_y, acc1, rows, row_mask, scale_ptr, bias_ptr, SCALED, HAS_BIAS)
+        store_output_row(y_ptr + stride_y, acc1, rows, row_mask, scale_ptr, bias_ptr, SCALED, HAS_BIAS)
     if ROWS > 2:
-        _token_out(y_ptr + 2 * stride_y, acc2, rows, row_mask, scale_ptr, bias_ptr, SCALED, HAS_BIAS)
+        store_output_row(y_ptr + 2 * stride_y, acc2, rows, row_mask, scale_ptr, bias_ptr, SCALED, HAS_BIAS)
     if ROWS > 3:
-        _token_out(y_ptr + 3 * stride_y, acc3, rows, row_mask, scale_ptr, bias_ptr, SCALED, HAS_BIAS)
+        store_output_row(y_ptr + 3 * stride_y, acc3, rows, row_mask, scale_ptr, bias_ptr, SCALED, HAS_BIAS)
 
 
 def gemv_rows(
