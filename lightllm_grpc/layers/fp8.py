@@ -141,8 +141,8 @@ def fp8_linear_gemv_rows(
     bias: torch.Tensor | None,
     config: GemvConfig | None,
 ) -> torch.Tensor:
-    """Weight-only for a few tokens (at most ``gemv_rows.MAX_ROWS``): the GEMV loop with a token
-    dimension, which converts each e4m3 weight once for all of them (no tl.dot tile)."""
+    """Weight-only for a few tokens (at most ``gemv_rows.MAX_ROWS``): the GEMV loop with the
+    tokens unrolled, which converts each e4m3 weight once for all of them (no tl.dot tile)."""
     from lightllm_grpc_kernels.gemv_rows import gemv_rows
 
     y = gemv_rows(_token_rows(x), weight, config, weight_scale, bias)
