@@ -161,9 +161,24 @@ def _add_rmsnorm_gemv_kernel(
                SCALED, HAS_BIAS, PDL)  # fmt: skip
 
 
-def interpreter_config(n: int, k: int) -> GemvConfig:
-    """The tiles for a weight [N, K] in Triton's interpreter (CPU), which wants few, large programs."""
+def launch_tiles(
+    x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None, default: GemvConfig
+) -> GemvConfig:
+    """The tiles a GEMV launch over ``w`` [N, K] uses: ``config`` (None: ``default``) on a GPU;
+    in Triton's interpreter (CPU), which wants few, large programs, tiles from w's shape."""
+    if on_gpu(x):
+        return config or default
+    n, k = w.shape
     return GemvConfig(block_n=min(64, triton.next_power_of_2(n)), block_k=min(256, triton.next_power_of_2(k)))
+
+
+def epilogue_pointers(
+    x: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and bias pointers of a GEMV launch: where there is none, a valid pointer (x)
+    that the kernel, specialised on SCALED / HAS_BIAS, never reads."""
+    scale_arg = x if scale is None else scale
+    return scale_arg, scale_arg if bias is None else bias
 
 
 def check_weight(
@@ -193,13 +208,10 @@ def _launch(
 ) -> torch.Tensor:
     """``kernel`` (one of the three above) over ``w``'s rows, with ``args`` after the shared ones."""
     n, k = w.shape
-    cfg = config or GemvConfig()
-    if not on_gpu(x):
-        cfg = interpreter_config(n, k)
+    cfg = launch_tiles(x, w, config, GemvConfig())
     y = x.new_empty((1, n))
     grid = (triton.cdiv(n, cfg.block_n),)
-    scale_arg = x if scale is None else scale  # a valid pointer the unscaled kernel never reads
-    kernel[grid](x, w, y, n, k, w.stride(0), scale_arg, scale_arg if bias is None else bias, *args,
+    kernel[grid](x, w, y, n, k, w.stride(0), *epilogue_pointers(x, scale, bias), *args,
                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
                  SCALED=scale is not None, HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
                  **constexprs, **pdl(x, gemv=True))  # fmt: skip

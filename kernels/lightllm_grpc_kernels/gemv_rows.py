@@ -23,8 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from lightllm_grpc_kernels._launch import check_rows, on_gpu, pdl, wait_for_predecessor
-from lightllm_grpc_kernels.gemv import GemvConfig, check_weight, interpreter_config, store_output_row
+from lightllm_grpc_kernels._launch import check_rows, pdl, wait_for_predecessor
+from lightllm_grpc_kernels.gemv import (
+    GemvConfig,
+    check_weight,
+    epilogue_pointers,
+    launch_tiles,
+    store_output_row,
+)
 
 MAX_ROWS = 4  # tokens per call: each adds a [BLOCK_N, BLOCK_K] fp32 accumulator per program
 
@@ -109,13 +115,10 @@ def gemv_rows(
     (m, k), n = x.shape, w.shape[0]
     assert 1 <= m <= MAX_ROWS, f"gemv_rows takes 1..{MAX_ROWS} rows, got x {tuple(x.shape)}"
     assert w.shape[1] == k, f"x {tuple(x.shape)} does not match w {tuple(w.shape)}"
-    cfg = config or GEMV_ROWS_CONFIGS[0]
-    if not on_gpu(x):
-        cfg = interpreter_config(n, k)
+    cfg = launch_tiles(x, w, config, GEMV_ROWS_CONFIGS[0])
     y = x.new_empty((m, n))
-    scale_arg = x if scale is None else scale  # a valid pointer the unscaled kernel never reads
     _gemv_rows_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, w, y, n, k, x.stride(0), w.stride(0), y.stride(0), scale_arg, scale_arg if bias is None else bias,
+        x, w, y, n, k, x.stride(0), w.stride(0), y.stride(0), *epilogue_pointers(x, scale, bias),
         ROWS=m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
         SCALED=scale is not None, HAS_BIAS=bias is not None, num_warps=cfg.num_warps, **pdl(x, gemv=True),
     )  # fmt: skip
