@@ -21,12 +21,17 @@ from tests.server_harness import ServerProcess, greedy_request, make_served_mode
 from tests.test_faults import _children, _socket_dir
 from tests.test_lifecycle import _gone
 
-SHORT, LONG = 12, 480
+# LONG cannot finish inside a 4 s drain on any machine (at 1 ms a step it needs 12 s); a
+# 480-token stream once did on a fast CI runner. The model's context is raised to hold it.
+SHORT, LONG = 24, 12_000
+CONTEXT = 16_384
+POOL = ["--max-total-tokens", str(26 * (LONG + 8))]  # every LONG stream admitted at once
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return make_served_model("llama", tmp_path_factory.mktemp("model") / "llama")
+    out = tmp_path_factory.mktemp("model") / "llama"
+    return make_served_model("llama", out, max_position_embeddings=CONTEXT)
 
 
 class Streams:
@@ -67,7 +72,7 @@ def _exit_code(server: ServerProcess, timeout: float = 30) -> int:
 
 
 def test_sigterm_during_50_live_streams_drains_then_aborts_and_exits_0(model_dir, tmp_path) -> None:
-    server = ServerProcess(model_dir, tmp_path / "server.log", "--drain-timeout", "4")
+    server = ServerProcess(model_dir, tmp_path / "server.log", "--drain-timeout", "4", *POOL)
     shards = _children(server.proc.pid)
     sockets = _socket_dir(server.log())
     watch = Watcher(server.address)
@@ -110,7 +115,7 @@ def test_sigterm_during_50_live_streams_drains_then_aborts_and_exits_0(model_dir
 
 
 def test_second_sigterm_ends_the_drain_at_once(model_dir, tmp_path) -> None:
-    server = ServerProcess(model_dir, tmp_path / "server.log", "--drain-timeout", "120")
+    server = ServerProcess(model_dir, tmp_path / "server.log", "--drain-timeout", "120", *POOL)
     try:
         streams = Streams(server, [LONG] * 3)
         server.proc.send_signal(signal.SIGTERM)
