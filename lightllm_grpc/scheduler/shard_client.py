@@ -18,6 +18,7 @@ import grpc
 
 from lightllm_grpc.config import NO_MULTICAST_ENV, ShardConfig
 from lightllm_grpc.proto import shard_pb2, shard_pb2_grpc
+from lightllm_grpc.step_socket import frame, read_frame
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -160,6 +161,7 @@ class ShardClient:
         plaintext: their file permissions guard them)."""
         options = _OPTIONS + (REMOTE_KEEPALIVE if remote else LOCAL_RETRY)
         self.addresses = list(addresses)
+        self.remote = remote
         self.tls = tls
         self.channels = [
             grpc.aio.insecure_channel(a, options=options)
@@ -168,7 +170,9 @@ class ShardClient:
             for a in addresses
         ]
         self.stubs = [shard_pb2_grpc.ShardStub(c) for c in self.channels]
-        self._streams: list[grpc.aio.StreamStreamCall] = []
+        # Per rank, the step socket to use instead of Steps ("": none), learned from Info.
+        self._step_sockets = [""] * len(addresses)
+        self._streams: list[_GrpcSteps | _SocketSteps] = []
 
     async def wait_ready(self, procs: ShardProcesses | None, timeout: float) -> None:
         """Wait until every shard answers Health; one still loading is waited for, one that
@@ -210,7 +214,12 @@ class ShardClient:
         return None
 
     async def info(self) -> list[shard_pb2.InfoResponse]:
-        return list(await asyncio.gather(*(s.Info(shard_pb2.InfoRequest()) for s in self.stubs)))
+        infos = list(await asyncio.gather(*(s.Info(shard_pb2.InfoRequest()) for s in self.stubs)))
+        # Only shards this process spawned: one attached with --shards keeps the gRPC stream
+        # even on a unix address, for its keepalive pings find a frozen shard in ~2 s.
+        if not self.remote:
+            self._step_sockets = [i.step_socket for i in infos]
+        return infos
 
     async def warmup(self, max_prefill_tokens: int, max_batch_size: int) -> float:
         req = shard_pb2.WarmupRequest(max_prefill_tokens=max_prefill_tokens, max_batch_size=max_batch_size)
@@ -233,20 +242,28 @@ class ShardClient:
     async def send(self, msg: shard_pb2.StepRequest) -> None:
         """Send a step to every shard; its result comes from ``receive``, in order."""
         if not self._streams:
-            self._streams = [stub.Steps() for stub in self.stubs]
+            self._streams = [await self._open(rank) for rank in range(len(self.stubs))]
         try:
-            await asyncio.gather(*(s.write(msg) for s in self._streams))
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            if len(self._streams) == 1:  # no gather: it would add a task and a loop turn per step
+                await self._streams[0].write(msg)
+            else:
+                await asyncio.gather(*(s.write(msg) for s in self._streams))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, ConnectionError) as exc:
             raise ShardError(f"shard stream failed: {exc}") from exc
 
     async def receive(self, step_id: int) -> shard_pb2.StepResult:
         """The result of the oldest step sent and not yet received (rank 0's)."""
         try:
-            results = await asyncio.gather(*(s.read() for s in self._streams))
+            if len(self._streams) == 1:
+                results = [await self._streams[0].read()]
+            else:
+                results = await asyncio.gather(*(s.read() for s in self._streams))
         except grpc.aio.AioRpcError as exc:
             raise ShardError(f"shard stream failed: {exc.code().name}: {exc.details()}") from exc
+        except ConnectionError as exc:
+            raise ShardError(f"shard step socket failed: {exc}") from exc
         for rank, result in enumerate(results):
-            if result is grpc.aio.EOF:
+            if result is None:
                 raise ShardError(f"shard {rank} closed its step stream")
             if result.step_id != step_id:
                 raise ShardError(f"shard {rank} answered step {result.step_id}, expected {step_id}")
@@ -254,8 +271,58 @@ class ShardClient:
                 raise ShardError(f"shard {rank} failed step {step_id}: {result.error}", fatal=False)
         return results[0]
 
+    async def _open(self, rank: int) -> _GrpcSteps | _SocketSteps:
+        path = self._step_sockets[rank]
+        if not path:
+            log.info("shard %d: steps over the gRPC Steps stream", rank)
+            return _GrpcSteps(self.stubs[rank].Steps())
+        try:
+            steps = _SocketSteps(*await asyncio.open_unix_connection(path))
+        except OSError as exc:
+            raise ShardError(f"shard {rank}'s step socket {path}: {exc}") from exc
+        log.info("shard %d: steps over its step socket %s", rank, path)
+        return steps
+
     async def close(self) -> None:
         for s in self._streams:
-            s.cancel()
+            s.close()
         for c in self.channels:
             await c.close()
+
+
+class _GrpcSteps:
+    """The step stream as the ``Steps`` RPC: shards on other hosts, or without a step socket."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self.call = call
+
+    async def write(self, msg: shard_pb2.StepRequest) -> None:
+        await self.call.write(msg)
+
+    async def read(self) -> shard_pb2.StepResult | None:
+        result = await self.call.read()
+        return None if result is grpc.aio.EOF else result
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+class _SocketSteps:
+    """The step stream on a local shard's step socket: frames, no HTTP/2, no poller thread.
+
+    A ``grpc.aio`` stream message wakes gRPC's poller thread, then the event loop; here the
+    socket wakes the loop itself, which saves ~0.4 ms a step round trip (BENCHMARKS.md)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def write(self, msg: shard_pb2.StepRequest) -> None:
+        self.writer.write(frame(msg.SerializeToString()))
+        await self.writer.drain()
+
+    async def read(self) -> shard_pb2.StepResult | None:
+        payload = await read_frame(self.reader)
+        return None if payload is None else shard_pb2.StepResult.FromString(payload)
+
+    def close(self) -> None:
+        self.writer.close()

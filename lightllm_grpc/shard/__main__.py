@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ from lightllm_grpc.proto import shard_pb2_grpc
 from lightllm_grpc.shard.lifeline import die_with
 from lightllm_grpc.shard.service import ShardService
 from lightllm_grpc.shard.worker import build_shard
+from lightllm_grpc.step_socket import step_socket_path
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -81,6 +84,7 @@ async def serve_shard(
         server.add_secure_port(address, credentials)
     shard = build_shard(cfg, rank, world_size, dist_init)
     service = ShardService(shard)
+    steps = await _listen_step_socket(service, address)
     shard_pb2_grpc.add_ShardServicer_to_server(service, server)
     await server.start()
     log = logging.getLogger(__name__)
@@ -96,7 +100,25 @@ async def serve_shard(
     )
     await service.stream_ended.wait()
     log.info("shard %d: the coordinator's step stream ended; exiting", rank)
+    if steps is not None:
+        steps.close()
+        with contextlib.suppress(OSError):
+            os.unlink(service.step_socket)
     await server.stop(1.0)
+
+
+async def _listen_step_socket(service: ShardService, address: str) -> asyncio.AbstractServer | None:
+    """Serve the step stream on a unix socket beside a unix ``address`` too (step_socket.py)."""
+    path = step_socket_path(address)
+    if path is None:
+        return None  # a TCP shard: its coordinator may be on another host
+    try:
+        server = await asyncio.start_unix_server(service.serve_step_socket, path)
+    except OSError as exc:  # e.g. a path one suffix too long for a unix socket: gRPC still works
+        logging.getLogger(__name__).warning("no step socket at %s (%s): steps go over gRPC", path, exc)
+        return None
+    service.step_socket = path
+    return server
 
 
 def main(argv: list[str] | None = None) -> None:

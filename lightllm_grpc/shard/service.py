@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from lightllm_grpc.gc_freeze import freeze_startup_objects
 from lightllm_grpc.proto import shard_pb2, shard_pb2_grpc
@@ -17,6 +18,7 @@ from lightllm_grpc.shard.grammar import ConstraintError
 from lightllm_grpc.shard.runner import PendingStep
 from lightllm_grpc.shard.warmup import warmup
 from lightllm_grpc.shard.worker import Shard, dtype_name
+from lightllm_grpc.step_socket import frame, read_frame
 
 log = logging.getLogger(__name__)
 # How often to look for the next step while the device runs the current one.
@@ -44,8 +46,10 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         shard: Shard,
         abandon_after_s: float = ABANDON_S,
         on_abandon: Callable[[int, float], None] = _exit_abandoned,
+        step_socket: str = "",
     ) -> None:
         self.shard = shard
+        self.step_socket = step_socket  # the path serve_step_socket listens on, "" for none
         self.abandon_after_s = abandon_after_s
         self.on_abandon = on_abandon  # (step id, seconds waited): the default exits the process
         # Set when the coordinator's step stream ends: the coordinator closed it or died (a
@@ -72,6 +76,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             kv_cache_dtype=s.kv_cache_dtype,
             graph_batch_sizes=list(s.graph_batch_sizes),
             host=socket.gethostname(),
+            step_socket=self.step_socket,
         )
 
     async def Health(self, request: shard_pb2.HealthRequest, context: grpc.aio.ServicerContext):
@@ -110,6 +115,31 @@ class ShardService(shard_pb2_grpc.ShardServicer):
 
     async def Steps(
         self, requests: AsyncIterator[shard_pb2.StepRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[shard_pb2.StepResult]:
+        async for result in self.run_steps(requests):
+            yield result
+
+    async def serve_step_socket(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """``Steps`` over one connection to the step socket (lightllm_grpc/step_socket.py)."""
+
+        async def requests() -> AsyncIterator[shard_pb2.StepRequest]:
+            try:
+                while (payload := await read_frame(reader)) is not None:
+                    yield shard_pb2.StepRequest.FromString(payload)
+            except (ConnectionError, DecodeError) as exc:  # ends the stream, as a broken gRPC one
+                log.error("step socket: %s", exc)
+
+        try:
+            async for result in self.run_steps(requests()):
+                writer.write(frame(result.SerializeToString()))
+                await writer.drain()
+        except ConnectionError as exc:  # the coordinator went away: as a cancelled gRPC stream
+            log.info("step socket closed: %s", exc)
+        finally:
+            writer.close()
+
+    async def run_steps(
+        self, requests: AsyncIterator[shard_pb2.StepRequest]
     ) -> AsyncIterator[shard_pb2.StepResult]:
         """Answer each step in order, launching the next one before waiting for this one's tokens.
 
