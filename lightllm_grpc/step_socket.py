@@ -1,8 +1,9 @@
 """The step stream's frames on a local unix socket: a 4-byte length, then one serialized message.
 
-A shard on the coordinator's host carries its per-step traffic this way instead of on the
-gRPC ``Steps`` stream (docs/architecture.md, "The step socket"): every other RPC, and shards on
-other hosts, stay on gRPC. Both ends import this module, so the framing is written once.
+A shard the coordinator spawned carries its per-step traffic this way instead of on the gRPC
+``Steps`` stream (docs/architecture.md, "Spawned shards take their steps over a step socket"):
+every other RPC, and shards attached with ``--shards``, stay on gRPC. Both ends import this
+module, so the framing and the message limit are written once.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import struct
 
-# The gRPC channels' own limit (a prefill step of many long prompts is the largest message).
-MAX_FRAME_BYTES = 256 * 1024 * 1024
+# The shard protocol's largest message, on gRPC channels and step sockets alike (a prefill
+# step of many long prompts is the largest).
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _HEADER = struct.Struct("<I")
 SUFFIX = ".steps"  # the step socket sits beside the shard's gRPC socket: PATH.sock.steps
 
@@ -29,8 +31,8 @@ def step_socket_path(address: str) -> str | None:
 
 
 def frame(payload: bytes) -> bytes:
-    if len(payload) > MAX_FRAME_BYTES:
-        raise FrameError(f"a {len(payload)}-byte step message exceeds the {MAX_FRAME_BYTES}-byte limit")
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise FrameError(f"a {len(payload)}-byte step message exceeds the {MAX_MESSAGE_BYTES}-byte limit")
     return _HEADER.pack(len(payload)) + payload
 
 
@@ -43,8 +45,8 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
             raise FrameError("the step socket closed inside a frame header") from exc
         return None
     (size,) = _HEADER.unpack(header)
-    if size > MAX_FRAME_BYTES:
-        raise FrameError(f"a frame of {size} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+    if size > MAX_MESSAGE_BYTES:
+        raise FrameError(f"a frame of {size} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
     try:
         return await reader.readexactly(size)
     except asyncio.IncompleteReadError as exc:

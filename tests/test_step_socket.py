@@ -56,7 +56,7 @@ def test_a_torn_or_impossible_frame_is_an_error_not_an_end(data: bytes, why: str
 
 
 def test_a_message_over_the_limit_is_refused_before_it_is_sent(monkeypatch) -> None:
-    monkeypatch.setattr(step_socket, "MAX_FRAME_BYTES", 8)
+    monkeypatch.setattr(step_socket, "MAX_MESSAGE_BYTES", 8)
     frame(b"12345678")
     with pytest.raises(FrameError, match="9-byte step message exceeds the 8-byte limit"):
         frame(b"123456789")

@@ -18,10 +18,9 @@ import grpc
 
 from lightllm_grpc.config import NO_MULTICAST_ENV, ShardConfig
 from lightllm_grpc.proto import shard_pb2, shard_pb2_grpc
-from lightllm_grpc.step_socket import frame, read_frame
+from lightllm_grpc.step_socket import MAX_MESSAGE_BYTES, frame, read_frame
 
 log = logging.getLogger(__name__)
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -311,7 +310,8 @@ class _SocketSteps:
     """The step stream on a local shard's step socket: frames, no HTTP/2, no poller thread.
 
     A ``grpc.aio`` stream message wakes gRPC's poller thread, then the event loop; here the
-    socket wakes the loop itself, which saves ~0.4 ms a step round trip (BENCHMARKS.md)."""
+    socket wakes the loop itself: ~0.4 ms less per step round trip on the CPU machine
+    (BENCHMARKS.md, "steps over a unix socket")."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer

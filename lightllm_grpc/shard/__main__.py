@@ -19,9 +19,7 @@ from lightllm_grpc.proto import shard_pb2_grpc
 from lightllm_grpc.shard.lifeline import die_with
 from lightllm_grpc.shard.service import ShardService
 from lightllm_grpc.shard.worker import build_shard
-from lightllm_grpc.step_socket import step_socket_path
-
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+from lightllm_grpc.step_socket import MAX_MESSAGE_BYTES, step_socket_path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
