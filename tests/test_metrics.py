@@ -87,7 +87,7 @@ def test_metrics_move_the_right_way_after_known_traffic(server) -> None:
     prompt = list(range(1, 41))
     for _ in range(2):  # the second shares the first's prompt through the prefix cache
         server.stub.Generate(greedy_request(prompt, 8))
-    call = server.stub.GenerateStream(greedy_request([5, 6, 7], 300))
+    call = server.stub.GenerateStream(greedy_request([5, 6, 7], 480))  # outlives a scrape anywhere
     next(iter(call))
     during = scrape(server.metrics_url)
     call.cancel()

@@ -161,7 +161,9 @@ def test_cancelled_stream_frees_kv(server) -> None:
 
 def test_deadline_aborts_and_frees_kv(server) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        server.stub.Generate(greedy_request([1, 2, 3], 300), timeout=0.3)
+        # 390 tokens take ~0.4 s here (about 1 ms each): the deadline lands mid-decode with
+        # room for a machine four times faster (300 tokens at 0.3 s once left no room at all).
+        server.stub.Generate(greedy_request([1, 2, 3], 390), timeout=0.1)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     info = server.wait_idle()
     assert info.kv_used_tokens == 0 and info.running_requests == 0

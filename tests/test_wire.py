@@ -13,12 +13,16 @@ import pytest
 from lightllm_grpc.proto import generation_pb2 as pb
 from tests.server_harness import ServerProcess, greedy_request, make_served_model
 
-KV_TOKENS = 400
+# A stream long enough to outlive any action measured beside it on any machine (~1 ms a token
+# on this model on CPU: 12 s); the context and pool are raised to hold it.
+LIVE_TOKENS = 12_000
+KV_TOKENS = LIVE_TOKENS + 400
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model_dir = make_served_model("llama", tmp_path_factory.mktemp("model") / "llama")
+    out = tmp_path_factory.mktemp("model") / "llama"
+    model_dir = make_served_model("llama", out, max_position_embeddings=16_384)
     log = tmp_path_factory.mktemp("log") / "server.log"
     srv = ServerProcess(model_dir, log, "--max-total-tokens", str(KV_TOKENS), "--max-prefill-tokens", "64")
     yield srv
@@ -81,7 +85,7 @@ HUGE_TEXT = "lorem ipsum dolor sit amet " * 400_000  # ~10.8 MB
 
 def _gaps_while(server: ServerProcess, action) -> float:
     """The longest pause between a live stream's messages while ``action`` runs."""
-    call = server.stub.GenerateStream(greedy_request([1, 2, 3], 350))
+    call = server.stub.GenerateStream(greedy_request([1, 2, 3], LIVE_TOKENS))
     stamps: list[float] = []
 
     def read() -> None:
@@ -95,6 +99,7 @@ def _gaps_while(server: ServerProcess, action) -> float:
     while not stamps:
         time.sleep(0.01)
     action()
+    assert not call.done(), "the stream ended before the action did: its gaps say nothing"
     call.cancel()
     reader.join(30)
     return max(b - a for a, b in itertools.pairwise(stamps))
@@ -135,7 +140,8 @@ LIMITS = [
     ),
     (pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="u" * 100, content="hi")])), "role"),
     (
-        pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="é" * 20_000)] * 2)),
+        # Each 400 KB message is under the 512 KiB text limit of a 16k context; the two are not.
+        pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="é" * 200_000)] * 2)),
         "in all",
     ),
 ]
