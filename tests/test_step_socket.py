@@ -98,7 +98,7 @@ def test_steps_go_over_the_socket_in_order_and_closing_it_ends_the_shards_stream
         await client.info()
         for step_id in (1, 2, 3):
             await client.send(shard_pb2.StepRequest(step_id=step_id))
-        got = [(await client.receive(step_id)).step_id for step_id in (1, 2, 3)]
+        got = [(await asyncio.wait_for(client.receive(i), 5)).step_id for i in (1, 2, 3)]  # never hangs
         await client.close()
         await asyncio.wait_for(service.stream_ended.wait(), 5)  # so the shard process exits
         server.close()
@@ -187,3 +187,20 @@ def test_spawned_shards_step_over_the_step_socket(tmp_path) -> None:
         assert log.count(".sock.steps") >= 1 and "gRPC Steps stream" not in log
     finally:
         server.stop()
+
+
+def test_a_step_socket_path_too_long_to_bind_leaves_the_shard_on_grpc(tmp_path, caplog) -> None:
+    """The gRPC socket fits a unix path's ~107 bytes but ``PATH.steps`` need not: no step
+    socket then, and Info offers none, so the coordinator opens ``Steps``."""
+    from lightllm_grpc.shard.__main__ import _listen_step_socket
+
+    service = _service(tmp_path / "unused")
+    service.step_socket = ""
+    address = "unix://" + str(tmp_path / ("x" * (104 - len(str(tmp_path)))))  # 105 bytes
+
+    async def main():
+        return await _listen_step_socket(service, address)
+
+    with caplog.at_level(logging.WARNING):
+        assert asyncio.run(main()) is None
+    assert service.step_socket == "" and "steps go over gRPC" in caplog.text

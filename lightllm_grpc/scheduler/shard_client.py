@@ -242,11 +242,14 @@ class ShardClient:
         """Send a step to every shard; its result comes from ``receive``, in order."""
         if not self._streams:
             self._streams = [await self._open(rank) for rank in range(len(self.stubs))]
+        # Serialized once for every step socket (TP ranks get the same bytes).
+        sockets = any(isinstance(s, _SocketSteps) for s in self._streams)
+        framed = frame(msg.SerializeToString()) if sockets else b""
         try:
             if len(self._streams) == 1:  # no gather: it would add a task and a loop turn per step
-                await self._streams[0].write(msg)
+                await self._streams[0].write(msg, framed)
             else:
-                await asyncio.gather(*(s.write(msg) for s in self._streams))
+                await asyncio.gather(*(s.write(msg, framed) for s in self._streams))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, ConnectionError) as exc:
             raise ShardError(f"shard stream failed: {exc}") from exc
 
@@ -295,8 +298,8 @@ class _GrpcSteps:
     def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
         self.call = call
 
-    async def write(self, msg: shard_pb2.StepRequest) -> None:
-        await self.call.write(msg)
+    async def write(self, msg: shard_pb2.StepRequest, framed: bytes) -> None:
+        await self.call.write(msg)  # gRPC serializes it itself
 
     async def read(self) -> shard_pb2.StepResult | None:
         result = await self.call.read()
@@ -316,8 +319,9 @@ class _SocketSteps:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
 
-    async def write(self, msg: shard_pb2.StepRequest) -> None:
-        self.writer.write(frame(msg.SerializeToString()))
+    async def write(self, msg: shard_pb2.StepRequest, framed: bytes) -> None:
+        """``framed``: ``msg`` already serialized and framed by the caller."""
+        self.writer.write(framed)
         await self.writer.drain()
 
     async def read(self) -> shard_pb2.StepResult | None:
