@@ -128,3 +128,32 @@ def test_tuned_tiles_bind_per_shape_and_keep_the_numbers() -> None:
         assert len(rows) <= 3 and (not rows or rows[-1] is not None)
     for a, b in zip(after, before, strict=True):
         assert _rel(a, b) < 1e-2  # other tiles sum in another order
+
+
+def test_activation_quantized_by_the_norm_and_silu_kernels_keeps_the_logits(tmp_path: Path) -> None:
+    """``use_fp8_act_quant`` on the GPU (bf16, ``_scaled_mm``): a 60-token prefill and a decode
+    step give the logits of the separate quantization kernels, bit for bit; warm-up's timing of
+    the SiLU kernel returns a time per probe."""
+    from lightllm_grpc.layers.fp8_act_quant import use_fp8_act_quant
+    from lightllm_grpc.layers.ops import Ops
+    from lightllm_grpc.models.config import ModelConfig
+    from lightllm_grpc.models.loader import load_model
+    from tests.kernels.test_ops import _logits
+
+    shape = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
+                 head_dim=64, num_key_value_heads=2)  # fmt: skip
+    model_dir = make_tiny_model("llama3", tmp_path / "m", standard_init=True, **shape)
+    cfg = ModelConfig.from_pretrained(model_dir)
+    backend = Ops.triton().attention(4, cfg.num_heads, cfg.head_dim, "cuda", torch.bfloat16)
+    model = load_model(
+        model_dir, device="cuda", dtype="bfloat16", attn_backend=backend, ops=Ops.triton(), quantization="fp8"
+    )
+    prompts = [list(range(3, 43)), list(range(50, 70))]
+    before = _logits(model, prompts, [[31, 7]])
+    assert use_fp8_act_quant(model, {cfg.intermediate_size: 17}) == 3 * cfg.num_layers
+    after = _logits(model, prompts, [[31, 7]])
+    assert torch.equal(after, before)
+    from lightllm_grpc.layers.fp8_act_quant import time_silu_quant
+
+    timed = time_silu_quant(cfg.intermediate_size, torch.device("cuda"), torch.bfloat16, (32, 2048))
+    assert set(timed) == {32, 2048} and all(0 < ms < 1 for pair in timed.values() for ms in pair)

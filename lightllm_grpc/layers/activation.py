@@ -41,7 +41,9 @@ class ActIntoDown(ABC):
     """
 
     down_proj: LinearBase
+    act_in_down: bool = False  # True once fuse_act_into_down ran: down's matmul takes [T, 2I]
 
     @abstractmethod
     def fuse_act_into_down(self, matmul: Matmul) -> None:
-        """Multiply ``down_proj`` with ``matmul`` and skip the separate SiLU-and-mul."""
+        """Multiply ``down_proj`` with ``matmul`` and skip the separate SiLU-and-mul; sets
+        ``act_in_down``."""

@@ -81,7 +81,7 @@ def fp8_linear_ref(
     values exactly in fp32, then apply both scales. Works on any device."""
     rows = x.reshape(-1, x.shape[-1])
     xq, x_scale = quantize_activation(rows, input_scale)
-    return _output((xq.float() @ weight.float().t()) * x_scale * weight_scale.view(1, -1), x, bias)
+    return fp8_scaled_mm_ref(xq, x_scale, weight, weight_scale, bias, x.dtype).view(*x.shape[:-1], -1)
 
 
 def fp8_linear_scaled_mm(
@@ -91,30 +91,50 @@ def fp8_linear_scaled_mm(
     input_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The Hopper path: one Triton launch quantizes ``x`` per token, then cuBLASLt's FP8 GEMM
-    with row-wise scales (``scale_a [M, 1]``, ``scale_b [1, N]``, fp32) writes bf16."""
+    """The Hopper path: one Triton launch quantizes ``x`` per token, then ``fp8_scaled_mm``."""
     from lightllm_grpc_kernels.fp8_quant import per_token_quant_fp8
 
     xq, x_scale = per_token_quant_fp8(_token_rows(x), input_scale)
+    y = fp8_scaled_mm(xq, x_scale, weight, weight_scale, bias, x.dtype)
+    return y.view(*x.shape[:-1], -1)
+
+
+def fp8_scaled_mm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``xq`` e4m3 ``[M, K]`` with its per-token scales ``[M, 1]`` (already quantized) times the
+    e4m3 ``weight`` ``[N, K]``: cuBLASLt's FP8 GEMM with row-wise scales (``scale_a [M, 1]``,
+    ``scale_b [1, N]``, fp32) writes bf16; then ``out_dtype`` and the bias. ``[M, N]``."""
     # weight is row-major [N, K]: its transpose is the column-major [K, N] operand _scaled_mm wants.
     y = torch._scaled_mm(
         xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16
     )
-    return _output(y, x, bias)  # row-wise scaling writes bf16 only; an fp16 model pays one cast
+    y = y.to(out_dtype)  # row-wise scaling writes bf16 only; an fp16 model pays one cast
+    return y if bias is None else y + bias
+
+
+def fp8_scaled_mm_ref(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``fp8_scaled_mm`` on any device: the e4m3 values multiplied exactly in fp32, then the scales."""
+    y = ((xq.float() @ weight.float().t()) * x_scale * weight_scale.view(1, -1)).to(out_dtype)
+    return y if bias is None else y + bias
 
 
 def _token_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``[tokens, K]`` with a unit last stride, as the kernels take it."""
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
-def _output(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """GEMM rows ``y`` [M, N] in ``x``'s dtype, plus ``bias``, shaped like ``x`` but for the last dim."""
-    y = y.to(x.dtype)
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], -1)
 
 
 def fp8_linear_w8a16(
@@ -187,10 +207,16 @@ def scaled_mm_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= _SCALED_MM_CAPABILITY
 
 
-def pick_fp8_gemm(device: torch.device, in_features: int, out_features: int) -> Fp8Gemm:
-    """``fp8_linear_cuda`` where ``_scaled_mm`` runs (Hopper, K and N multiples of 16), else the reference."""
+def scaled_mm_applies(device: torch.device, in_features: int, out_features: int) -> bool:
+    """Whether an FP8 layer of this shape on ``device`` multiplies with ``_scaled_mm`` (Hopper,
+    K and N multiples of 16)."""
     aligned = in_features % _SCALED_MM_ALIGN == 0 and out_features % _SCALED_MM_ALIGN == 0
-    if scaled_mm_supported(device) and aligned:
+    return scaled_mm_supported(device) and aligned
+
+
+def pick_fp8_gemm(device: torch.device, in_features: int, out_features: int) -> Fp8Gemm:
+    """``fp8_linear_cuda`` where ``_scaled_mm`` runs (``scaled_mm_applies``), else the reference."""
+    if scaled_mm_applies(device, in_features, out_features):
         return fp8_linear_cuda
     if device.type == "cuda":
         log.warning(

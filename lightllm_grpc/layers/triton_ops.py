@@ -50,6 +50,7 @@ from lightllm_grpc.layers.fp8 import (
     fp8_linear_ref,
     is_fp8,
 )
+from lightllm_grpc.layers.fp8_act_quant import tune_fp8_act_quant
 from lightllm_grpc.layers.linear import ColumnParallelLinear, LinearBase, Matmul
 from lightllm_grpc.layers.norm import AddNormLinear, RMSNorm, norm_then_linear
 
@@ -283,7 +284,10 @@ def tune_matmuls(model: nn.Module, fuse: bool = True) -> None:
     """The warm-up hook of the Triton ops: ``tune_gemv``, ``tune_gemv_rows`` and
     ``tune_fp8_gemv``, then (unless ``fuse`` is False, as the decode profile's baseline asks)
     ``tune_silu_gemv`` and ``tune_norm_gemv`` for the unquantized layers, then for the FP8 ones
-    (each fusion is timed at one token against the matmul the first three bound)."""
+    (each fusion is timed at one token against the matmul the first three bound), and last
+    ``tune_fp8_act_quant``: FP8 layers past ``W8A16_MAX_M`` tokens take their activation
+    quantized by the norm kernel, and from a timed token count by the SiLU-and-mul kernel
+    (it changes no number)."""
     tune_gemv(model)
     tune_gemv_rows(model)
     tune_fp8_gemv(model)
@@ -291,6 +295,8 @@ def tune_matmuls(model: nn.Module, fuse: bool = True) -> None:
         for fp8 in (False, True):
             tune_silu_gemv(model, fp8=fp8)
             tune_norm_gemv(model, fp8=fp8)
+        if changed := tune_fp8_act_quant(model):
+            log.info("FP8 layers that take their activation quantized by the kernel making it: %d", changed)
 
 
 def tune_silu_gemv(

@@ -184,6 +184,7 @@ class LlamaMLP(nn.Module, ActIntoDown):
         the gate_up output itself (warm-up's choice, per layer)."""
         self.down_proj.matmul = matmul
         self.act_fn = nn.Identity()
+        self.act_in_down = True
 
 
 class LlamaDecoderLayer(nn.Module):

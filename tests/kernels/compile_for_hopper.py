@@ -101,6 +101,12 @@ RMSNORM = {
     "eps": "fp32",
 }
 
+# fp8_quant.py's fused kernels: bf16 activations in, e4m3 and fp32 scales out.
+QUANT_OUT = {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "static_scale_ptr": "*fp32", "stride_q": "i32"}
+QUANT_CONSTS = {"STATIC": False, "QMAX": 448.0, "SCALE_MIN": 1e-12}
+NORM_QUANT = {**{k: v for k, v in RMSNORM.items() if k not in ("out_ptr", "stride_o")}, **QUANT_OUT}
+SILU_QUANT = {"h_ptr": "*bf16", "stride_h": "i32", "inter": "i32", **QUANT_OUT}
+
 
 def _prefill_cases(kernel: object) -> dict[str, tuple]:
     """Prefill attention as the launcher picks it on Hopper: the chunk's K/V through TMA descriptors,
@@ -124,8 +130,11 @@ def _prefill_cases(kernel: object) -> dict[str, tuple]:
 
 def cases() -> dict[str, tuple]:
     """case -> (kernel, argument types, constexpr values, FMA contraction on[, compile options])."""
-    modules = ("gemv", "store_kv", "rmsnorm", "decode_attention", "lamport", "prefill_attention", "gemv_rows")
-    gemv, store, norm, decode, lamport, prefill, gemv_rows = (
+    modules = (
+        "gemv", "store_kv", "rmsnorm", "decode_attention", "lamport", "prefill_attention", "gemv_rows",
+        "fp8_quant",
+    )  # fmt: skip
+    gemv, store, norm, decode, lamport, prefill, gemv_rows, quant = (
         importlib.import_module(f"lightllm_grpc_kernels.{m}") for m in modules
     )
     bf16_pool = {**STORE, "k_buf_ptr": "*bf16", "v_buf_ptr": "*bf16"}
@@ -169,6 +178,20 @@ def cases() -> dict[str, tuple]:
         "rotary_store_kv bf16": (store._rotary_store_kv_kernel, bf16_pool, same, False),
         "fused_add_rmsnorm": (norm._rmsnorm_kernel, RMSNORM, {"HAS_RESIDUAL": True, "BLOCK": 4096}, False),
         "decode_attention merged in one launch": (decode._decode_stage1_kernel, DECODE, DECODE_CONSTS, True),
+        "add_rmsnorm_quant_fp8": (
+            quant._add_rmsnorm_quant_kernel,
+            NORM_QUANT,
+            {**QUANT_CONSTS, "HAS_RESIDUAL": True, "BLOCK": 4096},
+            False,
+            {"num_warps": 8},
+        ),
+        "silu_and_mul_quant_fp8": (
+            quant._silu_and_mul_quant_kernel,
+            SILU_QUANT,
+            {**QUANT_CONSTS, "BLOCK": 2048},
+            False,
+            {"num_warps": 8},
+        ),
         **_prefill_cases(prefill._prefill_attention_kernel),
     }
 

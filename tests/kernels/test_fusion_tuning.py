@@ -296,3 +296,88 @@ def test_tune_gemv_rows_binds_per_count_beside_the_one_token_choice(
             assert attn.o_proj.matmul is triton_ops.gemv_matmul(None, (None, CONFIG))
         assert layer.mlp.down_proj.matmul is F.linear and down.matmul is F.linear
     assert other.matmul is not F.linear and not isinstance(other.matmul, triton_ops.GemvMatmul)
+
+
+def _fp8_model(model_dir: Path):
+    cfg = ModelConfig.from_pretrained(model_dir)
+    backend = Ops.triton().attention(2, cfg.num_heads, cfg.head_dim, "cpu", torch.float32)
+    return load_model(
+        model_dir, device="cpu", dtype="float32", attn_backend=backend, ops=Ops.triton(), quantization="fp8"
+    )
+
+
+def _counted(monkeypatch: pytest.MonkeyPatch, module: object, names: tuple[str, ...]) -> dict[str, int]:
+    """Counts the calls of ``module``'s functions ``names`` from now on."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        fn = getattr(module, name)
+
+        def call(*args, _name=name, _fn=fn, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, call)
+    return calls
+
+
+@pytest.mark.parametrize("silu_from", [17, 64])
+def test_fp8_activations_are_quantized_by_the_norm_and_silu_kernels_above_16_tokens(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch, silu_from: int
+) -> None:
+    """``use_fp8_act_quant`` (interpreter; ``_scaled_mm`` replaced by its reference): past
+    ``W8A16_MAX_M`` tokens qkv and gate_up take their input from the norm kernel that quantizes,
+    and from ``min_rows`` tokens down from the SiLU kernel that does; the logits are those of
+    the separate kernels bit for bit; a one-token decode step keeps the path bound before; a
+    second call binds nothing."""
+    from lightllm_grpc.layers import fp8, fp8_act_quant
+    from tests.kernels.test_ops import _logits
+
+    model = _fp8_model(tiny)
+    layers, inter = len(model.model.layers), model.model.layers[0].mlp.down_proj.weight.shape[1]
+    prompts, decode = [list(range(3, 3 + fp8.W8A16_MAX_M + 4))], [[31]]  # a 20-token prompt
+    before = _logits(model, prompts, decode)
+
+    monkeypatch.setattr(fp8_act_quant, "scaled_mm_applies", lambda *_: True)
+    bind = {inter: silu_from}
+    assert fp8_act_quant.use_fp8_act_quant(model, bind, mm=fp8.fp8_scaled_mm_ref) == 3 * layers
+    assert fp8_act_quant.use_fp8_act_quant(model, bind, mm=fp8.fp8_scaled_mm_ref) == 0
+    calls = _counted(monkeypatch, fp8_act_quant, ("add_rmsnorm_quant_fp8", "silu_and_mul_quant_fp8"))
+    after = _logits(model, prompts, decode)
+    silu = layers if silu_from <= 20 else 0  # the prompt's step only
+    assert calls == {"add_rmsnorm_quant_fp8": 2 * layers, "silu_and_mul_quant_fp8": silu}
+    assert torch.equal(after, before)
+
+
+def test_fp8_silu_quantization_is_bound_from_where_it_won_at_every_larger_probe(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``silu_quant_min_rows``: the fused SiLU kernel from the smallest probe past which it always
+    won, never at 16 tokens or fewer, not at all if it lost at the largest; ``tune_fp8_act_quant``
+    times each FP8 down width once and binds what it picked (no width: the norms alone)."""
+    from lightllm_grpc.layers import fp8_act_quant
+
+    pick = fp8_act_quant.silu_quant_min_rows
+    assert pick({32: (1.0, 2.0), 256: (1.0, 0.9), 512: (2.0, 1.5), 8192: (9.0, 7.0)}) == 256
+    assert pick({32: (1.0, 0.9), 256: (1.0, 1.1), 8192: (9.0, 7.0)}) == 8192  # lost in between
+    assert pick({8: (1.0, 0.5), 64: (1.0, 0.9)}) == 17  # never within the W8A16 counts
+    assert pick({32: (1.0, 0.9), 8192: (9.0, 9.5)}) is None
+
+    model = _fp8_model(tiny)
+    monkeypatch.setattr(fp8_act_quant, "scaled_mm_applies", lambda *_: True)
+    timed = []
+
+    def stub(inter, device, dtype):
+        timed.append((inter, dtype))
+        return {32: (1.0, 2.0), 64: (1.0, 0.5)}
+
+    monkeypatch.setattr(fp8_act_quant, "time_silu_quant", stub)
+    layers, mlp = len(model.model.layers), model.model.layers[0].mlp
+    assert fp8_act_quant.tune_fp8_act_quant(model) == 3 * layers
+    assert timed == [(mlp.down_proj.weight.shape[1], torch.float32)]
+    assert mlp.down_proj.matmul.min_rows == 64
+    assert mlp.act_in_down and isinstance(mlp.down_proj.matmul.small, fp8_act_quant.SiluThenMatmul)
+
+    model = _fp8_model(tiny)
+    monkeypatch.setattr(fp8_act_quant, "time_silu_quant", lambda *_: {64: (1.0, 2.0)})
+    assert fp8_act_quant.tune_fp8_act_quant(model) == 2 * layers
+    assert not model.model.layers[0].mlp.act_in_down

@@ -40,6 +40,8 @@ def compiled() -> dict[str, str]:
         "rotary_store_kv bf16",
         "fused_add_rmsnorm",
         "decode_attention merged in one launch",
+        "add_rmsnorm_quant_fp8",
+        "silu_and_mul_quant_fp8",
         "prefill_attention pool",
         "prefill_attention chunk by pointers",
         "prefill_attention chunk by TMA 128x128",
