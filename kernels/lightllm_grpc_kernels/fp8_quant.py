@@ -19,17 +19,8 @@ import triton
 import triton.language as tl
 
 from lightllm_grpc_kernels._launch import block, check_rows, on_gpu, pdl, wait_for_predecessor
-from lightllm_grpc_kernels.activation import silu_and_mul, silu_and_mul_ref, silu_mul
-from lightllm_grpc_kernels.rmsnorm import (
-    add_rows,
-    fused_add_rmsnorm,
-    fused_add_rmsnorm_ref,
-    inv_rms,
-    normed,
-    rmsnorm,
-    rmsnorm_ref,
-    squares,
-)
+from lightllm_grpc_kernels.activation import silu_and_mul, silu_mul
+from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm, norm_row, rmsnorm
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -97,18 +88,14 @@ def _add_rmsnorm_quant_kernel(
     PDL: tl.constexpr = False,
 ):
     wait_for_predecessor(PDL)
-    # rmsnorm.py's kernel (one program per row, the row in registers), ending in the quantization.
+    # rmsnorm.py's kernel, ending in the quantization of what it would store.
     row = tl.program_id(0).to(tl.int64)
+    y = norm_row(x_ptr, res_ptr, w_ptr, row, stride_x, stride_r, n_cols, eps, HAS_RESIDUAL, BLOCK)
+    y = y.to(tl.float32)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        x = add_rows(x, tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0))
-        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
-    rstd = inv_rms(tl.sum(squares(x), axis=0), n_cols, eps)
-    y = normed(x, rstd, tl.load(w_ptr + cols, mask=mask, other=0.0)).to(tl.float32)  # as the norm writes it
     scale = _row_scale(tl.max(tl.abs(y), axis=0), static_scale_ptr, STATIC, QMAX, SCALE_MIN)
-    tl.store(q_ptr + row * stride_q + cols, _quantized(y, scale, QMAX).to(q_ptr.dtype.element_ty), mask=mask)
+    q = _quantized(y, scale, QMAX).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + row * stride_q + cols, q, mask=cols < n_cols)
     tl.store(scale_ptr + row, scale)
 
 
@@ -259,25 +246,6 @@ def per_token_quant_fp8_ref(
         scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)
     q = (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale.contiguous()
-
-
-def add_rmsnorm_quant_fp8_ref(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor,
-    eps: float,
-    input_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference of :func:`add_rmsnorm_quant_fp8` (updates ``residual`` in place too)."""
-    y = rmsnorm_ref(x, weight, eps) if residual is None else fused_add_rmsnorm_ref(x, residual, weight, eps)
-    return per_token_quant_fp8_ref(y, input_scale)
-
-
-def silu_and_mul_quant_fp8_ref(
-    h: torch.Tensor, input_scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference of :func:`silu_and_mul_quant_fp8`."""
-    return per_token_quant_fp8_ref(silu_and_mul_ref(h), input_scale)
 
 
 def add_rmsnorm_then_quant_fp8(

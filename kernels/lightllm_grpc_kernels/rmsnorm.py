@@ -47,6 +47,26 @@ def normed(x, rstd, w):
 
 
 @triton.jit
+def norm_row(
+    x_ptr, res_ptr, w_ptr, row, stride_x, stride_r, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Row ``row`` of the (residual add +) RMSNorm in the activation dtype, ``[BLOCK]`` (0 past
+    ``n_cols``); with a residual, the sum is stored back into it. The whole row sits in
+    registers (hidden sizes are at most a few thousand)."""
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # Round the sum to the activation dtype before normalising, as HF's `residual + x` does.
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = add_rows(x, r)
+        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+    rstd = inv_rms(tl.sum(squares(x), axis=0), n_cols, eps)
+    return normed(x, rstd, tl.load(w_ptr + cols, mask=mask, other=0.0))
+
+
+@triton.jit
 def _rmsnorm_kernel(
     x_ptr,
     res_ptr,
@@ -62,19 +82,10 @@ def _rmsnorm_kernel(
     PDL: tl.constexpr = False,
 ):
     wait_for_predecessor(PDL)
-    # One program per row; the whole row sits in registers (hidden sizes are at most a few thousand).
     row = tl.program_id(0).to(tl.int64)
+    y = norm_row(x_ptr, res_ptr, w_ptr, row, stride_x, stride_r, n_cols, eps, HAS_RESIDUAL, BLOCK)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        # Round the sum to the activation dtype before normalising, as HF's `residual + x` does.
-        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = add_rows(x, r)
-        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
-    rstd = inv_rms(tl.sum(squares(x), axis=0), n_cols, eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * stride_o + cols, normed(x, rstd, w), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, y, mask=cols < n_cols)
 
 
 def _launch(

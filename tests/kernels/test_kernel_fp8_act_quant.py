@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightllm_grpc_kernels.activation import silu_and_mul_ref
 from lightllm_grpc_kernels.fp8_quant import (
     FP8,
     SILU_QUANT_BLOCK,
     add_rmsnorm_quant_fp8,
-    add_rmsnorm_quant_fp8_ref,
     add_rmsnorm_then_quant_fp8,
+    per_token_quant_fp8_ref,
     silu_and_mul_quant_fp8,
-    silu_and_mul_quant_fp8_ref,
     silu_and_mul_then_quant_fp8,
 )
+from lightllm_grpc_kernels.rmsnorm import fused_add_rmsnorm_ref, rmsnorm_ref
 
 GPU = torch.cuda.is_available()
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -65,7 +66,11 @@ def test_add_rmsnorm_quant_is_the_norm_then_the_quantization(
     _same(fused, add_rmsnorm_then_quant_fp8(x, res_split, weight, 1e-5, input_scale))
     if residual:
         assert torch.equal(res_fused, res_split) and not torch.equal(res_fused, res)  # added in place
-    _close_to_ref(fused, add_rmsnorm_quant_fp8_ref(x, res_ref, weight, 1e-5, input_scale))
+    if res_ref is None:
+        normed = rmsnorm_ref(x, weight, 1e-5)
+    else:
+        normed = fused_add_rmsnorm_ref(x, res_ref, weight, 1e-5)
+    _close_to_ref(fused, per_token_quant_fp8_ref(normed, input_scale))
 
 
 SILU_SHAPES = [(4, 64), (3, 100)] + ([(7, 14336), (513, 14336), (33, SILU_QUANT_BLOCK + 37)] if GPU else [])
@@ -81,7 +86,7 @@ def test_silu_and_mul_quant_is_the_activation_then_the_quantization(
     input_scale = torch.tensor([0.02], device=device) if static else None
     fused = silu_and_mul_quant_fp8(h, input_scale)
     _same(fused, silu_and_mul_then_quant_fp8(h, input_scale))
-    _close_to_ref(fused, silu_and_mul_quant_fp8_ref(h, input_scale))
+    _close_to_ref(fused, per_token_quant_fp8_ref(silu_and_mul_ref(h), input_scale))
     if rows > 2 and not static:
         assert fused[0][1].float().abs().max() == 0  # the all-zero row stays zero, with a finite scale
         assert 0 < fused[1][1].item() < 1e-9
