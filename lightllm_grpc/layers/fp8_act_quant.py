@@ -18,8 +18,9 @@ norm kernel does, and is faster from 17 tokens on (H200). The SiLU one walks the
 intermediate row twice in chunks, one program per row: slower than the two kernels' 2-D grid
 while few rows keep few SMs busy, faster for many. Where the two cross depends on the width
 (H200: 256 tokens for 14,336; above 512 for 7,168, the 8B shape at TP=2), so warm-up times
-both at ``SILU_QUANT_PROBES`` token counts per width, and the fused one runs from the
-smallest count past which it won at every probe (``silu_quant_min_rows``).
+both at ``SILU_QUANT_PROBES`` token counts per width (those whose buffers fit in half the spare
+memory), and the fused one runs from the smallest count past which it won at every probe
+(``silu_quant_min_rows``).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def tune_fp8_act_quant(model: nn.Module) -> int:
             widths[m.down_proj.weight.shape[1]] = (m.down_proj.weight.device, m.down_proj.dense_dtype)
     silu_min_rows: dict[int, int] = {}
     for inter, (device, dtype) in sorted(widths.items()):
-        timed = time_silu_quant(inter, device, dtype)
+        timed = time_silu_quant(inter, device, dtype, affordable_probes(inter, _spare_bytes(device)))
         min_rows = silu_quant_min_rows(timed)
         if min_rows is not None:
             silu_min_rows[inter] = min_rows
@@ -163,6 +164,22 @@ def tune_fp8_act_quant(model: nn.Module) -> int:
     changed = use_fp8_act_quant(model, silu_min_rows)
     torch.cuda.empty_cache()
     return changed
+
+
+def affordable_probes(
+    inter: int, spare_bytes: int, probes: tuple[int, ...] = SILU_QUANT_PROBES
+) -> tuple[int, ...]:
+    """The ``probes`` whose timing buffers (~8 bytes a token per intermediate column: the bf16
+    gate_up input, the SiLU output, two e4m3 outputs) take at most half of ``spare_bytes``.
+    Warm-up runs after the KV pool took the memory, so a server configured with short prefill
+    chunks may have less spare than the largest probe needs."""
+    return tuple(rows for rows in probes if 8 * rows * inter <= spare_bytes // 2)
+
+
+def _spare_bytes(device: torch.device) -> int:
+    """What torch can still hand out on ``device``: free memory plus its cache's unused blocks."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def time_silu_quant(

@@ -362,22 +362,27 @@ def test_fp8_silu_quantization_is_bound_from_where_it_won_at_every_larger_probe(
     assert pick({8: (1.0, 0.5), 64: (1.0, 0.9)}) == 17  # never within the W8A16 counts
     assert pick({32: (1.0, 0.9), 8192: (9.0, 9.5)}) is None
 
+    # A probe is timed only where its buffers fit in half of the spare memory.
+    assert fp8_act_quant.affordable_probes(1000, 2 * 8 * 1000 * 512) == (32, 64, 128, 256, 512)
+    assert fp8_act_quant.affordable_probes(1000, 0) == ()
+
     model = _fp8_model(tiny)
     monkeypatch.setattr(fp8_act_quant, "scaled_mm_applies", lambda *_: True)
+    monkeypatch.setattr(fp8_act_quant, "_spare_bytes", lambda _: 1 << 40)
     timed = []
 
-    def stub(inter, device, dtype):
-        timed.append((inter, dtype))
+    def stub(inter, device, dtype, probes):
+        timed.append((inter, dtype, probes))
         return {32: (1.0, 2.0), 64: (1.0, 0.5)}
 
     monkeypatch.setattr(fp8_act_quant, "time_silu_quant", stub)
     layers, mlp = len(model.model.layers), model.model.layers[0].mlp
     assert fp8_act_quant.tune_fp8_act_quant(model) == 3 * layers
-    assert timed == [(mlp.down_proj.weight.shape[1], torch.float32)]
+    assert timed == [(mlp.down_proj.weight.shape[1], torch.float32, fp8_act_quant.SILU_QUANT_PROBES)]
     assert mlp.down_proj.matmul.min_rows == 64
     assert mlp.act_in_down and isinstance(mlp.down_proj.matmul.small, fp8_act_quant.SiluThenMatmul)
 
     model = _fp8_model(tiny)
-    monkeypatch.setattr(fp8_act_quant, "time_silu_quant", lambda *_: {64: (1.0, 2.0)})
+    monkeypatch.setattr(fp8_act_quant, "time_silu_quant", lambda *_, **__: {64: (1.0, 2.0)})
     assert fp8_act_quant.tune_fp8_act_quant(model) == 2 * layers
     assert not model.model.layers[0].mlp.act_in_down
