@@ -9,7 +9,7 @@ STUBS := lightllm_grpc/_proto/.generated
 ARGS ?=
 DURATION ?= 60
 
-.PHONY: venv proto serve test test-gpu lint format bench bench-gpu bench-gpu-tp soak clean
+.PHONY: venv proto serve test test-gpu test-gpu-all lint format bench bench-gpu bench-gpu-tp soak clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,11 @@ test: $(STUBS)
 
 test-gpu: $(STUBS)
 	$(PY) -m pytest -q -m gpu $(ARGS)
+
+# Every GPU test at once on a GPU machine's image (no install): jobs spread over all its cards,
+# the two-GPU ones on pairs (tests/gpu_runner.py). Needs the stubs (make proto) in the tree.
+test-gpu-all:
+	PYTHONPATH=.:kernels $(PYTHON) -m tests.gpu_runner $(ARGS)
 
 BUF := tools/node_modules/.bin/buf
 
