@@ -172,6 +172,7 @@ class ShardClient:
         # Per rank, the step socket to use instead of Steps ("": none), learned from Info.
         self._step_sockets = [""] * len(addresses)
         self._streams: list[_GrpcSteps | _SocketSteps] = []
+        self._frames = False  # whether any open stream is a step socket (it takes framed bytes)
 
     async def wait_ready(self, procs: ShardProcesses | None, timeout: float) -> None:
         """Wait until every shard answers Health; one still loading is waited for, one that
@@ -242,9 +243,9 @@ class ShardClient:
         """Send a step to every shard; its result comes from ``receive``, in order."""
         if not self._streams:
             self._streams = [await self._open(rank) for rank in range(len(self.stubs))]
+            self._frames = any(isinstance(s, _SocketSteps) for s in self._streams)
         # Serialized once for every step socket (TP ranks get the same bytes).
-        sockets = any(isinstance(s, _SocketSteps) for s in self._streams)
-        framed = frame(msg.SerializeToString()) if sockets else b""
+        framed = frame(msg.SerializeToString()) if self._frames else b""
         try:
             if len(self._streams) == 1:  # no gather: it would add a task and a loop turn per step
                 await self._streams[0].write(msg, framed)
