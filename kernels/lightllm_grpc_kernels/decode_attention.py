@@ -511,6 +511,23 @@ def cascade_decode_attention(
     return out
 
 
+def stage1_tiles(fp8: bool, num_splits: int) -> tuple[int, int, int]:
+    """(keys per tile, warps, pipeline stages) of stage 1 on a GPU: a function of the pool's
+    dtype and the split count only, so a captured graph keeps its choice.
+
+    Measured on an H200 (8B heads, stage 1 alone under CUDA graphs, shuffled slots; BENCHMARKS.md,
+    "decode attention tiles"). One or two splits means a large batch, many short programs, each
+    reading a few tiles: small tiles with deep pipelines keep more loads in flight per SM. An
+    e4m3 pool at 32 keys x 1 warp x 5 stages reads 3.2-3.6 TB/s against 2.6-2.8 at 64 x 2 x 3
+    (B 32-512); a 16-bit pool at 32 x 2 x 3 reads 4.1-4.3 TB/s against 4.0-4.2 at 64 x 4 x 2,
+    the copy's read rate. With more splits (batches under 32) the larger tiles stay ahead.
+    """
+    if num_splits <= 2:
+        return (32, 1, 5) if fp8 else ((32, 2, 3) if num_splits == 1 else (64, 4, 2))
+    # e4m3 with bf16 queries: fp16 math; with bf16 math these tiles read 0.5-0.7x the 16-bit pool.
+    return (64, 2, 3) if fp8 else (64, 4, 2)
+
+
 def _stage1(
     q: torch.Tensor,
     k_buf: torch.Tensor,
@@ -535,10 +552,7 @@ def _stage1(
     gpu = on_gpu(q)
     group = num_heads // num_kv_heads
     fp8 = k_scale is not None
-    # An e4m3 pool: fp16 math and 2 warps x 3 stages, measured on an H200 (8B heads, B 32-512,
-    # contiguous slots): 2.6 TB/s of e4m3, 1.16-1.24x the bf16 pool (which is at 4.1-4.4 TB/s
-    # with 4 warps x 2 stages); with bf16 math and those tiles an e4m3 pool was 0.5-0.7x bf16.
-    warps, stages = (2, 3) if fp8 else (4, 2)
+    block_n, warps, stages = stage1_tiles(fp8, num_splits) if gpu else (16, 1, 1)
     _decode_stage1_kernel[(batch, num_kv_heads, num_splits)](
         q, k_buf, v_buf, req_to_token, req_rows, seq_lens,
         seq_lens if kv_starts is None else kv_starts,  # unused without a shared prefix
@@ -546,9 +560,9 @@ def _stage1(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_buf.stride(0), k_buf.stride(1),
         req_to_token.stride(0), num_heads, num_kv_heads, head_dim,
         GROUP=group, NUM_SPLITS=num_splits, HAS_PREFIX=kv_starts is not None, KV_FP8=fp8,
-        MERGE=counters is not None, BLOCK_G=max(16, block(group)), BLOCK_N=64 if gpu else 16,
+        MERGE=counters is not None, BLOCK_G=max(16, block(group)), BLOCK_N=block_n,
         BLOCK_D=block(head_dim), BLOCK_S=block(num_splits), DOT_PRECISION=dot_precision(q.dtype),
-        FP8_F16=q.dtype == torch.bfloat16, num_warps=warps if gpu else 1, num_stages=stages if gpu else 1,
+        FP8_F16=q.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
         **pdl(q),
     )  # fmt: skip
 

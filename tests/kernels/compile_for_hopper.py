@@ -128,6 +128,17 @@ def _prefill_cases(kernel: object) -> dict[str, tuple]:
     }
 
 
+def _decode_large_batch_fp8(decode: object) -> tuple:
+    """Stage 1 over an e4m3 pool with the tiles a large batch gets (one split, one warp)."""
+    block_n, warps, stages = decode.stage1_tiles(True, 1)
+    consts = {
+        **DECODE_CONSTS, "NUM_SPLITS": 1, "MERGE": False, "KV_FP8": True, "FP8_F16": True, "BLOCK_S": 1,
+        "BLOCK_N": block_n,
+    }  # fmt: skip
+    types = {**DECODE, "k_buf_ptr": "*fp8e4nv", "v_buf_ptr": "*fp8e4nv"}
+    return decode._decode_stage1_kernel, types, consts, True, {"num_warps": warps, "num_stages": stages}
+
+
 def cases() -> dict[str, tuple]:
     """case -> (kernel, argument types, constexpr values, FMA contraction on[, compile options])."""
     modules = (
@@ -178,6 +189,7 @@ def cases() -> dict[str, tuple]:
         "rotary_store_kv bf16": (store._rotary_store_kv_kernel, bf16_pool, same, False),
         "fused_add_rmsnorm": (norm._rmsnorm_kernel, RMSNORM, {"HAS_RESIDUAL": True, "BLOCK": 4096}, False),
         "decode_attention merged in one launch": (decode._decode_stage1_kernel, DECODE, DECODE_CONSTS, True),
+        "decode_attention e4m3 pool, large batch": _decode_large_batch_fp8(decode),
         "add_rmsnorm_quant_fp8": (
             quant._add_rmsnorm_quant_kernel,
             NORM_QUANT,
