@@ -113,3 +113,36 @@ def test_warmup_runs_a_long_and_a_short_prefill(tmp_path) -> None:
     shard.runner.step = lambda msg: (prefills.append(len(msg.prefill.slots)), step(msg))[1]
     warmup(shard, max_prefill_tokens=48, max_batch_size=4)
     assert [n for n in prefills if n] == [48, SHORT_PREFILL]
+
+
+def test_mixed_decode_rows_give_every_split_count_once() -> None:
+    """Warm-up runs one mixed step per split count of the decode attention, with the fewest rows
+    that get it: every count a batch of up to N rows can use, none twice."""
+    from lightllm_grpc_kernels.decode_attention import decode_num_splits
+
+    from lightllm_grpc.shard.warmup import mixed_decode_rows
+
+    for n in (1, 3, 8, 40, 512):
+        rows = mixed_decode_rows(n)
+        splits = [decode_num_splits(b) for b in rows]
+        assert sorted(set(splits)) == sorted({decode_num_splits(b) for b in range(1, n + 1)})
+        assert len(splits) == len(set(splits)) and max(rows) <= n
+        assert all(decode_num_splits(b - 1) != decode_num_splits(b) for b in rows if b > 1)
+
+
+def test_mixed_warmup_steps_run_a_prompt_beside_each_row_count(tmp_path) -> None:
+    """The steps themselves (on GPU only in warm-up) are valid mixed steps for the runner."""
+    from lightllm_grpc.config import ShardConfig
+    from lightllm_grpc.shard import warmup as warm
+    from lightllm_grpc.shard.worker import build_shard
+    from tests.model_factory import make_tiny_model
+
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3")
+    cfg = ShardConfig(model=model_dir, device="cpu", max_total_tokens=256, max_rows=40, max_context=64)
+    runner = build_shard(cfg, rank=0, world_size=1, init_method=None).runner
+    seen: list[tuple[int, int]] = []
+    step = runner.step
+    runner.step = lambda msg: (seen.append((len(msg.decode.rows), len(msg.prefill.slots))), step(msg))[1]
+    warm._mixed_steps(runner, batch=40)
+    assert seen == [(rows, warm.SHORT_PREFILL) for rows in warm.mixed_decode_rows(39)]
+    assert runner.live_rows() == 0  # each step's rows released after it

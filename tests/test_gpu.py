@@ -469,3 +469,29 @@ def test_fp8_kv_cache_server_on_gpu(tmp_path) -> None:
     from tests.test_fp8_kv import check_fp8_kv_server
 
     check_fp8_kv_server(tmp_path, "--device", "cuda", "--dtype", "float32")
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
+def test_mixed_steps_after_warmup_compile_nothing(kv_cache_dtype: str, tmp_path) -> None:
+    """A mixed step's decode rows attend outside the graphs; warm-up compiled that launch for
+    every split count, so the first mixed steps of a fresh server with 2 to 40 decode rows (split
+    counts 32, 16, 8, 2) compile no Triton kernel (each compile stalled a live step ~0.6 s)."""
+    from lightllm_grpc.config import ShardConfig
+    from lightllm_grpc.shard import compile_watch
+    from lightllm_grpc.shard.warmup import mixed_step, warmup
+    from lightllm_grpc.shard.worker import build_shard
+
+    model_dir = make_tiny_model("llama3", tmp_path / "llama3")
+    cfg = ShardConfig(
+        model=model_dir, device="cuda", dtype="bfloat16", max_rows=48, max_context=128, max_total_tokens=4096,
+        max_prefill_tokens=64, kv_cache_dtype=kv_cache_dtype,
+    )  # fmt: skip
+    shard = build_shard(cfg, 0, 1, None)
+    warmup(shard, cfg.max_prefill_tokens, cfg.max_rows)
+    watch = compile_watch.install()
+    assert watch.armed
+    before = watch.compiles
+    for rows in (2, 5, 9, 40):
+        shard.runner.step(mixed_step(rows, shard.runner.kv_capacity))
+        shard.runner.reset()
+    assert watch.compiles == before

@@ -9,6 +9,8 @@ warnings (shard/compile_watch.py): each one stalled a live step.
 
 from __future__ import annotations
 
+from lightllm_grpc_kernels.decode_attention import decode_num_splits
+
 from lightllm_grpc.proto import shard_pb2
 from lightllm_grpc.shard import compile_watch
 from lightllm_grpc.shard.cuda_graph import CudaGraphDecoder
@@ -64,7 +66,42 @@ def warmup(shard: Shard, max_prefill_tokens: int, max_batch_size: int) -> None:
             prefill.capture(graphs.pool)
             runner.prefill_forward = prefill
             shard.prefill_graph_sizes = tuple(prefill.sizes)
+    if runner.device.type == "cuda":
+        _mixed_steps(runner, batch)
     watch.arm()
+
+
+def mixed_decode_rows(max_batch: int) -> list[int]:
+    """Decode-row counts, one per split count of the decode attention up to ``max_batch`` rows:
+    the fewest rows that get each."""
+    rows: dict[int, int] = {}
+    for b in range(1, max_batch + 1):
+        rows.setdefault(decode_num_splits(b), b)
+    return sorted(rows.values())
+
+
+def _mixed_steps(runner: ModelRunner, batch: int) -> None:
+    """A short prompt beside each of ``mixed_decode_rows`` decode rows. A mixed step attends its
+    decode rows outside any graph, without programmatic dependent launch; the decode attention
+    specializes on its split count, and the graphs of up to 8 rows (split counts 8-32) compile
+    only the launch with it. Without these steps a fresh server compiled each on its first
+    mixed step with a few decode rows (~0.6 s stalls; BENCHMARKS.md)."""
+    capacity = runner.kv_capacity
+    for rows in mixed_decode_rows(min(batch, runner.max_rows - 1, capacity - SHORT_PREFILL)):
+        runner.step(mixed_step(rows, capacity))
+        runner.reset()
+
+
+def mixed_step(decode_rows: int, capacity: int) -> shard_pb2.StepRequest:
+    """A ``SHORT_PREFILL``-token prompt in row ``decode_rows`` (slots from ``decode_rows`` on)
+    beside decode rows ``0 .. decode_rows - 1`` (slots ``0 .. decode_rows - 1``), all admitted
+    by the step itself."""
+    step = prefill_step(decode_rows, SHORT_PREFILL, capacity, first_slot=decode_rows)
+    for row in range(decode_rows):
+        step.admit.append(shard_pb2.RowSampling(row=row, top_k=-1, top_p=1.0, repetition_penalty=1.0))
+    step.decode.rows.extend(range(decode_rows))
+    step.decode.slots.extend(range(decode_rows))
+    return step
 
 
 def capture_decode_graphs(runner: ModelRunner, max_batch: int) -> CudaGraphDecoder:
