@@ -140,9 +140,17 @@ def test_mixed_warmup_steps_run_a_prompt_beside_each_row_count(tmp_path) -> None
     model_dir = make_tiny_model("llama3", tmp_path / "llama3")
     cfg = ShardConfig(model=model_dir, device="cpu", max_total_tokens=256, max_rows=40, max_context=64)
     runner = build_shard(cfg, rank=0, world_size=1, init_method=None).runner
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, list[int]]] = []
     step = runner.step
-    runner.step = lambda msg: (seen.append((len(msg.decode.rows), len(msg.prefill.slots))), step(msg))[1]
+    runner.step = lambda msg: (
+        seen.append((len(msg.decode.rows), len(msg.prefill.slots), list(msg.decode.group_sizes))),
+        step(msg),
+    )[1]
     warm._mixed_steps(runner, batch=40)
-    assert seen == [(rows, warm.SHORT_PREFILL) for rows in warm.mixed_decode_rows(39)]
+    want = []
+    for rows in warm.mixed_decode_rows(39):
+        want.append((rows, warm.SHORT_PREFILL, []))
+        if rows > 1:  # then the same rows in prefix groups of two, an odd last row alone
+            want.append((rows, warm.SHORT_PREFILL, [2, 0] * (rows // 2) + [0] * (rows % 2)))
+    assert seen == want
     assert runner.live_rows() == 0  # each step's rows released after it

@@ -474,8 +474,9 @@ def test_fp8_kv_cache_server_on_gpu(tmp_path) -> None:
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
 def test_mixed_steps_after_warmup_compile_nothing(kv_cache_dtype: str, tmp_path) -> None:
     """A mixed step's decode rows attend outside the graphs; warm-up compiled that launch for
-    every split count, so the first mixed steps of a fresh server with 2 to 40 decode rows (split
-    counts 32, 16, 8, 2) compile no Triton kernel (each compile stalled a live step ~0.6 s)."""
+    every split count, plain and cascade, so the first mixed steps of a fresh server with 2 to 40
+    decode rows (split counts 32, 16, 8, 2), in prefix groups or not, compile no Triton kernel
+    (each compile stalled a live step ~0.6 s)."""
     from lightllm_grpc.config import ShardConfig
     from lightllm_grpc.shard import compile_watch
     from lightllm_grpc.shard.warmup import mixed_step, warmup
@@ -492,6 +493,7 @@ def test_mixed_steps_after_warmup_compile_nothing(kv_cache_dtype: str, tmp_path)
     assert watch.armed
     before = watch.compiles
     for rows in (2, 5, 9, 40):
-        shard.runner.step(mixed_step(rows, shard.runner.kv_capacity))
-        shard.runner.reset()
+        for grouped in (False, True):  # plain and cascade attention
+            shard.runner.step(mixed_step(rows, shard.runner.kv_capacity, grouped))
+            shard.runner.reset()
     assert watch.compiles == before

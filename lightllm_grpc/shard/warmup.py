@@ -81,26 +81,33 @@ def mixed_decode_rows(max_batch: int) -> list[int]:
 
 
 def _mixed_steps(runner: ModelRunner, batch: int) -> None:
-    """A short prompt beside each of ``mixed_decode_rows`` decode rows. A mixed step attends its
-    decode rows outside any graph, without programmatic dependent launch; the decode attention
-    specializes on its split count, and the graphs of up to 8 rows (split counts 8-32) compile
-    only the launch with it. Without these steps a fresh server compiled each on its first
-    mixed step with a few decode rows (~0.6 s stalls; BENCHMARKS.md)."""
+    """A short prompt beside each of ``mixed_decode_rows`` decode rows, then beside the same rows
+    in prefix groups. A mixed step attends its decode rows outside any graph, without
+    programmatic dependent launch, and with cascade attention whenever the coordinator groups
+    them (cascade graphs exist only from 64 rows, one split). The decode attention specializes on
+    its split count, so without these steps a fresh server compiled a kernel under its first
+    mixed steps with a few decode rows (~0.6 s each; BENCHMARKS.md)."""
     capacity = runner.kv_capacity
     for rows in mixed_decode_rows(min(batch, runner.max_rows - 1, capacity - SHORT_PREFILL)):
-        runner.step(mixed_step(rows, capacity))
-        runner.reset()
+        for grouped in (False, True) if rows > 1 else (False,):
+            runner.step(mixed_step(rows, capacity, grouped))
+            runner.reset()
 
 
-def mixed_step(decode_rows: int, capacity: int) -> shard_pb2.StepRequest:
+def mixed_step(decode_rows: int, capacity: int, grouped: bool = False) -> shard_pb2.StepRequest:
     """A ``SHORT_PREFILL``-token prompt in row ``decode_rows`` (slots from ``decode_rows`` on)
     beside decode rows ``0 .. decode_rows - 1`` (slots ``0 .. decode_rows - 1``), all admitted
-    by the step itself."""
+    by the step itself. ``grouped``: the decode rows in prefix groups of two (an odd last row
+    alone), sharing no key: the cascade kernels run, each group's shared part empty."""
     step = prefill_step(decode_rows, SHORT_PREFILL, capacity, first_slot=decode_rows)
     for row in range(decode_rows):
         step.admit.append(shard_pb2.RowSampling(row=row, top_k=-1, top_p=1.0, repetition_penalty=1.0))
-    step.decode.rows.extend(range(decode_rows))
-    step.decode.slots.extend(range(decode_rows))
+    dec = step.decode
+    dec.rows.extend(range(decode_rows))
+    dec.slots.extend(range(decode_rows))
+    if grouped:
+        dec.shared_lens.extend([0] * decode_rows)
+        dec.group_sizes.extend(2 if r % 2 == 0 and r + 1 < decode_rows else 0 for r in range(decode_rows))
     return step
 
 

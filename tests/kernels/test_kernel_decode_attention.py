@@ -236,6 +236,7 @@ def _cascade_case(
         ([(2, 33), (4, 7)], [3, 1, 2, 20, 4, 1, 50], 4, 4, 2),  # two groups, MHA, split suffixes
         ([(16, 24), (16, 24)], [2] * 32, 8, 8, 1),  # two full groups of MAX_GROUP_ROWS rows, MHA
         ([(16, 70)], [3] * 17, 8, 1, 2),  # 16 rows x 8 query heads per kv head: a 128-row tile
+        ([(2, 0), (2, 0)], [1, 4, 2, 3, 1], 4, 2, 4),  # groups sharing no key (warm-up's mixed steps)
     ],
 )
 def test_cascade_decode_attention_matches_reference(
