@@ -304,6 +304,11 @@ def _shared_prefix_kernel(
     rows = b + offs_m // GROUP
     heads = kv_head * GROUP + offs_m % GROUP
     m_mask = offs_m < size * GROUP
+    mid_rows = (rows * num_heads + heads) * (NUM_SPLITS + 1) + NUM_SPLITS
+    if length == 0:
+        # No shared key (warm-up's groups): zero weight in stage 2, as stage 1 writes for rows alone.
+        tl.store(mid_lse_ptr + mid_rows, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=m_mask)
+        return
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
     md_mask = m_mask[:, None] & d_mask[None, :]
@@ -321,7 +326,6 @@ def _shared_prefix_kernel(
     )  # fmt: skip
     if KV_FP8:
         acc = acc * tl.load(v_scale_ptr)
-    mid_rows = (rows * num_heads + heads) * (NUM_SPLITS + 1) + NUM_SPLITS
     tl.store(mid_o_ptr + mid_rows[:, None] * head_dim + offs_d[None, :], acc / l_i[:, None], mask=md_mask)
     tl.store(mid_lse_ptr + mid_rows, m_i + tl.log2(l_i), mask=m_mask)
 

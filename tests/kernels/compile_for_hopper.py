@@ -85,6 +85,19 @@ DECODE_CONSTS = {
     "GROUP": 4, "NUM_SPLITS": 32, "HAS_PREFIX": False, "KV_FP8": False, "MERGE": True,
     "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "BLOCK_S": 32, "DOT_PRECISION": "tf32", "FP8_F16": False,
 }  # fmt: skip
+SHARED_PREFIX = {
+    **dict.fromkeys(("q_ptr", "k_buf_ptr", "v_buf_ptr"), "*bf16"),
+    **dict.fromkeys(("req_to_token_ptr", "req_rows_ptr", "prefix_lens_ptr", "group_sizes_ptr"), "*i32"),
+    **dict.fromkeys(("mid_o_ptr", "mid_lse_ptr", "k_scale_ptr", "v_scale_ptr"), "*fp32"),
+    **dict.fromkeys(
+        ("stride_qb", "stride_qh", "stride_bs", "stride_bh", "stride_rt", "num_heads", "head_dim"), "i32"
+    ),
+    "qk_scale": "fp32",
+}
+SHARED_PREFIX_CONSTS = {
+    "GROUP": 4, "NUM_SPLITS": 4, "KV_FP8": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128,
+    "DOT_PRECISION": "tf32",
+}  # fmt: skip
 PREFILL = {
     **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "k_buf_ptr", "v_buf_ptr", "out_ptr"), "*bf16"),
     **dict.fromkeys(
@@ -190,6 +203,7 @@ def cases() -> dict[str, tuple]:
         "fused_add_rmsnorm": (norm._rmsnorm_kernel, RMSNORM, {"HAS_RESIDUAL": True, "BLOCK": 4096}, False),
         "decode_attention merged in one launch": (decode._decode_stage1_kernel, DECODE, DECODE_CONSTS, True),
         "decode_attention e4m3 pool, large batch": _decode_large_batch_fp8(decode),
+        "cascade shared prefix": (decode._shared_prefix_kernel, SHARED_PREFIX, SHARED_PREFIX_CONSTS, True),
         "add_rmsnorm_quant_fp8": (
             quant._add_rmsnorm_quant_kernel,
             NORM_QUANT,

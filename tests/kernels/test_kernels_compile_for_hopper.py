@@ -41,6 +41,7 @@ def compiled() -> dict[str, str]:
         "fused_add_rmsnorm",
         "decode_attention merged in one launch",
         "decode_attention e4m3 pool, large batch",
+        "cascade shared prefix",
         "add_rmsnorm_quant_fp8",
         "silu_and_mul_quant_fp8",
         "prefill_attention pool",
