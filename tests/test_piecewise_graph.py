@@ -346,3 +346,23 @@ def test_profile_mixed_runs_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFix
     rows = capsys.readouterr().out.splitlines()[-2:]
     assert rows[0].split()[:4] == ["5", "3", "8", "16"] and rows[0].endswith("x")
     assert rows[1].split()[:4] == ["20", "3", "23", "-"] and "eager" in rows[1]
+
+
+def test_profile_mixed_puts_several_prompts_in_a_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--prompts P``: P prompts of N tokens each beside the decode rows (W2's chunks), each in its
+    own row and slots; the step's token count is P x N + B."""
+    from lightllm_grpc.bench.profile_mixed import _mixed_step, main
+    from tests.server_harness import make_served_model
+
+    step = _mixed_step(4, 3, 3, 8, prompts=2)
+    assert list(step.prefill.rows) == [3, 4] and list(step.prefill.lens) == [4, 4]
+    assert list(step.prefill.slots) == list(range(27, 35))  # after 3 rows of 9 slots
+    assert [a.row for a in step.admit] == [3, 4] and list(step.decode.rows) == [0, 1, 2]
+    model_dir = make_served_model("llama3", tmp_path / "llama3")
+    args = ["--model", str(model_dir), "--device", "cpu", "--dtype", "float32", "--iters", "1"]
+    main([*args, "--prompts", "3", "--prompt-tokens", "4", "--decode-rows", "2", "--context", "8",
+          "--max-mixed-tokens", "16", "--kernels", "5"])  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert "3 prompt(s) a step" in out[-3] and out[-1].split()[:4] == ["4", "2", "14", "16"]
