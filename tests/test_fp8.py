@@ -317,7 +317,7 @@ def test_gemv_tuning_skips_fp8_layers(tiny: Path) -> None:
     an ignored (high-precision) layer of a quantized model is tuned like any other."""
     from lightllm_grpc_kernels.gemv import GEMV_CONFIGS
 
-    from lightllm_grpc.layers import triton_ops
+    from lightllm_grpc.layers import matmul_tuning, triton_ops
     from lightllm_grpc.models.loader import build_model
 
     quant = QuantConfig(source="compressed-tensors", ignore=("re:.*down_proj",))
@@ -327,7 +327,7 @@ def test_gemv_tuning_skips_fp8_layers(tiny: Path) -> None:
     shapes = {tuple(p.shape): gemv for p in model.parameters() if p.dim() == 2}
     before = {name: layer.matmul for name, layer in _fp8_layers(model).items()}
     assert len(before) == 3 * config.num_layers
-    changed = triton_ops.use_gemv(model, shapes)
+    changed = matmul_tuning.use_gemv(model, shapes)
     assert changed == config.num_layers + 1  # every down_proj and the LM head
     assert all(layer.mlp.down_proj.matmul is triton_ops.gemv_matmul(gemv) for layer in model.model.layers)
     assert all(layer.matmul is before[name] for name, layer in _fp8_layers(model).items())

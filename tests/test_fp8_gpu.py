@@ -113,7 +113,7 @@ def test_tuned_tiles_bind_per_shape_and_keep_the_numbers() -> None:
     from torch import nn
 
     from lightllm_grpc.layers.fp8 import fp8_cuda_gemm
-    from lightllm_grpc.layers.triton_ops import tune_fp8_gemv
+    from lightllm_grpc.layers.matmul_tuning import tune_fp8_gemv
 
     gate_up, down = _fp8_mlp()
     xs = [torch.randn(m, 512, device="cuda", dtype=torch.bfloat16) for m in (1, 2, 3, 4, 8)]

@@ -38,7 +38,7 @@ class Fp8GemvConfig(GemvConfig):
     num_stages: int = 3
 
 
-# Candidates the warm-up times per weight shape (layers/triton_ops.py tune_fp8_gemv) and the
+# Candidates the warm-up times per weight shape (layers/matmul_tuning.py tune_fp8_gemv) and the
 # benchmark reports (bench/fp8_check.py); untuned layers use the default (the first).
 FP8_GEMV_CONFIGS = (
     Fp8GemvConfig(16, 512, 4, 3),

@@ -14,7 +14,7 @@ constexpr, so 3 tokens compile their own kernel rather than padding to 4. An e4m
 its per-row scale and the bias in the fp32 epilogue, as in ``gemv.py``.
 
 Serving uses it per weight shape and token count where warm-up timed it faster than the
-alternative (``layers/triton_ops.tune_fp8_gemv`` and ``tune_gemv``).
+alternative (``layers/matmul_tuning.tune_fp8_gemv`` and ``tune_gemv_rows``).
 """
 
 from __future__ import annotations

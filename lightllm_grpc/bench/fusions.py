@@ -2,7 +2,7 @@
 
 ``python -m lightllm_grpc.bench.fusions [--tp 1] [--only silu,norm]`` prints, per weight
 shape of the 8B Llama-3 model at that tensor-parallel size (bf16, one token, inside CUDA
-graphs, each weight read from HBM by rotating among copies, as ``triton_ops`` tunes):
+graphs, each weight read from HBM by rotating among copies, as warm-up tunes: ``layers/matmul_timing.py``):
 
 - ``silu``: the down projection (``I/tp -> 4096``): the SiLU-and-mul kernel then cuBLAS, or
   then the GEMV kernel of each config, against ``silu_gemv`` of each config;
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from lightllm_grpc_kernels.gemv import GEMV_CONFIGS
 
-from lightllm_grpc.layers import triton_ops
+from lightllm_grpc.layers import matmul_timing, triton_ops
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4096, 14336, 32, 8, 128, 32  # Llama-3 8B
 MIN_GAIN = 0.01  # the tuners' default margin
@@ -40,7 +40,7 @@ def _gbs(nbytes: int, ms: float) -> str:
 
 def bench_silu(tp: int) -> list[str]:
     """The down projection at ``tp``: every unfused pair and every fused config."""
-    return _pairs("down", (HIDDEN, INTER // tp), tp, "SiLU", triton_ops.time_silu_gemv)
+    return _pairs("down", (HIDDEN, INTER // tp), tp, "SiLU", matmul_timing.time_silu_gemv)
 
 
 def bench_norm(tp: int) -> list[str]:
@@ -50,7 +50,7 @@ def bench_norm(tp: int) -> list[str]:
     return [
         line
         for name, shape in (("qkv", qkv), ("gate_up", gate_up))
-        for line in _pairs(name, shape, tp, "add+RMSNorm", triton_ops.time_norm_gemv)
+        for line in _pairs(name, shape, tp, "add+RMSNorm", matmul_timing.time_norm_gemv)
     ]
 
 

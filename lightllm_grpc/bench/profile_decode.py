@@ -57,14 +57,14 @@ def kernel_table(prof, steps: int) -> list[tuple[str, float, int]]:
 def unfuse(shard) -> None:
     """Before warm-up: the shard's model keeps rotary as its own kernel and warm-up binds no
     fused GEMV (``tune_matmuls(fuse=False)``); every other choice is as served."""
-    from lightllm_grpc.layers import triton_ops
+    from lightllm_grpc.layers import matmul_tuning
 
     for module in shard.model.modules():
         if hasattr(module, "rotary_in_kv_store"):
             module.rotary_in_kv_store = False
     if shard.ops.tune is not None:
         shard.ops = dataclasses.replace(
-            shard.ops, tune=functools.partial(triton_ops.tune_matmuls, fuse=False)
+            shard.ops, tune=functools.partial(matmul_tuning.tune_matmuls, fuse=False)
         )
 
 

@@ -37,7 +37,7 @@ class ActIntoDown(ABC):
     ``matmul`` (which takes the gate_up output ``[T, 2I]`` and applies SiLU-and-mul itself, e.g.
     ``triton_ops.silu_gemv_matmul``) as ``down_proj``'s and drops the separate activation, so
     the MLP computes the same values with one launch less; the down projection's forward, and
-    so its TP all-reduce, is kept. Warm-up calls it (``triton_ops.tune_silu_gemv``), per layer.
+    so its TP all-reduce, is kept. Warm-up calls it (``matmul_tuning.tune_silu_gemv``), per layer.
     """
 
     down_proj: LinearBase

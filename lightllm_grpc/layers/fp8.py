@@ -178,7 +178,7 @@ def fp8_cuda_gemm(
     ``rows`` binds (``gemv_rows.rows_config``) goes through ``fp8_linear_gemv_rows`` with its
     tiles instead, where warm-up timed that faster. Chosen by the token count alone, so each
     decode CUDA graph (one per batch size) captures one path. One function per set of choices,
-    shared by the layers that made it (``triton_ops.tune_fp8_gemv``)."""
+    shared by the layers that made it (``matmul_tuning.tune_fp8_gemv``)."""
 
     def gemm(
         x: torch.Tensor,

@@ -11,7 +11,7 @@ projection, and bit for bit the same e4m3 values and scales (fp8_quant.py), so t
 outputs. Up to ``W8A16_MAX_M`` tokens the weight-only kernels read the activation as it is,
 and each wrapper hands those calls to what was bound before (``small``).
 
-``tune_fp8_act_quant`` binds them at warm-up (``triton_ops.tune_matmuls``) into every FP8 layer
+``tune_fp8_act_quant`` binds them at warm-up (``matmul_tuning.tune_matmuls``) into every FP8 layer
 that multiplies with ``_scaled_mm``; the o projection keeps its separate quantization (its
 input is the attention output). The norm's fused kernel has the row in registers, as the
 norm kernel does, and is faster from 17 tokens on (H200). The SiLU one walks the wide

@@ -67,7 +67,7 @@ class LinearBase(nn.Module):
     """``y = x W^T + b`` with ``W`` of shape ``[out_per_rank, in_per_rank]``.
 
     ``matmul`` is bound from ``method`` here; warm-up may swap it for a tuned one-token kernel
-    on this layer alone (``triton_ops.tune_gemv``). ``method`` stays on the layer, for what
+    on this layer alone (``matmul_tuning.tune_gemv``). ``method`` stays on the layer, for what
     asks how its weight is stored (dummy weights, tests).
     """
 

@@ -80,7 +80,7 @@ class AddNormLinear(nn.Module):
 
     The norm and the linear stay the decoder layer's modules (their weights load under their
     own names); this module only runs them, by ``step``: ``norm_then_linear`` unless warm-up
-    bound one kernel for both at one token (``triton_ops.tune_norm_gemv``; only for a
+    bound one kernel for both at one token (``matmul_tuning.tune_norm_gemv``; only for a
     column-parallel linear, whose forward has no collective to keep).
 
     ``reduce_input``: with tensor parallelism, x is this rank's partial sum (the row-parallel

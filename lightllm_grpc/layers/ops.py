@@ -70,7 +70,7 @@ class Ops:
     ``tune`` is a warm-up hook, run once on the loaded model before CUDA graphs are
     captured: the Triton ops time, per weight shape, a one-token GEMV kernel against cuBLAS
     and the FP8 kernel's tiles, and swap the winners into those layers
-    (``triton_ops.tune_matmuls``); natively there is none.
+    (``matmul_tuning.tune_matmuls``); natively there is none.
     """
 
     name: str
@@ -98,7 +98,8 @@ class Ops:
     @classmethod
     def triton(cls) -> Ops:
         """The fused Triton kernels (compiled on CUDA, interpreted on CPU under TRITON_INTERPRET=1)."""
-        from lightllm_grpc.layers import triton_ops  # imports the kernels: only when asked for
+        # Imports the kernels: only when asked for.
+        from lightllm_grpc.layers import matmul_tuning, triton_ops
 
         return cls(
             name="triton",
@@ -108,7 +109,7 @@ class Ops:
             apply_rotary=triton_ops.apply_rotary,
             attention=triton_ops.attention_backend,
             rotary_in_kv_store=True,
-            tune=triton_ops.tune_matmuls,
+            tune=matmul_tuning.tune_matmuls,
         )
 
     @classmethod

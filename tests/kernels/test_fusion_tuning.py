@@ -12,10 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import triton.testing
-from lightllm_grpc_kernels.gemv import GemvConfig
+from lightllm_grpc_kernels.gemv import GEMV_CONFIGS, GemvConfig
 
 from lightllm_grpc.bench import fusions
-from lightllm_grpc.layers import triton_ops
+from lightllm_grpc.layers import matmul_tuning, triton_ops
 from lightllm_grpc.layers.linear import LinearBase
 from lightllm_grpc.layers.ops import Ops
 from lightllm_grpc.models.config import ModelConfig
@@ -41,8 +41,8 @@ def _fuse_everything(model) -> None:
     """Every one-token fusion bound (what warm-up does where each wins), with the default config."""
     layer = model.model.layers[0]
     norm_shapes = {tuple(p.weight.shape) for p in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj)}
-    assert triton_ops.use_silu_gemv(model, {tuple(layer.mlp.down_proj.weight.shape): GemvConfig()})
-    assert triton_ops.use_norm_gemv(model, dict.fromkeys(norm_shapes, GemvConfig()))
+    assert matmul_tuning.use_silu_gemv(model, {tuple(layer.mlp.down_proj.weight.shape): GemvConfig()})
+    assert matmul_tuning.use_norm_gemv(model, dict.fromkeys(norm_shapes, GemvConfig()))
     assert layer.self_attn.rotary_in_kv_store
 
 
@@ -97,12 +97,12 @@ def test_tune_silu_gemv_binds_only_a_clear_win(
     model = _model(tiny)
     calls = []
 
-    def timed(w, matmuls, configs=triton_ops.GEMV_CONFIGS):
+    def timed(w, matmuls, configs=GEMV_CONFIGS):
         calls.append((tuple(w.shape), list(matmuls)))
         return [split_ms], [(fused_ms + 0.1, GemvConfig()), (fused_ms, CONFIG)]
 
-    monkeypatch.setattr(triton_ops, "time_silu_gemv", timed)
-    chosen = triton_ops.tune_silu_gemv(model)
+    monkeypatch.setattr(matmul_tuning, "time_silu_gemv", timed)
+    chosen = matmul_tuning.tune_silu_gemv(model)
 
     down = model.model.layers[0].mlp.down_proj
     assert calls == [(tuple(down.weight.shape), [F.linear])]  # one timing per shape, vs the bound matmul
@@ -120,17 +120,17 @@ def test_tune_norm_gemv_binds_only_a_clear_win(
     model = _model(tiny)
     layer = model.model.layers[0]
     qkv, gate_up = layer.self_attn.qkv_proj, layer.mlp.gate_up_proj
-    triton_ops.use_gemv(model, {tuple(qkv.weight.shape): GemvConfig()})
+    matmul_tuning.use_gemv(model, {tuple(qkv.weight.shape): GemvConfig()})
     other = model.model.layers[1].mlp.gate_up_proj
     other.matmul = lambda x, w, b: F.linear(x, w, b)  # some other method's matmul (FP8's, say)
     calls = []
 
-    def timed(w, matmuls, configs=triton_ops.GEMV_CONFIGS):
+    def timed(w, matmuls, configs=GEMV_CONFIGS):
         calls.append((tuple(w.shape), list(matmuls)))
         return [split_ms], [(fused_ms, CONFIG), (fused_ms + 0.1, GemvConfig())]
 
-    monkeypatch.setattr(triton_ops, "time_norm_gemv", timed)
-    chosen = triton_ops.tune_norm_gemv(model)
+    monkeypatch.setattr(matmul_tuning, "time_norm_gemv", timed)
+    chosen = matmul_tuning.tune_norm_gemv(model)
 
     expected_calls = [
         (tuple(qkv.weight.shape), [triton_ops.gemv_matmul(GemvConfig())]),
@@ -199,11 +199,11 @@ def test_profile_decode_unfuses_before_warmup(tiny: Path, monkeypatch: pytest.Mo
     model = _model(tiny)
     shard = SimpleNamespace(model=model, ops=Ops.triton())
     tuned = []
-    monkeypatch.setattr(triton_ops, "tune_gemv", lambda m: tuned.append("gemv"))
-    monkeypatch.setattr(triton_ops, "tune_gemv_rows", lambda m: tuned.append("rows"))
-    monkeypatch.setattr(triton_ops, "tune_fp8_gemv", lambda m: tuned.append("fp8"))
-    monkeypatch.setattr(triton_ops, "tune_silu_gemv", lambda m, fp8: tuned.append(f"silu fp8={fp8}"))
-    monkeypatch.setattr(triton_ops, "tune_norm_gemv", lambda m, fp8: tuned.append(f"norm fp8={fp8}"))
+    monkeypatch.setattr(matmul_tuning, "tune_gemv", lambda m: tuned.append("gemv"))
+    monkeypatch.setattr(matmul_tuning, "tune_gemv_rows", lambda m: tuned.append("rows"))
+    monkeypatch.setattr(matmul_tuning, "tune_fp8_gemv", lambda m: tuned.append("fp8"))
+    monkeypatch.setattr(matmul_tuning, "tune_silu_gemv", lambda m, fp8: tuned.append(f"silu fp8={fp8}"))
+    monkeypatch.setattr(matmul_tuning, "tune_norm_gemv", lambda m, fp8: tuned.append(f"norm fp8={fp8}"))
 
     unfuse(shard)
     shard.ops.tune(model)
@@ -238,17 +238,17 @@ def test_fp8_fusions_are_timed_with_the_w8a16_tiles_and_the_layers_scales(
     best = Fp8GemvConfig(8, 1024, 4, 3)
     calls = []
 
-    def timed(w, matmuls, configs=triton_ops.GEMV_CONFIGS, scale=None, dtype=None):
+    def timed(w, matmuls, configs=GEMV_CONFIGS, scale=None, dtype=None):
         calls.append((tuple(w.shape), matmuls, configs, scale, dtype))
         return [1.0], [(0.9, Fp8GemvConfig()), (0.5, best)]
 
-    monkeypatch.setattr(triton_ops, "time_silu_gemv", timed)
-    monkeypatch.setattr(triton_ops, "time_norm_gemv", timed)
-    assert triton_ops.tune_silu_gemv(model) == {} and triton_ops.tune_norm_gemv(model) == {}
+    monkeypatch.setattr(matmul_tuning, "time_silu_gemv", timed)
+    monkeypatch.setattr(matmul_tuning, "time_norm_gemv", timed)
+    assert matmul_tuning.tune_silu_gemv(model) == {} and matmul_tuning.tune_norm_gemv(model) == {}
     assert calls == []
 
-    down = triton_ops.tune_silu_gemv(model, fp8=True)
-    norm = triton_ops.tune_norm_gemv(model, fp8=True)
+    down = matmul_tuning.tune_silu_gemv(model, fp8=True)
+    norm = matmul_tuning.tune_norm_gemv(model, fp8=True)
 
     layer = model.model.layers[0]
     assert down == {tuple(layer.mlp.down_proj.weight.shape): best} and len(norm) == 2
@@ -271,7 +271,7 @@ def test_tune_gemv_rows_binds_per_count_beside_the_one_token_choice(
     model = _model(tiny)
     layer = model.model.layers[0]
     qkv, o, down = layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.down_proj
-    triton_ops.use_gemv(model, {tuple(qkv.weight.shape): GemvConfig()})
+    matmul_tuning.use_gemv(model, {tuple(qkv.weight.shape): GemvConfig()})
     other = model.model.layers[1].self_attn.o_proj
     other.matmul = lambda x, w, b: F.linear(x, w, b)  # some other method's matmul
     wins = {tuple(qkv.weight.shape): (0.5, 1.0, 0.99), tuple(o.weight.shape): (0.99, 0.5, 2.0)}
@@ -283,8 +283,8 @@ def test_tune_gemv_rows_binds_per_count_beside_the_one_token_choice(
         gemv_ms = wins.get(tuple(w.shape), (2.0, 2.0, 2.0))
         return {m: (1.0, [(ms, CONFIG)]) for m, ms in zip((2, 3, 4), gemv_ms, strict=True)}
 
-    monkeypatch.setattr(triton_ops, "_rows_timings", timings)
-    chosen = triton_ops.tune_gemv_rows(model)
+    monkeypatch.setattr(matmul_tuning, "rows_timings", timings)
+    chosen = matmul_tuning.tune_gemv_rows(model)
 
     shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, LinearBase)}
     assert sorted(timed_shapes) == sorted(shapes | {tuple(model.lm_head.weight.shape)})  # once each

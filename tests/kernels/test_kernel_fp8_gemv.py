@@ -122,7 +122,7 @@ def test_a_few_tokens_take_the_few_token_gemv_where_tuned(
 def test_the_few_token_gemv_is_chosen_per_token_count() -> None:
     from lightllm_grpc_kernels.gemv import GemvConfig
 
-    from lightllm_grpc.layers.triton_ops import pick_gemv_rows
+    from lightllm_grpc.layers.matmul_tuning import pick_gemv_rows
 
     a, b = GemvConfig(8, 256), GemvConfig(4, 512)
     timed = {2: (0.028, [(0.018, a), (0.017, b)]), 3: (0.020, [(0.025, a)]), 4: (0.030, [(0.020, a)])}
@@ -137,7 +137,7 @@ def test_the_few_token_gemv_is_chosen_per_token_count() -> None:
 def test_the_few_token_gemv_choice_is_logged_with_its_timings() -> None:
     from lightllm_grpc_kernels.gemv import GemvConfig
 
-    from lightllm_grpc.layers.triton_ops import _describe_rows
+    from lightllm_grpc.layers.matmul_tuning import _describe_rows
 
     a = GemvConfig(8, 256)
     timed = {2: (0.028, []), 3: (0.030, [(0.025, a)]), 4: (0.020, [(0.025, a)])}

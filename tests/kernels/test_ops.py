@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from lightllm_grpc_kernels.gemv import GemvConfig
 
-from lightllm_grpc.layers import activation, fp8, norm, rotary, triton_ops
+from lightllm_grpc.layers import activation, fp8, matmul_tuning, norm, rotary, triton_ops
 from lightllm_grpc.layers.activation import SiluAndMul
 from lightllm_grpc.layers.attention.torch_backend import TorchAttentionBackend
 from lightllm_grpc.layers.attention.triton_backend import TritonAttentionBackend
@@ -98,7 +98,7 @@ TRITON_OPS = {
 def test_for_device_picks_triton_on_cuda_only() -> None:
     assert Ops.for_device("cpu") == Ops.native()
     assert Ops.for_device(torch.device("cuda", 0)) == Ops.triton()
-    assert Ops.native().tune is None and Ops.triton().tune is triton_ops.tune_matmuls
+    assert Ops.native().tune is None and Ops.triton().tune is matmul_tuning.tune_matmuls
     assert isinstance(Ops.native().attention(1, 2, 16, "cpu", torch.float32), TorchAttentionBackend)
 
 
@@ -220,7 +220,7 @@ def test_the_fused_down_projection_keeps_the_few_token_gemv(tmp_path: Path, devi
         for layer in model.model.layers:
             layer.mlp.down_proj.matmul = triton_ops.gemv_matmul(None, rows)
 
-    assert triton_ops.use_silu_gemv(fused, {down: config}) == len(fused.model.layers)
+    assert matmul_tuning.use_silu_gemv(fused, {down: config}) == len(fused.model.layers)
 
     rows_matmul = triton_ops.gemv_matmul(None, rows)
     for layer in fused.model.layers:
@@ -241,7 +241,7 @@ def test_gemv_is_bound_per_layer(tmp_path: Path, device: torch.device) -> None:
     head_shape = tuple(fast.lm_head.weight.shape)
     config = GemvConfig()
 
-    changed = triton_ops.use_gemv(fast, {qkv_shape: config, head_shape: config})
+    changed = matmul_tuning.use_gemv(fast, {qkv_shape: config, head_shape: config})
 
     assert changed == len(fast.model.layers) + 1  # every qkv_proj and the (untied) head
     gemv = triton_ops.gemv_matmul(config)
@@ -266,10 +266,10 @@ def test_norms_folded_into_the_next_gemv_change_no_logit(tmp_path: Path, device:
     shapes = [tuple(p.weight.shape) for p in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj)]
     down = tuple(layer.mlp.down_proj.weight.shape)
     config = GemvConfig()
-    triton_ops.use_gemv(split, {s: config for s in [*shapes, down]})
+    matmul_tuning.use_gemv(split, {s: config for s in [*shapes, down]})
 
-    assert triton_ops.use_silu_gemv(fused, {down: config}) == len(fused.model.layers)
-    assert triton_ops.use_norm_gemv(fused, {s: config for s in shapes}) == 2 * len(fused.model.layers)
+    assert matmul_tuning.use_silu_gemv(fused, {down: config}) == len(fused.model.layers)
+    assert matmul_tuning.use_norm_gemv(fused, {s: config for s in shapes}) == 2 * len(fused.model.layers)
 
     step = triton_ops.norm_gemv_step(config)
     for layer in fused.model.layers:
@@ -279,8 +279,8 @@ def test_norms_folded_into_the_next_gemv_change_no_logit(tmp_path: Path, device:
         assert isinstance(layer.mlp.act_fn, torch.nn.Identity)
         assert layer.mlp.gate_up_proj.matmul is F.linear  # the norm step multiplies, not the layer
     assert layer.self_attn.qkv_proj.bias is not None
-    assert triton_ops.use_norm_gemv(fused, {s: config for s in shapes}) == 0  # already fused
-    assert triton_ops.use_silu_gemv(fused, {down: config}) == 0
+    assert matmul_tuning.use_norm_gemv(fused, {s: config for s in shapes}) == 0  # already fused
+    assert matmul_tuning.use_silu_gemv(fused, {down: config}) == 0
     one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
     assert torch.equal(_logits(fused, one, steps), _logits(split, one, steps))
     assert torch.equal(_logits(fused, PROMPTS, DECODE[:1]), _logits(split, PROMPTS, DECODE[:1]))
@@ -307,16 +307,16 @@ def test_fp8_norms_and_silu_folded_into_the_gemv_change_no_logit(
     shapes = [tuple(p.weight.shape) for p in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj)]
     down = tuple(layer.mlp.down_proj.weight.shape)
     config = GemvConfig(16, 64, 4)
-    assert triton_ops.use_silu_gemv(fused, {down: config}, fp8=True) == 0  # reference matmuls
+    assert matmul_tuning.use_silu_gemv(fused, {down: config}, fp8=True) == 0  # reference matmuls
     for model in (split, fused):
         _on_w8a16(model)
         for a in model.model.layers:  # transformers' init is 0: give the kernel's bias a value
             torch.manual_seed(a.self_attn.layer_id)
             a.self_attn.qkv_proj.bias.normal_(0, 0.5)
-    assert triton_ops.use_silu_gemv(fused, {down: config}) == 0  # not unquantized
+    assert matmul_tuning.use_silu_gemv(fused, {down: config}) == 0  # not unquantized
 
-    assert triton_ops.use_silu_gemv(fused, {down: config}, fp8=True) == len(fused.model.layers)
-    assert triton_ops.use_norm_gemv(fused, {s: config for s in shapes}, fp8=True) == 2 * len(
+    assert matmul_tuning.use_silu_gemv(fused, {down: config}, fp8=True) == len(fused.model.layers)
+    assert matmul_tuning.use_norm_gemv(fused, {s: config for s in shapes}, fp8=True) == 2 * len(
         fused.model.layers
     )
 
@@ -343,9 +343,9 @@ def test_every_fusion_keeps_the_logits_bf16(arch: str, tmp_path: Path) -> None:
     shapes = {tuple(p.weight.shape) for p in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj)}
     down = tuple(layer.mlp.down_proj.weight.shape)
     configs = {s: GemvConfig(8, 512, 4) for s in [*shapes, down]}
-    triton_ops.use_gemv(split, configs)
-    triton_ops.use_silu_gemv(fused, {down: configs[down]})
-    triton_ops.use_norm_gemv(fused, {s: configs[s] for s in shapes})
+    matmul_tuning.use_gemv(split, configs)
+    matmul_tuning.use_silu_gemv(fused, {down: configs[down]})
+    matmul_tuning.use_norm_gemv(fused, {s: configs[s] for s in shapes})
     one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
     assert torch.equal(_logits(fused, one, steps), _logits(split, one, steps))
 
@@ -360,7 +360,7 @@ def test_tune_norm_gemv_keeps_the_logits_bf16(tmp_path: Path) -> None:
     one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
     before = _logits(fast, one, steps)
 
-    triton_ops.tune_matmuls(fast)
+    matmul_tuning.tune_matmuls(fast)
 
     for layer in fast.model.layers:
         for step in (layer.attn_in, layer.mlp_in):
@@ -377,11 +377,11 @@ def test_tune_silu_gemv_keeps_the_logits_bf16(tmp_path: Path) -> None:
     cuda = torch.device("cuda")
     fast = _load(model_dir, Ops.triton(), cuda, dtype=torch.bfloat16)
     one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
-    triton_ops.tune_gemv(fast)
+    matmul_tuning.tune_gemv(fast)
     before = _logits(fast, one, steps)
     unfused = [layer.mlp.down_proj.matmul for layer in fast.model.layers]
 
-    chosen = triton_ops.tune_silu_gemv(fast)
+    chosen = matmul_tuning.tune_silu_gemv(fast)
 
     for layer, was in zip(fast.model.layers, unfused, strict=True):
         config = chosen.get(tuple(layer.mlp.down_proj.weight.shape))
@@ -401,7 +401,7 @@ def test_tune_gemv_binds_the_winners_in_its_own_model_only(tmp_path: Path) -> No
     one, steps = [PROMPTS[1]], [[d[0]] for d in DECODE]
     before = _logits(fast, one, steps)
 
-    chosen = triton_ops.tune_gemv(fast)
+    chosen = matmul_tuning.tune_gemv(fast)
 
     for m in fast.modules():
         if isinstance(m, (LinearBase, ParallelLMHead)):
@@ -417,10 +417,10 @@ def test_tune_gemv_rows_binds_per_token_count_beside_the_one_token_choice(tmp_pa
     choices and keeps its one-token one; logits of two- and one-row decode steps hold (bf16)."""
     model_dir = make_tiny_model("llama3", tmp_path / "llama3", standard_init=True)
     fast = _load(model_dir, Ops.triton(), torch.device("cuda"), dtype=torch.bfloat16)
-    one_token = triton_ops.tune_gemv(fast)
+    one_token = matmul_tuning.tune_gemv(fast)
     before = _logits(fast, PROMPTS, DECODE), _logits(fast, [PROMPTS[1]], [[d[0]] for d in DECODE])
 
-    chosen = triton_ops.tune_gemv_rows(fast)
+    chosen = matmul_tuning.tune_gemv_rows(fast)
 
     for m in fast.modules():
         if isinstance(m, (LinearBase, ParallelLMHead)):
