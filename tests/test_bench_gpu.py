@@ -77,7 +77,7 @@ def test_render_two_variants_with_the_new_rows(measured: dict) -> None:
         "copy_bandwidth_tb_s": 3.0,
         "variants": {
             "bf16": _variant(187.0, 6.0, 15000.0, sampled=sampled, **measured),
-            "fp8": _variant(330.0, 4.0, 16500.0, ttft=measured["ttft"]),
+            "fp8": _variant(330.0, 4.0, 16500.0, ttft=measured["ttft"], late_compiles={"w1": 0, "w2": 3}),
         },
         "transformers": {"w1_tokens_per_s": 18.0, "w2_batch128_tokens_per_s": 2000.0},
         "phase_seconds": {"bf16: server start": 60.0},
@@ -89,6 +89,9 @@ def test_render_two_variants_with_the_new_rows(measured: dict) -> None:
     assert "weight-read floor 5.35 ms" in md and "0.27x greedy W2" in md
     assert "Online W3: 6 requests per rate" in md and "| 50 req/s | bf16 | 6 (0) |" in md
     assert "B128" not in md and "Phases (s): bf16: server start 60" in md
+    assert (
+        "**Late compiles** (a live step waited for a Triton compile; rerun before comparing): fp8 w2 3" in md
+    )
 
 
 def test_render_the_small_batch_row() -> None:

@@ -515,10 +515,29 @@ def render(r: dict) -> str:
                 f"CUDA graph replay {d['graph_replay_ms']:.2f} ms, "
                 f"shard runner step (inputs, graph, sampling, copy back) {d['runner_step_ms']:.2f} ms.\n"
             )
+    table += _late_compiles(variants)
     phases = r.get("phase_seconds", {})
     if phases:
         table += "\nPhases (s): " + ", ".join(f"{k} {t:.0f}" for k, t in phases.items()) + "\n"
     return head + table
+
+
+def _late_compiles(variants: dict) -> str:
+    """A warning line naming the workloads during which a live step waited for a Triton compile
+    (a cold cache: one such run of W2 measured 16% low), or nothing."""
+    late = [
+        f"{name} {workload} {count}"
+        for name, v in variants.items()
+        for workload, count in v.get("ours", {}).get("late_compiles", {}).items()
+        if count
+    ]
+    if not late:
+        return ""
+    return (
+        "\n**Late compiles** (a live step waited for a Triton compile; rerun before comparing): "
+        + ", ".join(late)
+        + "\n"
+    )
 
 
 def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
