@@ -2,8 +2,9 @@
 
 They compile kernels and fill the allocator's pools, then (on GPU) capture the decode
 CUDA graphs and, in their memory pool, the piecewise ones (prefill and mixed steps) and the
-one-prompt prefill ones, so the first real request pays for none of that. Every TP rank runs
-the same passes and captures in the same order. Compiles after warm-up are logged as
+one-prompt prefill ones, and last run short mixed steps for the decode attention launches no
+graph compiled, so the first real request pays for none of that. Every TP rank runs the same
+passes and captures in the same order. Compiles after warm-up are logged as
 warnings (shard/compile_watch.py): each one stalled a live step.
 """
 
