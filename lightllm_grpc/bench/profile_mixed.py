@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _kernels(
     runner: ModelRunner, step: shard_pb2.StepRequest, decode_rows: int, context: int, steps: int = 3
-):
+) -> list[tuple[str, float, int]]:
     """(kernel, ms per step, launches per step) of the eager step, costliest first."""
     from torch.profiler import ProfilerActivity, profile
 
