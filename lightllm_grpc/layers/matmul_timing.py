@@ -103,6 +103,7 @@ def time_norm_gemv(
 
 
 def time_gemv(w: torch.Tensor) -> tuple[float, float, GemvConfig]:
+    """At one token: (cuBLAS ms, the GEMV kernel's best ms, its config) over ``GEMV_CONFIGS``."""
     import triton.testing
 
     rotating = _rotating(w)
@@ -120,6 +121,8 @@ RowsTimings = dict[int, tuple[float, list[tuple[float, GemvConfig]]]]
 
 
 def fp8_tiles(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, config: Fp8GemvConfig) -> torch.Tensor:
+    """The W8A16 kernel with ``config``'s tiles: the alternative the few-token GEMV is timed
+    against for an FP8 layer (``rows_timings``)."""
     return fp8_gemv(x, w, scale, None, config)
 
 
