@@ -526,10 +526,9 @@ def stage1_tiles(fp8: bool, num_splits: int) -> tuple[int, int, int]:
     (B 32-512); a 16-bit pool at 32 x 2 x 3 reads 4.1-4.3 TB/s against 4.0-4.2 at 64 x 4 x 2,
     the copy's read rate. With more splits (batches under 32) the larger tiles stay ahead.
     """
-    if num_splits <= 2:
-        return (32, 1, 5) if fp8 else ((32, 2, 3) if num_splits == 1 else (64, 4, 2))
-    # e4m3 with bf16 queries: fp16 math; with bf16 math these tiles read 0.5-0.7x the 16-bit pool.
-    return (64, 2, 3) if fp8 else (64, 4, 2)
+    if fp8:  # bf16 queries do fp16 math here: with bf16 math an e4m3 pool read 0.5-0.7x a bf16 one
+        return (32, 1, 5) if num_splits <= 2 else (64, 2, 3)
+    return (32, 2, 3) if num_splits == 1 else (64, 4, 2)
 
 
 def _stage1(
