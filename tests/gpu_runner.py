@@ -6,13 +6,17 @@ under the paths given), cuts them into jobs and runs each job as its own pytest 
 ``CUDA_VISIBLE_DEVICES`` set to the cards it holds, as many at once as there are cards:
 
 - a file in ``TWO_GPU_FILES`` is one job that holds two cards (tensor parallelism);
+- a kernel file's tests (``QUICK_DIRS``, seconds each) go in jobs of ``QUICK_CHUNK``, since a
+  pytest process takes seconds to start;
 - every other file's tests are cut into jobs of at most ``ceil(n / (2 * cards))`` tests, so the
   long files (one server per test) spread over every card;
-- jobs that hold two cards start first; then each job takes the first free card, in order.
+- jobs that hold two cards start first, then the server-level jobs, then the kernel jobs; each
+  job takes the first free card, in order.
 
-Each job's output goes to ``--out/job-N.log``; the summary prints one line per job (cards,
-tests, seconds, pytest's last line) and the run exits 1 if any job failed, timed out or was
-never started before ``--deadline`` (seconds from the start; none are started after it).
+Each job's output goes to ``--out/job-N.log``; the summary (also ``--out/summary.txt``) has one
+line per job (cards, tests, seconds, pytest's last line) and the run exits 1 if any job failed,
+timed out or was never started before ``--deadline`` (seconds from the start; none are started
+after it).
 Exit code 5 (no tests: a module that skips itself) counts as passed here.
 """
 
@@ -30,6 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TWO_GPU_FILES = ("tests/test_gpu_tp.py",)
+# Kernel tests take seconds each; a pytest process takes ~7 s to start (torch, Triton), so their
+# files go in chunks of this many tests rather than spread thin over the cards.
+QUICK_DIRS = ("tests/kernels/",)
+QUICK_CHUNK = 64
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
 
 
@@ -52,17 +60,23 @@ class Job:
 
 
 def make_jobs(nodes: Sequence[str], cards: int) -> list[Job]:
-    """The jobs for ``nodes`` (pytest node ids) on ``cards`` cards, two-card jobs first."""
+    """The jobs for ``nodes`` (pytest node ids) on ``cards`` cards: two-card jobs, then the other
+    files' (one server a test, minutes each) cut fine, then the quick files' in big chunks."""
     by_file: dict[str, list[str]] = {}
     for node in nodes:
         by_file.setdefault(node.split("::", 1)[0], []).append(node)
     jobs = [Job(n, gpus=2) for f, n in by_file.items() if f in TWO_GPU_FILES and cards >= 2]
+    slow: list[Job] = []
+    quick: list[Job] = []
     for path, file_nodes in by_file.items():
         if path in TWO_GPU_FILES:
             continue
-        size = max(1, math.ceil(len(file_nodes) / (2 * cards)))
-        jobs += [Job(file_nodes[i : i + size]) for i in range(0, len(file_nodes), size)]
-    return jobs
+        is_quick = path.startswith(QUICK_DIRS)
+        size = QUICK_CHUNK if is_quick else max(1, math.ceil(len(file_nodes) / (2 * cards)))
+        cut = [Job(file_nodes[i : i + size]) for i in range(0, len(file_nodes), size)]
+        (quick if is_quick else slow).extend(cut)
+    # Longest first, so a deadline leaves the seconds-long kernel jobs behind, not a server file.
+    return jobs + slow + quick
 
 
 # (job, its cards, log path, seconds it may run) -> (pytest's return code, its last line)
@@ -153,7 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tests = sum(len(j.nodes) for j in jobs)
     print(f"{tests} tests in {len(jobs)} jobs on {args.gpus} card(s); logs in {out}")
     schedule(jobs, args.gpus, out, args.deadline, args.job_timeout)
-    print(summary(jobs))
+    report = summary(jobs)
+    (out / "summary.txt").write_text(report + "\n")  # the console may keep only its tail
+    print(report)
     return 0 if jobs and all(job.passed for job in jobs) else 1
 
 

@@ -24,10 +24,20 @@ def test_jobs_spread_each_file_over_the_cards_and_tp_files_take_two() -> None:
     singles = jobs[1:]
     assert all(j.gpus == 1 for j in singles)
     assert sorted(n for j in singles for n in j.nodes) == sorted(nodes[:38] + nodes[46:])
-    assert [len(j.nodes) for j in singles] == [5] * 7 + [3] + [1, 1, 1]  # ceil(38 / 8) a job
+    assert [len(j.nodes) for j in singles] == [5] * 7 + [3] + [3]  # ceil(38 / 8) a job; kernels whole
     assert all(len({n.split("::")[0] for n in j.nodes}) == 1 for j in jobs)  # one file a job
     assert all(j.gpus == 1 for j in make_jobs(nodes[:38], cards=1))
     assert not any(TP in n for j in make_jobs(nodes, cards=1) for n in j.nodes)  # one card: no TP
+
+
+def test_server_jobs_start_before_kernel_jobs_and_kernel_files_go_in_chunks() -> None:
+    kernels = _nodes("tests/kernels/test_b.py", gpu_runner.QUICK_CHUNK + 1)
+    nodes = kernels + _nodes("tests/kernels/test_a.py", 2) + _nodes("tests/test_fp8_gpu.py", 4)
+    jobs = make_jobs(nodes, cards=2)
+    files = [j.nodes[0].split("::")[0] for j in jobs]
+    a, b = "tests/kernels/test_a.py", "tests/kernels/test_b.py"
+    assert files == ["tests/test_fp8_gpu.py"] * 4 + [b, b, a]
+    assert [len(j.nodes) for j in jobs] == [1, 1, 1, 1, gpu_runner.QUICK_CHUNK, 1, 2]
 
 
 def test_schedule_runs_jobs_at_once_on_disjoint_cards_and_reports_each(tmp_path: Path) -> None:
