@@ -150,7 +150,8 @@ def test_mixed_warmup_steps_run_a_prompt_beside_each_row_count(tmp_path) -> None
     want = []
     for rows in warm.mixed_decode_rows(39):
         want.append((rows, warm.SHORT_PREFILL, []))
-        if rows > 1:  # then the same rows in prefix groups of two, an odd last row alone
-            want.append((rows, warm.SHORT_PREFILL, [2, 0] * (rows // 2) + [0] * (rows % 2)))
+        # then in prefix groups of two (an odd last row alone); 1 row's split count as 2 rows
+        n = max(rows, 2)
+        want.append((n, warm.SHORT_PREFILL, [2, 0] * (n // 2) + [0] * (n % 2)))
     assert seen == want
     assert runner.live_rows() == 0  # each step's rows released after it

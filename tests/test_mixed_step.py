@@ -149,3 +149,26 @@ def test_decode_part_index_tensors_start_16_byte_aligned(num_prefill: int) -> No
         t = getattr(decode, name)
         assert t.data_ptr() % 16 == 0, f"{name} starts {t.data_ptr() % 16} bytes off"
         assert t.tolist() == getattr(batch, name)[num_prefill:].tolist()
+
+
+@pytest.mark.parametrize("rows", [2, 5, 9])
+def test_mixed_steps_prefix_groups_start_16_byte_aligned(rows: int, tmp_path: Path) -> None:
+    """The same for a mixed step's prefix groups: a view of group_sizes b int32s into one
+    buffer compiled the cascade kernels again on GPU for every b that 4 does not divide."""
+    from lightllm_grpc.config import ShardConfig
+    from lightllm_grpc.shard.warmup import mixed_step
+    from lightllm_grpc.shard.worker import build_shard
+
+    model = make_tiny_model("llama3", tmp_path / "llama3")
+    cfg = ShardConfig(model=model, device="cpu", max_total_tokens=128, max_rows=16, max_context=32)
+    runner = build_shard(cfg, rank=0, world_size=1, init_method=None).runner
+    seen: list[ForwardBatch] = []
+    forward = runner.mixed_forward
+    runner.mixed_forward = lambda ids, batch: (seen.append(batch), forward(ids, batch))[1]
+    runner.step(mixed_step(rows, runner.kv_capacity, grouped=True))
+    (batch,) = seen
+    assert batch.shared_lens is not None and batch.group_sizes is not None
+    for name in ("shared_lens", "group_sizes"):
+        t = getattr(batch, name)
+        assert t.data_ptr() % 16 == 0, f"{name} starts {t.data_ptr() % 16} bytes off"
+    assert batch.group_sizes.tolist() == [2 if r % 2 == 0 and r + 1 < rows else 0 for r in range(rows)]

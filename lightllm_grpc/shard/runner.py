@@ -169,7 +169,10 @@ class ModelRunner:
             num_prefill_tokens=s.num_prefill_tokens if mixed else 0,
         )
         if s.groups:
-            batch.shared_lens, batch.group_sizes = dev[4 * t + 5 * b :].to(torch.int32).view(2, -1)
+            shared, sizes = dev[4 * t + 5 * b :].to(torch.int32).view(2, -1)
+            # A copy: a view b int32s in is 16-byte aligned only when 4 divides b, and Triton
+            # compiles the cascade kernels once per alignment (a late compile under load).
+            batch.shared_lens, batch.group_sizes = shared, sizes.clone()
         return ids, batch, rows
 
     def _forward_with_prompt_logprobs(

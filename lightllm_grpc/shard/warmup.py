@@ -89,9 +89,14 @@ def _mixed_steps(runner: ModelRunner, batch: int) -> None:
     its split count, so without these steps a fresh server compiled a kernel under its first
     mixed steps with a few decode rows (~0.6 s each; BENCHMARKS.md)."""
     capacity = runner.kv_capacity
-    for rows in mixed_decode_rows(min(batch, runner.max_rows - 1, capacity - SHORT_PREFILL)):
-        for grouped in (False, True) if rows > 1 else (False,):
-            runner.step(mixed_step(rows, capacity, grouped))
+    most = min(batch, runner.max_rows - 1, capacity - SHORT_PREFILL)
+    for rows in mixed_decode_rows(most):
+        runner.step(mixed_step(rows, capacity))
+        runner.reset()
+        # A group needs two rows, and 2 rows get the split count of 1 (the most splits).
+        grouped = max(rows, 2)
+        if grouped <= most:
+            runner.step(mixed_step(grouped, capacity, grouped=True))
             runner.reset()
 
 
