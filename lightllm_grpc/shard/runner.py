@@ -144,15 +144,19 @@ class ModelRunner:
     def _upload(self, s: _Packed, mixed: bool) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
         """One host-to-device copy of the packed step; writes its slots into req_to_token.
         Returns the token ids (decode rows' still 0), the batch and the rows (int64)."""
-        host = np.concatenate(
-            [s.token_ids, s.positions, s.slots, np.repeat(s.rows, s.lens), s.rows, s.seq_lens, s.offsets,
-             s.lens, s.offsets + s.lens - 1, *s.groups]
-        ).astype(np.int64)  # fmt: skip
-        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
         t, b = s.positions.size, s.rows.size
-        ids, pos, slots, tok_rows = dev[: 4 * t].view(4, t)
+        # Per-token rows of an even length, so each starts 16-byte aligned: Triton compiles a
+        # kernel per pointer alignment (positions feed the rotary kernel).
+        w = t + (t & 1)
+        tokens = np.zeros((4, w), dtype=np.int64)
+        tokens[:, :t] = (s.token_ids, s.positions, s.slots, np.repeat(s.rows, s.lens))
+        host = np.concatenate(
+            [tokens.ravel(), s.rows, s.seq_lens, s.offsets, s.lens, s.offsets + s.lens - 1, *s.groups]
+        ).astype(np.int64)
+        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+        ids, pos, slots, tok_rows = dev[: 4 * w].view(4, w)[:, :t]
         self.req_to_token[tok_rows, pos] = slots.to(torch.int32)
-        rows, seq_lens, offsets, lens, last = dev[4 * t : 4 * t + 5 * b].view(5, b)
+        rows, seq_lens, offsets, lens, last = dev[4 * w : 4 * w + 5 * b].view(5, b)
         batch = ForwardBatch(
             mode=ForwardMode.MIXED if mixed else ForwardMode.PREFILL,
             positions=pos,
@@ -169,7 +173,7 @@ class ModelRunner:
             num_prefill_tokens=s.num_prefill_tokens if mixed else 0,
         )
         if s.groups:
-            shared, sizes = dev[4 * t + 5 * b :].to(torch.int32).view(2, -1)
+            shared, sizes = dev[4 * w + 5 * b :].to(torch.int32).view(2, -1)
             # A copy: a view b int32s in is 16-byte aligned only when 4 divides b, and Triton
             # compiles the cascade kernels once per alignment (a late compile under load).
             batch.shared_lens, batch.group_sizes = shared, sizes.clone()
