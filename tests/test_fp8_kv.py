@@ -120,6 +120,16 @@ def test_kv_cache_scales_default_to_one_and_are_checked() -> None:
         KVCache(2, 4, 1, 8, FP8, "cpu", v_scales=[1.0, 0.0])
 
 
+def test_every_layers_kv_scales_start_16_byte_aligned() -> None:
+    """Triton compiles a kernel per pointer alignment: scales packed 4 bytes apart would give
+    every attention kernel a second variant for three layers in four."""
+    for scales in (None, [0.5, 1.0, 2.0, 3.0, 4.0]):
+        cache = KVCache(5, 4, 1, 8, FP8, "cpu", k_scales=scales, v_scales=scales)
+        pointers = [t.data_ptr() for layer in range(5) for t in cache.scales(layer)]
+        assert all(p % 16 == 0 for p in pointers), [p % 16 for p in pointers]
+    assert cache.k_scale.tolist() == [0.5, 1.0, 2.0, 3.0, 4.0]
+
+
 def test_quantize_kv_divides_clamps_and_rounds() -> None:
     x = torch.tensor([0.0, 1e-6, 0.1, -0.33, 5.0, 1000.0, -1e9])
     q = quantize_kv(x, torch.tensor(0.5))

@@ -76,12 +76,20 @@ class KVCache:
         return 2 * num_layers * num_kv_heads * head_dim * itemsize
 
 
+# fp32 elements from one layer's scale to the next: 16 bytes, so every layer's scale pointer is
+# 16-byte aligned. Triton compiles a kernel per pointer alignment; packed, only every fourth
+# layer's would be, and each attention kernel would compile twice.
+_SCALE_STRIDE = 4
+
+
 def _scales(values: Sequence[float] | None, num_layers: int, device: torch.device | str) -> torch.Tensor:
-    if values is None:
-        return torch.ones(num_layers, dtype=torch.float32, device=device)
-    if len(values) != num_layers or not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"KV scales must be {num_layers} finite positive numbers, got {list(values)}")
-    return torch.tensor(list(values), dtype=torch.float32, device=device)
+    """The layers' scales as a ``[num_layers]`` view, one element every 16 bytes."""
+    store = torch.ones((num_layers, _SCALE_STRIDE), dtype=torch.float32, device=device)
+    if values is not None:
+        if len(values) != num_layers or not all(math.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"KV scales must be {num_layers} finite positive numbers, got {list(values)}")
+        store[:, 0] = torch.tensor(list(values), dtype=torch.float32)
+    return store[:, 0]
 
 
 class AttentionBackend(ABC):
