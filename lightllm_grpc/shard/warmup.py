@@ -83,11 +83,12 @@ def mixed_decode_rows(max_batch: int) -> list[int]:
 
 def _mixed_steps(runner: ModelRunner, batch: int) -> None:
     """A short prompt beside each of ``mixed_decode_rows`` decode rows, then beside the same rows
-    in prefix groups. A mixed step attends its decode rows outside any graph, without
-    programmatic dependent launch, and with cascade attention whenever the coordinator groups
-    them (cascade graphs exist only from 64 rows, one split). The decode attention specializes on
-    its split count, so without these steps a fresh server compiled a kernel under its first
-    mixed steps with a few decode rows (~0.6 s each; BENCHMARKS.md)."""
+    in prefix groups (2 rows for the 1-row split count: a group needs two). A mixed step
+    attends its decode rows outside any graph, without programmatic dependent launch, and with
+    cascade attention whenever the coordinator groups them (cascade graphs exist only from 64
+    rows, one split). The decode attention specializes on its split count, so without these
+    steps a fresh server compiled a kernel under its first mixed steps with a few decode rows
+    (~0.6 s each; BENCHMARKS.md)."""
     capacity = runner.kv_capacity
     most = min(batch, runner.max_rows - 1, capacity - SHORT_PREFILL)
     for rows in mixed_decode_rows(most):
