@@ -5,7 +5,9 @@ specialization). A tensor that is a view at a size-dependent offset into a packe
 aligned for some batches and not others, so the other variant compiles under a live step, for
 ~0.5 s, whenever a batch of the other parity first comes: the decode rows' ``req_rows`` (11-27),
 a mixed step's ``group_sizes`` and an odd prompt length's positions (11-28). This runs steps of
-both parities through the CPU interpreter and checks each argument's alignment never changes.
+both parities through the CPU interpreter, with the GPU's sampler kernels, and checks each
+argument's alignment never changes (it also fails with the sampler's seed/counter upload
+unpadded, the 11-27 fix there).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ KERNELS = (
     "_prefill_attention_kernel",
     "_shared_prefix_kernel",
     "_decode_stage1_kernel",
+    "_sample_kernel",
 )
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="hooks the interpreter's launches (CPU only)"
@@ -59,6 +62,7 @@ def test_each_kernel_argument_keeps_one_alignment(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", recording_run)
     recorded, _ = make_runners(make_tiny_model("llama3", tmp_path / "llama3", vocab_size=VOCAB), Ops.triton())
     runner = recorded.runner
+    runner.sampler.kernels = True  # the GPU's sampler: seeds and counters come from an upload too
     for step in _steps(runner.kv_capacity):
         runner.step(step)
         runner.reset()
