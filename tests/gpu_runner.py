@@ -17,7 +17,8 @@ Each job's output goes to ``--out/job-N.log``; the summary (also ``--out/summary
 line per job (cards, tests, seconds, pytest's last line) and the run exits 1 if any job failed,
 timed out or was never started before ``--deadline`` (seconds from the start; none are started
 after it).
-Exit code 5 (no tests: a module that skips itself) counts as passed here.
+Exit code 5 (no tests: a module that skips itself) counts as passed here. ``--part K/N`` runs
+every N-th job from the K-th, for machines lent by the call (N calls run every job once).
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ def make_jobs(nodes: Sequence[str], cards: int) -> list[Job]:
         (quick if is_quick else slow).extend(cut)
     # Longest first, so a deadline leaves the seconds-long kernel jobs behind, not a server file.
     return jobs + slow + quick
+
+
+def part(jobs: list[Job], which: str) -> list[Job]:
+    """Part ``K/N`` of ``jobs``: every N-th job from the K-th (1-based), so each part gets the
+    two-card, server-level and kernel jobs in about equal measure. A lent machine's call may
+    run for 10 minutes; the N parts in N calls run every job once."""
+    k, n = (int(x) for x in which.split("/"))
+    if not 1 <= k <= n:
+        raise ValueError(f"--part wants K/N with 1 <= K <= N, got {which}")
+    return jobs[k - 1 :: n]
 
 
 # (job, its cards, log path, seconds it may run) -> (pytest's return code, its last line)
@@ -153,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="folder for the jobs' logs (default: a temp dir)")
     p.add_argument("--deadline", type=float, default=540.0, help="seconds after which no job starts")
     p.add_argument("--job-timeout", type=float, default=540.0, help="seconds one job may run")
+    p.add_argument("--part", default="1/1", help="K/N: run only the K-th of N parts of the jobs")
     args = p.parse_args(argv)
     if args.gpus is None:
         import torch
@@ -163,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     out = args.out or Path(tempfile.mkdtemp(prefix="gpu-tests-"))
     out.mkdir(parents=True, exist_ok=True)
-    jobs = make_jobs(collect(args.paths), args.gpus)
+    jobs = part(make_jobs(collect(args.paths), args.gpus), args.part)
     tests = sum(len(j.nodes) for j in jobs)
     print(f"{tests} tests in {len(jobs)} jobs on {args.gpus} card(s); logs in {out}")
     schedule(jobs, args.gpus, out, args.deadline, args.job_timeout)

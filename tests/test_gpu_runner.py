@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import gpu_runner
 from tests.gpu_runner import Job, make_jobs, schedule, summary
 
@@ -38,6 +40,17 @@ def test_server_jobs_start_before_kernel_jobs_and_kernel_files_go_in_chunks() ->
     a, b = "tests/kernels/test_a.py", "tests/kernels/test_b.py"
     assert files == ["tests/test_fp8_gpu.py"] * 4 + [b, b, a]
     assert [len(j.nodes) for j in jobs] == [1, 1, 1, 1, gpu_runner.QUICK_CHUNK, 1, 2]
+
+
+def test_the_parts_run_every_job_once_in_turn() -> None:
+    nodes = _nodes("tests/test_gpu.py", 12) + _nodes(TP, 8) + _nodes("tests/kernels/test_a.py", 3)
+    jobs = make_jobs(nodes, cards=2)
+    parts = [gpu_runner.part(jobs, f"{k}/3") for k in (1, 2, 3)]
+    assert sorted(n for p in parts for j in p for n in j.nodes) == sorted(nodes)
+    assert [j.gpus for j in parts[0]][:1] == [2] and parts[1][0] is jobs[1]  # in turn, in order
+    assert gpu_runner.part(jobs, "1/1") == jobs
+    with pytest.raises(ValueError, match="K/N"):
+        gpu_runner.part(jobs, "4/3")
 
 
 def test_schedule_runs_jobs_at_once_on_disjoint_cards_and_reports_each(tmp_path: Path) -> None:
