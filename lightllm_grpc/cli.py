@@ -25,7 +25,7 @@ from lightllm_grpc.config import (
 AUTH_TOKEN_ENV = "LIGHTLLM_AUTH_TOKEN"
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+def _add_engine_flags(p: argparse._ActionsContainer) -> None:
     """What a shard is built with: ``serve`` passes them to the shards it spawns, and a shard
     started by hand (``lightllm-grpc shard``) takes the same flags."""
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when present")
@@ -100,7 +100,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+def _add_tls_flags(p: argparse._ActionsContainer) -> None:
     """A TLS server's flags, the same for ``serve`` (clients) and ``shard`` (its coordinator)."""
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
@@ -148,19 +148,48 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (API, health, reflection)")
-    _add_engine_flags(p)
-    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel shards (one per device)")
-    p.add_argument(
+    _add_engine_flags(p.add_argument_group("engine (the same flags as `shard`)"))
+    _add_sharding_flags(p.add_argument_group("tensor parallelism"))
+    _add_scheduling_flags(p.add_argument_group("scheduling"))
+    _add_request_flags(p.add_argument_group("requests"))
+    _add_security_flags(p.add_argument_group("security"))
+    _add_failure_flags(p.add_argument_group("stuck steps and shutdown"))
+    _add_observability_flags(p.add_argument_group("observability"))
+    _add_connection_flags(p.add_argument_group("connections"))
+
+
+def _add_sharding_flags(g: argparse._ActionsContainer) -> None:
+    """Where the shards are: spawned here, or already running (``--shards``) and how to reach them."""
+    g.add_argument("--tp-size", type=int, default=1, help="tensor-parallel shards (one per device)")
+    g.add_argument(
         "--shards",
         default=None,
         help="attach to shards already running (lightllm-grpc shard), HOST:PORT or unix:///path, "
         "comma-separated in rank order, instead of spawning --tp-size of them here; --model must "
         "still name the model (for its tokenizer). docs/multihost.md",
     )
-    p.add_argument(
+    g.add_argument(
+        "--shard-tls-ca",
+        type=Path,
+        default=None,
+        help="with --shards: reach TCP shards over TLS, verifying their certificates against this "
+        "PEM CA bundle (shards started with --tls-cert)",
+    )
+    g.add_argument(
+        "--shard-tls-cert",
+        type=Path,
+        default=None,
+        help="PEM client certificate shown to shards that ask for one (--tls-client-ca): mutual TLS",
+    )
+    g.add_argument("--shard-tls-key", type=Path, default=None, help="PEM private key of --shard-tls-cert")
+
+
+def _add_scheduling_flags(g: argparse._ActionsContainer) -> None:
+    """Admission, batching and the per-step prefill budget (docs/scheduling.md)."""
+    g.add_argument(
         "--max-waiting-requests", type=int, default=4096, help="queue bound; past it RESOURCE_EXHAUSTED"
     )
-    p.add_argument(
+    g.add_argument(
         "--step-time-budget-ms",
         type=float,
         default=SchedulerConfig.step_time_budget_ms,
@@ -168,48 +197,48 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "from measured steps, says fit in this many ms (bounds TPOT; docs/scheduling.md); "
         "0: off, every step prefills up to --max-prefill-tokens",
     )
-    p.add_argument(
+    g.add_argument(
         "--min-prefill-tokens",
         type=int,
         default=SchedulerConfig.min_prefill_tokens,
         help="with --step-time-budget-ms: prompt tokens a step prefills at least while prompts wait",
     )
-    p.add_argument(
+    g.add_argument(
         "--default-max-new-tokens", type=int, default=256, help="when a request sets no max_new_tokens"
     )
-    p.add_argument(
+    g.add_argument(
         "--max-stream-messages-per-step",
         type=int,
         default=128,
         help="past this many running streams, tokens are coalesced into fewer messages",
     )
-    p.add_argument(
+    g.add_argument(
         "--no-prefix-cache",
         action="store_true",
         help="do not reuse cached prefixes (every prompt is prefilled in full)",
     )
-    p.add_argument(
+    g.add_argument(
         "--admission",
         choices=ADMISSION_RULES,
         default="past-future",
         help="past-future: admit while the batch's predicted KV peak fits (preempting on a miss); "
         "conservative: reserve every request's max_new_tokens",
     )
-    p.add_argument(
+    g.add_argument(
         "--admission-quantile",
         type=float,
         default=0.6,
         help="past-future: quantile of past output lengths taken as a request's length "
         "(higher = fewer preemptions, smaller batches)",
     )
-    p.add_argument(
+    g.add_argument(
         "--scheduling-policy",
         choices=SCHEDULING_POLICIES,
         default="fcfs",
         help="fcfs, or priority (GenerateRequest.priority, lower first)",
     )
-    p.add_argument("--max-n", type=int, default=16, help="most completions per request")
-    p.add_argument(
+    g.add_argument("--max-n", type=int, default=16, help="most completions per request")
+    g.add_argument(
         "--cascade-min-shared-tokens",
         type=int,
         default=32768,
@@ -217,10 +246,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "read each shared prefix once per group of rows (cascade attention); a huge value turns "
         "it off",
     )
-    p.add_argument(
+
+
+def _add_request_flags(g: argparse._ActionsContainer) -> None:
+    """How requests' text and constraints are read, and the model's name."""
+    g.add_argument(
         "--served-model-name", default=None, help="name in GetModelInfo and metrics (None: the checkpoint's)"
     )
-    p.add_argument(
+    g.add_argument(
         "--chat-content-special-tokens",
         choices=("plain", "parse"),
         default="plain",
@@ -228,7 +261,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "characters it is, so users cannot forge turns (default); parse = as control tokens, like "
         "Hugging Face. Text prompts always parse them",
     )
-    p.add_argument(
+    g.add_argument(
         "--json-whitespace",
         choices=("any", "compact"),
         default="any",
@@ -236,7 +269,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "between two elements; default) or compact (only the separators ', ' and ': '), for "
         "models that would otherwise pad their JSON with whitespace",
     )
-    p.add_argument(
+
+
+def _add_failure_flags(g: argparse._ActionsContainer) -> None:
+    """When the server calls itself stuck, and how it drains (docs/reliability.md)."""
+    g.add_argument(
         "--step-timeout",
         type=float,
         default=600.0,
@@ -244,26 +281,38 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "then fails UNAVAILABLE and the server exits 1 (the first step and warm-up are exempt; "
         "0 = wait forever)",
     )
-    p.add_argument(
+    g.add_argument(
         "--stall-timeout",
         type=float,
         default=60.0,
         help="readiness (grpc.health.v1, service lightllm.v1.Generation) turns NOT_SERVING when "
         "requests are pending and no step completed for this many seconds (0 = never)",
     )
-    p.add_argument(
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: readiness NOT_SERVING and new calls UNAVAILABLE at once; live requests "
+        "run on for up to this many seconds, then end with FINISH_REASON_ABORT (a second SIGTERM "
+        "or SIGINT ends them at once)",
+    )
+
+
+def _add_observability_flags(g: argparse._ActionsContainer) -> None:
+    """Metrics, traces and the step trace (docs/operations.md)."""
+    g.add_argument(
         "--metrics-port",
         type=int,
         default=None,
         help="serve Prometheus metrics (GET /metrics) on this port of --host; off when unset",
     )
-    p.add_argument(
+    g.add_argument(
         "--otlp-traces-endpoint",
         default=None,
         help="export a span per request (queue, prefill, decode) over OTLP/gRPC to this host:port, "
         "under the caller's W3C trace context; needs the tracing extra",
     )
-    p.add_argument(
+    g.add_argument(
         "--step-trace",
         type=Path,
         default=None,
@@ -272,59 +321,45 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "result times, shard time, delivery time, batch and the requests that got their first "
         "token, to tell where a latency tail went (docs/operations.md); off when unset",
     )
-    _add_tls_flags(p)
-    p.add_argument(
-        "--shard-tls-ca",
-        type=Path,
-        default=None,
-        help="with --shards: reach TCP shards over TLS, verifying their certificates against this "
-        "PEM CA bundle (shards started with --tls-cert)",
-    )
-    p.add_argument(
-        "--shard-tls-cert",
-        type=Path,
-        default=None,
-        help="PEM client certificate shown to shards that ask for one (--tls-client-ca): mutual TLS",
-    )
-    p.add_argument("--shard-tls-key", type=Path, default=None, help="PEM private key of --shard-tls-cert")
-    p.add_argument(
-        "--auth-token-file",
-        type=Path,
-        default=None,
-        help=f"file of bearer tokens (one per line); every call but health then needs "
-        f"'authorization: Bearer <token>'. Also ${AUTH_TOKEN_ENV}. No command-line token: ps shows it",
-    )
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=30.0,
-        help="on SIGTERM: readiness NOT_SERVING and new calls UNAVAILABLE at once; live requests "
-        "run on for up to this many seconds, then end with FINISH_REASON_ABORT (a second SIGTERM "
-        "or SIGINT ends them at once)",
-    )
-    p.add_argument(
+
+
+def _add_connection_flags(g: argparse._ActionsContainer) -> None:
+    """HTTP/2 keepalive and connection age, for meshes and L4 balancers."""
+    g.add_argument(
         "--keepalive-time",
         type=float,
         default=60.0,
         help="seconds between the server's HTTP/2 pings on an idle connection (finds dead peers "
         "behind NATs and L4 balancers)",
     )
-    p.add_argument(
+    g.add_argument(
         "--keepalive-timeout", type=float, default=20.0, help="seconds to wait for a ping's answer"
     )
-    p.add_argument(
+    g.add_argument(
         "--max-connection-age",
         type=float,
         default=1800.0,
         help="seconds after which a connection gets GOAWAY so clients reconnect and L4 balancers "
         "rebalance (0 = never); calls open then run on (see --max-connection-age-grace)",
     )
-    p.add_argument(
+    g.add_argument(
         "--max-connection-age-grace",
         type=float,
         default=0.0,
         help="seconds calls open at GOAWAY may run on before they are cut (0 = to their end: a "
         "long prefill or stream is never cut for age)",
+    )
+
+
+def _add_security_flags(g: argparse._ActionsContainer) -> None:
+    """TLS for clients and the bearer tokens every call but health needs."""
+    _add_tls_flags(g)
+    g.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help=f"file of bearer tokens (one per line); every call but health then needs "
+        f"'authorization: Bearer <token>'. Also ${AUTH_TOKEN_ENV}. No command-line token: ps shows it",
     )
 
 

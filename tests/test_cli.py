@@ -36,3 +36,25 @@ def test_serve_default_model_and_generate_cli(tmp_path) -> None:
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "temperature" in bad.stderr
     finally:
         server.stop()
+
+
+def test_serve_help_groups_its_flags_by_what_they_control() -> None:
+    from lightllm_grpc.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    sections = ["engine", "tensor parallelism:", "scheduling:", "requests:", "security:"]
+    sections += ["stuck steps and shutdown:", "observability:", "connections:"]
+    starts = [text.index(f"\n{title}") for title in sections]
+    assert starts == sorted(starts)
+
+    def section_of(flag: str) -> str:
+        at = text.index(f"\n  {flag}")  # the flag's own entry, not a mention in another's help
+        return sections[max(i for i, start in enumerate(starts) if start < at)]
+
+    assert section_of("--kv-cache-dtype") == "engine"
+    assert section_of("--shards") == "tensor parallelism:"
+    assert section_of("--admission") == "scheduling:"
+    assert section_of("--auth-token-file") == section_of("--tls-cert") == "security:"
+    assert section_of("--drain-timeout") == "stuck steps and shutdown:"
+    assert section_of("--step-trace") == "observability:"
+    assert section_of("--keepalive-time") == "connections:"
