@@ -157,15 +157,21 @@ def summary(jobs: Sequence[Job]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="*", default=["tests"])
     p.add_argument("--gpus", type=int, default=None, help="cards to use (default: all CUDA devices)")
     p.add_argument("--out", type=Path, default=None, help="folder for the jobs' logs (default: a temp dir)")
-    p.add_argument("--deadline", type=float, default=540.0, help="seconds after which no job starts")
-    p.add_argument("--job-timeout", type=float, default=540.0, help="seconds one job may run")
+    # No deadline by default: a machine of one's own runs every job. A machine lent by the call
+    # (10 minutes at most) wants e.g. --deadline 400 --job-timeout 470, or --part.
+    p.add_argument("--deadline", type=float, default=math.inf, help="seconds after which no job starts")
+    p.add_argument("--job-timeout", type=float, default=1800.0, help="seconds one job may run (a hang)")
     p.add_argument("--part", default="1/1", help="K/N: run only the K-th of N parts of the jobs")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.gpus is None:
         import torch
 

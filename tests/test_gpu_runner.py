@@ -3,6 +3,7 @@ how it hands out cards, and what it reports (the pytest processes are replaced b
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -73,6 +74,11 @@ def test_schedule_runs_jobs_at_once_on_disjoint_cards_and_reports_each(tmp_path:
     assert [j.rc for j in jobs] == [0, 0, 0, 0, 1, 0] and all(j.seconds > 0 for j in jobs)
     text = summary(jobs)
     assert "5 of 6 jobs passed" in text and "rc 1" in text and "1 failed" in text
+
+
+def test_by_default_every_job_runs_and_only_a_hang_is_cut() -> None:
+    args = gpu_runner.parser().parse_args([])
+    assert args.deadline == math.inf and args.job_timeout >= 1800 and args.part == "1/1"
 
 
 def test_no_job_starts_after_the_deadline(tmp_path: Path) -> None:
