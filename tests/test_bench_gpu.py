@@ -4,13 +4,15 @@ report: the new rows per variant, and the older layout unchanged."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lightllm_grpc.bench import gpu
+from lightllm_grpc.bench import gpu, gpu_power
 from lightllm_grpc.bench.datasets import Vocab, uniform_requests
 from lightllm_grpc.bench.server import LocalServer
 from lightllm_grpc.proto import generation_pb2 as pb
@@ -147,6 +149,13 @@ def test_main_runs_the_chosen_workloads_per_variant(
     env = dict.fromkeys(("card", "date", "torch", "triton", "transformers", "grpcio"), "x")
     monkeypatch.setattr(gpu, "environment", lambda: env)
     monkeypatch.setattr(gpu, "SMALL_OUTPUT", 4)  # the CPU model's decode steps are slow
+
+    @contextlib.contextmanager
+    def power(into: dict, key: str) -> Iterator[None]:  # no nvidia-smi here: one made-up sample
+        yield
+        into[key] = gpu_power.summary([gpu_power.Sample(1500, 1980, 690, 700)])
+
+    monkeypatch.setattr(gpu_power, "sampled", power)
     flags = ["--out", str(tmp_path), "--only", "ttft,w3,small,transformers", "--skip-transformers"]
     flags += ["--ttft-requests", "2", "--w3-rates", "100,200", "--w3-requests", "3"]
     gpu.main([*flags, "--w3-input", "4,8", "--w3-output", "2,3"])
@@ -167,6 +176,14 @@ def test_main_runs_the_chosen_workloads_per_variant(
     assert max(each) == pytest.approx(bf16["ttft"]["ttft_ms"]["p99"], rel=0.05)
     assert "transformers" not in r and "fp8: ttft" in r["phase_seconds"]
     assert "| 200 req/s | bf16 | 3 (0) |" in (tmp_path / "bench-gpu.md").read_text()
+    assert set(bf16["power"]) == {"small", "ttft", "w3@100", "w3@200"} and set(fp8["power"]) == {
+        "small",
+        "ttft",
+    }
+    assert (
+        "Power, fp8 (median SM clock and draw per workload): small 1500 MHz"
+        in (tmp_path / "bench-gpu.md").read_text()
+    )
 
     started.clear()
     gpu.main(

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from lightllm_grpc.aio import run
+from lightllm_grpc.bench import gpu_power
 from lightllm_grpc.bench.datasets import Vocab, random_requests, uniform_requests
 from lightllm_grpc.bench.load import Workload, run_load
 from lightllm_grpc.bench.metrics import summarize
@@ -232,11 +233,16 @@ class Bench:
         log_path = args.out / f"server-{variant}.log"
         # Kernel compiles a live step waited for (shard/compile_watch.py), per workload.
         late = into.setdefault("late_compiles", {})
+        power = into.setdefault("power", {})  # the card's clock and draw, per workload
         try:
             into["server_info"] = str(server.info()).replace("\n", "; ")
             for name, step in steps.items():
                 if name in todo:
-                    with self.phase(f"{variant}: {name}"), _count_late_compiles(log_path, late, name):
+                    with (
+                        self.phase(f"{variant}: {name}"),
+                        _count_late_compiles(log_path, late, name),
+                        gpu_power.sampled(power, name),
+                    ):
                         into.update(step(server.address))
             if "w3" in todo:
                 into["w3"] = []
@@ -244,6 +250,7 @@ class Bench:
                     with (
                         self.phase(f"{variant}: w3 at {rate:g} req/s"),
                         _count_late_compiles(log_path, late, f"w3@{rate:g}"),
+                        gpu_power.sampled(power, f"w3@{rate:g}"),
                     ):
                         shape = (args.w3_requests, args.w3_input, args.w3_output)
                         into["w3"].append(online(server.address, rate, *shape, seed=W3_SEED + i))
@@ -516,6 +523,7 @@ def render(r: dict) -> str:
                 f"shard runner step (inputs, graph, sampling, copy back) {d['runner_step_ms']:.2f} ms.\n"
             )
     table += _late_compiles(variants)
+    table += gpu_power.report(variants)
     phases = r.get("phase_seconds", {})
     if phases:
         table += "\nPhases (s): " + ", ".join(f"{k} {t:.0f}" for k, t in phases.items()) + "\n"
