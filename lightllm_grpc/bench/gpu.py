@@ -62,6 +62,9 @@ BREAKDOWN_ARGS = {
     "fp8-kv": {"kv_cache_dtype": "fp8_e4m3"},
     "fp8-all": {"quantization": "fp8", "kv_cache_dtype": "fp8_e4m3"},
 }  # the same, in-process
+# Throughput workloads, whose card clock and power the report gives (bench/gpu_power.py). Not
+# the latency ones (W1, TTFT, small, W3): NVML queries every 200 ms could add jitter to a p99.
+POWER_WORKLOADS = frozenset({"b128", "w2", "sampled"})
 SAMPLED = {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "presence_penalty": 0.5}
 # Prompt seeds of their own, so no workload's prompts share a prefix with another's
 # (the prefix cache stays at 0% hits between workloads and between W3 rates). Sampled W2 had
@@ -241,7 +244,7 @@ class Bench:
                     with (
                         self.phase(f"{variant}: {name}"),
                         _count_late_compiles(log_path, late, name),
-                        gpu_power.sampled(power, name),
+                        _power_sampled(power, name),
                     ):
                         into.update(step(server.address))
             if "w3" in todo:
@@ -250,12 +253,16 @@ class Bench:
                     with (
                         self.phase(f"{variant}: w3 at {rate:g} req/s"),
                         _count_late_compiles(log_path, late, f"w3@{rate:g}"),
-                        gpu_power.sampled(power, f"w3@{rate:g}"),
                     ):
                         shape = (args.w3_requests, args.w3_input, args.w3_output)
                         into["w3"].append(online(server.address, rate, *shape, seed=W3_SEED + i))
         finally:
             server.stop()
+
+
+def _power_sampled(into: dict, name: str) -> contextlib.AbstractContextManager[None]:
+    """The card's clock and power over a throughput workload (``POWER_WORKLOADS``), else nothing."""
+    return gpu_power.sampled(into, name) if name in POWER_WORKLOADS else contextlib.nullcontext()
 
 
 LATE_COMPILE = "after warm-up"  # compile_watch's warning
