@@ -56,19 +56,15 @@ def time_silu_gemv(
     ``([ms per matmul], [(ms, config)])``. An e4m3 ``w`` comes with its ``scale`` and the
     activations' ``dtype`` (default: w's). The warm-up's measurement, and the
     micro-benchmark's (``bench/fusions.py``)."""
-    import triton.testing
-
-    rotating = _rotating(w)
     h = torch.randn(1, 2 * w.shape[1], device=w.device, dtype=dtype or w.dtype)
-    split = [
-        triton.testing.do_bench_cudagraph(rotating(lambda m, f=f: f(silu_and_mul(h), m, None)))
-        for f in matmuls
-    ]
-    fused = [
-        (triton.testing.do_bench_cudagraph(rotating(lambda m, c=c: silu_gemv(h, m, c, scale))), c)
-        for c in configs
-    ]
-    return split, fused
+
+    def split(m: torch.Tensor, f: Matmul) -> object:
+        return f(silu_and_mul(h), m, None)
+
+    def fused(m: torch.Tensor, c: GemvConfig) -> object:
+        return silu_gemv(h, m, c, scale)
+
+    return _time_split_and_fused(w, split, fused, matmuls, configs)
 
 
 def time_norm_gemv(
@@ -82,9 +78,6 @@ def time_norm_gemv(
     add + RMSNorm kernel then each of ``matmuls``, and ``add_rmsnorm_gemv`` with each of
     ``configs``; returns ``([ms per matmul], [(ms, config)])``. ``scale``, ``dtype``: as
     ``time_silu_gemv``. The warm-up's measurement, and the micro-benchmark's (``bench/fusions.py``)."""
-    import triton.testing
-
-    rotating = _rotating(w)
     act = dtype or w.dtype
     x, residual = (torch.randn(1, w.shape[1], device=w.device, dtype=act) for _ in range(2))
     norm_w = torch.ones(w.shape[1], device=w.device, dtype=act)
@@ -95,6 +88,21 @@ def time_norm_gemv(
     def fused(m: torch.Tensor, c: GemvConfig) -> object:
         return add_rmsnorm_gemv(x, residual, norm_w, 1e-5, m, c, scale)
 
+    return _time_split_and_fused(w, split, fused, matmuls, configs)
+
+
+def _time_split_and_fused(
+    w: torch.Tensor,
+    split: Callable[[torch.Tensor, Matmul], object],
+    fused: Callable[[torch.Tensor, GemvConfig], object],
+    matmuls: Sequence[Matmul],
+    configs: Sequence[GemvConfig],
+) -> tuple[list[float], list[tuple[float, GemvConfig]]]:
+    """``split(copy, matmul)`` per matmul and ``fused(copy, config)`` per config, each timed in
+    CUDA graphs on rotating copies of ``w``."""
+    import triton.testing
+
+    rotating = _rotating(w)
     bench = triton.testing.do_bench_cudagraph
     return (
         [bench(rotating(lambda m, f=f: split(m, f))) for f in matmuls],

@@ -151,8 +151,9 @@ class ModelRunner:
         tokens = np.zeros((4, w), dtype=np.int64)
         tokens[:, :t] = (s.token_ids, s.positions, s.slots, np.repeat(s.rows, s.lens))
         host = np.concatenate(
-            [tokens.ravel(), s.rows, s.seq_lens, s.offsets, s.lens, s.offsets + s.lens - 1, *s.groups]
-        ).astype(np.int64)
+            [tokens.ravel(), s.rows, s.seq_lens, s.offsets, s.lens, s.offsets + s.lens - 1, *s.groups],
+            dtype=np.int64,
+        )
         dev = torch.from_numpy(host).to(self.device, non_blocking=True)
         ids, pos, slots, tok_rows = dev[: 4 * w].view(4, w)[:, :t]
         self.req_to_token[tok_rows, pos] = slots.to(torch.int32)
