@@ -10,9 +10,12 @@ from pathlib import Path
 
 from lightllm_grpc.config import (
     ADMISSION_RULES,
+    DEFAULT_ROWS,
     DEVICES,
     DTYPES,
     KV_CACHE_DTYPES,
+    LARGE_DEVICE_GIB,
+    LARGE_DEVICE_ROWS,
     LOAD_FORMATS,
     QUANTIZATIONS,
     SCHEDULING_POLICIES,
@@ -57,7 +60,11 @@ def _add_engine_flags(p: argparse._ActionsContainer) -> None:
         help="KV pool size in tokens (None: sized from free memory)",
     )
     p.add_argument(
-        "--max-running-requests", type=int, default=256, help="largest batch (the shards' req_to_token rows)"
+        "--max-running-requests",
+        type=int,
+        default=None,
+        help=f"largest batch (the shards' req_to_token rows); default: {LARGE_DEVICE_ROWS} on a GPU "
+        f"of {LARGE_DEVICE_GIB} GiB or more, else {DEFAULT_ROWS}",
     )
     p.add_argument(
         "--max-prefill-tokens",

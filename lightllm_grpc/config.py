@@ -13,6 +13,14 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 QUANTIZATIONS = ("fp8",)
 # --kv-cache-dtype: auto = the model dtype; fp8_e4m3 = e4m3 with per-layer scales (half the bytes).
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+# Rows (the largest batch, --max-running-requests) when none is given. Each row costs its
+# req_to_token line, sampler state, a logits row and its share of the decode graphs: 1,024 rows
+# left an 8B model 0.6% less KV pool than 512 (0.7 GiB, 128k vocabulary). On a card of 64 GiB or more
+# that buys throughput (W2 against 512 rows, one H200: +1.5% bf16, +2.3% FP8; BENCHMARKS.md);
+# smaller cards, where that memory is KV, and CPUs keep 256 (shard/memory.default_max_rows).
+DEFAULT_ROWS = 256
+LARGE_DEVICE_ROWS = 1024
+LARGE_DEVICE_GIB = 64
 # Every shard process runs with these, set before CUDA or NCCL starts: no NVLink multicast
 # (NVLS) in NCCL nor in symmetric memory. The P2P all-reduce never uses it, and creating
 # multicast objects fails or hangs on some drivers and virtualised hosts (docs/multihost.md).
@@ -39,7 +47,8 @@ def _check_files(flags: dict[str, Path | None]) -> None:
 class SchedulerConfig:
     """What the scheduler needs: capacities and per-step budgets."""
 
-    max_running_requests: int = 256
+    # None: the shards' rows (ShardConfig.max_rows).
+    max_running_requests: int | None = None
     max_waiting_requests: int = 4096
     # Most prompt tokens prefilled in one step; longer prompts are split into chunks.
     max_prefill_tokens: int = 8192
@@ -66,6 +75,12 @@ class SchedulerConfig:
     # (rows x prefix length) use cascade attention (0: whenever rows share one).
     cascade_min_shared_tokens: int = 32768
 
+    def running_rows(self, shard_rows: int) -> int:
+        """The batch the scheduler may run beside shards of ``shard_rows`` rows."""
+        if self.max_running_requests is None:
+            return shard_rows
+        return min(shard_rows, self.max_running_requests)
+
     def __post_init__(self) -> None:
         if self.admission not in ADMISSION_RULES:
             raise ValueError(f"admission must be one of {ADMISSION_RULES}, got {self.admission!r}")
@@ -78,7 +93,8 @@ class SchedulerConfig:
         if self.max_n < 1:
             raise ValueError("max_n must be >= 1")
         for name in ("max_running_requests", "max_waiting_requests", "max_prefill_tokens"):
-            if getattr(self, name) < 1:
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1")
         if not self.step_time_budget_ms >= 0:
             raise ValueError("step_time_budget_ms must be >= 0 (0: off)")
@@ -106,7 +122,8 @@ class ShardConfig:
     kv_cache_dtype: str = "auto"
     tp_size: int = 1
     max_total_tokens: int | None = None  # KV pool size in tokens; None = sized from memory
-    max_rows: int = 256
+    # The largest batch (req_to_token rows); None: by the device (shard/memory.default_max_rows).
+    max_rows: int | None = None
     max_context: int | None = None  # None = the model's context length
     gpu_memory_fraction: float = 0.9
     cuda_graphs: bool = True
@@ -140,6 +157,8 @@ class ShardConfig:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.tp_size < 1:
             raise ValueError("tp_size must be >= 1")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError("max_rows (--max-running-requests) must be >= 1")
         if self.max_total_tokens is not None and self.max_total_tokens < 16:
             raise ValueError("max_total_tokens must be >= 16")
         if not 0.05 <= self.gpu_memory_fraction <= 0.99:
@@ -237,5 +256,6 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.shard_addresses and self.shard.tp_size != 1:
             raise ValueError("--shards and --tp-size exclude each other: the listed shards set the TP size")
-        if self.scheduler.max_running_requests > self.shard.max_rows:
+        rows, most = self.scheduler.max_running_requests, self.shard.max_rows
+        if rows is not None and most is not None and rows > most:
             raise ValueError("max_running_requests cannot exceed the shard's req_to_token rows")

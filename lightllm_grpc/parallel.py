@@ -222,9 +222,17 @@ def _attempt(fn):
 
 
 def _all_agree(ok: bool, device: torch.device) -> bool:
-    vote = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    return bool(min_over_ranks(int(ok), device))
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest ``value`` of all ranks (collective: every rank calls it); ``value`` alone
+    without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    vote = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(vote, op=dist.ReduceOp.MIN)
-    return bool(vote.item())
+    return int(vote.item())
 
 
 def _allocate(nbytes: int, dtype: torch.dtype, device: torch.device, devices: list[int]) -> torch.Tensor:

@@ -41,7 +41,7 @@ from lightllm_grpc.bench.datasets import Vocab, random_requests, uniform_request
 from lightllm_grpc.bench.load import Workload, run_load
 from lightllm_grpc.bench.metrics import summarize
 from lightllm_grpc.bench.serve import Traffic, as_conversations, drive, open_stubs, serve_benchmark
-from lightllm_grpc.bench.server import LocalServer
+from lightllm_grpc.bench.server import ROWS_HELP, LocalServer, rows_flags
 from lightllm_grpc.models.tiny_tokenizer import save_tokenizer
 from lightllm_grpc.proto import generation_pb2 as pb
 
@@ -229,7 +229,8 @@ class Bench:
                 self.model_dir,
                 args.out / f"server-{variant}.log",
                 *("--load-format", "dummy", "--dtype", "bfloat16", "--device", "cuda"),
-                *("--max-running-requests", str(args.max_running), *VARIANT_FLAGS[variant]),
+                *rows_flags(args.max_running),
+                *VARIANT_FLAGS[variant],
                 *shlex.split(args.server_args),
                 start_timeout=900,
             )
@@ -598,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--w3-requests", type=int, default=600, help="per rate")
     p.add_argument("--w3-input", type=_length_range, default=(64, 1024), help="low,high prompt tokens")
     p.add_argument("--w3-output", type=_length_range, default=(32, 512), help="low,high output tokens")
-    p.add_argument("--max-running", type=int, default=512)
+    p.add_argument("--max-running", type=int, default=None, help=ROWS_HELP)
     p.add_argument("--skip-transformers", action="store_true", help="same as leaving it out of --only")
     p.add_argument("--server-args", default="", help='more serve flags, e.g. "--step-time-budget-ms 50"')
     args = p.parse_args(argv)

@@ -28,14 +28,14 @@ from lightllm_grpc.bench.gpu import (
 )
 from lightllm_grpc.bench.load import Workload, run_load
 from lightllm_grpc.bench.serve import Traffic, as_conversations, serve_benchmark
-from lightllm_grpc.bench.server import LocalServer
+from lightllm_grpc.bench.server import ROWS_HELP, LocalServer, rows_flags
 
 VOCAB = 128256
 
 
 def _server(model_dir: Path, log: Path, extra: list[str], cwd: Path | None, args) -> LocalServer:
     flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--device", args.device]
-    flags += ["--max-running-requests", str(args.max_running), *extra]
+    flags += [*rows_flags(args.max_running), *extra]
     return LocalServer(model_dir.resolve(), log.resolve(), *flags, start_timeout=900, cwd=cwd)
 
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--before", type=Path, default=None, help="checkout of the previous code")
     p.add_argument("--w2-requests", type=int, default=1000)
-    p.add_argument("--max-running", type=int, default=512)
+    p.add_argument("--max-running", type=int, default=None, help=ROWS_HELP)
     p.add_argument("--only", default="cache,no-cache,before")
     p.add_argument("--device", default="cuda")
     p.add_argument("--skip-w1w2", action="store_true", help="shared prefix only")

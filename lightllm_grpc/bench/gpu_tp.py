@@ -31,7 +31,7 @@ from lightllm_grpc.aio import run
 from lightllm_grpc.bench import allreduce
 from lightllm_grpc.bench.gpu import prepare_model_dir
 from lightllm_grpc.bench.load import Workload, run_load
-from lightllm_grpc.bench.server import LocalServer
+from lightllm_grpc.bench.server import ROWS_HELP, LocalServer, rows_flags
 
 VOCAB = 128256
 BATCHES = (1, 64)
@@ -135,7 +135,7 @@ def _serve(model_dir: Path, out: Path, name: str, tp: int, extra: tuple[str, ...
     server = LocalServer(
         model_dir, log,
         "--load-format", "dummy", "--dtype", "bfloat16", "--device", "cuda",
-        "--max-running-requests", str(args.max_running), "--tp-size", str(tp), *extra,
+        *rows_flags(args.max_running), "--tp-size", str(tp), *extra,
         start_timeout=300,
     )  # fmt: skip
     try:
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--w2-requests", type=int, default=1000)
-    p.add_argument("--max-running", type=int, default=512)
+    p.add_argument("--max-running", type=int, default=None, help=ROWS_HELP)
     p.add_argument("--skip-decode", action="store_true", help="skip steps 1 and 2 (server runs only)")
     p.add_argument("--skip-serve", action="store_true", help="skip step 3 (no server runs)")
     # One rank of step 2 (set by the launcher).

@@ -14,6 +14,13 @@ import grpc
 from lightllm_grpc.proto import generation_pb2 as pb
 from lightllm_grpc.proto import generation_pb2_grpc
 
+ROWS_HELP = "the servers' --max-running-requests (default: the server's own, by the card)"
+
+
+def rows_flags(rows: int | None) -> list[str]:
+    """A bench's ``--max-running`` as serve flags: none, so the server's default, unless given."""
+    return [] if rows is None else ["--max-running-requests", str(rows)]
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -117,7 +117,7 @@ class Scheduler:
         self.eos_ids = eos_ids
         self.slots = IdAllocator(kv_capacity)
         self.cache = RadixCache(self.slots.free) if config.prefix_cache else None
-        self.rows = IdAllocator(min(max_rows, config.max_running_requests))
+        self.rows = IdAllocator(config.running_rows(max_rows))
         self.admission = Admission(config.admission, OutputLengths(quantile=config.admission_quantile))
         # None: the policy is off and every step may prefill max_prefill_tokens.
         self.step_time = StepTimeModel() if config.step_time_budget_ms > 0 else None

@@ -167,7 +167,8 @@ async def _start_shards(
             log.info("%s", line)
         warn_uneven_capacity(infos)
         sched = cfg.scheduler
-        seconds = await client.warmup(sched.max_prefill_tokens, sched.max_running_requests)
+        rows = sched.running_rows(min(i.max_rows for i in infos))
+        seconds = await client.warmup(sched.max_prefill_tokens, rows)
         log.info("shards warmed up in %.1fs", seconds)
     except BaseException:
         await client.close()
@@ -182,10 +183,10 @@ def _check_remote(cfg: ServerConfig, addresses: list[str], infos: list[shard_pb2
         check_agreement(addresses, infos, model.architecture, model.vocab_size)
     except ShardMismatch as exc:
         raise StartupError(str(exc)) from exc
-    rows = min(i.max_rows for i in infos)
-    if cfg.scheduler.max_running_requests > rows:
+    rows, asked = min(i.max_rows for i in infos), cfg.scheduler.max_running_requests
+    if asked is not None and asked > rows:
         raise StartupError(
-            f"--max-running-requests {cfg.scheduler.max_running_requests} exceeds the shards' "
+            f"--max-running-requests {asked} exceeds the shards' "
             f"{rows} rows; start the shards with --max-running-requests of at least it"
         )
 

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from lightllm_grpc.config import DEFAULT_ROWS, LARGE_DEVICE_GIB, LARGE_DEVICE_ROWS
+
 log = logging.getLogger(__name__)
 
 # On CPU the pool takes at most this share of the memory that is free at start-up, and
@@ -29,6 +31,14 @@ def available_host_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_max_rows(device: torch.device) -> int:
+    """The row count a shard on ``device`` takes when ``--max-running-requests`` is not given."""
+    if device.type != "cuda":
+        return DEFAULT_ROWS
+    large = torch.cuda.get_device_properties(device).total_memory >= LARGE_DEVICE_GIB << 30
+    return LARGE_DEVICE_ROWS if large else DEFAULT_ROWS
 
 
 def kv_capacity(

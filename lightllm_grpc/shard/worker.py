@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from lightllm_grpc.models.loader import load_model, resolve_dtype
 from lightllm_grpc.parallel import (
     ParallelState,
     build_custom_all_reduce,
+    min_over_ranks,
     set_custom_all_reduce,
     set_parallel_state,
 )
@@ -219,6 +220,10 @@ def build_shard(cfg: ShardConfig, rank: int, world_size: int, init_method: str |
     device = pick_device(cfg.device, rank)
     check_kv_cache_dtype(cfg.kv_cache_dtype, device)
     init_distributed(rank, world_size, init_method, device)
+    if cfg.max_rows is None:
+        # Collective: every rank must capture the same decode graphs, so all take the
+        # smallest card's choice.
+        cfg = replace(cfg, max_rows=min_over_ranks(memory.default_max_rows(device), device))
     model_cfg = ModelConfig.from_pretrained(cfg.model)
     dtype = resolve_dtype(model_cfg, cfg.dtype, device)
     max_context = min(cfg.max_context or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
