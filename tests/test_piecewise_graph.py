@@ -324,13 +324,17 @@ def test_flag_reaches_the_shard_config(tmp_path: Path) -> None:
 
 
 def test_mixed_graph_size_follows_flags_and_device() -> None:
-    cuda, cpu, m = torch.device("cuda", 0), torch.device("cpu"), Path("m")
-    assert mixed_graph_tokens(ShardConfig(model=m), cuda) == 512
-    assert mixed_graph_tokens(ShardConfig(model=m), cpu) == 0
-    assert mixed_graph_tokens(ShardConfig(model=m, cuda_graphs=False), cuda) == 0
-    assert mixed_graph_tokens(ShardConfig(model=m, cuda_graph_max_mixed_tokens=0), cuda) == 0
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def cfg(**kw) -> ShardConfig:  # rows as build_shard has resolved them
+        return ShardConfig(model=Path("m"), **{"max_rows": 256, **kw})
+
+    assert mixed_graph_tokens(cfg(), cuda) == 512
+    assert mixed_graph_tokens(cfg(), cpu) == 0
+    assert mixed_graph_tokens(cfg(cuda_graphs=False), cuda) == 0
+    assert mixed_graph_tokens(cfg(cuda_graph_max_mixed_tokens=0), cuda) == 0
     # A step holds at most max_prefill_tokens prompt tokens and a decode token per row.
-    assert mixed_graph_tokens(ShardConfig(model=m, max_prefill_tokens=100, max_rows=28), cuda) == 128
+    assert mixed_graph_tokens(cfg(max_prefill_tokens=100, max_rows=28), cuda) == 128
 
 
 def test_profile_mixed_runs_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
