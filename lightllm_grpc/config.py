@@ -55,7 +55,8 @@ class SchedulerConfig:
     # Per-step time budget (docs/scheduling.md): a step with decode rows takes only the
     # prefill tokens a learned step-time model says fit within this many ms (at least
     # min_prefill_tokens when prompts wait; never more than max_prefill_tokens).
-    # 0: off, every step takes up to max_prefill_tokens. Off by default until measured on a GPU.
+    # 0: off, every step takes up to max_prefill_tokens. Off by default: at 50 ms on an H200 (W3,
+    # BENCHMARKS.md) it lowered TTFT p99 and raised TPOT p99, not the trade it is for.
     step_time_budget_ms: float = 0.0
     min_prefill_tokens: int = 512
     default_max_new_tokens: int = 256

@@ -80,13 +80,19 @@ def make_jobs(nodes: Sequence[str], cards: int) -> list[Job]:
     return jobs + slow + quick
 
 
-def part(jobs: list[Job], which: str) -> list[Job]:
+def part_spec(text: str) -> tuple[int, int]:
+    """``--part K/N`` as ``(K, N)``, with 1 <= K <= N."""
+    k, slash, n = text.partition("/")
+    if not (slash and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise argparse.ArgumentTypeError(f"--part wants K/N with 1 <= K <= N (e.g. 1/2), got {text!r}")
+    return int(k), int(n)
+
+
+def part(jobs: list[Job], which: tuple[int, int]) -> list[Job]:
     """Part ``K/N`` of ``jobs``: every N-th job from the K-th (1-based), so each part gets the
     two-card, server-level and kernel jobs in about equal measure. A lent machine's call may
     run for 10 minutes; the N parts in N calls run every job once."""
-    k, n = (int(x) for x in which.split("/"))
-    if not 1 <= k <= n:
-        raise ValueError(f"--part wants K/N with 1 <= K <= N, got {which}")
+    k, n = which
     return jobs[k - 1 :: n]
 
 
@@ -166,7 +172,9 @@ def parser() -> argparse.ArgumentParser:
     # (10 minutes at most) wants e.g. --deadline 400 --job-timeout 470, or --part.
     p.add_argument("--deadline", type=float, default=math.inf, help="seconds after which no job starts")
     p.add_argument("--job-timeout", type=float, default=1800.0, help="seconds one job may run (a hang)")
-    p.add_argument("--part", default="1/1", help="K/N: run only the K-th of N parts of the jobs")
+    p.add_argument(
+        "--part", type=part_spec, default=(1, 1), help="K/N: run only the K-th of N parts of the jobs"
+    )
     return p
 
 

@@ -46,12 +46,21 @@ def test_server_jobs_start_before_kernel_jobs_and_kernel_files_go_in_chunks() ->
 def test_the_parts_run_every_job_once_in_turn() -> None:
     nodes = _nodes("tests/test_gpu.py", 12) + _nodes(TP, 8) + _nodes("tests/kernels/test_a.py", 3)
     jobs = make_jobs(nodes, cards=2)
-    parts = [gpu_runner.part(jobs, f"{k}/3") for k in (1, 2, 3)]
+    parts = [gpu_runner.part(jobs, (k, 3)) for k in (1, 2, 3)]
     assert sorted(n for p in parts for j in p for n in j.nodes) == sorted(nodes)
     assert [j.gpus for j in parts[0]][:1] == [2] and parts[1][0] is jobs[1]  # in turn, in order
-    assert gpu_runner.part(jobs, "1/1") == jobs
-    with pytest.raises(ValueError, match="K/N"):
-        gpu_runner.part(jobs, "4/3")
+    assert gpu_runner.part(jobs, (1, 1)) == jobs
+
+
+@pytest.mark.parametrize("spec", ["4/3", "0/2", "0/0", "1/x", "12", "1/2/3"])
+def test_a_malformed_part_is_refused_with_the_form_it_wants(capsys, spec: str) -> None:
+    with pytest.raises(SystemExit):
+        gpu_runner.parser().parse_args(["--part", spec])
+    assert "--part wants K/N with 1 <= K <= N" in capsys.readouterr().err
+
+
+def test_a_part_is_read_as_two_numbers() -> None:
+    assert gpu_runner.parser().parse_args(["--part", "2/3"]).part == (2, 3)
 
 
 def test_schedule_runs_jobs_at_once_on_disjoint_cards_and_reports_each(tmp_path: Path) -> None:
@@ -78,7 +87,7 @@ def test_schedule_runs_jobs_at_once_on_disjoint_cards_and_reports_each(tmp_path:
 
 def test_by_default_every_job_runs_and_only_a_hang_is_cut() -> None:
     args = gpu_runner.parser().parse_args([])
-    assert args.deadline == math.inf and args.job_timeout >= 1800 and args.part == "1/1"
+    assert args.deadline == math.inf and args.job_timeout >= 1800 and args.part == (1, 1)
 
 
 def test_no_job_starts_after_the_deadline(tmp_path: Path) -> None:
