@@ -163,6 +163,7 @@ def test_main_runs_the_chosen_workloads_per_variant(
     r = json.loads((tmp_path / "bench-gpu.json").read_text())
     bf16_flags, fp8_flags = started
     assert "--quantization" not in bf16_flags and fp8_flags[-2:] == ("--quantization", "fp8")
+    assert "--max-running-requests" not in bf16_flags  # the server's own row count, by the card
     bf16, fp8 = r["variants"]["bf16"]["ours"], r["variants"]["fp8"]["ours"]
     assert r["ours"] == bf16 and r["roofline_tokens_per_s"] == 3e12 / 16e9
     assert [w["request_rate"] for w in bf16["w3"]] == [100, 200] and "w3" not in fp8  # W3: first only
@@ -194,9 +195,12 @@ def test_main_runs_the_chosen_workloads_per_variant(
             "1",
             "--variants",
             "fp8-kv,fp8-all",
+            "--max-running",
+            "512",
         ]
     )
     r = json.loads((tmp_path / "all/bench-gpu.json").read_text())
+    assert all(f[f.index("--max-running-requests") + 1] == "512" for f in started)
     assert started[1][-4:] == ("--quantization", "fp8", "--kv-cache-dtype", "fp8_e4m3")
     rooflines = [r["variants"][v]["roofline_tokens_per_s"] for v in ("fp8-kv", "fp8-all")]
     assert rooflines == [3e12 / 16e9, 3e12 / 8e9]  # FP8 weights: the e4m3 bytes' roofline
