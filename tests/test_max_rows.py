@@ -33,6 +33,13 @@ def test_the_scheduler_runs_the_shards_rows_unless_told_fewer() -> None:
     assert SchedulerConfig(max_running_requests=512).running_rows(256) == 256
 
 
+def test_the_scheduler_hands_out_no_more_rows_than_it_runs() -> None:
+    from lightllm_grpc.scheduler.scheduler import Scheduler
+
+    assert Scheduler(SchedulerConfig(), kv_capacity=1000, max_rows=8).rows.capacity == 8
+    assert Scheduler(SchedulerConfig(max_running_requests=2), kv_capacity=1000, max_rows=8).rows.capacity == 2
+
+
 def test_row_counts_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_running_requests must be >= 1"):
         SchedulerConfig(max_running_requests=0)
